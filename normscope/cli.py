@@ -1,0 +1,218 @@
+"""The command line: parses options, calls the Python API once, renders what comes back.
+
+Heavy libraries (torch, diffusers) are imported inside the commands, so ``--help`` is instant.
+Results go to stdout; progress, notes and errors go to stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import typer
+from rich.console import Console
+
+from normscope.config import (
+    DEFAULT_BATCH_SIZE, DEFAULT_SEEDS, DEFAULT_STEPS, Device, Drive, DType, Mode, OutputFormat,
+)
+from normscope.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_RUN, NormscopeError
+
+app = typer.Typer(
+    name="normscope",
+    help="Measure velocity-norm inflation of RL-tuned flow-matching image generators (SD3, FLUX).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+# ---------------------------------------------------------------- shared options (one definition each)
+
+PipelineOpt = Annotated[Optional[str], typer.Option("--pipeline", help="Diffusers pipeline folder (model_index.json) or hub id. Default: BASE if it is a pipeline folder, else the nearest enclosing pipeline folder.", rich_help_panel="Probe")]
+PromptsFileOpt = Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file: .txt (one per line), .jsonl or .csv with a 'prompt' field. Default: the shipped set of 40 prompts.", rich_help_panel="Probe")]
+PromptOpt = Annotated[Optional[list[str]], typer.Option("--prompt", help="A prompt; repeat for several (added to --prompts).", rich_help_panel="Probe")]
+SeedsOpt = Annotated[str, typer.Option("--seeds", help="Seeds, comma-separated or a range: 0,1,2,3 or 0-7.", rich_help_panel="Probe")]
+StepsOpt = Annotated[int, typer.Option("--steps", help="Denoising steps.", rich_help_panel="Probe")]
+GuidanceOpt = Annotated[Optional[float], typer.Option("--guidance", help="CFG scale (SD3) or guidance embedding (FLUX). Default: the pipeline's.", rich_help_panel="Probe")]
+HeightOpt = Annotated[Optional[int], typer.Option("--height", help="Image height in pixels. Default: the pipeline's.", rich_help_panel="Probe")]
+WidthOpt = Annotated[Optional[int], typer.Option("--width", help="Image width in pixels. Default: the pipeline's.", rich_help_panel="Probe")]
+NegativeOpt = Annotated[Optional[str], typer.Option("--negative-prompt", help="Negative prompt. Default: the pipeline's (\"\" for SD3).", rich_help_panel="Probe")]
+MaxSeqOpt = Annotated[Optional[int], typer.Option("--max-sequence-length", help="T5 sequence length. Default: the pipeline's.", rich_help_panel="Probe")]
+DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Model dtype (norms are always reduced in float32). auto: bfloat16 on CUDA, float32 on CPU.", rich_help_panel="Hardware")]
+DeviceOpt = Annotated[Device, typer.Option("--device", help="auto: cuda when available, else cpu.", rich_help_panel="Hardware")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="(prompt, seed) samples per pipeline call. Results do not depend on it.", rich_help_panel="Hardware")]
+FormatOpt = Annotated[OutputFormat, typer.Option("--format", help="stdout: a rich table, the summary JSON, or the per-step CSV.", rich_help_panel="Output")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Run folder for norms.csv, summary.json, profile.png; an interrupted run resumes from it.", rich_help_panel="Output")]
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """'0,1,2' or '0-7' or a mix -> a tuple of ints; a clear error otherwise."""
+    seeds: list[int] = []
+    try:
+        for part in (p.strip() for p in text.split(",")):
+            if not part:
+                continue
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, part)
+                seeds.extend(range(int(lo), int(hi) + 1))
+            else:
+                seeds.append(int(part))
+    except ValueError:
+        raise typer.BadParameter(f"'{text}' is not a list of integer seeds: use e.g. 0,1,2,3 or 0-7") from None
+    return tuple(seeds)
+
+
+class RichReporter:
+    """A progress bar on stderr, advanced once per denoising step (no host sync involved)."""
+
+    def __init__(self, description: str) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TimeRemainingColumn(), console=err, transient=False,
+        )
+        self.description = description
+        self.task = None
+
+    def begin(self, total_steps: int) -> None:
+        self.task = self.progress.add_task(self.description, total=total_steps)
+
+    def advance(self, steps: int = 1) -> None:
+        self.progress.advance(self.task, steps)
+
+    def note(self, message: str) -> None:
+        self.progress.console.print(f"[cyan]note:[/cyan] {message}")
+
+    def __enter__(self) -> "RichReporter":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+
+@contextmanager
+def cli_errors() -> Iterator[None]:
+    """normscope's own errors become one line on stderr and their exit code; nothing is lost."""
+    try:
+        yield
+    except NormscopeError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err.print("interrupted: finished batches are kept in --out; rerun the same command to resume")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except (typer.Exit, typer.Abort, SystemExit):
+        raise
+    except Exception as exc:
+        if os.environ.get("NORMSCOPE_DEBUG"):
+            raise
+        err.print(
+            f"[red]error:[/red] the run failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+            "(finished batches are kept in --out; set NORMSCOPE_DEBUG=1 for the traceback)",
+            highlight=False, soft_wrap=True,
+        )
+        raise typer.Exit(EXIT_RUN) from None
+
+
+def emit(result, fmt: OutputFormat) -> None:
+    """Print a compare result on stdout in the chosen format; warnings to stderr."""
+    from normscope.outputs import per_step_csv, render, summary_json
+
+    summary = result.summary
+    if summary["nonfinite"]:
+        err.print(f"[yellow]warning:[/yellow] {summary['nonfinite']} velocity evaluation(s) were NaN/Inf and are left out of every mean")
+    if fmt is OutputFormat.json:
+        sys.stdout.write(summary_json(summary))
+    elif fmt is OutputFormat.csv:
+        sys.stdout.write(per_step_csv(summary))
+    else:
+        render(summary, Console())
+    if summary["inflation"] is None:
+        err.print("[red]error:[/red] no finite velocity was measured: check the checkpoints for NaN weights or use --dtype float32")
+        raise typer.Exit(EXIT_RUN)
+
+
+@app.command()
+def compare(
+    base: Annotated[str, typer.Argument(help="Base (reference) checkpoint: pipeline folder, transformer folder or .safetensors state dict.")],
+    tuned: Annotated[str, typer.Argument(help="RL-tuned checkpoint, in any of the same forms.")],
+    pipeline: PipelineOpt = None,
+    prompts_file: PromptsFileOpt = None,
+    prompt: PromptOpt = None,
+    seeds: SeedsOpt = ",".join(map(str, DEFAULT_SEEDS)),
+    steps: StepsOpt = DEFAULT_STEPS,
+    guidance: GuidanceOpt = None,
+    height: HeightOpt = None,
+    width: WidthOpt = None,
+    negative_prompt: NegativeOpt = None,
+    max_sequence_length: MaxSeqOpt = None,
+    mode: Annotated[Mode, typer.Option("--mode", help="paired: one model drives, the other is evaluated on the same inputs; free: each on its own trajectory; both.", rich_help_panel="Measurement")] = Mode.paired,
+    drive: Annotated[Drive, typer.Option("--drive", help="In paired mode, whose velocity moves the latents.", rich_help_panel="Measurement")] = Drive.tuned,
+    dtype: DTypeOpt = DType.auto,
+    device: DeviceOpt = Device.auto,
+    batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
+    fmt: FormatOpt = OutputFormat.table,
+    out: OutOpt = None,
+) -> None:
+    """Per-step velocity norms of BASE and TUNED on the same prompts and seeds, with 95% CIs.
+
+    Headline: inflation = mean over steps of the mean per-sample ratio ||v_tuned||/||v_base||, minus 1.
+    """
+    with cli_errors():
+        from normscope.compare import compare as run_compare
+        from normscope.config import CompareConfig
+
+        config = CompareConfig(
+            base=base, tuned=tuned, pipeline=pipeline, prompts_file=prompts_file, prompts=tuple(prompt or ()),
+            seeds=parse_seeds(seeds), steps=steps, guidance=guidance, height=height, width=width,
+            negative_prompt=negative_prompt, max_sequence_length=max_sequence_length, mode=mode, drive=drive,
+            dtype=dtype, device=device, batch_size=batch_size, out=out,
+        )
+        with RichReporter("compare") as reporter:
+            result = run_compare(config, reporter)
+        emit(result, fmt)
+        if out is not None:
+            err.print(f"wrote {out}/norms.csv, summary.json, profile.png")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the demo's run folders.")] = Path("normscope-demo"),
+    fmt: FormatOpt = OutputFormat.table,
+) -> None:
+    """Run compare on the tiny pipeline pair that ships with normscope (no download, seconds on a CPU)."""
+    with cli_errors():
+        from normscope.compare import compare as run_compare
+        from normscope.demo import demo_config
+
+        config = demo_config(out)
+        err.print(f"demo: {config.base} vs {config.tuned}")
+        with RichReporter("demo") as reporter:
+            result = run_compare(config, reporter)
+        emit(result, fmt)
+        err.print(f"wrote {out}/norms.csv, summary.json, profile.png")
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True)] = False,
+) -> None:
+    if version:
+        from normscope import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app(prog_name="normscope")
+
+
+if __name__ == "__main__":
+    main()

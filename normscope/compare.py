@@ -1,0 +1,280 @@
+"""The compare job: the Python API behind ``normscope compare``.
+
+    from normscope import CompareConfig, compare
+    result = compare(CompareConfig(base="base/", tuned="tuned.safetensors", out="runs/x"))
+    result.inflation, result.profile()
+
+Stages run one way: load -> capture -> table -> stats -> outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import pandas as pd
+
+from normscope import __version__
+from normscope.capture import GUIDED, CallRecord, capture
+from normscope.config import CompareConfig, ProbeConfig
+from normscope.errors import InputError
+from normscope.load import (
+    VelocityModel, find_checkpoint, find_pipeline_source, load_models, load_pipeline, resolve_device,
+    resolve_dtype,
+)
+from normscope.prompts import Sample, make_samples, resolve_prompts
+from normscope.stats import NONFINITE, mode_summary, n_samples, select, step_profile
+from normscope.store import BatchStore
+from normscope.table import RATIO, free_frame, paired_frame, tidy
+
+INFLATION_DEFINITION = (
+    "inflation = mean over denoising steps of (mean over prompt/seed samples of "
+    "||v_tuned|| / ||v_base||) - 1, on the guided velocity of the first mode run"
+)
+
+
+class Reporter(Protocol):
+    """Where progress goes: the CLI draws a rich bar on stderr, notebooks may pass nothing."""
+
+    def begin(self, total_steps: int) -> None: ...
+    def advance(self, steps: int = 1) -> None: ...
+    def note(self, message: str) -> None: ...
+
+
+class SilentReporter:
+    def begin(self, total_steps: int) -> None:
+        pass
+
+    def advance(self, steps: int = 1) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+
+@dataclass
+class CompareResult:
+    """The tidy per-row frame and the summary (the object written to summary.json)."""
+
+    frame: pd.DataFrame
+    summary: dict
+
+    @property
+    def inflation(self) -> float | None:
+        return self.summary["inflation"]
+
+    @property
+    def inflation_ci(self) -> list[float | None]:
+        return self.summary["inflation_ci"]
+
+    def profile(self, mode: str | None = None, branch: str = GUIDED) -> pd.DataFrame:
+        """The per-step profile of one mode (default: the headline mode) and branch."""
+        return step_profile(select(self.frame, mode or self.summary["headline_mode"], branch))
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def _batches(samples: list[Sample], size: int) -> Iterator[list[Sample]]:
+    for start in range(0, len(samples), size):
+        yield samples[start:start + size]
+
+
+def _call_defaults(pipe) -> dict:
+    return {
+        name: p.default for name, p in inspect.signature(pipe.__call__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+
+def sampling_kwargs(pipe, probe: ProbeConfig, samples: list[Sample]) -> dict:
+    """The keyword arguments of the pipeline call for one batch; unset options stay the pipeline's.
+
+    Each sample gets its own CPU generator, so its initial noise is exactly what the pipeline draws
+    for that prompt alone with ``generator=torch.Generator("cpu").manual_seed(seed)``, whatever the batch.
+    """
+    import torch
+
+    accepted = _call_defaults(pipe)
+    kwargs = {
+        "prompt": [s.prompt for s in samples],
+        "num_inference_steps": probe.steps,
+        "generator": [torch.Generator("cpu").manual_seed(s.seed) for s in samples],
+        "output_type": "latent",
+    }
+    optional = {
+        "guidance_scale": probe.guidance,
+        "height": probe.height,
+        "width": probe.width,
+        "max_sequence_length": probe.max_sequence_length,
+        "negative_prompt": None if probe.negative_prompt is None else [probe.negative_prompt] * len(samples),
+    }
+    for name, value in optional.items():
+        if value is None:
+            continue
+        if name not in accepted:
+            flag = {"guidance_scale": "guidance"}.get(name, name).replace("_", "-")
+            raise InputError(f"{type(pipe).__name__} does not take {name}: drop --{flag}")
+        kwargs[name] = value
+    return kwargs
+
+
+def resolved_sampling(pipe, probe: ProbeConfig) -> dict:
+    """The sampler settings actually used, pipeline defaults filled in, for summary.json."""
+    defaults = _call_defaults(pipe)
+    size = None
+    if hasattr(pipe, "default_sample_size") and hasattr(pipe, "vae_scale_factor"):
+        size = int(pipe.default_sample_size * pipe.vae_scale_factor)
+    return {
+        "pipeline_class": type(pipe).__name__,
+        "transformer_class": type(pipe.transformer).__name__,
+        "scheduler_class": type(pipe.scheduler).__name__,
+        "guidance": probe.guidance if probe.guidance is not None else defaults.get("guidance_scale"),
+        "height": probe.height or defaults.get("height") or size,
+        "width": probe.width or defaults.get("width") or size,
+        "max_sequence_length": probe.max_sequence_length or defaults.get("max_sequence_length"),
+        "negative_prompt": probe.negative_prompt if probe.negative_prompt is not None else defaults.get("negative_prompt"),
+    }
+
+
+def run_paired(pipe, driver: VelocityModel, other: VelocityModel, kwargs: dict, reporter: Reporter) -> dict[str, CallRecord]:
+    """One batch in paired mode: ``driver`` samples, ``other`` is evaluated on the same inputs."""
+    with capture(pipe, driver, other, on_step=reporter.advance) as recorder:
+        pipe(**kwargs)
+        return {"paired": recorder.collect()}
+
+
+def run_free(pipe, base: VelocityModel, tuned: VelocityModel, kwargs: dict, reporter: Reporter) -> dict[str, CallRecord]:
+    """One batch in free mode: each model samples its own trajectory from the same noise."""
+    records = {}
+    for model in (base, tuned):
+        call = dict(kwargs, generator=_fresh_generators(kwargs["generator"]))
+        with capture(pipe, model, on_step=reporter.advance) as recorder:
+            pipe(**call)
+            records[model.role] = recorder.collect()
+    return records
+
+
+def _fresh_generators(generators):
+    """New generators in the state the given ones were created in (each model must draw the same noise)."""
+    import torch
+
+    fresh = []
+    for g in generators:
+        clone = torch.Generator(g.device)
+        clone.set_state(g.get_state())
+        fresh.append(clone)
+    return fresh
+
+
+# ---------------------------------------------------------------- the job
+
+
+def _versions() -> dict:
+    import diffusers
+    import torch
+
+    return {"normscope": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
+
+
+def _fingerprint(config: CompareConfig, identities: list) -> str:
+    stable = {k: v for k, v in config.to_dict().items() if k not in ("out", "figure")}
+    text = json.dumps([stable, identities, __version__], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _frame(mode: str, records: dict[str, CallRecord], samples: list[Sample], drive: str) -> pd.DataFrame:
+    if mode == "paired":
+        return paired_frame(records["paired"], samples, drive)
+    return free_frame(records["base"], records["tuned"], samples)
+
+
+def summarize(frame: pd.DataFrame, config: CompareConfig, extra: dict) -> dict:
+    """summary.json: headline, per-step profile, every mode and branch, the resolved config, versions."""
+    modes = {mode: mode_summary(frame, mode) for mode in config.mode.runs()}
+    headline_mode = config.mode.runs()[0]
+    head = modes[headline_mode][GUIDED]
+    guided = frame[frame["branch"] == GUIDED]
+    return {
+        "inflation": head["inflation"],
+        "inflation_ci": head["inflation_ci"],
+        "definition": INFLATION_DEFINITION,
+        "headline_mode": headline_mode,
+        "drive": config.drive.value,
+        "branch": GUIDED,
+        "n_samples": n_samples(frame),
+        NONFINITE: int(guided[RATIO].isna().sum()),
+        "hinge_rate": head["hinge_rate"],
+        "regions": head["regions"],
+        "per_step": head["per_step"],
+        "modes": modes,
+        "config": {**config.to_dict(), **extra},
+        "versions": _versions(),
+    }
+
+
+def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareResult:
+    """Measure how much larger the tuned model's velocity is than the base's, step by step.
+
+    With ``config.out`` set, finished batches are kept there as the run goes, a rerun with the same
+    options resumes, and norms.csv, summary.json and profile.png are written at the end.
+    """
+    from normscope.outputs import write_run
+
+    reporter = reporter or SilentReporter()
+    samples = make_samples(resolve_prompts(config.prompts_file, config.prompts), config.seeds)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    source = find_pipeline_source(config.base, config.tuned, config.pipeline)
+    checkpoints = [find_checkpoint(p, role) for p, role in ((config.base, "BASE"), (config.tuned, "TUNED")) if p]
+
+    pipe = load_pipeline(source, dtype, device)
+    base, tuned = load_models(pipe, config.base, config.tuned, source)
+    driver, other = (tuned, base) if config.drive.value == "tuned" else (base, tuned)
+
+    store = None
+    if config.out is not None:
+        store = BatchStore(Path(config.out) / ".partial", _fingerprint(config, [c.identity() for c in checkpoints]))
+        if store.reset:
+            reporter.note(f"options or checkpoints changed since the unfinished run in {config.out}: starting afresh")
+        elif store.finished():
+            reporter.note(f"resuming: {store.finished()} finished batch(es) in {config.out} are reused")
+
+    batches = list(_batches(samples, config.batch_size))
+    runs = config.mode.runs()
+    calls_per_batch = {"paired": 1, "free": 2}
+    reporter.begin(sum(calls_per_batch[m] for m in runs) * len(batches) * config.steps)
+    frames = []
+    for mode in runs:
+        for index, batch in enumerate(batches):
+            key = f"{mode}-{index:05d}"
+            records = store.load(key) if store else None
+            if records is None:
+                kwargs = sampling_kwargs(pipe, config, batch)
+                if mode == "paired":
+                    records = run_paired(pipe, driver, other, kwargs, reporter)
+                else:
+                    records = run_free(pipe, base, tuned, kwargs, reporter)
+                if store:
+                    store.save(key, records)
+            else:
+                reporter.advance(calls_per_batch[mode] * config.steps)
+            frames.append(_frame(mode, records, batch, config.drive.value))
+
+    frame = tidy(frames)
+    extra = {
+        "resolved": resolved_sampling(pipe, config),
+        "pipeline_source": source,
+        "models": [base.describe(), tuned.describe()],
+        "device": device,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    result = CompareResult(frame, summarize(frame, config, extra))
+    if config.out is not None:
+        write_run(result, Path(config.out), figure=config.figure)
+        store.clear()
+    return result

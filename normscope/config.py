@@ -1,0 +1,148 @@
+"""Typed configs, one per job, and every default in one place.
+
+Field names equal the CLI flag names (``prompts_file`` is ``--prompts``; ``prompts`` is the
+repeatable ``--prompt``), so a notebook and a shell user speak the same language.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from normscope.errors import ConfigError
+
+DEFAULT_SEEDS: tuple[int, ...] = (0, 1)
+DEFAULT_STEPS = 28  # diffusers' default for both SD3 and FLUX
+DEFAULT_BATCH_SIZE = 8
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+CI_LEVEL = 0.95
+
+
+class Mode(str, Enum):
+    """How the two models are put side by side."""
+
+    paired = "paired"  # one model drives; the other is evaluated on exactly the same inputs
+    free = "free"  # each model follows its own trajectory from the same noise
+    both = "both"  # paired, then free
+
+    def runs(self) -> tuple[str, ...]:
+        return ("paired", "free") if self is Mode.both else (self.value,)
+
+
+class Drive(str, Enum):
+    """Which model's velocity moves the latents in paired mode."""
+
+    tuned = "tuned"
+    base = "base"
+
+
+class DType(str, Enum):
+    auto = "auto"  # bfloat16 on CUDA, float32 elsewhere
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Device(str, Enum):
+    auto = "auto"  # cuda when available, else cpu
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+def _positive(name: str, value: int | float | None, fix: str) -> None:
+    if value is not None and value <= 0:
+        raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}: {fix}")
+
+
+@dataclass(kw_only=True)
+class ProbeConfig:
+    """What is sampled: pipeline, prompts, seeds and sampler settings shared by every job.
+
+    ``None`` means "the pipeline's own default" (guidance, size, sequence length, negative prompt).
+    """
+
+    pipeline: str | None = None
+    prompts_file: Path | None = None
+    prompts: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = DEFAULT_SEEDS
+    steps: int = DEFAULT_STEPS
+    guidance: float | None = None
+    height: int | None = None
+    width: int | None = None
+    negative_prompt: str | None = None
+    max_sequence_length: int | None = None
+    dtype: DType = DType.auto
+    device: Device = Device.auto
+    batch_size: int = DEFAULT_BATCH_SIZE
+
+    def __post_init__(self) -> None:
+        self.prompts = tuple(self.prompts)
+        self.seeds = tuple(int(s) for s in self.seeds)
+        self.dtype = DType(self.dtype)
+        self.device = Device(self.device)
+        if self.prompts_file is not None:
+            self.prompts_file = Path(self.prompts_file)
+        _positive("steps", self.steps, "use e.g. --steps 28")
+        _positive("batch_size", self.batch_size, "use e.g. --batch-size 8")
+        _positive("height", self.height, "use a multiple of 16, e.g. --height 512")
+        _positive("width", self.width, "use a multiple of 16, e.g. --width 512")
+        _positive("max_sequence_length", self.max_sequence_length, "leave it unset for the pipeline's own")
+        if not self.seeds:
+            raise ConfigError("--seeds is empty: give at least one seed, e.g. --seeds 0,1")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"--seeds {list(self.seeds)} repeats a seed: each seed must appear once")
+        if self.guidance is not None and self.guidance < 0:
+            raise ConfigError(f"--guidance must be >= 0, got {self.guidance}")
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict of every field (enums as strings, paths as strings)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Enum):
+                value = value.value
+            elif isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+
+@dataclass(kw_only=True)
+class CompareConfig(ProbeConfig):
+    """``normscope compare``: paired velocity-norm profiles of BASE and TUNED.
+
+    ``base`` and ``tuned`` are checkpoint paths (pipeline folder, transformer folder or a
+    ``.safetensors`` state dict). ``out``, when set, receives norms.csv, summary.json and
+    profile.png, and holds the finished batches of an interrupted run so a rerun resumes.
+    """
+
+    base: str
+    tuned: str
+    mode: Mode = Mode.paired
+    drive: Drive = Drive.tuned
+    out: Path | None = None
+    figure: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.mode = Mode(self.mode)
+        self.drive = Drive(self.drive)
+        if self.out is not None:
+            self.out = Path(self.out)
+
+
+__all__ = [
+    "BOOTSTRAP_RESAMPLES", "CI_LEVEL", "CompareConfig", "DType", "Device", "Drive", "Mode",
+    "OutputFormat", "ProbeConfig",
+]

@@ -1,0 +1,96 @@
+"""Outputs stage: files in the run folder, and the terminal rendering of a result."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from normscope.stats import HINGE_RATE, N
+from normscope.table import COSINE, NORM_BASE, NORM_TUNED, RATIO, SIGMA, STEP
+
+NORMS_CSV = "norms.csv"
+SUMMARY_JSON = "summary.json"
+PROFILE_PNG = "profile.png"
+
+
+def summary_json(summary: dict) -> str:
+    return json.dumps(summary, indent=2, allow_nan=False) + "\n"
+
+
+def write_run(result, out: Path, figure: bool = True) -> list[Path]:
+    """norms.csv (byte-identical for identical inputs), summary.json and profile.png in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / NORMS_CSV, out / SUMMARY_JSON]
+    result.frame.to_csv(written[0], index=False, lineterminator="\n")
+    written[1].write_text(summary_json(result.summary))
+    if figure:
+        from normscope.figures import save_profile_figure
+
+        written.append(save_profile_figure(result.summary, out / PROFILE_PNG))
+    return written
+
+
+def per_step_csv(summary: dict) -> str:
+    """The headline per-step profile as CSV text (``--format csv``)."""
+    rows = summary["per_step"]
+    columns = [c for c in rows[0] if c != "ratio_ci"] + ["ratio_lo", "ratio_hi"]
+    buffer = io.StringIO()
+    buffer.write(",".join(columns) + "\n")
+    for row in rows:
+        values = {**row, "ratio_lo": row["ratio_ci"][0], "ratio_hi": row["ratio_ci"][1]}
+        buffer.write(",".join("" if values[c] is None else repr(values[c]) for c in columns) + "\n")
+    return buffer.getvalue()
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value * 100:+.2f} %"
+
+
+def headline(summary: dict) -> str:
+    lo, hi = summary["inflation_ci"]
+    mode = summary["headline_mode"]
+    drive = f", {summary['drive']} drives" if mode == "paired" else ""
+    steps = len(summary["per_step"])
+    return (
+        f"inflation {_pct(summary['inflation'])}  95% CI [{_pct(lo)}, {_pct(hi)}]  "
+        f"({mode}{drive}, guided velocity, {summary['n_samples']} samples x {steps} steps)"
+    )
+
+
+def render(summary: dict, console) -> None:
+    """The per-step table, the headline and the other modes' headlines, on ``console`` (stdout)."""
+    from rich.table import Table
+
+    paired = summary["headline_mode"] == "paired"
+    table = Table(title=f"velocity norms per step — {summary['headline_mode']} mode, guided", title_justify="left")
+    for name in ("step", "sigma", "||v_base||", "||v_tuned||", "ratio", "95% CI", "tuned>base"):
+        table.add_column(name, justify="right")
+    if paired:
+        table.add_column("cosine", justify="right")
+    for row in summary["per_step"]:
+        lo, hi = row["ratio_ci"]
+        cells = [
+            str(row[STEP]), f"{row[SIGMA]:.3f}", _num(row[NORM_BASE]), _num(row[NORM_TUNED]),
+            _num(row[RATIO], 4), f"[{_num(lo, 4)}, {_num(hi, 4)}]",
+            "n/a" if row[HINGE_RATE] is None else f"{row[HINGE_RATE] * 100:.0f} %",
+        ]
+        if paired:
+            cells.append(_num(row[COSINE], 4))
+        style = "yellow" if row[N] == 0 else None
+        table.add_row(*cells, style=style)
+    console.print(table)
+    regions = summary["regions"]
+    console.print(
+        "by region: near noise " + _pct(regions["near_noise"]) + " · middle " + _pct(regions["middle"])
+        + " · near data " + _pct(regions["near_data"])
+    )
+    for mode, branches in summary["modes"].items():
+        if mode != summary["headline_mode"]:
+            g = branches["guided"]
+            console.print(f"{mode} mode: inflation {_pct(g['inflation'])}  95% CI [{_pct(g['inflation_ci'][0])}, {_pct(g['inflation_ci'][1])}]")
+    console.print(f"[bold]{headline(summary)}[/bold]")
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}g}" if abs(value) >= 1e4 else f"{value:.{digits}f}"

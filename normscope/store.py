@@ -1,0 +1,77 @@
+"""Finished batches of an unfinished run, kept in ``OUT/.partial`` so a rerun resumes.
+
+Each batch is one safetensors file holding the raw captured statistics (not pickles); the tidy
+table is rebuilt from them by the same code as for a fresh batch, so a resumed run writes the same
+bytes as an uninterrupted one. A run with a different fingerprint (other options or checkpoints)
+starts afresh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from normscope.capture import CallRecord
+
+META = "meta.json"
+
+
+class BatchStore:
+    def __init__(self, folder: Path, fingerprint: str) -> None:
+        self.folder = Path(folder)
+        self.fingerprint = fingerprint
+        self.reset = False
+        meta = self.folder / META
+        if meta.is_file():
+            try:
+                stored = json.loads(meta.read_text()).get("fingerprint")
+            except (OSError, json.JSONDecodeError):
+                stored = None
+            if stored != fingerprint:
+                shutil.rmtree(self.folder)
+                self.reset = True
+        self.folder.mkdir(parents=True, exist_ok=True)
+        meta.write_text(json.dumps({"fingerprint": fingerprint}))
+
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{key}.safetensors"
+
+    def finished(self) -> int:
+        return len(list(self.folder.glob("*.safetensors")))
+
+    def save(self, key: str, records: dict[str, CallRecord]) -> None:
+        from safetensors.torch import save_file
+
+        tensors, meta = {}, {}
+        for name, record in records.items():
+            meta[name] = json.dumps({"stat_names": list(record.stat_names), "branches": list(record.stats)})
+            tensors[f"{name}/timesteps"] = record.timesteps.contiguous()
+            tensors[f"{name}/sigmas"] = record.sigmas.contiguous()
+            for branch, stats in record.stats.items():
+                tensors[f"{name}/{branch}"] = stats.contiguous()
+        tmp = self._path(key).with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, self._path(key))  # atomic: a killed run never leaves half a batch
+
+    def load(self, key: str) -> dict[str, CallRecord] | None:
+        from safetensors import safe_open
+
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        records = {}
+        with safe_open(str(path), framework="pt") as handle:
+            for name, text in handle.metadata().items():
+                info = json.loads(text)
+                records[name] = CallRecord(
+                    stats={b: handle.get_tensor(f"{name}/{b}") for b in info["branches"]},
+                    stat_names=tuple(info["stat_names"]),
+                    timesteps=handle.get_tensor(f"{name}/timesteps"),
+                    sigmas=handle.get_tensor(f"{name}/sigmas"),
+                )
+        return records
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
