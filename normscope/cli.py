@@ -18,7 +18,7 @@ from rich.console import Console
 from normscope.config import (
     DEFAULT_BATCH_SIZE, DEFAULT_SEEDS, DEFAULT_STEPS, Device, Drive, DType, Mode, OutputFormat,
 )
-from normscope.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_RUN, NormscopeError
+from normscope.errors import EXIT_INTERRUPTED, EXIT_RUN, ConfigError, NormscopeError
 
 app = typer.Typer(
     name="normscope",
@@ -61,7 +61,7 @@ def parse_seeds(text: str) -> tuple[int, ...]:
             else:
                 seeds.append(int(part))
     except ValueError:
-        raise typer.BadParameter(f"'{text}' is not a list of integer seeds: use e.g. 0,1,2,3 or 0-7") from None
+        raise ConfigError(f"--seeds '{text}' is not a list of integer seeds: use e.g. 0,1,2,3 or 0-7") from None
     return tuple(seeds)
 
 

@@ -13,6 +13,8 @@ Non-finite norms are counted and left out of every mean; they never turn a mean 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 
@@ -54,7 +56,8 @@ def _boot_step_means(matrix: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 def _interval(values: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
     alpha = (1 - CI_LEVEL) / 2 * 100
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN steps give a NaN interval, reported as n/a
         lo, hi = np.nanpercentile(values, [alpha, 100 - alpha], axis=axis)
     return lo, hi
 

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny real SD3 and FLUX pipelines saved to disk, and tuned variants of them."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from normscope.config import CompareConfig  # noqa: E402
+from normscope.tiny import save_tiny, tiny_flux_pipeline, tiny_sd3_pipeline  # noqa: E402
+
+PROMPTS = ("a red fox in snow", "two green apples", "a sign that says OPEN")
+# Small but real: CFG on for SD3 (guidance 4.5), FLUX's distilled guidance embedding at 3.5.
+PROBE = {
+    "sd3": dict(steps=4, height=16, width=16, max_sequence_length=24, guidance=4.5),
+    "flux": dict(steps=4, height=16, width=16, max_sequence_length=24, guidance=3.5),
+}
+
+
+def scaled_state_dict(pipe_dir: Path, scale: float, keys=("proj_out.weight", "proj_out.bias")) -> dict:
+    from safetensors.torch import load_file
+
+    state = load_file(str(pipe_dir / "transformer" / "diffusion_pytorch_model.safetensors"))
+    return {k: (v * scale if k in keys else v).contiguous() for k, v in state.items()}
+
+
+@pytest.fixture(scope="session")
+def pipelines(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pipelines")
+    return {
+        "sd3": save_tiny(tiny_sd3_pipeline(seed=0), root / "sd3"),
+        "flux": save_tiny(tiny_flux_pipeline(seed=0), root / "flux"),
+    }
+
+
+@pytest.fixture(scope="session")
+def scaled(pipelines, tmp_path_factory):
+    """scaled(arch, factor) -> a .safetensors full state dict with proj_out times factor."""
+    root = tmp_path_factory.mktemp("scaled")
+    cache: dict = {}
+
+    def make(arch: str, factor: float) -> Path:
+        key = (arch, factor)
+        if key not in cache:
+            path = root / f"{arch}-proj_out-x{factor}.safetensors"
+            save_file(scaled_state_dict(pipelines[arch], factor), str(path))
+            cache[key] = path
+        return cache[key]
+
+    return make
+
+
+def make_config(pipelines, arch: str, tuned, **overrides) -> CompareConfig:
+    fields = dict(base=str(pipelines[arch]), tuned=str(tuned), prompts=PROMPTS, seeds=(0, 1),
+                  device="cpu", dtype="float32", batch_size=8, **PROBE[arch])
+    fields.update(overrides)
+    return CompareConfig(**fields)
+
+
+@pytest.fixture
+def config_for(pipelines):
+    def make(arch: str, tuned, **overrides) -> CompareConfig:
+        return make_config(pipelines, arch, tuned, **overrides)
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield

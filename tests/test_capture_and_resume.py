@@ -1,0 +1,80 @@
+"""Hooks never outlive the call; non-finite velocities are counted; an interrupted run resumes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from normscope.capture import capture
+from normscope.compare import compare
+from normscope.load import load_models, load_pipeline
+from conftest import scaled_state_dict
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def test_hooks_are_removed_even_when_the_call_fails(pipelines, scaled):
+    pipe = load_pipeline(str(pipelines["sd3"]), torch.float32, "cpu")
+    base, tuned = load_models(pipe, None, str(scaled("sd3", 1.1)), str(pipelines["sd3"]))
+    with pytest.raises(Boom):
+        with capture(pipe, tuned, base):
+            assert pipe.transformer is tuned.module and tuned.module._forward_hooks
+            raise Boom()
+    assert pipe.transformer is base.module
+    assert not tuned.module._forward_hooks and not base.module._forward_hooks
+    assert "step" not in vars(pipe.scheduler)
+
+
+def test_nan_velocities_are_counted_not_averaged(pipelines, tmp_path, config_for):
+    state = scaled_state_dict(pipelines["sd3"], 1.0)
+    state["proj_out.bias"][0] = float("nan")
+    path = tmp_path / "nan.safetensors"
+    save_file(state, str(path))
+    result = compare(config_for("sd3", path, drive="base"))
+    guided_rows = len(result.frame[result.frame["branch"] == "guided"])
+    assert result.summary["nonfinite"] == guided_rows
+    assert result.inflation is None and result.inflation_ci == [None, None]
+
+
+class StopAfter:
+    """A reporter that interrupts the run after a number of denoising steps, like Ctrl-C would."""
+
+    def __init__(self, steps: int) -> None:
+        self.left = steps
+
+    def begin(self, total_steps):
+        pass
+
+    def note(self, message):
+        self.notes = getattr(self, "notes", []) + [message]
+
+    def advance(self, steps=1):
+        self.left -= steps
+        if self.left < 0:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_run_resumes_and_writes_the_same_bytes(scaled, config_for, tmp_path):
+    tuned = scaled("sd3", 1.1)
+    compare(config_for("sd3", tuned, batch_size=2, mode="both", out=tmp_path / "whole"))
+    config = config_for("sd3", tuned, batch_size=2, mode="both", out=tmp_path / "cut")
+    with pytest.raises(KeyboardInterrupt):
+        compare(config, StopAfter(steps=9))  # two batches of 4 steps finish, the third dies
+    assert len(list((tmp_path / "cut" / ".partial").glob("*.safetensors"))) == 2
+    reporter = StopAfter(steps=10**6)
+    compare(config, reporter)
+    assert any("resuming: 2 finished" in n for n in reporter.notes)
+    assert (tmp_path / "cut" / "norms.csv").read_bytes() == (tmp_path / "whole" / "norms.csv").read_bytes()
+    assert not (tmp_path / "cut" / ".partial").exists()
+
+
+def test_changed_options_start_afresh(scaled, config_for, tmp_path):
+    tuned = scaled("sd3", 1.1)
+    with pytest.raises(KeyboardInterrupt):
+        compare(config_for("sd3", tuned, batch_size=2, out=tmp_path), StopAfter(steps=5))
+    reporter = StopAfter(steps=10**6)
+    compare(config_for("sd3", tuned, batch_size=2, steps=3, out=tmp_path), reporter)
+    assert any("starting afresh" in n for n in reporter.notes)
