@@ -18,8 +18,8 @@ Statistics stay on the model's device in float32 until the call ends; one transf
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 

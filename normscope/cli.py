@@ -8,15 +8,23 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
 from normscope.config import (
-    DEFAULT_BATCH_SIZE, DEFAULT_SEEDS, DEFAULT_STEPS, Device, Drive, DType, Mode, OutputFormat,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_SEEDS,
+    DEFAULT_STEPS,
+    Device,
+    Drive,
+    DType,
+    Mode,
+    OutputFormat,
 )
 from normscope.errors import EXIT_INTERRUPTED, EXIT_RUN, ConfigError, NormscopeError
 
@@ -31,21 +39,21 @@ err = Console(stderr=True)
 
 # ---------------------------------------------------------------- shared options (one definition each)
 
-PipelineOpt = Annotated[Optional[str], typer.Option("--pipeline", help="Diffusers pipeline folder (model_index.json) or hub id. Default: BASE if it is a pipeline folder, else the nearest enclosing pipeline folder.", rich_help_panel="Probe")]
-PromptsFileOpt = Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file: .txt (one per line), .jsonl or .csv with a 'prompt' field. Default: the shipped set of 40 prompts.", rich_help_panel="Probe")]
-PromptOpt = Annotated[Optional[list[str]], typer.Option("--prompt", help="A prompt; repeat for several (added to --prompts).", rich_help_panel="Probe")]
+PipelineOpt = Annotated[str | None, typer.Option("--pipeline", help="Diffusers pipeline folder (model_index.json) or hub id. Default: BASE if it is a pipeline folder, else the nearest enclosing pipeline folder.", rich_help_panel="Probe")]
+PromptsFileOpt = Annotated[Path | None, typer.Option("--prompts", help="Prompt file: .txt (one per line), .jsonl or .csv with a 'prompt' field. Default: the shipped set of 40 prompts.", rich_help_panel="Probe")]
+PromptOpt = Annotated[list[str] | None, typer.Option("--prompt", help="A prompt; repeat for several (added to --prompts).", rich_help_panel="Probe")]
 SeedsOpt = Annotated[str, typer.Option("--seeds", help="Seeds, comma-separated or a range: 0,1,2,3 or 0-7.", rich_help_panel="Probe")]
 StepsOpt = Annotated[int, typer.Option("--steps", help="Denoising steps.", rich_help_panel="Probe")]
-GuidanceOpt = Annotated[Optional[float], typer.Option("--guidance", help="CFG scale (SD3) or guidance embedding (FLUX). Default: the pipeline's.", rich_help_panel="Probe")]
-HeightOpt = Annotated[Optional[int], typer.Option("--height", help="Image height in pixels. Default: the pipeline's.", rich_help_panel="Probe")]
-WidthOpt = Annotated[Optional[int], typer.Option("--width", help="Image width in pixels. Default: the pipeline's.", rich_help_panel="Probe")]
-NegativeOpt = Annotated[Optional[str], typer.Option("--negative-prompt", help="Negative prompt. Default: the pipeline's (\"\" for SD3).", rich_help_panel="Probe")]
-MaxSeqOpt = Annotated[Optional[int], typer.Option("--max-sequence-length", help="T5 sequence length. Default: the pipeline's.", rich_help_panel="Probe")]
+GuidanceOpt = Annotated[float | None, typer.Option("--guidance", help="CFG scale (SD3) or guidance embedding (FLUX). Default: the pipeline's.", rich_help_panel="Probe")]
+HeightOpt = Annotated[int | None, typer.Option("--height", help="Image height in pixels. Default: the pipeline's.", rich_help_panel="Probe")]
+WidthOpt = Annotated[int | None, typer.Option("--width", help="Image width in pixels. Default: the pipeline's.", rich_help_panel="Probe")]
+NegativeOpt = Annotated[str | None, typer.Option("--negative-prompt", help="Negative prompt. Default: the pipeline's (\"\" for SD3).", rich_help_panel="Probe")]
+MaxSeqOpt = Annotated[int | None, typer.Option("--max-sequence-length", help="T5 sequence length. Default: the pipeline's.", rich_help_panel="Probe")]
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Model dtype (norms are always reduced in float32). auto: bfloat16 on CUDA, float32 on CPU.", rich_help_panel="Hardware")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto: cuda when available, else cpu.", rich_help_panel="Hardware")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="(prompt, seed) samples per pipeline call. Results do not depend on it.", rich_help_panel="Hardware")]
 FormatOpt = Annotated[OutputFormat, typer.Option("--format", help="stdout: a rich table, the summary JSON, or the per-step CSV.", rich_help_panel="Output")]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Run folder for norms.csv, summary.json, profile.png; an interrupted run resumes from it.", rich_help_panel="Output")]
+OutOpt = Annotated[Path | None, typer.Option("--out", help="Run folder for norms.csv, summary.json, profile.png; an interrupted run resumes from it.", rich_help_panel="Output")]
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -69,7 +77,14 @@ class RichReporter:
     """A progress bar on stderr, advanced once per denoising step (no host sync involved)."""
 
     def __init__(self, description: str) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -87,7 +102,7 @@ class RichReporter:
     def note(self, message: str) -> None:
         self.progress.console.print(f"[cyan]note:[/cyan] {message}")
 
-    def __enter__(self) -> "RichReporter":
+    def __enter__(self) -> RichReporter:
         self.progress.start()
         return self
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import pandas as pd
 
@@ -23,7 +24,12 @@ from normscope.capture import GUIDED, CallRecord, capture
 from normscope.config import CompareConfig, ProbeConfig
 from normscope.errors import InputError
 from normscope.load import (
-    VelocityModel, find_checkpoint, find_pipeline_source, load_models, load_pipeline, resolve_device,
+    VelocityModel,
+    find_checkpoint,
+    find_pipeline_source,
+    load_models,
+    load_pipeline,
+    resolve_device,
     resolve_dtype,
 )
 from normscope.prompts import Sample, make_samples, resolve_prompts

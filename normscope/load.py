@@ -13,9 +13,9 @@ import contextlib
 import copy
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from normscope.config import Device, DType
 from normscope.errors import CheckpointError, InputError
@@ -209,7 +209,7 @@ class VelocityModel:
         return self.module(*args, **kwargs)
 
     @contextlib.contextmanager
-    def active(self, pipe) -> Iterator["VelocityModel"]:
+    def active(self, pipe) -> Iterator[VelocityModel]:
         previous = pipe.transformer
         pipe.transformer = self.module
         try:

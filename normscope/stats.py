@@ -20,8 +20,20 @@ import pandas as pd
 
 from normscope.config import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CI_LEVEL
 from normscope.table import (
-    BRANCH, COSINE, HINGE, MODE, MSE, NORM_BASE, NORM_TUNED, PROMPT_ID, RATIO, SAMPLE_KEY, SEED, SIGMA,
-    STEP, TIMESTEP,
+    BRANCH,
+    COSINE,
+    HINGE,
+    MODE,
+    MSE,
+    NORM_BASE,
+    NORM_TUNED,
+    PROMPT_ID,
+    RATIO,
+    SAMPLE_KEY,
+    SEED,
+    SIGMA,
+    STEP,
+    TIMESTEP,
 )
 
 # Keys of the per-step profile; the same names are used in summary.json.

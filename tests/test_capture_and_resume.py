@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import scaled_state_dict
 from safetensors.torch import save_file
 
 from normscope.capture import capture
 from normscope.compare import compare
 from normscope.load import load_models, load_pipeline
-from conftest import scaled_state_dict
 
 
 class Boom(RuntimeError):

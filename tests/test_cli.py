@@ -94,9 +94,8 @@ def test_weights_of_another_architecture_name_the_keys(pipelines, scaled):
 
 
 def test_shape_mismatch_is_named(pipelines, tmp_path):
-    from safetensors.torch import save_file
-
     from conftest import scaled_state_dict
+    from safetensors.torch import save_file
 
     state = scaled_state_dict(pipelines["sd3"], 1.0)
     state["proj_out.bias"] = state["proj_out.bias"][:2].contiguous()
@@ -133,9 +132,8 @@ def test_offline_hub_id_says_it_cannot_be_fetched(scaled, monkeypatch):
 
 
 def test_nan_weights_exit_3(pipelines, tmp_path):
-    from safetensors.torch import save_file
-
     from conftest import scaled_state_dict
+    from safetensors.torch import save_file
 
     state = scaled_state_dict(pipelines["sd3"], 1.0)
     state["proj_out.bias"][0] = float("nan")

@@ -1,0 +1,29 @@
+# Set-up and the two README commands. torch is pinned HERE (a local CPU wheel), not in pyproject:
+# users with GPUs bring their own torch build.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+BIN = $(VENV)/bin
+
+.PHONY: demo test bench install clean
+
+$(BIN)/normscope: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)   # first, or pip pulls a multi-GB CUDA build
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(BIN)/normscope
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/normscope demo --out normscope-demo
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+bench: install
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_compare.py
+
+clean:
+	rm -rf $(VENV) normscope-demo *.egg-info
