@@ -53,6 +53,8 @@ DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Model dtype (norms are
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto: cuda when available, else cpu.", rich_help_panel="Hardware")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="(prompt, seed) samples per pipeline call. Results do not depend on it.", rich_help_panel="Hardware")]
 FormatOpt = Annotated[OutputFormat, typer.Option("--format", help="stdout: a rich table, the summary JSON, or the per-step CSV.", rich_help_panel="Output")]
+AdapterOpt = Annotated[str | None, typer.Option("--adapter", help="Which adapter of a folder holding several (lora_ema, lora_non_ema, old, ema, learner, ...). Default: the main one, named on stderr.", rich_help_panel="Checkpoints")]
+PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Read .bin/.pt/.pth/.ckpt weights with torch.load(weights_only=True). Off: pickles are refused.", rich_help_panel="Checkpoints")]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Run folder for norms.csv, summary.json, profile.png; an interrupted run resumes from it.", rich_help_panel="Output")]
 
 
@@ -154,9 +156,11 @@ def emit(result, fmt: OutputFormat) -> None:
 
 @app.command()
 def compare(
-    base: Annotated[str, typer.Argument(help="Base (reference) checkpoint: pipeline folder, transformer folder or .safetensors state dict.")],
-    tuned: Annotated[str, typer.Argument(help="RL-tuned checkpoint, in any of the same forms.")],
+    base: Annotated[str, typer.Argument(help="Base (reference) checkpoint: pipeline folder, transformer folder or .safetensors state dict. With one path only, that path is TUNED and the base is the pipeline's own transformer.")],
+    tuned: Annotated[str | None, typer.Argument(help="RL-tuned checkpoint: any of the same forms, a LoRA (peft folder, diffusers or kohya file) or a trainer's checkpoint-N/ folder.")] = None,
     pipeline: PipelineOpt = None,
+    adapter: AdapterOpt = None,
+    allow_pickle: PickleOpt = False,
     prompts_file: PromptsFileOpt = None,
     prompt: PromptOpt = None,
     seeds: SeedsOpt = ",".join(map(str, DEFAULT_SEEDS)),
@@ -182,8 +186,10 @@ def compare(
         from normscope.compare import compare as run_compare
         from normscope.config import CompareConfig
 
+        if tuned is None:
+            base, tuned = None, base
         config = CompareConfig(
-            base=base, tuned=tuned, pipeline=pipeline, prompts_file=prompts_file, prompts=tuple(prompt or ()),
+            base=base, tuned=tuned, adapter=adapter, allow_pickle=allow_pickle, pipeline=pipeline, prompts_file=prompts_file, prompts=tuple(prompt or ()),
             seeds=parse_seeds(seeds), steps=steps, guidance=guidance, height=height, width=width,
             negative_prompt=negative_prompt, max_sequence_length=max_sequence_length, mode=mode, drive=drive,
             dtype=dtype, device=device, batch_size=batch_size, out=out,

@@ -236,10 +236,16 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     source = find_pipeline_source(config.base, config.tuned, config.pipeline)
-    checkpoints = [find_checkpoint(p, role) for p, role in ((config.base, "BASE"), (config.tuned, "TUNED")) if p]
+    # Resolve both paths before the (slow) pipeline load, so bad input fails in a second.
+    checkpoints = [find_checkpoint(config.tuned, "TUNED", config.adapter, config.allow_pickle)]
+    if config.base:
+        checkpoints.append(find_checkpoint(config.base, "BASE", allow_pickle=config.allow_pickle))
 
     pipe = load_pipeline(source, dtype, device)
-    base, tuned = load_models(pipe, config.base, config.tuned, source)
+    loaded = load_models(pipe, config.base, config.tuned, source, config.adapter, config.allow_pickle)
+    for note in loaded.notes:
+        reporter.note(note)
+    base, tuned = loaded.base, loaded.tuned
     driver, other = (tuned, base) if config.drive.value == "tuned" else (base, tuned)
 
     store = None
@@ -275,11 +281,13 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
     extra = {
         "resolved": resolved_sampling(pipe, config),
         "pipeline_source": source,
-        "models": [base.describe(), tuned.describe()],
+        "models": loaded.describe(),
         "device": device,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
-    result = CompareResult(frame, summarize(frame, config, extra))
+    summary = summarize(frame, config, extra)
+    summary["notes"] = loaded.notes
+    result = CompareResult(frame, summary)
     if config.out is not None:
         write_run(result, Path(config.out), figure=config.figure)
         store.clear()

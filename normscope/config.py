@@ -122,13 +122,17 @@ class ProbeConfig:
 class CompareConfig(ProbeConfig):
     """``normscope compare``: paired velocity-norm profiles of BASE and TUNED.
 
-    ``base`` and ``tuned`` are checkpoint paths (pipeline folder, transformer folder or a
-    ``.safetensors`` state dict). ``out``, when set, receives norms.csv, summary.json and
+    ``base`` and ``tuned`` are checkpoint paths (pipeline folder, transformer folder, ``.safetensors``
+    state dict, or for ``tuned`` also a LoRA or a trainer's checkpoint folder). ``base=None`` means the
+    pipeline's own transformer. ``adapter`` picks one adapter of a folder holding several;
+    ``allow_pickle`` lets ``.bin/.pt`` files load through ``torch.load(weights_only=True)``. ``out``, when set, receives norms.csv, summary.json and
     profile.png, and holds the finished batches of an interrupted run so a rerun resumes.
     """
 
-    base: str
     tuned: str
+    base: str | None = None
+    adapter: str | None = None
+    allow_pickle: bool = False
     mode: Mode = Mode.paired
     drive: Drive = Drive.tuned
     out: Path | None = None

@@ -18,7 +18,8 @@ class Boom(RuntimeError):
 
 def test_hooks_are_removed_even_when_the_call_fails(pipelines, scaled):
     pipe = load_pipeline(str(pipelines["sd3"]), torch.float32, "cpu")
-    base, tuned = load_models(pipe, None, str(scaled("sd3", 1.1)), str(pipelines["sd3"]))
+    loaded = load_models(pipe, None, str(scaled("sd3", 1.1)), str(pipelines["sd3"]))
+    base, tuned = loaded.base, loaded.tuned
     with pytest.raises(Boom):
         with capture(pipe, tuned, base):
             assert pipe.transformer is tuned.module and tuned.module._forward_hooks

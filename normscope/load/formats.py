@@ -1,0 +1,280 @@
+"""What a checkpoint path holds, found from file names, safetensors headers and JSON configs alone.
+
+Kinds: ``pipeline`` (diffusers pipeline folder), ``transformer`` (diffusers transformer folder, sharded or
+not), ``state_dict`` (one file, full weights), ``peft`` (peft adapter folder), ``diffusers_lora``
+(``pytorch_lora_weights.safetensors``-style, ``transformer.<module>.lora_A.weight`` keys) and ``kohya``
+(``lora_unet_…lora_down/lora_up/alpha``). A trainer's checkpoint folder (``checkpoint-N/`` holding
+``lora/``, ``lora_ema/``, ``lora_non_ema/``, ``transformer/`` …) is resolved to one of its members.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from normscope.errors import CheckpointError
+
+PIPELINE_INDEX = "model_index.json"
+WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
+LORA_SIDECAR = "lora_config.json"  # DanceGRPO: rank and alpha next to a diffusers LoRA file
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+KEY_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP wrappers
+# Members of a trainer's checkpoint folder, in the order the default is chosen.
+CHECKPOINT_MEMBERS = ("lora", "lora_ema", "lora_non_ema", "transformer")
+# Named peft adapters that are the main one when no "default" adapter exists (flow_grpo DPO).
+MAIN_ADAPTER_NAMES = ("default", "learner")
+
+LORA_KINDS = ("peft", "diffusers_lora", "kohya")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A resolved checkpoint: where its weights are, what kind they are, and which adapter was taken."""
+
+    given: Path
+    path: Path
+    kind: str
+    files: tuple[Path, ...]
+    adapter: str | None = None
+    adapters: tuple[str, ...] = ()
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def is_lora(self) -> bool:
+        return self.kind in LORA_KINDS
+
+    def identity(self) -> list:
+        """Size and mtime of every weight file: enough to notice a changed checkpoint between runs."""
+        return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in self.files]
+
+    def describe(self) -> dict:
+        return {"path": str(self.given), "resolved": str(self.path), "kind": self.kind,
+                "adapter": self.adapter, "adapters": list(self.adapters), "notes": list(self.notes)}
+
+
+def strip_prefixes(key: str, prefixes=KEY_PREFIXES) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+# ---------------------------------------------------------------- reading keys and tensors
+
+
+def _one_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:160]
+
+
+def load_pickle(path: Path, role: str) -> dict:
+    """A pickled state dict through ``torch.load(weights_only=True)``: tensors only, no code runs."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as exc:
+        raise CheckpointError(
+            f"{role} {path} was refused by torch.load(weights_only=True) ({_one_line(exc)}): it holds more than "
+            "tensors; convert it to safetensors where you trust it"
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
+        raise CheckpointError(f"{role} {path} does not hold a flat dict of tensors: save model.state_dict() instead")
+    return state
+
+
+def read_shapes(files: tuple[Path, ...], role: str) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
+    """key (prefixes stripped) -> (file, key as stored, shape), without reading safetensors data."""
+    from safetensors import safe_open
+
+    found: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
+    for path in files:
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            for stored, tensor in load_pickle(path, role).items():
+                found[strip_prefixes(stored)] = (path, stored, tuple(tensor.shape))
+            continue
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for stored in handle.keys():
+                    found[strip_prefixes(stored)] = (path, stored, tuple(handle.get_slice(stored).get_shape()))
+        except Exception as exc:
+            raise CheckpointError(
+                f"{role} file {path} is not a valid safetensors file ({_one_line(exc)}): re-save it with "
+                "safetensors.torch.save_file"
+            ) from None
+    return found
+
+
+def read_tensors(path: Path, role: str) -> tuple[dict, dict]:
+    """All tensors of one file and its safetensors header metadata (empty for pickles)."""
+    from safetensors import safe_open
+
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return load_pickle(path, role), {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
+    except Exception as exc:
+        raise CheckpointError(
+            f"{role} file {path} is not a valid safetensors file ({_one_line(exc)}): re-save it with "
+            "safetensors.torch.save_file"
+        ) from None
+
+
+def classify_keys(keys) -> str:
+    """The kind of a single weights file, from its key names."""
+    keys = list(keys)
+    if any(k.startswith("lora_unet_") or ".lora_down." in k for k in keys):
+        return "kohya"
+    if any(".lora_A." in k or ".lora_B." in k for k in keys):
+        return "peft" if all(k.startswith("base_model.model.") for k in keys) else "diffusers_lora"
+    return "state_dict"
+
+
+# ---------------------------------------------------------------- folders
+
+
+def _transformer_files(folder: Path) -> tuple[Path, ...]:
+    index = folder / WEIGHTS_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = tuple(folder / name for name in sorted(set(weight_map.values())))
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shard {missing[0]}, which is missing: copy every shard next to the index")
+        return files
+    return tuple(sorted(folder.glob("*.safetensors")))
+
+
+def _peft_weights(folder: Path) -> Path | None:
+    if not (folder / PEFT_CONFIG).is_file():
+        return None
+    for name in PEFT_WEIGHTS:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _adapter_options(folder: Path, prefix: str = "") -> list[tuple[str, Path]]:
+    """Named peft adapters in a peft folder: the root one ("default") and those in subfolders."""
+    options = []
+    if _peft_weights(folder) is not None:
+        options.append((prefix or "default", folder))
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if _peft_weights(sub) is not None:
+            options.append((f"{prefix}/{sub.name}" if prefix else sub.name, sub))
+    return options
+
+
+def _folder_options(folder: Path) -> list[tuple[str, Path]]:
+    """Everything in a folder that could be the tuned model, with the names ``--adapter`` takes."""
+    options = _adapter_options(folder)
+    if options:
+        return options
+    for member in CHECKPOINT_MEMBERS:
+        child = folder / member
+        if not child.is_dir():
+            continue
+        if member == "transformer":
+            if _transformer_files(child):
+                options.append((member, child))
+        else:
+            options.extend(_adapter_options(child, member))
+    for file in (folder / DIFFUSERS_LORA_FILE,):
+        if file.is_file():
+            options.append((file.stem, file))
+    return options
+
+
+def _choose(options: list[tuple[str, Path]], adapter: str | None, folder: Path, role: str) -> tuple[str, Path, list[str]]:
+    names = [name for name, _ in options]
+    notes: list[str] = []
+    if adapter is not None:
+        exact = [o for o in options if o[0] == adapter]
+        matches = exact or [o for o in options if o[0].split("/")[-1] == adapter]
+        if len(matches) == 1:
+            return matches[0][0], matches[0][1], notes
+        if not matches:
+            raise CheckpointError(f"--adapter {adapter} is not in {role} {folder}: it holds {', '.join(names)}")
+        raise CheckpointError(f"--adapter {adapter} is ambiguous in {folder}: name one of {', '.join(n for n, _ in matches)}")
+    if len(options) == 1:
+        return options[0][0], options[0][1], notes
+    top_level = [o for o in options if "/" not in o[0]]
+    for preferred in (*MAIN_ADAPTER_NAMES, *CHECKPOINT_MEMBERS, "pytorch_lora_weights"):
+        for name, path in top_level:
+            if name == preferred:
+                others = [n for n in names if n != name]
+                notes.append(f"{role} {folder}: took adapter '{name}'; also there: {', '.join(others)} (choose with --adapter NAME)")
+                return name, path, notes
+    raise CheckpointError(f"{role} {folder} holds several adapters and none is the main one: pass --adapter with one of {', '.join(names)}")
+
+
+def find_checkpoint(path: str | Path, role: str, adapter: str | None = None, allow_pickle: bool = False) -> Checkpoint:
+    """Resolve ``path`` to a checkpoint; ``adapter`` picks one member of a folder with several."""
+    given = Path(path)
+    if not given.exists():
+        raise CheckpointError(f"{role} {given} does not exist: pass a pipeline folder, a transformer folder, a LoRA or a .safetensors file")
+    if given.is_file():
+        if adapter is not None:
+            raise CheckpointError(f"--adapter {adapter} was given but {role} {given} is a single file with no named adapters: drop --adapter")
+        return _file_checkpoint(given, given, role, allow_pickle)
+    if (given / PIPELINE_INDEX).is_file():
+        files = _transformer_files(given / "transformer") if (given / "transformer").is_dir() else ()
+        if not files:
+            raise CheckpointError(f"{role} {given} is a pipeline folder without transformer/*.safetensors: save it with safe_serialization=True")
+        return Checkpoint(given, given, "pipeline", files)
+    if _peft_weights(given) is None and (given / "config.json").is_file():
+        files = _transformer_files(given)
+        if files:
+            return Checkpoint(given, given, "transformer", files)
+    options = _folder_options(given)
+    if not options:
+        raise CheckpointError(
+            f"no checkpoint found in {role} folder {given}: looked for {PIPELINE_INDEX}, config.json with "
+            f"diffusion_pytorch_model*.safetensors, {PEFT_CONFIG} with adapter_model.safetensors, "
+            f"{DIFFUSERS_LORA_FILE}, and the members {', '.join(m + '/' for m in CHECKPOINT_MEMBERS)}"
+        )
+    name, chosen, notes = _choose(options, adapter, given, role)
+    all_names = tuple(n for n, _ in options)
+    if chosen.is_file():
+        ckpt = _file_checkpoint(given, chosen, role, allow_pickle)
+    elif name == "transformer" or (chosen / "config.json").is_file() and _peft_weights(chosen) is None:
+        ckpt = Checkpoint(given, chosen, "transformer", _transformer_files(chosen))
+    else:
+        weights = _peft_weights(chosen)
+        _refuse_pickle(weights, role, allow_pickle)
+        ckpt = Checkpoint(given, chosen, "peft", (weights, chosen / PEFT_CONFIG))
+    return Checkpoint(ckpt.given, ckpt.path, ckpt.kind, ckpt.files, name, all_names, tuple(notes) + ckpt.notes)
+
+
+def _refuse_pickle(path: Path, role: str, allow_pickle: bool) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+        raise CheckpointError(
+            f"{role} {path} is a pickle file, which can run code when loaded: convert it to safetensors, or pass "
+            "--allow-pickle to read it with torch.load(weights_only=True)"
+        )
+
+
+def _file_checkpoint(given: Path, path: Path, role: str, allow_pickle: bool) -> Checkpoint:
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        _refuse_pickle(path, role, allow_pickle)
+    elif suffix != ".safetensors":
+        raise CheckpointError(f"{role} {path} is not a .safetensors file: pass a safetensors file or a folder")
+    kind = classify_keys(read_shapes((path,), role))
+    files = (path,)
+    sidecar = path.parent / LORA_SIDECAR
+    if kind == "diffusers_lora" and sidecar.is_file():
+        files = (path, sidecar)
+    return Checkpoint(given, path, kind, files)

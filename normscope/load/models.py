@@ -1,0 +1,173 @@
+"""The velocity models that capture runs: full weight copies, or one module with an adapter on and off."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from normscope.errors import CheckpointError
+from normscope.load.formats import Checkpoint, find_checkpoint, load_pickle, read_shapes
+from normscope.load.lora import attach_lora, check_targets, read_lora
+
+
+class VelocityModel:
+    """A transformer that computes one model's velocity; the unit that capture runs.
+
+    ``active(pipe)`` makes the pipeline sample with this model; calling the object evaluates it on
+    given inputs (used for the second model in paired mode).
+    """
+
+    def __init__(self, role: str, module, source: str, kind: str) -> None:
+        self.role = role
+        self.module = module
+        self.source = source
+        self.kind = kind
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def active(self, pipe) -> Iterator[VelocityModel]:
+        previous = pipe.transformer
+        pipe.transformer = self.module
+        try:
+            yield self
+        finally:
+            pipe.transformer = previous
+
+    def describe(self) -> dict:
+        return {"role": self.role, "source": self.source, "kind": self.kind}
+
+
+class AdapterModel(VelocityModel):
+    """One transformer with a LoRA: the tuned velocity with the adapter on, the base with it off.
+
+    This is how the LoRA trainers compute v_ref (``with transformer.disable_adapter():``), and it keeps a
+    single transformer in memory.
+    """
+
+    def __init__(self, role: str, module, source: str, kind: str, layers: list, enabled: bool) -> None:
+        super().__init__(role, module, source, kind)
+        self.layers = layers
+        self.enabled = enabled
+
+    @contextlib.contextmanager
+    def switched(self) -> Iterator[None]:
+        previous = [not layer.disable_adapters for layer in self.layers]
+        for layer in self.layers:
+            layer.enable_adapters(self.enabled)
+        try:
+            yield
+        finally:
+            for layer, was in zip(self.layers, previous):
+                layer.enable_adapters(was)
+
+    def __call__(self, *args, **kwargs):
+        with self.switched():
+            return self.module(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def active(self, pipe) -> Iterator[VelocityModel]:
+        with super().active(pipe), self.switched():
+            yield self
+
+
+@dataclass
+class LoadedModels:
+    base: VelocityModel
+    tuned: VelocityModel
+    checkpoints: list[Checkpoint]
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict:
+        return {"base": self.base.describe(), "tuned": self.tuned.describe(),
+                "checkpoints": [c.describe() for c in self.checkpoints], "notes": self.notes}
+
+
+def load_weights(module, checkpoint: Checkpoint, role: str) -> None:
+    """Copy a full state dict into ``module`` in place, one file at a time, after checking it fits."""
+    import torch
+    from safetensors import safe_open
+
+    weight_files = tuple(f for f in checkpoint.files if f.suffix != ".json")
+    header = read_shapes(weight_files, role)
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing = expected.keys() - header.keys()
+    unexpected = header.keys() - expected.keys()
+    mismatched = [f"{k} {header[k][2]} vs {expected[k]}" for k in expected.keys() & header.keys() if header[k][2] != expected[k]]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys ({_first(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys ({_first(unexpected)})")
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatches ({_first(mismatched, 2)})")
+        raise CheckpointError(
+            f"{role} {checkpoint.path} does not fit the pipeline's {type(module).__name__}: {'; '.join(parts)} — "
+            "pass the --pipeline this checkpoint was trained from"
+        )
+    params = module.state_dict()
+    with torch.no_grad():
+        for path in weight_files:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt") as handle:
+                    for key, (file, stored, _) in header.items():
+                        if file == path:
+                            params[key].copy_(handle.get_tensor(stored))
+            else:
+                for stored, tensor in load_pickle(path, role).items():
+                    params[_key(header, path, stored)].copy_(tensor)
+
+
+def _key(header, path, stored):
+    for key, (file, name, _) in header.items():
+        if file == path and name == stored:
+            return key
+    raise KeyError(stored)
+
+
+def _first(items, count: int = 3) -> str:
+    items = sorted(items)
+    more = f" (+{len(items) - count} more)" if len(items) > count else ""
+    return ", ".join(items[:count]) + more
+
+
+def load_models(
+    pipe, base: str | None, tuned: str, pipeline_source: str, adapter: str | None = None, allow_pickle: bool = False
+) -> LoadedModels:
+    """The base and tuned velocity models; the pipeline's own transformer becomes the base.
+
+    Full checkpoints: base in place, tuned a copy (two transformers, never more). LoRA: one transformer,
+    the adapter switched on for tuned and off for base.
+    """
+    checkpoints: list[Checkpoint] = []
+    notes: list[str] = []
+    if base is None or Path(base).resolve() == Path(pipeline_source).resolve():
+        base_model = VelocityModel("base", pipe.transformer, pipeline_source, "pipeline")
+    else:
+        base_ckpt = find_checkpoint(base, "BASE", allow_pickle=allow_pickle)
+        if base_ckpt.is_lora:
+            raise CheckpointError(f"BASE {base} is a LoRA: pass it as TUNED (the base is then the pipeline's own transformer)")
+        load_weights(pipe.transformer, base_ckpt, "BASE")
+        base_model = VelocityModel("base", pipe.transformer, str(base_ckpt.path), base_ckpt.kind)
+        checkpoints.append(base_ckpt)
+    tuned_ckpt = find_checkpoint(tuned, "TUNED", adapter=adapter, allow_pickle=allow_pickle)
+    checkpoints.append(tuned_ckpt)
+    notes.extend(tuned_ckpt.notes)
+    if tuned_ckpt.is_lora:
+        weights = read_lora(tuned_ckpt, type(pipe))
+        check_targets(pipe.transformer, weights, "TUNED", tuned_ckpt.path)
+        layers = attach_lora(pipe.transformer, weights)
+        notes.extend(weights.notes)
+        module = pipe.transformer
+        base_model = AdapterModel("base", module, base_model.source, base_model.kind, layers, enabled=False)
+        tuned_model = AdapterModel("tuned", module, str(tuned_ckpt.path), tuned_ckpt.kind, layers, enabled=True)
+        return LoadedModels(base_model, tuned_model, checkpoints, notes)
+    module = copy.deepcopy(pipe.transformer)
+    load_weights(module, tuned_ckpt, "TUNED")
+    module.eval()
+    return LoadedModels(base_model, VelocityModel("tuned", module, str(tuned_ckpt.path), tuned_ckpt.kind), checkpoints, notes)

@@ -1,0 +1,114 @@
+"""The diffusers pipeline the checkpoints run in: local folder or hub id, safetensors only, no remote code."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+from typing import Iterator
+
+from normscope.config import Device, DType
+from normscope.errors import InputError
+from normscope.load.formats import PIPELINE_INDEX
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def resolve_device(device: Device) -> str:
+    import torch
+
+    if device is Device.auto:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device is Device.cuda and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but torch sees no CUDA device: use --device cpu or auto")
+    return device.value
+
+
+def resolve_dtype(dtype: DType, device: str):
+    import torch
+
+    if dtype is DType.auto:
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, dtype.value)
+
+
+def find_pipeline_source(base: str | None, tuned: str | None, pipeline: str | None) -> str:
+    """--pipeline if given; else BASE if it is a pipeline folder; else the nearest enclosing pipeline folder."""
+    if pipeline:
+        return pipeline
+    candidates = [Path(p) for p in (base, tuned) if p]
+    for candidate in candidates:
+        if (candidate / PIPELINE_INDEX).is_file():
+            return str(candidate)
+    for candidate in candidates:
+        for parent in candidate.resolve().parents:
+            if (parent / PIPELINE_INDEX).is_file():
+                return str(parent)
+    raise InputError(
+        "no pipeline to run the checkpoints in: pass --pipeline with a diffusers pipeline folder "
+        "(one holding model_index.json) or a hub id"
+    )
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Hide diffusers' and transformers' own loading bars and notices; normscope shows its own progress."""
+    import warnings
+
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    was = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled(), tlog.get_verbosity())
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    tlog.set_verbosity_error()  # e.g. "requires torchvision" notices about image processors normscope never uses
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch_dtype -> dtype rename across diffusers versions
+            yield
+    finally:
+        if was[0]:
+            dlog.enable_progress_bar()
+        if was[1]:
+            tlog.enable_progress_bar()
+        tlog.set_verbosity(was[2])
+
+
+def load_pipeline(source: str, dtype, device: str):
+    """A diffusers pipeline from a local folder or a hub id, safetensors only, no remote code."""
+    from diffusers import DiffusionPipeline
+
+    local = Path(source)
+    if not local.exists() and not HUB_ID.match(source):
+        raise InputError(f"--pipeline {source} is neither a folder nor a hub id: pass a folder holding {PIPELINE_INDEX}")
+    if local.exists() and not (local / PIPELINE_INDEX).is_file():
+        raise InputError(f"--pipeline {source} has no {PIPELINE_INDEX}: pass the pipeline's top folder")
+    try:
+        with quiet_loading():
+            pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, use_safetensors=True)
+    except Exception as exc:  # diffusers raises many types; one line is what the user needs
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not local.exists():
+            raise InputError(
+                f"cannot fetch pipeline {source} from the hub ({reason[:160]}): download it where you are online "
+                "and pass the folder with --pipeline"
+            ) from None
+        raise InputError(f"cannot load pipeline {source}: {reason[:200]}") from None
+    check_pipeline(pipe, source)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def check_pipeline(pipe, source: str) -> None:
+    """normscope follows flow-matching pipelines with a ``transformer``; refuse others clearly."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None:
+        raise InputError(f"pipeline {source} ({type(pipe).__name__}) has no transformer: normscope measures DiT flow pipelines such as SD3 and FLUX")
+    scheduler = getattr(pipe, "scheduler", None)
+    if scheduler is None or "FlowMatch" not in type(scheduler).__name__:
+        raise InputError(
+            f"pipeline {source} samples with {type(scheduler).__name__}, not a FlowMatch scheduler: "
+            "normscope measures flow-matching velocities"
+        )
+    transformer.eval()
