@@ -6,6 +6,7 @@ Results go to stdout; progress, notes and errors go to stderr.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from normscope.config import (
     Mode,
     OutputFormat,
 )
-from normscope.errors import EXIT_INTERRUPTED, EXIT_RUN, ConfigError, NormscopeError
+from normscope.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_RUN, ConfigError, NormscopeError
 
 app = typer.Typer(
     name="normscope",
@@ -199,6 +200,28 @@ def compare(
         emit(result, fmt)
         if out is not None:
             err.print(f"wrote {out}/norms.csv, summary.json, profile.png")
+
+
+@app.command()
+def inspect(
+    path: Annotated[str, typer.Argument(help="A checkpoint: pipeline or transformer folder, state dict, LoRA, or a trainer's checkpoint-N/ folder.")],
+    pipeline: Annotated[str | None, typer.Option("--pipeline", help="A local pipeline folder: also check whether PATH fits its transformer (built on the meta device, no weights loaded).")] = None,
+    adapter: AdapterOpt = None,
+    allow_pickle: PickleOpt = False,
+    fmt: Annotated[OutputFormat, typer.Option("--format", help="table (default) or json.")] = OutputFormat.table,
+) -> None:
+    """Show what normscope sees in a checkpoint without running a model: kind, architecture, size, LoRA, fit."""
+    with cli_errors():
+        from normscope.inspection import InspectConfig, inspect_checkpoint
+        from normscope.outputs import render_inspection
+
+        report = inspect_checkpoint(InspectConfig(path=path, pipeline=pipeline, adapter=adapter, allow_pickle=allow_pickle))
+        if fmt is OutputFormat.json:
+            sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        else:
+            render_inspection(report, Console())
+        if report["fits"] is False:
+            raise typer.Exit(EXIT_INPUT)
 
 
 @app.command()

@@ -94,3 +94,39 @@ def render(summary: dict, console) -> None:
 
 def _num(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}g}" if abs(value) >= 1e4 else f"{value:.{digits}f}"
+
+
+def render_inspection(report: dict, console) -> None:
+    """``normscope inspect`` as a two-column table."""
+    from rich.table import Table
+
+    table = Table(show_header=False, title=f"normscope inspect {report['path']}", title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    rows = [
+        ("kind", report["kind"]),
+        ("resolved", report["resolved"]),
+        ("architecture", report["architecture"]),
+        ("parameters", f"{report['parameters']:,}"),
+        ("tensors", str(report["tensors"])),
+        ("dtypes", ", ".join(f"{k} x{v}" for k, v in report["dtypes"].items())),
+    ]
+    if report["adapters"]:
+        rows.append(("adapters", ", ".join(report["adapters"]) + f"  (taken: {report['adapter']})"))
+    lora = report["lora"]
+    if lora:
+        alpha = f"{lora['alpha']:g} (scale {lora['scale']:g})" if lora["alpha_known"] else "unknown: scale 1.0 assumed"
+        ranks = lora["ranks"]
+        rows += [
+            ("LoRA rank", str(lora["rank"]) + ("" if len(ranks) == 1 else f" (ranks {ranks[0]}..{ranks[-1]})")),
+            ("LoRA alpha", alpha),
+            ("target modules", f"{lora['n_target_modules']}: " + ", ".join(lora["target_modules"][:6])
+             + (" ..." if lora["n_target_modules"] > 6 else "")),
+        ]
+    if report["pipeline"]:
+        rows.append(("fits pipeline", "yes" if report["fits"] else "NO: " + "; ".join(report["problems"])))
+    for note in report["notes"]:
+        rows.append(("note", note))
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)

@@ -58,7 +58,7 @@ def scaled(pipelines, tmp_path_factory):
 
 
 def make_config(pipelines, arch: str, tuned, **overrides) -> CompareConfig:
-    fields = dict(base=str(pipelines[arch]), tuned=str(tuned), prompts=PROMPTS, seeds=(0, 1),
+    fields = dict(base=str(pipelines[arch]), tuned=str(tuned), pipeline=str(pipelines[arch]), prompts=PROMPTS, seeds=(0, 1),
                   device="cpu", dtype="float32", batch_size=8, **PROBE[arch])
     fields.update(overrides)
     return CompareConfig(**fields)

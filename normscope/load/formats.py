@@ -179,9 +179,9 @@ def _adapter_options(folder: Path, prefix: str = "") -> list[tuple[str, Path]]:
 
 def _folder_options(folder: Path) -> list[tuple[str, Path]]:
     """Everything in a folder that could be the tuned model, with the names ``--adapter`` takes."""
-    options = _adapter_options(folder)
-    if options:
-        return options
+    if _peft_weights(folder) is not None:
+        return _adapter_options(folder)
+    options: list[tuple[str, Path]] = []
     for member in CHECKPOINT_MEMBERS:
         child = folder / member
         if not child.is_dir():
@@ -191,6 +191,8 @@ def _folder_options(folder: Path) -> list[tuple[str, Path]]:
                 options.append((member, child))
         else:
             options.extend(_adapter_options(child, member))
+    if not options:  # named adapters only, none at the root (flow_grpo DPO: learner/ and ref/)
+        options = _adapter_options(folder)
     for file in (folder / DIFFUSERS_LORA_FILE,):
         if file.is_file():
             options.append((file.stem, file))

@@ -118,6 +118,13 @@ def read_lora(ckpt: Checkpoint, pipeline_class, role: str = "TUNED") -> LoraWeig
             raise CheckpointError(f"{role} {weights_file}: diffusers could not convert this kohya LoRA for {pipeline_class.__name__} ({str(exc)[:120]}): pass the --pipeline it was trained for") from None
         converted = converted[0] if isinstance(converted, tuple) else converted
         state = _strip(converted, "transformer.")
+        if not any(".lora_A." in k for k in state):
+            modules = sorted({k.split(".")[0] for k in read_tensors(weights_file, role)[0]})
+            more = f" (+{len(modules) - 3} more)" if len(modules) > 3 else ""
+            raise CheckpointError(
+                f"{role} kohya LoRA {weights_file} does not fit {pipeline_class.__name__}: its modules "
+                f"({', '.join(modules[:3])}{more}) have no counterpart there — pass the --pipeline it was trained for"
+            )
         config, known = _config_from_weights(state, None)
         known = True  # diffusers folds kohya's alpha into the weights
     else:  # diffusers_lora

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from normscope.errors import CheckpointError
 from normscope.load.formats import Checkpoint, find_checkpoint, load_pickle, read_shapes
@@ -62,7 +62,7 @@ class AdapterModel(VelocityModel):
         try:
             yield
         finally:
-            for layer, was in zip(self.layers, previous):
+            for layer, was in zip(self.layers, previous, strict=True):
                 layer.enable_adapters(was)
 
     def __call__(self, *args, **kwargs):
@@ -87,6 +87,21 @@ class LoadedModels:
                 "checkpoints": [c.describe() for c in self.checkpoints], "notes": self.notes}
 
 
+def fit_problems(expected: dict[str, tuple[int, ...]], header: dict) -> list[str]:
+    """What keeps a full state dict from loading: missing and unexpected keys, shape mismatches."""
+    missing = expected.keys() - header.keys()
+    unexpected = header.keys() - expected.keys()
+    mismatched = [f"{k} {header[k][2]} vs {expected[k]}" for k in expected.keys() & header.keys() if header[k][2] != expected[k]]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys ({_first(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys ({_first(unexpected)})")
+    if mismatched:
+        parts.append(f"{len(mismatched)} shape mismatches ({_first(mismatched, 2)})")
+    return parts
+
+
 def load_weights(module, checkpoint: Checkpoint, role: str) -> None:
     """Copy a full state dict into ``module`` in place, one file at a time, after checking it fits."""
     import torch
@@ -94,20 +109,10 @@ def load_weights(module, checkpoint: Checkpoint, role: str) -> None:
 
     weight_files = tuple(f for f in checkpoint.files if f.suffix != ".json")
     header = read_shapes(weight_files, role)
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    missing = expected.keys() - header.keys()
-    unexpected = header.keys() - expected.keys()
-    mismatched = [f"{k} {header[k][2]} vs {expected[k]}" for k in expected.keys() & header.keys() if header[k][2] != expected[k]]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys ({_first(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys ({_first(unexpected)})")
-        if mismatched:
-            parts.append(f"{len(mismatched)} shape mismatches ({_first(mismatched, 2)})")
+    problems = fit_problems({k: tuple(v.shape) for k, v in module.state_dict().items()}, header)
+    if problems:
         raise CheckpointError(
-            f"{role} {checkpoint.path} does not fit the pipeline's {type(module).__name__}: {'; '.join(parts)} — "
+            f"{role} {checkpoint.path} does not fit the pipeline's {type(module).__name__}: {'; '.join(problems)} — "
             "pass the --pipeline this checkpoint was trained from"
         )
     params = module.state_dict()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from normscope.config import Device, DType
 from normscope.errors import InputError
