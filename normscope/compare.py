@@ -10,21 +10,16 @@ Stages run one way: load -> capture -> table -> stats -> outputs.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import pandas as pd
 
 from normscope import __version__
-from normscope.capture import GUIDED, CallRecord, capture
-from normscope.config import CompareConfig, ProbeConfig
-from normscope.errors import InputError
+from normscope.capture import GUIDED, CallRecord
+from normscope.config import CompareConfig
 from normscope.load import (
-    VelocityModel,
     find_checkpoint,
     find_pipeline_source,
     load_models,
@@ -33,6 +28,16 @@ from normscope.load import (
     resolve_dtype,
 )
 from normscope.prompts import Sample, make_samples, resolve_prompts
+from normscope.sampling import (
+    Reporter,
+    SilentReporter,
+    batches,
+    resolved_sampling,
+    run_free,
+    run_paired,
+    sampling_kwargs,
+    versions,
+)
 from normscope.stats import NONFINITE, mode_summary, n_samples, select, step_profile
 from normscope.store import BatchStore
 from normscope.table import RATIO, free_frame, paired_frame, tidy
@@ -41,25 +46,6 @@ INFLATION_DEFINITION = (
     "inflation = mean over denoising steps of (mean over prompt/seed samples of "
     "||v_tuned|| / ||v_base||) - 1, on the guided velocity of the first mode run"
 )
-
-
-class Reporter(Protocol):
-    """Where progress goes: the CLI draws a rich bar on stderr, notebooks may pass nothing."""
-
-    def begin(self, total_steps: int) -> None: ...
-    def advance(self, steps: int = 1) -> None: ...
-    def note(self, message: str) -> None: ...
-
-
-class SilentReporter:
-    def begin(self, total_steps: int) -> None:
-        pass
-
-    def advance(self, steps: int = 1) -> None:
-        pass
-
-    def note(self, message: str) -> None:
-        pass
 
 
 @dataclass
@@ -82,109 +68,7 @@ class CompareResult:
         return step_profile(select(self.frame, mode or self.summary["headline_mode"], branch))
 
 
-# ---------------------------------------------------------------- sampling
-
-
-def _batches(samples: list[Sample], size: int) -> Iterator[list[Sample]]:
-    for start in range(0, len(samples), size):
-        yield samples[start:start + size]
-
-
-def _call_defaults(pipe) -> dict:
-    return {
-        name: p.default for name, p in inspect.signature(pipe.__call__).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-
-
-def sampling_kwargs(pipe, probe: ProbeConfig, samples: list[Sample]) -> dict:
-    """The keyword arguments of the pipeline call for one batch; unset options stay the pipeline's.
-
-    Each sample gets its own CPU generator, so its initial noise is exactly what the pipeline draws
-    for that prompt alone with ``generator=torch.Generator("cpu").manual_seed(seed)``, whatever the batch.
-    """
-    import torch
-
-    accepted = _call_defaults(pipe)
-    kwargs = {
-        "prompt": [s.prompt for s in samples],
-        "num_inference_steps": probe.steps,
-        "generator": [torch.Generator("cpu").manual_seed(s.seed) for s in samples],
-        "output_type": "latent",
-    }
-    optional = {
-        "guidance_scale": probe.guidance,
-        "height": probe.height,
-        "width": probe.width,
-        "max_sequence_length": probe.max_sequence_length,
-        "negative_prompt": None if probe.negative_prompt is None else [probe.negative_prompt] * len(samples),
-    }
-    for name, value in optional.items():
-        if value is None:
-            continue
-        if name not in accepted:
-            flag = {"guidance_scale": "guidance"}.get(name, name).replace("_", "-")
-            raise InputError(f"{type(pipe).__name__} does not take {name}: drop --{flag}")
-        kwargs[name] = value
-    return kwargs
-
-
-def resolved_sampling(pipe, probe: ProbeConfig) -> dict:
-    """The sampler settings actually used, pipeline defaults filled in, for summary.json."""
-    defaults = _call_defaults(pipe)
-    size = None
-    if hasattr(pipe, "default_sample_size") and hasattr(pipe, "vae_scale_factor"):
-        size = int(pipe.default_sample_size * pipe.vae_scale_factor)
-    return {
-        "pipeline_class": type(pipe).__name__,
-        "transformer_class": type(pipe.transformer).__name__,
-        "scheduler_class": type(pipe.scheduler).__name__,
-        "guidance": probe.guidance if probe.guidance is not None else defaults.get("guidance_scale"),
-        "height": probe.height or defaults.get("height") or size,
-        "width": probe.width or defaults.get("width") or size,
-        "max_sequence_length": probe.max_sequence_length or defaults.get("max_sequence_length"),
-        "negative_prompt": probe.negative_prompt if probe.negative_prompt is not None else defaults.get("negative_prompt"),
-    }
-
-
-def run_paired(pipe, driver: VelocityModel, other: VelocityModel, kwargs: dict, reporter: Reporter) -> dict[str, CallRecord]:
-    """One batch in paired mode: ``driver`` samples, ``other`` is evaluated on the same inputs."""
-    with capture(pipe, driver, other, on_step=reporter.advance) as recorder:
-        pipe(**kwargs)
-        return {"paired": recorder.collect()}
-
-
-def run_free(pipe, base: VelocityModel, tuned: VelocityModel, kwargs: dict, reporter: Reporter) -> dict[str, CallRecord]:
-    """One batch in free mode: each model samples its own trajectory from the same noise."""
-    records = {}
-    for model in (base, tuned):
-        call = dict(kwargs, generator=_fresh_generators(kwargs["generator"]))
-        with capture(pipe, model, on_step=reporter.advance) as recorder:
-            pipe(**call)
-            records[model.role] = recorder.collect()
-    return records
-
-
-def _fresh_generators(generators):
-    """New generators in the state the given ones were created in (each model must draw the same noise)."""
-    import torch
-
-    fresh = []
-    for g in generators:
-        clone = torch.Generator(g.device)
-        clone.set_state(g.get_state())
-        fresh.append(clone)
-    return fresh
-
-
 # ---------------------------------------------------------------- the job
-
-
-def _versions() -> dict:
-    import diffusers
-    import torch
-
-    return {"normscope": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__}
 
 
 def _fingerprint(config: CompareConfig, identities: list) -> str:
@@ -219,7 +103,7 @@ def summarize(frame: pd.DataFrame, config: CompareConfig, extra: dict) -> dict:
         "per_step": head["per_step"],
         "modes": modes,
         "config": {**config.to_dict(), **extra},
-        "versions": _versions(),
+        "versions": versions(),
     }
 
 
@@ -256,13 +140,13 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
         elif store.finished():
             reporter.note(f"resuming: {store.finished()} finished batch(es) in {config.out} are reused")
 
-    batches = list(_batches(samples, config.batch_size))
+    groups = list(batches(samples, config.batch_size))
     runs = config.mode.runs()
     calls_per_batch = {"paired": 1, "free": 2}
-    reporter.begin(sum(calls_per_batch[m] for m in runs) * len(batches) * config.steps)
+    reporter.begin(sum(calls_per_batch[m] for m in runs) * len(groups) * config.steps)
     frames = []
     for mode in runs:
-        for index, batch in enumerate(batches):
+        for index, batch in enumerate(groups):
             key = f"{mode}-{index:05d}"
             records = store.load(key) if store else None
             if records is None:
