@@ -203,6 +203,99 @@ def compare(
 
 
 @app.command()
+def profile(
+    base: Annotated[str, typer.Argument(help="The base (reference) model: pipeline folder, transformer folder or .safetensors state dict.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for reference.json, reference.safetensors, thresholds.csv, reference.png.")],
+    pipeline: PipelineOpt = None,
+    prompts_file: PromptsFileOpt = None,
+    prompt: PromptOpt = None,
+    seeds: SeedsOpt = ",".join(map(str, DEFAULT_SEEDS)),
+    steps: StepsOpt = DEFAULT_STEPS,
+    guidance: GuidanceOpt = None,
+    height: HeightOpt = None,
+    width: WidthOpt = None,
+    negative_prompt: NegativeOpt = None,
+    max_sequence_length: MaxSeqOpt = None,
+    dtype: DTypeOpt = DType.auto,
+    device: DeviceOpt = Device.auto,
+    batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
+    allow_pickle: PickleOpt = False,
+    dtype_check: Annotated[bool, typer.Option("--dtype-check/--no-dtype-check", help="Also run 4 samples in the other precision (bfloat16 vs float32) to measure that noise floor.")] = True,
+    fmt: Annotated[OutputFormat, typer.Option("--format", help="table (default) or json (reference.json on stdout).")] = OutputFormat.table,
+) -> None:
+    """Profile BASE alone and store a reference: per-step norms, suggested tau(sigma) and a CI gate."""
+    with cli_errors():
+        from normscope.outputs import render_reference
+        from normscope.reference import ProfileConfig
+        from normscope.reference import profile as run_profile
+
+        config = ProfileConfig(
+            base=base, out=out, pipeline=pipeline, prompts_file=prompts_file, prompts=tuple(prompt or ()),
+            seeds=parse_seeds(seeds), steps=steps, guidance=guidance, height=height, width=width,
+            negative_prompt=negative_prompt, max_sequence_length=max_sequence_length, dtype=dtype, device=device,
+            batch_size=batch_size, allow_pickle=allow_pickle, dtype_check=dtype_check,
+        )
+        with RichReporter("profile") as reporter:
+            reference = run_profile(config, reporter)
+        for warning in reference.meta["warnings"]:
+            err.print(f"[yellow]warning:[/yellow] {warning}")
+        if fmt is OutputFormat.json:
+            sys.stdout.write(json.dumps(reference.meta, indent=2) + "\n")
+        else:
+            render_reference(reference.meta, Console())
+        err.print(f"wrote {out}/reference.json, reference.safetensors, thresholds.csv, reference.png")
+
+
+@app.command()
+def check(
+    paths: Annotated[list[str], typer.Argument(help="BASE TUNED [TUNED ...] for a live check, or TUNED [TUNED ...] with --reference.")],
+    max_inflation: Annotated[float | None, typer.Option("--max-inflation", help="The gate, as a fraction: 0.05 fails a checkpoint whose inflation exceeds +5 %. Default with --reference: its suggested gate.")] = None,
+    reference: Annotated[Path | None, typer.Option("--reference", help="A folder written by normscope profile: run only TUNED, with the stored config.")] = None,
+    pipeline: PipelineOpt = None,
+    adapter: AdapterOpt = None,
+    allow_pickle: PickleOpt = False,
+    prompts_file: PromptsFileOpt = None,
+    prompt: PromptOpt = None,
+    seeds: Annotated[str | None, typer.Option("--seeds", help="Seeds (live default 0,1; with --reference: the stored ones, and others are refused).", rich_help_panel="Probe")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps (live default 28; with --reference: the stored value).", rich_help_panel="Probe")] = None,
+    guidance: GuidanceOpt = None,
+    height: HeightOpt = None,
+    width: WidthOpt = None,
+    negative_prompt: NegativeOpt = None,
+    max_sequence_length: MaxSeqOpt = None,
+    mode: Annotated[Mode, typer.Option("--mode", help="Live check only: paired (default), free or both (the gate applies to the first).", rich_help_panel="Measurement")] = Mode.paired,
+    dtype: DTypeOpt = DType.auto,
+    device: DeviceOpt = Device.auto,
+    batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
+    fmt: Annotated[OutputFormat, typer.Option("--format", help="table (verdict and a line per checkpoint) or json.")] = OutputFormat.table,
+    junit: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML here: one test case per checkpoint, a failure when inflated.")] = None,
+) -> None:
+    """CI gate: exit 0 within --max-inflation, 1 inflated beyond it, 2 bad input, 3 the run failed."""
+    with cli_errors():
+        from normscope.check import CheckConfig
+        from normscope.check import check as run_check
+        from normscope.ci import publish, verdict_line
+
+        config = CheckConfig(
+            paths=tuple(paths), reference=reference, max_inflation=max_inflation, pipeline=pipeline, adapter=adapter,
+            allow_pickle=allow_pickle, prompts_file=prompts_file, prompts=tuple(prompt or ()),
+            seeds=None if seeds is None else parse_seeds(seeds), steps=steps, guidance=guidance, height=height,
+            width=width, negative_prompt=negative_prompt, max_sequence_length=max_sequence_length, mode=mode,
+            dtype=dtype, device=device, batch_size=batch_size,
+        )
+        with RichReporter("check") as reporter:
+            result = run_check(config, reporter)
+        lines = publish(result, junit)
+        if fmt is OutputFormat.json:
+            sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
+        else:
+            for line in lines:
+                typer.echo(line)
+            typer.echo(verdict_line(result))
+        raise typer.Exit(result.exit_code)
+
+
+@app.command()
 def inspect(
     path: Annotated[str, typer.Argument(help="A checkpoint: pipeline or transformer folder, state dict, LoRA, or a trainer's checkpoint-N/ folder.")],
     pipeline: Annotated[str | None, typer.Option("--pipeline", help="A local pipeline folder: also check whether PATH fits its transformer (built on the meta device, no weights loaded).")] = None,

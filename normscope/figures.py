@@ -51,3 +51,27 @@ def save_profile_figure(summary: dict, path: Path) -> Path:
     fig.savefig(path, dpi=150, metadata={"Software": None})
     plt.close(fig)
     return path
+
+
+def save_reference_figure(meta: dict, path: Path) -> Path:
+    """reference.png: the base's norm per step (mean, p5-p95 band) and the suggested tau(sigma)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = meta["per_step"]["guided"]
+    sigma = _series(rows, "sigma")
+    fig, ax = plt.subplots(figsize=(6.4, 3.4), constrained_layout=True)
+    ax.fill_between(sigma, _series(rows, "p5"), _series(rows, "p95"), color=BASE_COLOR, alpha=0.2, linewidth=0, label="p5-p95")
+    ax.plot(sigma, _series(rows, "mean"), color=BASE_COLOR, label="mean")
+    ax.plot(sigma, _series(rows, "tau"), "--", color=TUNED_COLOR, label=r"suggested $\tau(\sigma)$ (p95)")
+    ax.set_xlabel(r"$\sigma$  (1 = noise, 0 = data)")
+    ax.set_ylabel(r"$\|v_{base}\|_2$ (latent units)")
+    gate = meta["suggestions"]["gate"]["max_inflation"]
+    ax.set_title(f"reference profile, {meta['n_samples']} samples; suggested gate {gate * 100:.1f} %", fontsize=10)
+    ax.legend(fontsize=8, frameon=False)
+    ax.invert_xaxis()
+    fig.savefig(path, dpi=150, metadata={"Software": None})
+    plt.close(fig)
+    return path

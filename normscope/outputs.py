@@ -130,3 +130,26 @@ def render_inspection(report: dict, console) -> None:
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
+
+
+def render_reference(meta: dict, console) -> None:
+    """``normscope profile``: the per-step reference and the suggested thresholds with their justification."""
+    from rich.table import Table
+
+    table = Table(title=f"reference profile — {meta['n_samples']} samples, guided velocity", title_justify="left")
+    for name in ("step", "sigma", "mean", "std", "p5", "p50", "p95 = tau"):
+        table.add_column(name, justify="right")
+    for row in meta["per_step"]["guided"]:
+        table.add_row(str(row["step"]), f"{row['sigma']:.3f}", *(_num(row[k]) for k in ("mean", "std", "p5", "p50", "tau")))
+    console.print(table)
+    gate = meta["suggestions"]["gate"]
+    floor = gate["noise_floor"]
+    spread = floor["prompt_subset_spread"]
+    dtype = floor["dtype_difference"]
+    console.print(
+        "noise floor: prompt-subset spread " + ("n/a" if spread is None else f"{spread * 100:.3f} %")
+        + " · bfloat16 vs float32 " + ("not measured" if dtype is None else f"{dtype * 100:.3f} %")
+    )
+    console.print("suggested tau(sigma): p95 of the base's norms per step (thresholds.csv)")
+    console.print(f"[bold]suggested gate: --max-inflation {gate['max_inflation']:.3f}[/bold] "
+                  f"(set by {gate['set_by']}; rule: {gate['rule']})")

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from normscope.compare import compare, sampling_kwargs
+from normscope.compare import compare
 from normscope.config import CompareConfig
 from normscope.prompts import make_samples
+from normscope.sampling import sampling_kwargs
 from normscope.table import BRANCH, MODE, RATIO
 
 ARCHS = ("sd3", "flux")

@@ -11,10 +11,10 @@ through ``torch.load(weights_only=True)``, never remote code.
 """
 
 from normscope.load.formats import Checkpoint, find_checkpoint
-from normscope.load.models import AdapterModel, LoadedModels, VelocityModel, load_models
+from normscope.load.models import AdapterModel, LoadedModels, VelocityModel, load_base, load_models, load_tuned_only
 from normscope.load.pipeline import find_pipeline_source, load_pipeline, resolve_device, resolve_dtype
 
 __all__ = [
     "AdapterModel", "Checkpoint", "LoadedModels", "VelocityModel", "find_checkpoint", "find_pipeline_source",
-    "load_models", "load_pipeline", "resolve_device", "resolve_dtype",
+    "load_base", "load_models", "load_pipeline", "load_tuned_only", "resolve_device", "resolve_dtype",
 ]

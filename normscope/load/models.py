@@ -141,6 +141,34 @@ def _first(items, count: int = 3) -> str:
     return ", ".join(items[:count]) + more
 
 
+def load_base(pipe, base: str | None, pipeline_source: str, allow_pickle: bool = False) -> tuple[VelocityModel, Checkpoint | None]:
+    """The base velocity model: the pipeline's own transformer, with BASE's full weights copied in if given."""
+    if base is None or Path(base).resolve() == Path(pipeline_source).resolve():
+        return VelocityModel("base", pipe.transformer, pipeline_source, "pipeline"), None
+    ckpt = find_checkpoint(base, "BASE", allow_pickle=allow_pickle)
+    if ckpt.is_lora:
+        raise CheckpointError(f"BASE {base} is a LoRA: pass it as TUNED (the base is then the pipeline's own transformer)")
+    load_weights(pipe.transformer, ckpt, "BASE")
+    return VelocityModel("base", pipe.transformer, str(ckpt.path), ckpt.kind), ckpt
+
+
+def load_tuned_only(pipe, tuned: str, adapter: str | None = None, allow_pickle: bool = False) -> tuple[VelocityModel, Checkpoint, list[str]]:
+    """TUNED alone, in the pipeline's transformer itself (no base copy): for checks against a stored reference.
+
+    Full weights are copied over the pipeline's transformer; a LoRA is attached to it and left on.
+    """
+    ckpt = find_checkpoint(tuned, "TUNED", adapter=adapter, allow_pickle=allow_pickle)
+    notes = list(ckpt.notes)
+    if ckpt.is_lora:
+        weights = read_lora(ckpt, type(pipe))
+        check_targets(pipe.transformer, weights, "TUNED", ckpt.path)
+        layers = attach_lora(pipe.transformer, weights)
+        notes.extend(weights.notes)
+        return AdapterModel("tuned", pipe.transformer, str(ckpt.path), ckpt.kind, layers, enabled=True), ckpt, notes
+    load_weights(pipe.transformer, ckpt, "TUNED")
+    return VelocityModel("tuned", pipe.transformer, str(ckpt.path), ckpt.kind), ckpt, notes
+
+
 def load_models(
     pipe, base: str | None, tuned: str, pipeline_source: str, adapter: str | None = None, allow_pickle: bool = False
 ) -> LoadedModels:
@@ -149,17 +177,9 @@ def load_models(
     Full checkpoints: base in place, tuned a copy (two transformers, never more). LoRA: one transformer,
     the adapter switched on for tuned and off for base.
     """
-    checkpoints: list[Checkpoint] = []
+    base_model, base_ckpt = load_base(pipe, base, pipeline_source, allow_pickle)
+    checkpoints: list[Checkpoint] = [base_ckpt] if base_ckpt else []
     notes: list[str] = []
-    if base is None or Path(base).resolve() == Path(pipeline_source).resolve():
-        base_model = VelocityModel("base", pipe.transformer, pipeline_source, "pipeline")
-    else:
-        base_ckpt = find_checkpoint(base, "BASE", allow_pickle=allow_pickle)
-        if base_ckpt.is_lora:
-            raise CheckpointError(f"BASE {base} is a LoRA: pass it as TUNED (the base is then the pipeline's own transformer)")
-        load_weights(pipe.transformer, base_ckpt, "BASE")
-        base_model = VelocityModel("base", pipe.transformer, str(base_ckpt.path), base_ckpt.kind)
-        checkpoints.append(base_ckpt)
     tuned_ckpt = find_checkpoint(tuned, "TUNED", adapter=adapter, allow_pickle=allow_pickle)
     checkpoints.append(tuned_ckpt)
     notes.extend(tuned_ckpt.notes)

@@ -58,7 +58,8 @@ def quiet_loading() -> Iterator[None]:
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
-    was = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled(), tlog.get_verbosity())
+    was = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled(), tlog.get_verbosity(), dlog.get_verbosity())
+    dlog.set_verbosity_error()
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()
     tlog.set_verbosity_error()  # e.g. "requires torchvision" notices about image processors normscope never uses
@@ -72,6 +73,7 @@ def quiet_loading() -> Iterator[None]:
         if was[1]:
             tlog.enable_progress_bar()
         tlog.set_verbosity(was[2])
+        dlog.set_verbosity(was[3])
 
 
 def load_pipeline(source: str, dtype, device: str):

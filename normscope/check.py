@@ -1,0 +1,209 @@
+"""The check job (``normscope check``): a pass/fail gate on inflation for CI.
+
+Two ways to get the base side:
+
+* live: ``check BASE TUNED... --max-inflation X`` runs compare for each TUNED;
+* stored: ``check TUNED... --reference DIR`` runs ONLY the tuned model with the reference's stored
+  config (half the compute) and compares its free-mode norms with the stored base norms per
+  (prompt, seed, step). Options that contradict the stored config are refused.
+
+Verdict per checkpoint: ``error`` if any velocity was non-finite, ``fail`` if inflation > the gate,
+else ``pass``. Exit code: 3 if any error, else 1 if any fail, else 0 (2 for bad input, raised earlier).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from normscope.compare import CompareResult, compare, summarize
+from normscope.config import CompareConfig, Device, DType, Mode
+from normscope.errors import EXIT_INFLATED, EXIT_OK, EXIT_RUN, ConfigError, InputError
+from normscope.load import find_checkpoint, load_pipeline, load_tuned_only, resolve_device, resolve_dtype
+from normscope.reference import PROBE_FIELDS, Reference, load_reference, pipeline_fingerprint, probe_from_reference
+from normscope.sampling import Reporter, SilentReporter, batches, concat_records, run_model, sampling_kwargs
+from normscope.table import free_frame, tidy
+
+PASS, FAIL, ERROR = "pass", "fail", "error"
+
+
+@dataclass(kw_only=True)
+class CheckConfig:
+    """``normscope check``. Without ``reference``, ``paths`` is BASE then one or more TUNED; with it, all TUNED.
+
+    Probe fields left ``None`` take compare's defaults (live) or the reference's values (stored); set
+    ones must agree with the reference.
+    """
+
+    paths: tuple[str, ...]
+    reference: Path | None = None
+    max_inflation: float | None = None
+    pipeline: str | None = None
+    adapter: str | None = None
+    allow_pickle: bool = False
+    prompts_file: Path | None = None
+    prompts: tuple[str, ...] = ()
+    seeds: tuple[int, ...] | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    height: int | None = None
+    width: int | None = None
+    negative_prompt: str | None = None
+    max_sequence_length: int | None = None
+    mode: Mode = Mode.paired
+    dtype: DType = DType.auto
+    device: Device = Device.auto
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        self.paths = tuple(str(p) for p in self.paths)
+        self.prompts = tuple(self.prompts)
+        self.mode = Mode(self.mode)
+        if self.reference is None and len(self.paths) < 2:
+            raise ConfigError("normscope check needs BASE and TUNED, or TUNED with --reference DIR")
+        if self.reference is not None and not self.paths:
+            raise ConfigError("normscope check --reference needs at least one TUNED checkpoint")
+        if self.reference is None and self.max_inflation is None:
+            raise ConfigError("a live check needs --max-inflation (e.g. 0.05), or --reference DIR to use its suggested gate")
+        if self.max_inflation is not None and not 0 <= self.max_inflation < 10:
+            raise ConfigError(f"--max-inflation {self.max_inflation} is a fraction (0.05 = 5 %), not a percentage")
+        if self.reference is not None and self.mode is not Mode.paired:
+            raise ConfigError("--mode does not apply with --reference: a stored-reference check is free mode by construction")
+
+    def set_probe(self) -> dict:
+        """The probe options the user set explicitly."""
+        values = {"prompts_file": self.prompts_file, "prompts": self.prompts or None, "seeds": self.seeds,
+                  "steps": self.steps, "guidance": self.guidance, "height": self.height, "width": self.width,
+                  "negative_prompt": self.negative_prompt, "max_sequence_length": self.max_sequence_length}
+        return {k: v for k, v in values.items() if v is not None}
+
+
+@dataclass
+class CheckedCheckpoint:
+    path: str
+    verdict: str
+    inflation: float | None
+    inflation_ci: list
+    nonfinite: int
+    seconds: float
+    summary: dict = field(repr=False)
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "verdict": self.verdict, "inflation": self.inflation,
+                "inflation_ci": self.inflation_ci, "nonfinite": self.nonfinite, "seconds": round(self.seconds, 3)}
+
+
+@dataclass
+class CheckResult:
+    checkpoints: list[CheckedCheckpoint]
+    max_inflation: float
+    gate_source: str
+    mode: str
+
+    @property
+    def exit_code(self) -> int:
+        verdicts = {c.verdict for c in self.checkpoints}
+        return EXIT_RUN if ERROR in verdicts else EXIT_INFLATED if FAIL in verdicts else EXIT_OK
+
+    def to_dict(self) -> dict:
+        return {"verdict": {EXIT_OK: PASS, EXIT_INFLATED: FAIL, EXIT_RUN: ERROR}[self.exit_code],
+                "exit_code": self.exit_code, "max_inflation": self.max_inflation, "gate_source": self.gate_source,
+                "mode": self.mode, "checkpoints": [c.to_dict() for c in self.checkpoints]}
+
+
+def verdict(summary: dict, gate: float) -> str:
+    if summary["nonfinite"] or summary["inflation"] is None:
+        return ERROR
+    return FAIL if summary["inflation"] > gate else PASS
+
+
+def _contradictions(reference: Reference, config: CheckConfig) -> list[str]:
+    from normscope.prompts import resolve_prompts
+
+    stored = reference.probe
+    problems = []
+    for name, value in config.set_probe().items():
+        if name in ("prompts_file", "prompts"):
+            continue
+        stored_value = stored[name]
+        if isinstance(value, tuple):
+            value = list(value)
+        if value != stored_value:
+            problems.append(f"--{name.replace('_', '-')} {value} (reference: {stored_value})")
+    if config.prompts_file is not None or config.prompts:
+        from normscope.reference import prompts_digest
+
+        if prompts_digest(resolve_prompts(config.prompts_file, config.prompts)) != reference.meta["hashes"]["prompts"]:
+            problems.append("the prompts (they differ from the reference's)")
+    return problems
+
+
+def _check_stored(config: CheckConfig, reporter: Reporter) -> tuple[list[CheckedCheckpoint], float, str]:
+    reference = load_reference(config.reference)
+    problems = _contradictions(reference, config)
+    if problems:
+        raise ConfigError(f"options contradict the reference in {config.reference}: {'; '.join(problems)} — drop them or make a new reference")
+    source = config.pipeline or reference.meta["config"]["pipeline_source"]
+    if pipeline_fingerprint(source) != reference.meta["hashes"]["pipeline"]:
+        raise InputError(f"pipeline {source} is not the one the reference in {config.reference} was made with (fingerprints differ): pass that pipeline with --pipeline")
+    for path in config.paths:
+        find_checkpoint(path, "TUNED", config.adapter, config.allow_pickle)
+    gate, gate_source = (config.max_inflation, "--max-inflation") if config.max_inflation is not None else (
+        reference.gate, f"the reference's suggested gate ({config.reference})")
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    probe = probe_from_reference(reference, config.device, config.dtype, config.batch_size)
+    samples = reference.samples()
+    base_record = reference.record()
+    reporter.begin(len(config.paths) * -(-len(samples) // probe.batch_size) * probe.steps)
+    if str(dtype).removeprefix("torch.") != reference.meta["config"]["torch_dtype"]:
+        reporter.note(f"running in {dtype} but the reference was made in {reference.meta['config']['torch_dtype']}: "
+                      "the difference is part of what is measured (see the reference's dtype noise floor)")
+    results = []
+    for path in config.paths:
+        started = time.perf_counter()
+        pipe = load_pipeline(source, dtype, device)  # fresh per checkpoint: the tuned weights go into its transformer
+        tuned, _, notes = load_tuned_only(pipe, path, config.adapter, config.allow_pickle)
+        for note in notes:
+            reporter.note(note)
+        record = concat_records([run_model(pipe, tuned, sampling_kwargs(pipe, probe, group), reporter)
+                                 for group in batches(samples, probe.batch_size)])
+        frame = tidy([free_frame(base_record, record, samples)])
+        compare_like = CompareConfig(tuned=path, mode=Mode.free, **{k: getattr(probe, k) for k in PROBE_FIELDS if k != "prompts_file"})
+        summary = summarize(frame, compare_like, {"reference": str(config.reference), "notes": notes})
+        results.append(_checked(path, summary, gate, started))
+        del pipe
+    return results, gate, gate_source
+
+
+def _checked(path: str, summary: dict, gate: float, started: float) -> CheckedCheckpoint:
+    return CheckedCheckpoint(path, verdict(summary, gate), summary["inflation"], summary["inflation_ci"],
+                             summary["nonfinite"], time.perf_counter() - started, summary)
+
+
+def _check_live(config: CheckConfig, reporter: Reporter) -> list[CheckedCheckpoint]:
+    base, tuned_paths = config.paths[0], config.paths[1:]
+    probe = {k: v for k, v in config.set_probe().items()}
+    results = []
+    for path in tuned_paths:
+        started = time.perf_counter()
+        result: CompareResult = compare(CompareConfig(
+            base=base, tuned=path, pipeline=config.pipeline, adapter=config.adapter, allow_pickle=config.allow_pickle,
+            mode=config.mode, dtype=config.dtype, device=config.device, batch_size=config.batch_size, **probe,
+        ), reporter)
+        results.append(_checked(path, result.summary, config.max_inflation, started))
+    return results
+
+
+def check(config: CheckConfig, reporter: Reporter | None = None) -> CheckResult:
+    """Gate one or more tuned checkpoints on inflation; the exit code is ``result.exit_code``."""
+    reporter = reporter or SilentReporter()
+    if config.reference is not None:
+        checked, gate, source = _check_stored(config, reporter)
+        return CheckResult(checked, gate, source, "free (stored reference)")
+    checked = _check_live(config, reporter)
+    return CheckResult(checked, config.max_inflation, "--max-inflation", config.mode.runs()[0])
+
+
+__all__ = ["CheckConfig", "CheckResult", "check", "verdict", "Path"]

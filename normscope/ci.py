@@ -1,0 +1,73 @@
+"""What ``normscope check`` hands to CI systems: JUnit XML, a GitHub step summary, error annotations."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+from normscope.check import ERROR, FAIL, CheckResult
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value * 100:+.2f} %"
+
+
+def verdict_line(result: CheckResult) -> str:
+    word = {0: "PASS", 1: "FAIL", 3: "ERROR"}[result.exit_code]
+    parts = [f"{c.path}: {_pct(c.inflation)} ({c.verdict})" for c in result.checkpoints]
+    return f"{word}: gate {result.max_inflation * 100:.2f} % from {result.gate_source}; " + "; ".join(parts)
+
+
+def junit_xml(result: CheckResult) -> str:
+    """One test case per checkpoint; a <failure> when inflated, an <error> when the run failed."""
+    failures = sum(c.verdict == FAIL for c in result.checkpoints)
+    errors = sum(c.verdict == ERROR for c in result.checkpoints)
+    suites = ET.Element("testsuites")
+    suite = ET.SubElement(suites, "testsuite", name="normscope check", tests=str(len(result.checkpoints)),
+                          failures=str(failures), errors=str(errors),
+                          time=f"{sum(c.seconds for c in result.checkpoints):.3f}")
+    for c in result.checkpoints:
+        case = ET.SubElement(suite, "testcase", classname="normscope.check", name=c.path, time=f"{c.seconds:.3f}")
+        message = f"inflation {_pct(c.inflation)} vs gate {result.max_inflation * 100:.2f} % ({result.gate_source})"
+        if c.verdict == FAIL:
+            ET.SubElement(case, "failure", message=message, type="Inflated").text = (
+                f"{message}; 95% CI [{_pct(c.inflation_ci[0])}, {_pct(c.inflation_ci[1])}]")
+        elif c.verdict == ERROR:
+            ET.SubElement(case, "error", message=f"{c.nonfinite} non-finite velocities", type="RunFailed").text = message
+        else:
+            ET.SubElement(case, "system-out").text = message
+    return ET.tostring(suites, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def step_summary(result: CheckResult) -> str:
+    """Markdown for $GITHUB_STEP_SUMMARY."""
+    lines = [f"### normscope check: {verdict_line(result).split(':')[0]}", "",
+             f"Gate: max inflation {result.max_inflation * 100:.2f} % ({result.gate_source}); mode: {result.mode}.", "",
+             "| checkpoint | inflation | 95% CI | verdict |", "|---|---|---|---|"]
+    for c in result.checkpoints:
+        lines.append(f"| `{c.path}` | {_pct(c.inflation)} | [{_pct(c.inflation_ci[0])}, {_pct(c.inflation_ci[1])}] | {c.verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def annotations(result: CheckResult) -> list[str]:
+    """GitHub workflow commands (read from stdout) for every checkpoint that did not pass."""
+    out = []
+    for c in result.checkpoints:
+        if c.verdict == FAIL:
+            out.append(f"::error title=normscope check::{c.path} is inflated: {_pct(c.inflation)} > gate {result.max_inflation * 100:.2f} %")
+        elif c.verdict == ERROR:
+            out.append(f"::error title=normscope check::{c.path}: {c.nonfinite} non-finite velocities, no valid measurement")
+    return out
+
+
+def publish(result: CheckResult, junit: Path | None) -> list[str]:
+    """Write the JUnit file and the GitHub step summary when asked for; return annotation lines to print."""
+    if junit is not None:
+        junit.parent.mkdir(parents=True, exist_ok=True)
+        junit.write_text(junit_xml(result))
+    summary_file = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary_file:
+        with open(summary_file, "a", encoding="utf-8") as handle:
+            handle.write(step_summary(result))
+    return annotations(result) if os.environ.get("GITHUB_ACTIONS") == "true" else []

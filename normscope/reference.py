@@ -1,0 +1,333 @@
+"""The profile job (``normscope profile``): the base model alone, stored as a reference with thresholds.
+
+A reference holds the exact sampling config, fingerprints of the prompts, pipeline and weights, the base's
+per-(prompt, seed, step) norms, per-step statistics, and two suggestions:
+
+* ``tau(sigma)``: a per-step reference norm for a NormGuard-style hinge when a trainer cannot afford a
+  reference forward: the 95th percentile of the base's own norms at that step, so the penalty is ~0 on the
+  base model and bites on inflation;
+* a CI gate (maximum inflation) set above the noise floor measured for this base and probe:
+  ``max(2 %, 3 x prompt-subset spread, 2 x |bfloat16 - float32|)``, rounded up to the next 0.5 %.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from normscope.capture import GUIDED, CallRecord
+from normscope.config import Device, DType, ProbeConfig
+from normscope.errors import InputError
+from normscope.load import (
+    find_checkpoint,
+    find_pipeline_source,
+    load_base,
+    load_pipeline,
+    resolve_device,
+    resolve_dtype,
+)
+from normscope.load.pipeline import quiet_loading
+from normscope.prompts import Sample, make_samples, resolve_prompts
+from normscope.sampling import (
+    Reporter,
+    SilentReporter,
+    batches,
+    concat_records,
+    resolved_sampling,
+    run_model,
+    sampling_kwargs,
+    versions,
+)
+
+REFERENCE_JSON = "reference.json"
+REFERENCE_TENSORS = "reference.safetensors"
+THRESHOLDS_CSV = "thresholds.csv"
+REFERENCE_PNG = "reference.png"
+FORMAT_VERSION = 1
+GATE_MINIMUM = 0.02  # the paper's effect is 5-15 %: a gate below 2 % gates on noise, not on inflation
+GATE_STEP = 0.005
+SUBSET_SPLITS = 200
+DTYPE_CHECK_SAMPLES = 4
+MIN_SAMPLES = 16
+TAU_PERCENTILE = 95
+# Probe fields a check must not contradict; hardware fields (device, dtype, batch size) may differ.
+PROBE_FIELDS = ("prompts_file", "prompts", "seeds", "steps", "guidance", "height", "width", "negative_prompt",
+                "max_sequence_length")
+
+
+@dataclass(kw_only=True)
+class ProfileConfig(ProbeConfig):
+    """``normscope profile BASE --out DIR``: ``dtype_check`` adds the bfloat16-vs-float32 noise floor."""
+
+    base: str
+    out: Path
+    allow_pickle: bool = False
+    dtype_check: bool = True
+    figure: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.out = Path(self.out)
+
+
+# ---------------------------------------------------------------- fingerprints
+
+
+def _file_digest(path: Path, chunk: int = 8 << 20) -> str:
+    """sha256 of a file; for files over 64 MiB, of its size, first and last 8 MiB (fast on 20 GB weights)."""
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        if size <= 8 * chunk:
+            digest.update(handle.read())
+        else:
+            digest.update(str(size).encode())
+            digest.update(handle.read(chunk))
+            handle.seek(size - chunk)
+            digest.update(handle.read(chunk))
+    return digest.hexdigest()
+
+
+def fingerprint_files(root: Path, files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        digest.update(str(path.relative_to(root) if path.is_relative_to(root) else path.name).encode())
+        digest.update(_file_digest(path).encode())
+    return digest.hexdigest()[:32]
+
+
+def pipeline_fingerprint(source: str) -> str:
+    """Every file of the pipeline except its transformer (which the checks replace); a hub id as is."""
+    root = Path(source)
+    if not root.is_dir():
+        return f"hub:{source}"
+    files = [p for p in root.rglob("*") if p.is_file() and "transformer" not in p.relative_to(root).parts[:1]]
+    return fingerprint_files(root, files)
+
+
+def prompts_digest(prompts: list[str]) -> str:
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:32]
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def _percentiles(matrix: np.ndarray) -> dict[str, np.ndarray]:
+    finite = np.where(np.isfinite(matrix), matrix, np.nan)
+    with np.errstate(invalid="ignore"):
+        p5, p50, p95 = np.nanpercentile(finite, [5, 50, TAU_PERCENTILE], axis=0)
+    return {"mean": np.nanmean(finite, axis=0), "std": np.nanstd(finite, axis=0), "p5": p5, "p50": p50, "p95": p95}
+
+
+def subset_spread(norms: np.ndarray, splits: int = SUBSET_SPLITS, seed: int = 0) -> float:
+    """Std of the inflation you would read between two random halves of the probe (no model change at all)."""
+    n = norms.shape[0]
+    if n < 4:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(splits):
+        order = rng.permutation(n)
+        a, b = norms[order[: n // 2]], norms[order[n // 2:]]
+        values.append(np.nanmean(np.nanmean(a, axis=0) / np.nanmean(b, axis=0)) - 1.0)
+    return float(np.std(values))
+
+
+def suggest_gate(spread: float, dtype_floor: float | None) -> dict:
+    candidates = {"minimum": GATE_MINIMUM}
+    if math.isfinite(spread):
+        candidates["3 x prompt-subset spread"] = 3 * spread
+    if dtype_floor is not None:
+        candidates["2 x |bfloat16 - float32|"] = 2 * dtype_floor
+    driver = max(candidates, key=candidates.get)
+    value = math.ceil(candidates[driver] / GATE_STEP - 1e-9) * GATE_STEP
+    return {"max_inflation": round(value, 4), "set_by": driver, "candidates": candidates,
+            "rule": "max(2 %, 3 x prompt-subset spread, 2 x |bfloat16 - float32|), rounded up to 0.5 %"}
+
+
+def _clean(values) -> list:
+    return [None if not np.isfinite(v) else float(v) for v in values]
+
+
+# ---------------------------------------------------------------- the job
+
+
+@dataclass
+class Reference:
+    """A stored base profile: ``meta`` is reference.json; ``norms[branch]`` is (samples, steps) float32."""
+
+    meta: dict
+    norms: dict[str, np.ndarray]
+    timesteps: np.ndarray
+    sigmas: np.ndarray
+
+    @property
+    def probe(self) -> dict:
+        return self.meta["config"]["probe"]
+
+    @property
+    def gate(self) -> float:
+        return self.meta["suggestions"]["gate"]["max_inflation"]
+
+    def samples(self) -> list[Sample]:
+        return [Sample(s["prompt_id"], s["prompt"], s["seed"]) for s in self.meta["samples"]]
+
+    def record(self) -> CallRecord:
+        """The stored norms as a capture record of one call holding every sample (free-mode rows)."""
+        import torch
+
+        stats = {b: torch.from_numpy(np.ascontiguousarray(m.T))[:, None, :] for b, m in self.norms.items()}
+        return CallRecord(stats, ("norm",), torch.from_numpy(self.timesteps), torch.from_numpy(self.sigmas))
+
+    def save(self, out: Path) -> list[Path]:
+        import torch
+        from safetensors.torch import save_file
+
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {f"norms/{b}": torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32)) for b, m in self.norms.items()}
+        tensors["timesteps"] = torch.from_numpy(self.timesteps.astype(np.float32))
+        tensors["sigmas"] = torch.from_numpy(self.sigmas.astype(np.float32))
+        save_file(tensors, str(out / REFERENCE_TENSORS))
+        (out / REFERENCE_JSON).write_text(json.dumps(self.meta, indent=2) + "\n")
+        rows = self.meta["per_step"][GUIDED]
+        columns = ["step", "timestep", "sigma", "mean", "std", "p5", "p50", "p95", "tau"]
+        lines = [",".join(columns)] + [",".join("" if r[c] is None else repr(r[c]) for c in columns) for r in rows]
+        (out / THRESHOLDS_CSV).write_text("\n".join(lines) + "\n")
+        return [out / REFERENCE_JSON, out / REFERENCE_TENSORS, out / THRESHOLDS_CSV]
+
+
+def load_reference(folder: str | Path) -> Reference:
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    meta_path = folder / REFERENCE_JSON
+    if not meta_path.is_file() or not (folder / REFERENCE_TENSORS).is_file():
+        raise InputError(f"--reference {folder} holds no {REFERENCE_JSON} and {REFERENCE_TENSORS}: make one with normscope profile BASE --out {folder}")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise InputError(f"--reference {folder} has format {meta.get('format')}, this normscope reads {FORMAT_VERSION}: rerun normscope profile")
+    with safe_open(str(folder / REFERENCE_TENSORS), framework="np") as handle:
+        norms = {k.split("/", 1)[1]: handle.get_tensor(k) for k in handle.keys() if k.startswith("norms/")}
+        return Reference(meta, norms, handle.get_tensor("timesteps"), handle.get_tensor("sigmas"))
+
+
+def _norm_matrix(record: CallRecord, branch: str) -> np.ndarray:
+    return record.stats[branch][:, 0, :].double().numpy().T  # (samples, steps)
+
+
+def _run(pipe, model, config: ProbeConfig, samples: list[Sample], reporter: Reporter) -> CallRecord:
+    return concat_records([run_model(pipe, model, sampling_kwargs(pipe, config, group), reporter)
+                           for group in batches(samples, config.batch_size)])
+
+
+def profile(config: ProfileConfig, reporter: Reporter | None = None) -> Reference:
+    """Run BASE alone over the probe, write ``config.out``/reference.json (+ tensors, thresholds, figure)."""
+    reporter = reporter or SilentReporter()
+    prompts = resolve_prompts(config.prompts_file, config.prompts)
+    samples = make_samples(prompts, config.seeds)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    source = find_pipeline_source(config.base, None, config.pipeline)
+    base_ckpt = None if Path(config.base).resolve() == Path(source).resolve() else find_checkpoint(config.base, "BASE", allow_pickle=config.allow_pickle)
+    if base_ckpt is not None and base_ckpt.is_lora:
+        raise InputError(f"BASE {config.base} is a LoRA: profile the model a LoRA was trained from (the pipeline)")
+    check_samples = samples[: min(DTYPE_CHECK_SAMPLES, len(samples))] if config.dtype_check else []
+    calls = -(-len(samples) // config.batch_size) + -(-len(check_samples) // config.batch_size)
+    reporter.begin(calls * config.steps)
+
+    pipe = load_pipeline(source, dtype, device)
+    base, _ = load_base(pipe, config.base, source, config.allow_pickle)
+    record = _run(pipe, base, config, samples, reporter)
+    resolved = resolved_sampling(pipe, config)
+    weights_files = list(base_ckpt.files) if base_ckpt else sorted((Path(source) / "transformer").glob("*")) if Path(source).is_dir() else []
+
+    guided = _norm_matrix(record, GUIDED)
+    dtype_floor = None
+    if check_samples:
+        alt = "bfloat16" if dtype != _torch_dtype("bfloat16") else "float32"
+        with quiet_loading():  # diffusers warns about casting with .to(); the cast is the point here
+            pipe.to(dtype=_torch_dtype(alt))
+        alt_record = _run(pipe, base, config, check_samples, reporter)
+        main = guided[: len(check_samples)]
+        ratio = _norm_matrix(alt_record, GUIDED) / main
+        dtype_floor = float(abs(np.nanmean(np.nanmean(ratio, axis=0)) - 1.0))
+    spread = subset_spread(guided)
+    gate = suggest_gate(spread, dtype_floor)
+
+    warnings = []
+    if len(samples) < MIN_SAMPLES:
+        warnings.append(f"only {len(samples)} samples: percentiles, tau and the subset spread are unreliable below {MIN_SAMPLES}; add prompts or seeds")
+    if len(prompts) < 8:
+        warnings.append(f"only {len(prompts)} prompts: the reference describes these prompts, not the model's typical use")
+    per_step = {}
+    norms = {}
+    for branch in record.stats:
+        matrix = _norm_matrix(record, branch)
+        norms[branch] = matrix.astype(np.float32)
+        stats = _percentiles(matrix)
+        rows = []
+        for i in range(matrix.shape[1]):
+            row = {"step": i, "timestep": float(record.timesteps[i]), "sigma": float(record.sigmas[i])}
+            row.update({k: _clean([v[i]])[0] for k, v in stats.items()})
+            row["tau"] = row["p95"]
+            rows.append(row)
+        per_step[branch] = rows
+    meta = {
+        "format": FORMAT_VERSION,
+        "config": {"probe": {k: config.to_dict()[k] for k in PROBE_FIELDS}, "pipeline_source": source,
+                   "base": config.base, "device": device, "torch_dtype": str(dtype).removeprefix("torch."),
+                   "batch_size": config.batch_size, "resolved": resolved},
+        "hashes": {"prompts": prompts_digest(prompts), "seeds": list(config.seeds),
+                   "pipeline": pipeline_fingerprint(source),
+                   "weights": fingerprint_files(Path(source), [p for p in weights_files if p.is_file()]) if weights_files else None},
+        "n_samples": len(samples),
+        "nonfinite": int((~np.isfinite(guided)).sum()),
+        "samples": [{"prompt_id": s.prompt_id, "prompt": s.prompt, "seed": s.seed} for s in samples],
+        "per_step": per_step,
+        "suggestions": {
+            "tau": {"column": "tau", "rule": f"p{TAU_PERCENTILE} of the base's own norms at each step (thresholds.csv)",
+                    "use": "static hinge relu(||v_theta|| - tau(sigma)) when no reference forward is affordable"},
+            "gate": {**gate, "noise_floor": {"prompt_subset_spread": None if not math.isfinite(spread) else spread,
+                                             "dtype_difference": dtype_floor}},
+        },
+        "warnings": warnings,
+        "versions": versions(),
+    }
+    reference = Reference(meta, norms, record.timesteps.double().numpy(), record.sigmas.double().numpy())
+    reference.save(config.out)
+    if config.figure:
+        from normscope.figures import save_reference_figure
+
+        save_reference_figure(meta, config.out / REFERENCE_PNG)
+    return reference
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def probe_from_reference(reference: Reference, device: Device, dtype: DType, batch_size: int) -> ProbeConfig:
+    """The stored probe as a config, with this machine's hardware options."""
+    stored = reference.probe
+    return ProbeConfig(
+        prompts=tuple(s["prompt"] for s in _unique_prompts(reference.meta["samples"])), seeds=tuple(stored["seeds"]),
+        steps=stored["steps"], guidance=stored["guidance"], height=stored["height"], width=stored["width"],
+        negative_prompt=stored["negative_prompt"], max_sequence_length=stored["max_sequence_length"],
+        device=device, dtype=dtype, batch_size=batch_size,
+    )
+
+
+def _unique_prompts(samples: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for s in samples:
+        if s["prompt_id"] not in seen:
+            seen.add(s["prompt_id"])
+            out.append(s)
+    return out
