@@ -44,6 +44,7 @@ class CallRecord:
     stat_names: tuple[str, ...]
     timesteps: torch.Tensor
     sigmas: torch.Tensor
+    images: list | None = None  # decoded final images, when the call asked for them (not stored for resume)
 
     @property
     def steps(self) -> int:

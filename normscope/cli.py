@@ -178,6 +178,7 @@ def compare(
     batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
     fmt: FormatOpt = OutputFormat.table,
     out: OutOpt = None,
+    save_images: Annotated[bool, typer.Option("--save-images", help="Also decode and save both models' final images of free mode in DIR/images/ (needs --mode free or both).", rich_help_panel="Output")] = False,
 ) -> None:
     """Per-step velocity norms of BASE and TUNED on the same prompts and seeds, with 95% CIs.
 
@@ -193,7 +194,7 @@ def compare(
             base=base, tuned=tuned, adapter=adapter, allow_pickle=allow_pickle, pipeline=pipeline, prompts_file=prompts_file, prompts=tuple(prompt or ()),
             seeds=parse_seeds(seeds), steps=steps, guidance=guidance, height=height, width=width,
             negative_prompt=negative_prompt, max_sequence_length=max_sequence_length, mode=mode, drive=drive,
-            dtype=dtype, device=device, batch_size=batch_size, out=out,
+            dtype=dtype, device=device, batch_size=batch_size, out=out, save_images=save_images,
         )
         with RichReporter("compare") as reporter:
             result = run_compare(config, reporter)
@@ -293,6 +294,23 @@ def check(
                 typer.echo(line)
             typer.echo(verdict_line(result))
         raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders written by normscope compare --out (several are overlaid).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for report.html, report.md and figures/ (PNG + SVG).")],
+    gate: Annotated[float | None, typer.Option("--gate", help="Draw this maximum inflation (a fraction, 0.05 = 5 %) on the inflation figures.")] = None,
+    title: Annotated[str, typer.Option("--title", help="Title of the report.")] = "normscope report",
+) -> None:
+    """Figures, a self-contained report.html and a report.md from saved run folders; no model is loaded."""
+    with cli_errors():
+        from normscope.report import ReportConfig
+        from normscope.report import report as run_report
+
+        written = run_report(ReportConfig(runs=tuple(runs), out=out, gate=gate, title=title))
+        typer.echo(str(written["html"]))
+        err.print(f"wrote {written['html']}, {written['markdown']} and {written['figures']}/ (PNG + SVG)")
 
 
 @app.command()

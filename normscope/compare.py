@@ -72,7 +72,7 @@ class CompareResult:
 
 
 def _fingerprint(config: CompareConfig, identities: list) -> str:
-    stable = {k: v for k, v in config.to_dict().items() if k not in ("out", "figure")}
+    stable = {k: v for k, v in config.to_dict().items() if k not in ("out", "figure", "save_images")}
     text = json.dumps([stable, identities, __version__], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -81,6 +81,17 @@ def _frame(mode: str, records: dict[str, CallRecord], samples: list[Sample], dri
     if mode == "paired":
         return paired_frame(records["paired"], samples, drive)
     return free_frame(records["base"], records["tuned"], samples)
+
+
+def save_images(records: dict[str, CallRecord], samples: list[Sample], out: Path) -> None:
+    """images/<prompt_id>-<seed>-<base|tuned>.png, written as each batch finishes."""
+    from normscope.outputs import IMAGES_DIR
+
+    folder = out / IMAGES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    for role, record in records.items():
+        for sample, image in zip(samples, record.images or [], strict=True):
+            image.save(folder / f"{sample.prompt_id:03d}-{sample.seed}-{role}.png")
 
 
 def summarize(frame: pd.DataFrame, config: CompareConfig, extra: dict) -> dict:
@@ -151,10 +162,14 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
             records = store.load(key) if store else None
             if records is None:
                 kwargs = sampling_kwargs(pipe, config, batch)
+                if mode == "free" and config.save_images:
+                    kwargs["output_type"] = "pil"
                 if mode == "paired":
                     records = run_paired(pipe, driver, other, kwargs, reporter)
                 else:
                     records = run_free(pipe, base, tuned, kwargs, reporter)
+                if mode == "free" and config.save_images:
+                    save_images(records, batch, Path(config.out))
                 if store:
                     store.save(key, records)
             else:

@@ -137,6 +137,7 @@ class CompareConfig(ProbeConfig):
     drive: Drive = Drive.tuned
     out: Path | None = None
     figure: bool = True
+    save_images: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -144,6 +145,10 @@ class CompareConfig(ProbeConfig):
         self.drive = Drive(self.drive)
         if self.out is not None:
             self.out = Path(self.out)
+        if self.save_images and "free" not in self.mode.runs():
+            raise ConfigError("--save-images saves the final images of free-mode sampling: add --mode free or --mode both")
+        if self.save_images and self.out is None:
+            raise ConfigError("--save-images needs --out DIR to write the images to")
 
 
 __all__ = [

@@ -12,6 +12,7 @@ from normscope.table import COSINE, NORM_BASE, NORM_TUNED, RATIO, SIGMA, STEP
 NORMS_CSV = "norms.csv"
 SUMMARY_JSON = "summary.json"
 PROFILE_PNG = "profile.png"
+IMAGES_DIR = "images"
 
 
 def summary_json(summary: dict) -> str:

@@ -125,8 +125,11 @@ def run_model(pipe, model: VelocityModel, kwargs: dict, reporter: Reporter) -> C
     """One batch with one model on its own trajectory (profile, and reference checks)."""
     call = dict(kwargs, generator=fresh_generators(kwargs["generator"]))
     with capture(pipe, model, on_step=reporter.advance) as recorder:
-        pipe(**call)
-        return recorder.collect()
+        output = pipe(**call)
+        record = recorder.collect()
+    if call["output_type"] != "latent":
+        record.images = list(output.images)
+    return record
 
 
 def concat_records(records: list[CallRecord]) -> CallRecord:

@@ -1,0 +1,185 @@
+"""The report job (``normscope report``): figures, report.html and report.md from saved run folders only.
+
+No model is loaded: everything comes from each run folder's summary.json, norms.csv and images/.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import pandas as pd
+
+from normscope.errors import InputError
+from normscope.outputs import IMAGES_DIR, NORMS_CSV, SUMMARY_JSON
+
+FIGURES_DIR = "figures"
+REPORT_HTML = "report.html"
+REPORT_MD = "report.md"
+
+
+@dataclass(kw_only=True)
+class ReportConfig:
+    """``normscope report RUN_DIR... --out DIR``; ``gate`` draws a threshold line (fraction, 0.05 = 5 %)."""
+
+    runs: tuple[Path, ...]
+    out: Path
+    gate: float | None = None
+    title: str = "normscope report"
+
+    def __post_init__(self) -> None:
+        self.runs = tuple(Path(r) for r in self.runs)
+        self.out = Path(self.out)
+        if not self.runs:
+            raise InputError("normscope report needs at least one run folder (written by compare --out)")
+
+
+class Run:
+    """One saved compare run folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        if not (folder / SUMMARY_JSON).is_file() or not (folder / NORMS_CSV).is_file():
+            raise InputError(f"{folder} is not a normscope run folder (no {SUMMARY_JSON} and {NORMS_CSV}): pass folders written by normscope compare --out")
+        try:
+            self.summary = json.loads((folder / SUMMARY_JSON).read_text())
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{folder / SUMMARY_JSON} is not valid JSON ({exc.msg}): rerun normscope compare") from None
+        self.name = folder.resolve().name
+        self.mode = self.summary["headline_mode"]
+
+    @cached_property
+    def frame(self) -> pd.DataFrame:
+        return pd.read_csv(self.folder / NORMS_CSV, keep_default_na=False, na_values={"ratio": [""], "cosine": [""], "mse": [""], "hinge": [""], "norm_base": [""], "norm_tuned": [""]})
+
+    def branches(self) -> list[str]:
+        return list(self.summary["modes"][self.mode])
+
+    def per_step(self, branch: str) -> list[dict]:
+        return self.summary["modes"][self.mode][branch]["per_step"]
+
+    def prompt_step_table(self) -> pd.DataFrame:
+        rows = self.frame[(self.frame["mode"] == self.mode) & (self.frame["branch"] == "guided")]
+        table = rows.pivot_table(index=["prompt_id", "prompt"], columns="step", values="ratio", aggfunc="mean")
+        return table.set_axis(table.index.get_level_values("prompt"), axis=0)
+
+    def image_pairs(self) -> list[tuple[str, Path, Path]]:
+        folder = self.folder / IMAGES_DIR
+        if not folder.is_dir():
+            return []
+        pairs = []
+        for base in sorted(folder.glob("*-base.png")):
+            tuned = base.with_name(base.name.replace("-base.png", "-tuned.png"))
+            if tuned.is_file():
+                prompt_id, seed = base.name.split("-")[:2]
+                pairs.append((f"p{int(prompt_id)} s{seed}", base, tuned))
+        return pairs
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{value * 100:+.2f} %"
+
+
+def _run_rows(runs: list[Run]) -> list[dict]:
+    rows = []
+    for run in runs:
+        s = run.summary
+        rows.append({
+            "run": run.name, "mode": run.mode, "inflation": _pct(s["inflation"]),
+            "95% CI": f"[{_pct(s['inflation_ci'][0])}, {_pct(s['inflation_ci'][1])}]",
+            "near noise": _pct(s["regions"]["near_noise"]), "middle": _pct(s["regions"]["middle"]),
+            "near data": _pct(s["regions"]["near_data"]), "samples": s["n_samples"], "steps": len(s["per_step"]),
+            "non-finite": s["nonfinite"],
+        })
+    return rows
+
+
+def report(config: ReportConfig) -> dict[str, Path]:
+    """Write figures (PNG + SVG), report.html (self-contained) and report.md into ``config.out``."""
+    from normscope import report_figures as rf
+
+    runs = [Run(folder) for folder in config.runs]
+    names = [r.name for r in runs]
+    for i, run in enumerate(runs):  # legends need distinct names
+        if names.count(run.name) > 1:
+            run.name = f"{run.name} ({i + 1})"
+    figures_dir = config.out / FIGURES_DIR
+    sections: list[tuple[str, str, Path]] = []  # (title, caption, png)
+
+    def add(fig, name: str, title: str, caption: str) -> None:
+        if fig is None:
+            return
+        png, _ = rf.save(fig, figures_dir, name)
+        sections.append((title, caption, png))
+
+    if len(runs) > 1:
+        add(rf.inflation(runs, config.gate), "inflation_overlay", "Inflation per step, all runs",
+            "Mean per-sample ratio ||v_tuned|| / ||v_base|| − 1 per step with its 95 % bootstrap CI, guided velocity.")
+    for run in runs:
+        prefix = _slug(run.name)
+        add(rf.profiles(run), f"{prefix}_profiles", f"{run.name}: norm profiles",
+            "Mean velocity norm of base and tuned per step, 95 % CI of the mean, per branch.")
+        add(rf.inflation([run], config.gate), f"{prefix}_inflation", f"{run.name}: inflation per step",
+            "Per-step mean ratio − 1 with its 95 % bootstrap CI" + (f"; dashed: the gate ({config.gate * 100:.1f} %)." if config.gate is not None else "."))
+        add(rf.heatmap(run), f"{prefix}_heatmap", f"{run.name}: inflation by prompt and step",
+            "Mean over seeds of the per-sample ratio − 1; red inflates, blue deflates.")
+        add(rf.hinge_and_cosine(run), f"{prefix}_hinge_cosine", f"{run.name}: hinge rate and cosine",
+            "Paired mode: where a NormGuard hinge would be active, and how far the two velocity fields point apart.")
+        add(rf.image_grid(run), f"{prefix}_images", f"{run.name}: images, base vs tuned",
+            "Final images of free-mode sampling from the same noise (compare --save-images).")
+    rows = _run_rows(runs)
+    config.out.mkdir(parents=True, exist_ok=True)
+    (config.out / REPORT_HTML).write_text(_html(config.title, rows, sections, runs))
+    (config.out / REPORT_MD).write_text(_markdown(config.title, rows, sections, config.out))
+    return {"html": config.out / REPORT_HTML, "markdown": config.out / REPORT_MD, "figures": figures_dir}
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def _markdown(title: str, rows: list[dict], sections, out: Path) -> str:
+    header = list(rows[0])
+    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
+    lines += ["", "Inflation = mean over steps of (mean over samples of ||v_tuned|| / ||v_base||) − 1, guided velocity.", ""]
+    for section_title, caption, png in sections:
+        lines += [f"## {section_title}", "", f"![{section_title}]({png.relative_to(out).as_posix()})", "", caption, ""]
+    return "\n".join(lines)
+
+
+def _html(title: str, rows: list[dict], sections, runs: list[Run]) -> str:
+    header = list(rows[0])
+    table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
+    table += "".join("<tr>" + "".join(f"<td>{html.escape(str(r[h]))}</td>" for h in header) + "</tr>" for r in rows)
+    table += "</table>"
+    body = []
+    for section_title, caption, png in sections:
+        data = base64.b64encode(png.read_bytes()).decode()
+        body.append(f'<figure><h2>{html.escape(section_title)}</h2><img alt="{html.escape(section_title)}" '
+                    f'src="data:image/png;base64,{data}"><figcaption>{html.escape(caption)}</figcaption></figure>')
+    configs = "".join(
+        f"<details><summary>{html.escape(run.name)}: configuration</summary><pre>"
+        f"{html.escape(json.dumps(run.summary.get('config', {}), indent=2))}</pre></details>" for run in runs)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1000px; margin: 2em auto; color: #222; padding: 0 1em; }}
+table {{ border-collapse: collapse; font-size: 0.9em; }} th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }}
+th {{ background: #f3f3f3; }} td:first-child {{ text-align: left; }}
+figure {{ margin: 2em 0; }} img {{ max-width: 100%; }} figcaption {{ color: #555; font-size: 0.9em; }}
+pre {{ background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.8em; }}
+</style></head>
+<body>
+<h1>{html.escape(title)}</h1>
+{table}
+<p>Inflation = mean over denoising steps of (mean over prompt/seed samples of ||v<sub>tuned</sub>|| / ||v<sub>base</sub>||) − 1,
+on the guided velocity; CIs are 95 % percentile bootstrap over samples.</p>
+{''.join(body)}
+{configs}
+</body></html>
+"""
