@@ -154,27 +154,36 @@ def _check_stored(config: CheckConfig, reporter: Reporter) -> tuple[list[Checked
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     probe = probe_from_reference(reference, config.device, config.dtype, config.batch_size)
-    samples = reference.samples()
-    base_record = reference.record()
-    reporter.begin(len(config.paths) * -(-len(samples) // probe.batch_size) * probe.steps)
+    reporter.begin(len(config.paths) * -(-len(reference.samples()) // probe.batch_size) * probe.steps)
     if str(dtype).removeprefix("torch.") != reference.meta["config"]["torch_dtype"]:
         reporter.note(f"running in {dtype} but the reference was made in {reference.meta['config']['torch_dtype']}: "
                       "the difference is part of what is measured (see the reference's dtype noise floor)")
     results = []
     for path in config.paths:
         started = time.perf_counter()
-        pipe = load_pipeline(source, dtype, device)  # fresh per checkpoint: the tuned weights go into its transformer
-        tuned, _, notes = load_tuned_only(pipe, path, config.adapter, config.allow_pickle)
-        for note in notes:
-            reporter.note(note)
-        record = concat_records([run_model(pipe, tuned, sampling_kwargs(pipe, probe, group), reporter)
-                                 for group in batches(samples, probe.batch_size)])
-        frame = tidy([free_frame(base_record, record, samples)])
-        compare_like = CompareConfig(tuned=path, mode=Mode.free, **{k: getattr(probe, k) for k in PROBE_FIELDS if k != "prompts_file"})
-        summary = summarize(frame, compare_like, {"reference": str(config.reference), "notes": notes})
+        _, summary = measure_against_reference(source, path, reference, probe, dtype, device, reporter,
+                                               config.adapter, config.allow_pickle)
         results.append(_checked(path, summary, gate, started))
-        del pipe
     return results, gate, gate_source
+
+
+def measure_against_reference(source: str, tuned: str, reference: Reference, probe, dtype, device: str,
+                              reporter: Reporter, adapter: str | None = None, allow_pickle: bool = False):
+    """Run ONLY the tuned model with the reference's probe; free-mode frame and summary against the stored base.
+
+    A fresh pipeline per checkpoint: the tuned weights are written into its transformer.
+    """
+    pipe = load_pipeline(source, dtype, device)
+    tuned_model, ckpt, notes = load_tuned_only(pipe, tuned, adapter, allow_pickle)
+    for note in notes:
+        reporter.note(note)
+    samples = reference.samples()
+    record = concat_records([run_model(pipe, tuned_model, sampling_kwargs(pipe, probe, group), reporter)
+                             for group in batches(samples, probe.batch_size)])
+    frame = tidy([free_frame(reference.record(), record, samples)])
+    compare_like = CompareConfig(tuned=tuned, mode=Mode.free, **{k: getattr(probe, k) for k in PROBE_FIELDS if k != "prompts_file"})
+    summary = summarize(frame, compare_like, {"reference": reference.meta["hashes"], "checkpoint": ckpt.describe(), "notes": notes})
+    return frame, summary
 
 
 def _checked(path: str, summary: dict, gate: float, started: float) -> CheckedCheckpoint:

@@ -297,6 +297,54 @@ def check(
 
 
 @app.command()
+def sweep(
+    run_dir: Annotated[Path, typer.Argument(help="A training run's output folder holding checkpoint-N/ folders (or checkpoints/checkpoint-N/).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for sweep.csv, sweep.json, sweep.png, base/ and one run folder per checkpoint; a rerun resumes.")],
+    base: Annotated[str | None, typer.Option("--base", help="Base checkpoint. Default: the pipeline's own transformer.")] = None,
+    pipeline: PipelineOpt = None,
+    adapter: AdapterOpt = None,
+    allow_pickle: PickleOpt = False,
+    prompts_file: PromptsFileOpt = None,
+    prompt: PromptOpt = None,
+    seeds: SeedsOpt = ",".join(map(str, DEFAULT_SEEDS)),
+    steps: StepsOpt = DEFAULT_STEPS,
+    guidance: GuidanceOpt = None,
+    height: HeightOpt = None,
+    width: WidthOpt = None,
+    negative_prompt: NegativeOpt = None,
+    max_sequence_length: MaxSeqOpt = None,
+    mode: Annotated[Mode, typer.Option("--mode", help="free (default): the base runs once for the whole sweep; paired: the base runs on every checkpoint's trajectory.", rich_help_panel="Measurement")] = Mode.free,
+    gate: Annotated[float | None, typer.Option("--gate", help="Mark the first checkpoint whose inflation exceeds this fraction (0.05 = 5 %).")] = None,
+    dtype: DTypeOpt = DType.auto,
+    device: DeviceOpt = Device.auto,
+    batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
+    fmt: Annotated[OutputFormat, typer.Option("--format", help="table, json or csv (the sweep table on stdout).")] = OutputFormat.table,
+) -> None:
+    """Compare every checkpoint of a training run with the base, in training order; resumable."""
+    with cli_errors():
+        from normscope.outputs import render_sweep
+        from normscope.sweep import SweepConfig
+        from normscope.sweep import sweep as run_sweep
+
+        config = SweepConfig(
+            run_dir=run_dir, out=out, base=base, pipeline=pipeline, adapter=adapter, allow_pickle=allow_pickle,
+            prompts_file=prompts_file, prompts=tuple(prompt or ()), seeds=parse_seeds(seeds), steps=steps,
+            guidance=guidance, height=height, width=width, negative_prompt=negative_prompt,
+            max_sequence_length=max_sequence_length, mode=mode, gate=gate, dtype=dtype, device=device,
+            batch_size=batch_size,
+        )
+        with RichReporter("sweep") as reporter:
+            table = run_sweep(config, reporter)
+        if fmt is OutputFormat.json:
+            sys.stdout.write((out / "sweep.json").read_text())
+        elif fmt is OutputFormat.csv:
+            sys.stdout.write((out / "sweep.csv").read_text())
+        else:
+            render_sweep(table, gate, Console())
+        err.print(f"wrote {out}/sweep.csv, sweep.json, sweep.png and one run folder per checkpoint")
+
+
+@app.command()
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Run folders written by normscope compare --out (several are overlaid).")],
     out: Annotated[Path, typer.Option("--out", help="Folder for report.html, report.md and figures/ (PNG + SVG).")],

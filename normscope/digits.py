@@ -22,7 +22,7 @@ DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 IMAGE_SIZE = 16
 FEATURES = 32
 REWARD_TEMPERATURE = 4.0  # the plain probability saturates near 1 for the base model; tempered, RL has room
-SAMPLING = dict(steps=10, guidance=3.0, height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=32)
+SAMPLING = dict(steps=10, guidance=3.0, height=IMAGE_SIZE, width=IMAGE_SIZE, max_sequence_length=8)
 
 
 def digit_prompt(digit: int) -> str:

@@ -75,3 +75,35 @@ def save_reference_figure(meta: dict, path: Path) -> Path:
     fig.savefig(path, dpi=150, metadata={"Software": None})
     plt.close(fig)
     return path
+
+
+def save_sweep_figure(table, gate: float | None, path: Path) -> Path:
+    """sweep.png: inflation (%) against training step with its 95 % CI; the gate and its first crossing marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    steps = table["step"].to_numpy(dtype=float)
+    value = table["inflation"].to_numpy(dtype=float) * 100
+    lo = table["ci_lo"].to_numpy(dtype=float) * 100
+    hi = table["ci_hi"].to_numpy(dtype=float) * 100
+    fig, ax = plt.subplots(figsize=(6.4, 3.2), constrained_layout=True)
+    ax.plot(steps, value, "o-", color=TUNED_COLOR, label="inflation (95% CI)")
+    ax.fill_between(steps, lo, hi, color=TUNED_COLOR, alpha=0.2, linewidth=0)
+    ax.axhline(0, color="0.5", linewidth=0.6)
+    if gate is not None:
+        ax.axhline(gate * 100, color="0.1", linestyle="--", linewidth=0.9, label=f"gate {gate * 100:.1f} %")
+        crossing = np.flatnonzero(value > gate * 100)
+        if crossing.size:
+            first = crossing[0]
+            ax.plot([steps[first]], [value[first]], "s", color="0.1", markersize=8, fillstyle="none",
+                    label=f"first crossing: step {int(steps[first])}")
+    ax.set_xlabel("training step (checkpoint)")
+    ax.set_ylabel(r"$\|v_{tuned}\| / \|v_{base}\| - 1$  (%)")
+    ax.set_title("velocity-norm inflation over the training run", fontsize=10)
+    ax.legend(fontsize=8, frameon=False)
+    fig.savefig(path, dpi=150, metadata={"Software": None})
+    plt.close(fig)
+    return path

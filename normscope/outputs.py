@@ -45,7 +45,7 @@ def per_step_csv(summary: dict) -> str:
 
 
 def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{value * 100:+.2f} %"
+    return "n/a" if value is None or value != value else f"{value * 100:+.2f} %"
 
 
 def headline(summary: dict) -> str:
@@ -154,3 +154,26 @@ def render_reference(meta: dict, console) -> None:
     console.print("suggested tau(sigma): p95 of the base's norms per step (thresholds.csv)")
     console.print(f"[bold]suggested gate: --max-inflation {gate['max_inflation']:.3f}[/bold] "
                   f"(set by {gate['set_by']}; rule: {gate['rule']})")
+
+
+def render_sweep(table, gate: float | None, console) -> None:
+    """``normscope sweep``: one row per checkpoint, in training order; the first crossing of the gate marked."""
+    from rich.table import Table
+
+    view = Table(title="inflation over the training run", title_justify="left")
+    for name in ("step", "inflation", "95% CI", "tuned>base", "near noise", "middle", "near data"):
+        view.add_column(name, justify="right")
+    first = None
+    for row in table.to_dict(orient="records"):
+        crossed = bool(row["crosses_gate"])
+        if crossed and first is None:
+            first = row["step"]
+        view.add_row(
+            str(row["step"]), _pct(row["inflation"]), f"[{_pct(row['ci_lo'])}, {_pct(row['ci_hi'])}]",
+            "n/a" if row["hinge_rate"] is None else f"{row['hinge_rate'] * 100:.0f} %",
+            _pct(row["near_noise"]), _pct(row["middle"]), _pct(row["near_data"]),
+            style="bold red" if crossed and row["step"] == first else None,
+        )
+    console.print(view)
+    if gate is not None:
+        console.print(f"gate {gate * 100:.1f} %: " + (f"first crossed at step {first}" if first is not None else "never crossed"))

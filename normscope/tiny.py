@@ -40,7 +40,18 @@ TEXT_WIDTH = 32
 MAX_SEQUENCE_LENGTH = 16
 
 
-def _clip_tokenizer():
+def _word_merges(word: str, end: str = "</w>") -> list[tuple[str, str]]:
+    """BPE merges that build ``word`` (with its end-of-word mark) from single characters, left to right."""
+    pieces = list(word[:-1]) + [word[-1] + end]
+    merges, current = [], pieces[0]
+    for piece in pieces[1:]:
+        merges.append((current, piece))
+        current += piece
+    return merges
+
+
+def _clip_tokenizer(words: tuple[str, ...] = (), model_max_length: int = 77):
+    """CLIP's byte-level BPE on single characters, plus whole-word merges for ``words``."""
     from transformers import CLIPTokenizer
 
     # CLIP's byte-level alphabet (GPT-2's bytes_to_unicode): every byte maps to one printable char.
@@ -51,16 +62,24 @@ def _clip_tokenizer():
     for ch in chars:
         vocab.setdefault(ch, len(vocab))
         vocab.setdefault(ch + "</w>", len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    merges = []
+    for word in words:
+        for left, right in _word_merges(word):
+            if (left, right) not in merges:
+                merges.append((left, right))
+            vocab.setdefault(left + right, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
-def _t5_tokenizer():
+def _t5_tokenizer(words: tuple[str, ...] = ()):
+    """A T5 (unigram) tokenizer on single characters, plus whole-word pieces for ``words``."""
     from transformers import T5Tokenizer
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
     for ch in string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation:
         pieces.append((ch, -2.0))
         pieces.append(("\u2581" + ch, -2.0))
+    pieces += [("\u2581" + word, -1.0) for word in words]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
 
 

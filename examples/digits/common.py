@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from normscope.digits import SAMPLING, digit_prompt, real_to_images  # noqa: E402
+from normscope.digits import DIGIT_WORDS, SAMPLING, digit_prompt, real_to_images  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"  # intermediate results (git-ignored)
@@ -33,23 +33,32 @@ def split_digits(seed: int = 0):
            (real_to_images(data.images[held]), torch.from_numpy(data.target[held]))
 
 
+WORDS = ("a", "handwritten", "digit", *DIGIT_WORDS)  # whole-word tokens: short text sequences, fast training
+CLIP_LENGTH = 16
+
+
 def build_pipeline(vae, seed: int = 0):
-    """A StableDiffusion3Pipeline: tiny frozen CLIP/CLIP/T5 text encoders, the trained VAE, a 4-layer transformer."""
+    """A StableDiffusion3Pipeline: tiny frozen CLIP/CLIP/T5 text encoders, the trained VAE, a 4-layer transformer.
+
+    Sequence lengths are what keeps this trainable on a CPU: 16 CLIP + 8 T5 text tokens and 16 image tokens
+    (8x8x4 latents in 2x2 patches).
+    """
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     from normscope import tiny
 
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
-        sample_size=8, patch_size=1, in_channels=4, num_layers=4, attention_head_dim=16, num_attention_heads=4,
+        sample_size=8, patch_size=2, in_channels=4, num_layers=4, attention_head_dim=16, num_attention_heads=4,
         joint_attention_dim=tiny.TEXT_WIDTH, caption_projection_dim=64, pooled_projection_dim=2 * tiny.TEXT_WIDTH,
-        out_channels=4, pos_embed_max_size=16,
+        out_channels=4, pos_embed_max_size=8,
     )
     return StableDiffusion3Pipeline(
         transformer=transformer,
         text_encoder=tiny._clip_encoder(seed + 1, True), text_encoder_2=tiny._clip_encoder(seed + 2, True),
-        text_encoder_3=tiny._t5_encoder(seed + 3), tokenizer=tiny._clip_tokenizer(), tokenizer_2=tiny._clip_tokenizer(),
-        tokenizer_3=tiny._t5_tokenizer(), vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+        text_encoder_3=tiny._t5_encoder(seed + 3), tokenizer=tiny._clip_tokenizer(WORDS, CLIP_LENGTH),
+        tokenizer_2=tiny._clip_tokenizer(WORDS, CLIP_LENGTH), tokenizer_3=tiny._t5_tokenizer(WORDS), vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
     )
 
 

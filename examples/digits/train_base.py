@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 from normscope.digits import DigitClassifier, displayable, generate, load_classifier, quality, reward
 
 SEED = 0
-VAE_STEPS, BASE_STEPS, CLASSIFIER_STEPS = 1500, 4000, 1500
-BATCH = 128
+VAE_STEPS, BASE_STEPS, CLASSIFIER_STEPS = 1000, 3000, 1500
+BATCH = 64
 CFG_DROPOUT = 0.1
 
 
@@ -93,8 +93,15 @@ def train_base(pipe, latents: torch.Tensor, labels: torch.Tensor, log: dict) -> 
 def main() -> None:
     log: dict = {}
     (gen_x, gen_y), (held_x, held_y) = split_digits(SEED)
-    with timed("vae", log):
-        vae = train_vae(gen_x)
+    from diffusers import AutoencoderKL
+
+    if (WORK / "vae").is_dir():  # stage resumes: the VAE is the slowest part to retrain
+        vae = AutoencoderKL.from_pretrained(str(WORK / "vae")).eval()
+        log["vae"] = "reused from work/vae"
+    else:
+        with timed("vae", log):
+            vae = train_vae(gen_x)
+        vae.save_pretrained(str(WORK / "vae"))
     with timed("classifier", log):
         classifier = train_classifier(held_x, held_y)
     with torch.no_grad():

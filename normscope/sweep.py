@@ -1,0 +1,169 @@
+"""The sweep job (``normscope sweep``): every checkpoint of a training run against the base, in training order.
+
+The base's work is done once: in free mode (the default) the base's trajectories and norms are profiled once
+into ``OUT/base/`` (a reference, as ``normscope profile`` writes it) and each checkpoint then runs alone,
+so a sweep of N checkpoints costs about (N + 1) / (2N) of N separate compares. In paired mode the base must
+be evaluated on each checkpoint's own trajectory, so nothing of the base can be reused (a LoRA still needs
+only one transformer).
+
+Results are written as each checkpoint finishes (``OUT/checkpoint-N/`` run folders, ``sweep.csv``); a rerun
+skips finished checkpoints and says so, so a killed sweep loses at most the checkpoint in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from normscope.config import CompareConfig, Mode, ProbeConfig
+from normscope.errors import ConfigError, InputError
+from normscope.load import find_checkpoint, find_pipeline_source, resolve_device, resolve_dtype
+from normscope.outputs import write_run
+from normscope.reference import (
+    PROBE_FIELDS,
+    REFERENCE_JSON,
+    ProfileConfig,
+    load_reference,
+    probe_from_reference,
+    profile,
+)
+from normscope.sampling import Reporter, SilentReporter
+
+CHECKPOINT_NAME = re.compile(r"^checkpoint[-_](\d+)$")
+SWEEP_CSV = "sweep.csv"
+SWEEP_JSON = "sweep.json"
+SWEEP_PNG = "sweep.png"
+BASE_DIR = "base"
+COLUMNS = ("step", "checkpoint", "inflation", "ci_lo", "ci_hi", "hinge_rate", "near_noise", "middle", "near_data",
+           "nonfinite", "crosses_gate")
+
+
+@dataclass(kw_only=True)
+class SweepConfig(ProbeConfig):
+    """``normscope sweep RUN_DIR --out DIR``; ``gate`` marks the first checkpoint whose inflation exceeds it."""
+
+    run_dir: Path
+    out: Path
+    base: str | None = None
+    adapter: str | None = None
+    allow_pickle: bool = False
+    mode: Mode = Mode.free
+    gate: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.run_dir, self.out, self.mode = Path(self.run_dir), Path(self.out), Mode(self.mode)
+        if self.mode is Mode.both:
+            raise ConfigError("--mode both is not offered for sweeps: pick free (reuses the base) or paired")
+
+
+def find_training_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """``checkpoint-N`` folders in RUN_DIR or RUN_DIR/checkpoints, ordered by training step N."""
+    if not run_dir.is_dir():
+        raise InputError(f"RUN_DIR {run_dir} is not a folder: pass a training run's output folder")
+    found = {}
+    for parent in (run_dir, run_dir / "checkpoints"):
+        if parent.is_dir():
+            for child in parent.iterdir():
+                match = CHECKPOINT_NAME.match(child.name)
+                if match and child.is_dir():
+                    found[int(match.group(1))] = child
+    if not found:
+        raise InputError(f"no checkpoint-N folders in {run_dir} or {run_dir / 'checkpoints'}: pass the run's output folder")
+    return sorted(found.items())
+
+
+def _fingerprint(config: SweepConfig, path: Path, extra) -> str:
+    ckpt = find_checkpoint(path, "TUNED", config.adapter, config.allow_pickle)
+    stable = {k: v for k, v in config.to_dict().items() if k in PROBE_FIELDS or k in ("mode", "adapter", "base")}
+    text = json.dumps([stable, ckpt.identity(), extra], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _row(step: int, path: Path, summary: dict, gate: float | None) -> dict:
+    regions = summary["regions"]
+    value = summary["inflation"]
+    return {"step": step, "checkpoint": str(path), "inflation": value, "ci_lo": summary["inflation_ci"][0],
+            "ci_hi": summary["inflation_ci"][1], "hinge_rate": summary["hinge_rate"], **regions,
+            "nonfinite": summary["nonfinite"], "crosses_gate": bool(gate is not None and value is not None and value > gate)}
+
+
+def _base_reference(config: SweepConfig, source: str, reporter: Reporter):
+    folder = config.out / BASE_DIR
+    if (folder / REFERENCE_JSON).is_file():
+        reference = load_reference(folder)
+        stored = reference.probe
+        wanted = {k: v for k, v in config.to_dict().items() if k in PROBE_FIELDS}
+        if stored == wanted:
+            reporter.note(f"base profile reused from {folder}")
+            return reference
+        reporter.note(f"probe options changed since {folder} was made: profiling the base again")
+    fields = {k: getattr(config, k) for k in PROBE_FIELDS}
+    return profile(ProfileConfig(base=config.base or source, out=folder, pipeline=source, dtype=config.dtype,
+                                 device=config.device, batch_size=config.batch_size, allow_pickle=config.allow_pickle,
+                                 dtype_check=False, **fields), reporter)
+
+
+def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame:
+    """Compare every checkpoint of ``config.run_dir`` with the base; returns (and writes) the sweep table."""
+    from normscope.check import measure_against_reference
+    from normscope.compare import CompareResult, compare
+
+    reporter = reporter or SilentReporter()
+    checkpoints = find_training_checkpoints(config.run_dir)
+    for _, path in checkpoints:  # bad checkpoints fail now, not after an hour
+        find_checkpoint(path, "TUNED", config.adapter, config.allow_pickle)
+    source = find_pipeline_source(config.base, str(config.run_dir), config.pipeline)
+    config.out.mkdir(parents=True, exist_ok=True)
+    reference = _base_reference(config, source, reporter) if config.mode is Mode.free else None
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    rows = []
+    for step, path in checkpoints:
+        run_dir = config.out / path.name
+        fingerprint = _fingerprint(config, path, reference.meta["hashes"] if reference else source)
+        summary_file = run_dir / "summary.json"
+        if summary_file.is_file():
+            summary = json.loads(summary_file.read_text())
+            if summary.get("config", {}).get("sweep_fingerprint") == fingerprint:
+                reporter.note(f"{path.name}: finished earlier, skipped")
+                rows.append(_row(step, path, summary, config.gate))
+                continue
+        if reference is not None:
+            probe = probe_from_reference(reference, config.device, config.dtype, config.batch_size)
+            frame, summary = measure_against_reference(source, str(path), reference, probe, dtype, device, reporter,
+                                                       config.adapter, config.allow_pickle)
+            summary["config"]["sweep_fingerprint"] = fingerprint
+            write_run(CompareResult(frame, summary), run_dir, figure=False)
+        else:
+            fields = {k: getattr(config, k) for k in PROBE_FIELDS}
+            result = compare(CompareConfig(base=config.base, tuned=str(path), pipeline=source, adapter=config.adapter,
+                                           allow_pickle=config.allow_pickle, mode=Mode.paired, dtype=config.dtype,
+                                           device=config.device, batch_size=config.batch_size, **fields), reporter)
+            result.summary["config"]["sweep_fingerprint"] = fingerprint
+            write_run(result, run_dir, figure=False)
+            summary = result.summary
+        rows.append(_row(step, path, summary, config.gate))
+        _write_table(config, rows)
+    table = _write_table(config, rows)
+    return table
+
+
+def _write_table(config: SweepConfig, rows: list[dict]) -> pd.DataFrame:
+    table = pd.DataFrame(rows, columns=list(COLUMNS)).sort_values("step").reset_index(drop=True)
+    table.to_csv(config.out / SWEEP_CSV, index=False, lineterminator="\n")
+    crossing = table[table["crosses_gate"]]
+    meta = {"run_dir": str(config.run_dir), "mode": config.mode.value, "gate": config.gate,
+            "first_crossing": None if crossing.empty else {"step": int(crossing.iloc[0]["step"]),
+                                                          "checkpoint": crossing.iloc[0]["checkpoint"]},
+            "checkpoints": json.loads(table.to_json(orient="records"))}
+    (config.out / SWEEP_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+    from normscope.figures import save_sweep_figure
+
+    save_sweep_figure(table, config.gate, config.out / SWEEP_PNG)
+    return table
