@@ -27,6 +27,7 @@ from normscope.config import (
     Mode,
     OutputFormat,
 )
+from normscope.distributed import is_main_process
 from normscope.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_RUN, ConfigError, NormscopeError
 
 app = typer.Typer(
@@ -196,6 +197,9 @@ def compare(
             negative_prompt=negative_prompt, max_sequence_length=max_sequence_length, mode=mode, drive=drive,
             dtype=dtype, device=device, batch_size=batch_size, out=out, save_images=save_images,
         )
+        if not is_main_process():  # launched on several processes: the main one reports
+            run_compare(config)
+            return
         with RichReporter("compare") as reporter:
             result = run_compare(config, reporter)
         emit(result, fmt)

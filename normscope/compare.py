@@ -118,18 +118,24 @@ def summarize(frame: pd.DataFrame, config: CompareConfig, extra: dict) -> dict:
     }
 
 
-def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareResult:
+def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareResult | None:
     """Measure how much larger the tuned model's velocity is than the base's, step by step.
 
     With ``config.out`` set, finished batches are kept there as the run goes, a rerun with the same
     options resumes, and norms.csv, summary.json and profile.png are written at the end.
+
+    Launched on several processes (accelerate, torchrun), the batches are shared out and gathered: the main
+    process gets the result (identical to a single-process run), the others ``None``.
     """
+    from normscope.distributed import processes
     from normscope.outputs import write_run
 
     reporter = reporter or SilentReporter()
     samples = make_samples(resolve_prompts(config.prompts_file, config.prompts), config.seeds)
     device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
+    procs = processes(cpu=device == "cpu")
+    device = procs.device(device)
+    dtype = resolve_dtype(config.dtype, device.split(":")[0])
     source = find_pipeline_source(config.base, config.tuned, config.pipeline)
     # Resolve both paths before the (slow) pipeline load, so bad input fails in a second.
     checkpoints = [find_checkpoint(config.tuned, "TUNED", config.adapter, config.allow_pickle)]
@@ -155,26 +161,34 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
     runs = config.mode.runs()
     calls_per_batch = {"paired": 1, "free": 2}
     reporter.begin(sum(calls_per_batch[m] for m in runs) * len(groups) * config.steps)
+    def measure(mode: str, index: int) -> dict[str, CallRecord]:
+        batch = groups[index]
+        key = f"{mode}-{index:05d}"
+        records = store.load(key) if store else None
+        if records is not None:
+            reporter.advance(calls_per_batch[mode] * config.steps)
+            return records
+        kwargs = sampling_kwargs(pipe, config, batch)
+        if mode == "free" and config.save_images:
+            kwargs["output_type"] = "pil"
+        if mode == "paired":
+            records = run_paired(pipe, driver, other, kwargs, reporter)
+        else:
+            records = run_free(pipe, base, tuned, kwargs, reporter)
+        if mode == "free" and config.save_images:
+            save_images(records, batch, Path(config.out))
+            for record in records.values():
+                record.images = None
+        if store:
+            store.save(key, records)
+        return records
+
     frames = []
     for mode in runs:
-        for index, batch in enumerate(groups):
-            key = f"{mode}-{index:05d}"
-            records = store.load(key) if store else None
-            if records is None:
-                kwargs = sampling_kwargs(pipe, config, batch)
-                if mode == "free" and config.save_images:
-                    kwargs["output_type"] = "pil"
-                if mode == "paired":
-                    records = run_paired(pipe, driver, other, kwargs, reporter)
-                else:
-                    records = run_free(pipe, base, tuned, kwargs, reporter)
-                if mode == "free" and config.save_images:
-                    save_images(records, batch, Path(config.out))
-                if store:
-                    store.save(key, records)
-            else:
-                reporter.advance(calls_per_batch[mode] * config.steps)
-            frames.append(_frame(mode, records, batch, config.drive.value))
+        for index, records in enumerate(procs.map(len(groups), lambda i, mode=mode: measure(mode, i))):
+            frames.append(_frame(mode, records, groups[index], config.drive.value))
+    if not procs.is_main:
+        return None
 
     frame = tidy(frames)
     extra = {
@@ -182,6 +196,7 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
         "pipeline_source": source,
         "models": loaded.describe(),
         "device": device,
+        "processes": procs.count,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
     summary = summarize(frame, config, extra)
