@@ -20,9 +20,9 @@ from pathlib import Path
 from normscope.compare import CompareResult, compare, summarize
 from normscope.config import CompareConfig, Device, DType, Mode
 from normscope.errors import EXIT_INFLATED, EXIT_OK, EXIT_RUN, ConfigError, InputError
-from normscope.load import find_checkpoint, load_pipeline, load_tuned_only, resolve_device, resolve_dtype
+from normscope.load import find_checkpoint, load_pipeline, load_tuned_only, resolve_dtype
 from normscope.reference import PROBE_FIELDS, Reference, load_reference, pipeline_fingerprint, probe_from_reference
-from normscope.sampling import Reporter, SilentReporter, batches, concat_records, run_model, sampling_kwargs
+from normscope.sampling import Reporter, SilentReporter, resolve_run_device, run_model_batches
 from normscope.table import free_frame, tidy
 
 PASS, FAIL, ERROR = "pass", "fail", "error"
@@ -151,8 +151,8 @@ def _check_stored(config: CheckConfig, reporter: Reporter) -> tuple[list[Checked
         find_checkpoint(path, "TUNED", config.adapter, config.allow_pickle)
     gate, gate_source = (config.max_inflation, "--max-inflation") if config.max_inflation is not None else (
         reference.gate, f"the reference's suggested gate ({config.reference})")
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
+    device, kind = resolve_run_device(config.device)
+    dtype = resolve_dtype(config.dtype, kind)
     probe = probe_from_reference(reference, config.device, config.dtype, config.batch_size)
     reporter.begin(len(config.paths) * -(-len(reference.samples()) // probe.batch_size) * probe.steps)
     if str(dtype).removeprefix("torch.") != reference.meta["config"]["torch_dtype"]:
@@ -178,8 +178,7 @@ def measure_against_reference(source: str, tuned: str, reference: Reference, pro
     for note in notes:
         reporter.note(note)
     samples = reference.samples()
-    record = concat_records([run_model(pipe, tuned_model, sampling_kwargs(pipe, probe, group), reporter)
-                             for group in batches(samples, probe.batch_size)])
+    record = run_model_batches(pipe, tuned_model, probe, samples, reporter)
     frame = tidy([free_frame(reference.record(), record, samples)])
     compare_like = CompareConfig(tuned=tuned, mode=Mode.free, **{k: getattr(probe, k) for k in PROBE_FIELDS if k != "prompts_file"})
     summary = summarize(frame, compare_like, {"reference": reference.meta["hashes"], "checkpoint": ckpt.describe(), "notes": notes})

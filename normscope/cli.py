@@ -240,6 +240,9 @@ def profile(
             negative_prompt=negative_prompt, max_sequence_length=max_sequence_length, dtype=dtype, device=device,
             batch_size=batch_size, allow_pickle=allow_pickle, dtype_check=dtype_check,
         )
+        if not is_main_process():  # launched on several processes: the main one reports
+            run_profile(config)
+            return
         with RichReporter("profile") as reporter:
             reference = run_profile(config, reporter)
         for warning in reference.meta["warnings"]:
@@ -288,6 +291,9 @@ def check(
             width=width, negative_prompt=negative_prompt, max_sequence_length=max_sequence_length, mode=mode,
             dtype=dtype, device=device, batch_size=batch_size,
         )
+        if not is_main_process():  # launched on several processes: the main one reports
+            run_check(config)
+            return
         with RichReporter("check") as reporter:
             result = run_check(config, reporter)
         lines = publish(result, junit)
@@ -337,6 +343,9 @@ def sweep(
             max_sequence_length=max_sequence_length, mode=mode, gate=gate, dtype=dtype, device=device,
             batch_size=batch_size,
         )
+        if not is_main_process():  # launched on several processes: the main one reports
+            run_sweep(config)
+            return
         with RichReporter("sweep") as reporter:
             table = run_sweep(config, reporter)
         if fmt is OutputFormat.json:
@@ -389,20 +398,21 @@ def inspect(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", help="Folder for the demo's run folders.")] = Path("normscope-demo"),
-    fmt: FormatOpt = OutputFormat.table,
+    out: Annotated[Path, typer.Option("--out", help="Folder for one compare run folder per bundled RL checkpoint and the overlay figure.")] = Path("normscope-demo"),
+    fmt: Annotated[OutputFormat, typer.Option("--format", help="table (default) or json.")] = OutputFormat.table,
 ) -> None:
-    """Run compare on the tiny pipeline pair that ships with normscope (no download, seconds on a CPU)."""
+    """The bundled digits model against its RL checkpoints (AWM, DiffusionNFT; with and without NormGuard)."""
     with cli_errors():
-        from normscope.compare import compare as run_compare
-        from normscope.demo import demo_config
+        from normscope.demo import DemoConfig, run_demo
+        from normscope.outputs import render_demo
 
-        config = demo_config(out)
-        err.print(f"demo: {config.base} vs {config.tuned}")
         with RichReporter("demo") as reporter:
-            result = run_compare(config, reporter)
-        emit(result, fmt)
-        err.print(f"wrote {out}/norms.csv, summary.json, profile.png")
+            result = run_demo(DemoConfig(out=out), reporter)
+        if fmt is OutputFormat.json:
+            sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        else:
+            render_demo(result, Console())
+        err.print(f"wrote one run folder per checkpoint under {out}/ and {result['overlay']}")
 
 
 @app.callback()

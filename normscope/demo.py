@@ -1,46 +1,97 @@
-"""The bundled demo: a tiny SD3 pipeline and a synthetic "tuned" transformer that ship in the package.
+"""``normscope demo``: the bundled digits model against its bundled RL checkpoints, with and without NormGuard.
 
-The tuned weights are the base's with ``proj_out`` scaled by 1.06 and every weight perturbed by 1 %
-Gaussian noise (``scripts/make_demo_assets.py``), so the demo shows a known, modest inflation on the
-exact code path a user runs on SD3.5. It is a stand-in until a trained demo model ships.
+Everything ships in the package (normscope/data/digits): a real StableDiffusion3Pipeline at toy scale
+trained on scikit-learn's handwritten digits, and LoRA checkpoints of two RL methods (AWM, DiffusionNFT),
+each with and without NormGuard, laid out as the trainers write them (``checkpoints/checkpoint-N/lora/``).
+See examples/digits/ for how they were made.
 """
 
 from __future__ import annotations
 
-from importlib import resources
+from dataclasses import dataclass
 from pathlib import Path
 
-from normscope.config import CompareConfig, Mode
+from normscope.config import CompareConfig
+from normscope.digits import SAMPLING, assets_dir, digit_prompt, generate, load_classifier, quality, reward
 from normscope.errors import InputError
+from normscope.sampling import Reporter, SilentReporter
 
-DEMO_PROMPTS = (
-    "a red fox standing in fresh snow",
-    "a neon sign that says \"OPEN 24 HOURS\"",
-    "three red apples and two green pears on a white plate",
-    "a foggy pine forest at dawn",
-)
+MODELS = ("awm", "awm-normguard", "nft", "nft-normguard")
+FINAL_STEP = 40
+SERIES = ("awm", (10, 20, 30, 40))
+PROBE_SEEDS = (0, 1, 2, 3)
+IMAGE_SEEDS = tuple(range(100, 108))
+OVERLAY_PNG = "inflation_overlay.png"
 
 
-def demo_dir() -> Path:
-    folder = Path(str(resources.files("normscope").joinpath("data/demo")))
-    if not (folder / "pipeline" / "model_index.json").is_file():
-        raise InputError(f"the demo assets are missing from {folder}: reinstall normscope or run scripts/make_demo_assets.py")
+@dataclass(kw_only=True)
+class DemoConfig:
+    """``normscope demo --out DIR``: one compare run folder per bundled RL checkpoint, under DIR."""
+
+    out: Path = Path("normscope-demo")
+
+
+def pipeline_dir() -> Path:
+    folder = assets_dir() / "pipeline"
+    if not (folder / "model_index.json").is_file():
+        raise InputError(f"the bundled digits model is missing from {folder}: reinstall normscope or run examples/digits/")
     return folder
 
 
-def demo_config(out: Path | None) -> CompareConfig:
-    folder = demo_dir()
-    return CompareConfig(
-        base=str(folder / "pipeline"),
-        tuned=str(folder / "tuned.safetensors"),
-        prompts=DEMO_PROMPTS,
-        seeds=(0, 1, 2, 3),
-        steps=10,
-        height=32,
-        width=32,
-        max_sequence_length=64,
-        mode=Mode.both,
-        device="cpu",
-        dtype="float32",
-        out=out,
+def lora_path(name: str, step: int = FINAL_STEP) -> Path:
+    return assets_dir() / "runs" / name / "checkpoints" / f"checkpoint-{step}" / "lora"
+
+
+def probe(tuned: Path, **overrides) -> CompareConfig:
+    fields = dict(
+        tuned=str(tuned), pipeline=str(pipeline_dir()), prompts=tuple(digit_prompt(d) for d in range(10)),
+        seeds=PROBE_SEEDS, steps=SAMPLING["steps"], guidance=SAMPLING["guidance"], height=SAMPLING["height"],
+        width=SAMPLING["width"], max_sequence_length=SAMPLING["max_sequence_length"], device="cpu", dtype="float32",
+        batch_size=40,
     )
+    fields.update(overrides)
+    return CompareConfig(**fields)
+
+
+def _image_metrics(lora: Path | None, classifier, real) -> dict:
+    import torch
+
+    from normscope.load import load_pipeline, load_tuned_only
+
+    pipe = load_pipeline(str(pipeline_dir()), torch.float32, "cpu")
+    if lora is not None:
+        model, _, _ = load_tuned_only(pipe, str(lora))
+        pipe.transformer = model.module
+    digits = [d for d in range(10) for _ in IMAGE_SEEDS]
+    images = generate(pipe, digits, list(IMAGE_SEEDS) * 10)
+    labels = torch.tensor(digits)
+    return {"reward": float(reward(images, labels, classifier).mean()), **quality(images, labels, classifier, real)}
+
+
+def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> dict:
+    """Compare the base with every bundled RL checkpoint; reward and quality next to inflation; the series."""
+    from normscope.compare import compare
+    from normscope.report import Run
+    from normscope.report_figures import inflation, save
+
+    reporter = reporter or SilentReporter()
+    classifier, real = load_classifier()
+    rows = [{"model": "base", **_image_metrics(None, classifier, real)}]
+    for name in MODELS:
+        lora = lora_path(name)
+        both = compare(probe(lora, mode="both", out=config.out / name), reporter).summary
+        base_drives = compare(probe(lora, mode="paired", drive="base"), reporter).summary
+        rows.append({
+            "model": name, **_image_metrics(lora, classifier, real),
+            "paired": both["inflation"], "paired_ci": both["inflation_ci"],
+            "paired_base_drives": base_drives["inflation"], "free": both["modes"]["free"]["guided"]["inflation"],
+            "regions": both["regions"], "folder": str(config.out / name),
+        })
+    series_name, steps = SERIES
+    series = []
+    for step in steps:
+        summary = compare(probe(lora_path(series_name, step)), reporter).summary
+        series.append({"step": step, "inflation": summary["inflation"], "ci": summary["inflation_ci"]})
+    fig = inflation([Run(config.out / name) for name in MODELS])
+    save(fig, config.out, OVERLAY_PNG.removesuffix(".png"))
+    return {"rows": rows, "series": {"model": series_name, "checkpoints": series}, "overlay": str(config.out / OVERLAY_PNG)}

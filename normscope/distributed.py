@@ -59,3 +59,12 @@ def processes(cpu: bool) -> Processes:
 
     accelerator = Accelerator(cpu=cpu)
     return Processes(accelerator.process_index, accelerator.num_processes, accelerator.local_process_index)
+
+
+def current_processes() -> Processes:
+    """The process group already set up by a job (a single process when none was launched)."""
+    if launched_processes() <= 1:
+        return Processes()
+    import torch
+
+    return processes(cpu=not torch.cuda.is_available())

@@ -177,3 +177,36 @@ def render_sweep(table, gate: float | None, console) -> None:
     console.print(view)
     if gate is not None:
         console.print(f"gate {gate * 100:.1f} %: " + (f"first crossed at step {first}" if first is not None else "never crossed"))
+
+
+def render_demo(result: dict, console) -> None:
+    """``normscope demo``: reward and quality next to inflation, by region and driver, and over training."""
+    from rich.table import Table
+
+    table = Table(title="bundled digits model: base vs RL checkpoints (step 40)", title_justify="left")
+    for name in ("model", "reward", "FD", "diversity", "out-of-range", "inflation (paired)", "95% CI",
+                 "base drives", "free"):
+        table.add_column(name, justify="right")
+    for row in result["rows"]:
+        paired = row.get("paired")
+        table.add_row(
+            row["model"], f"{row['reward']:.3f}", f"{row['fd']:.2f}", f"{row['diversity']:.2f}",
+            f"{row['out_of_range'] * 100:.1f} %", _pct(paired) if paired is not None else "0",
+            f"[{_pct(row['paired_ci'][0])}, {_pct(row['paired_ci'][1])}]" if paired is not None else "",
+            _pct(row.get("paired_base_drives")) if paired is not None else "0",
+            _pct(row.get("free")) if paired is not None else "0",
+        )
+    console.print(table)
+    regions = Table(title="paired inflation by region of the trajectory (tuned drives)", title_justify="left")
+    for name in ("model", "near noise", "middle", "near data"):
+        regions.add_column(name, justify="right")
+    for row in result["rows"][1:]:
+        r = row["regions"]
+        regions.add_row(row["model"], _pct(r["near_noise"]), _pct(r["middle"]), _pct(r["near_data"]))
+    console.print(regions)
+    series = result["series"]
+    console.print(f"{series['model']} over training: " + "  ".join(
+        f"step {c['step']}: {_pct(c['inflation'])}" for c in series["checkpoints"]))
+    console.print("reward: tempered probability of the prompted digit (higher is better); FD: Frechet distance of "
+                  "classifier features to real digits (lower is better); inflation: mean over steps of "
+                  "||v_tuned|| / ||v_base|| - 1")

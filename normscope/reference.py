@@ -22,13 +22,13 @@ import numpy as np
 
 from normscope.capture import GUIDED, CallRecord
 from normscope.config import Device, DType, ProbeConfig
+from normscope.distributed import current_processes
 from normscope.errors import InputError
 from normscope.load import (
     find_checkpoint,
     find_pipeline_source,
     load_base,
     load_pipeline,
-    resolve_device,
     resolve_dtype,
 )
 from normscope.load.pipeline import quiet_loading
@@ -36,11 +36,9 @@ from normscope.prompts import Sample, make_samples, resolve_prompts
 from normscope.sampling import (
     Reporter,
     SilentReporter,
-    batches,
-    concat_records,
+    resolve_run_device,
     resolved_sampling,
-    run_model,
-    sampling_kwargs,
+    run_model_batches,
     versions,
 )
 
@@ -221,8 +219,7 @@ def _norm_matrix(record: CallRecord, branch: str) -> np.ndarray:
 
 
 def _run(pipe, model, config: ProbeConfig, samples: list[Sample], reporter: Reporter) -> CallRecord:
-    return concat_records([run_model(pipe, model, sampling_kwargs(pipe, config, group), reporter)
-                           for group in batches(samples, config.batch_size)])
+    return run_model_batches(pipe, model, config, samples, reporter)
 
 
 def profile(config: ProfileConfig, reporter: Reporter | None = None) -> Reference:
@@ -230,8 +227,8 @@ def profile(config: ProfileConfig, reporter: Reporter | None = None) -> Referenc
     reporter = reporter or SilentReporter()
     prompts = resolve_prompts(config.prompts_file, config.prompts)
     samples = make_samples(prompts, config.seeds)
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
+    device, kind = resolve_run_device(config.device)
+    dtype = resolve_dtype(config.dtype, kind)
     source = find_pipeline_source(config.base, None, config.pipeline)
     base_ckpt = None if Path(config.base).resolve() == Path(source).resolve() else find_checkpoint(config.base, "BASE", allow_pickle=config.allow_pickle)
     if base_ckpt is not None and base_ckpt.is_lora:
@@ -299,6 +296,8 @@ def profile(config: ProfileConfig, reporter: Reporter | None = None) -> Referenc
         "versions": versions(),
     }
     reference = Reference(meta, norms, record.timesteps.double().numpy(), record.sigmas.double().numpy())
+    if not current_processes().is_main:
+        return reference
     reference.save(config.out)
     if config.figure:
         from normscope.figures import save_reference_figure

@@ -132,6 +132,24 @@ def run_model(pipe, model: VelocityModel, kwargs: dict, reporter: Reporter) -> C
     return record
 
 
+def run_model_batches(pipe, model: VelocityModel, probe: ProbeConfig, samples: list[Sample], reporter: Reporter) -> CallRecord:
+    """One model over all samples, batch by batch, the batches shared out when several processes run."""
+    from normscope.distributed import current_processes
+
+    groups = list(batches(samples, probe.batch_size))
+    procs = current_processes()
+    return concat_records(procs.map(len(groups), lambda i: run_model(pipe, model, sampling_kwargs(pipe, probe, groups[i]), reporter)))
+
+
+def resolve_run_device(device) -> tuple[str, object]:
+    """The device string for this process (its own GPU when launched on several) and the torch dtype."""
+    from normscope.distributed import processes
+    from normscope.load import resolve_device
+
+    name = resolve_device(device)
+    return processes(cpu=name == "cpu").device(name), name
+
+
 def concat_records(records: list[CallRecord]) -> CallRecord:
     """Batches of the same run joined along the sample axis."""
     first = records[0]

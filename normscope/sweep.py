@@ -21,8 +21,9 @@ from pathlib import Path
 import pandas as pd
 
 from normscope.config import CompareConfig, Mode, ProbeConfig
+from normscope.distributed import current_processes
 from normscope.errors import ConfigError, InputError
-from normscope.load import find_checkpoint, find_pipeline_source, resolve_device, resolve_dtype
+from normscope.load import find_checkpoint, find_pipeline_source, resolve_dtype
 from normscope.outputs import write_run
 from normscope.reference import (
     PROBE_FIELDS,
@@ -32,7 +33,7 @@ from normscope.reference import (
     probe_from_reference,
     profile,
 )
-from normscope.sampling import Reporter, SilentReporter
+from normscope.sampling import Reporter, SilentReporter, resolve_run_device
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint[-_](\d+)$")
 SWEEP_CSV = "sweep.csv"
@@ -121,8 +122,9 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame
     source = find_pipeline_source(config.base, str(config.run_dir), config.pipeline)
     config.out.mkdir(parents=True, exist_ok=True)
     reference = _base_reference(config, source, reporter) if config.mode is Mode.free else None
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
+    device, kind = resolve_run_device(config.device)
+    dtype = resolve_dtype(config.dtype, kind)
+    main = current_processes().is_main
     rows = []
     for step, path in checkpoints:
         run_dir = config.out / path.name
@@ -139,19 +141,24 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame
             frame, summary = measure_against_reference(source, str(path), reference, probe, dtype, device, reporter,
                                                        config.adapter, config.allow_pickle)
             summary["config"]["sweep_fingerprint"] = fingerprint
-            write_run(CompareResult(frame, summary), run_dir, figure=False)
+            if main:
+                write_run(CompareResult(frame, summary), run_dir, figure=False)
         else:
             fields = {k: getattr(config, k) for k in PROBE_FIELDS}
             result = compare(CompareConfig(base=config.base, tuned=str(path), pipeline=source, adapter=config.adapter,
                                            allow_pickle=config.allow_pickle, mode=Mode.paired, dtype=config.dtype,
                                            device=config.device, batch_size=config.batch_size, **fields), reporter)
+            if result is None:  # not the main process: compare gathered the numbers on the main one
+                continue
             result.summary["config"]["sweep_fingerprint"] = fingerprint
             write_run(result, run_dir, figure=False)
             summary = result.summary
         rows.append(_row(step, path, summary, config.gate))
-        _write_table(config, rows)
-    table = _write_table(config, rows)
-    return table
+        if main:
+            _write_table(config, rows)
+    if not main:
+        return None
+    return _write_table(config, rows)
 
 
 def _write_table(config: SweepConfig, rows: list[dict]) -> pd.DataFrame:

@@ -155,11 +155,20 @@ def test_help_is_instant_and_imports_no_torch():
     assert result.exit_code == 0 and "compare" in result.stdout
 
 
-def test_demo_runs_on_the_bundled_pipeline(tmp_path):
-    result = run("demo", "--out", tmp_path)
+def test_demo_runs_on_the_bundled_digits_model(tmp_path):
+    result = run("demo", "--out", tmp_path, "--format", "json")
     assert result.exit_code == 0, result.output
-    assert "inflation" in result.stdout
-    assert (tmp_path / "summary.json").is_file()
+    demo = json.loads(result.stdout)
+    rows = {row["model"]: row for row in demo["rows"]}
+    assert set(rows) == {"base", "awm", "awm-normguard", "nft", "nft-normguard"}
+    for name in ("awm", "awm-normguard", "nft", "nft-normguard"):
+        for file in ("summary.json", "norms.csv", "profile.png"):
+            assert (tmp_path / name / file).is_file()
+        assert rows[name]["paired_ci"][0] <= rows[name]["paired"] <= rows[name]["paired_ci"][1]
+    assert [c["step"] for c in demo["series"]["checkpoints"]] == [10, 20, 30, 40]
+    assert (tmp_path / "inflation_overlay.png").is_file()
+    table = run("demo", "--out", tmp_path / "again")
+    assert table.exit_code == 0 and "awm-normguard" in table.stdout
 
 
 def test_a_saved_pipeline_loads_from_any_folder(tmp_path):

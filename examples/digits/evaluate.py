@@ -1,0 +1,126 @@
+"""Stage 3: reward, quality and normscope's inflation for the base and every RL run; the tables of README.md.
+
+    python examples/digits/evaluate.py       # after train_base.py and run_all.sh; also ships the seed-0 runs
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import ASSETS, WORK, timed, write_json
+
+from normscope.compare import compare
+from normscope.config import CompareConfig
+from normscope.digits import SAMPLING, digit_prompt, generate, load_classifier, quality, reward
+
+EVAL_SEEDS = list(range(50_000, 50_016))  # 16 images per digit for reward and quality
+PROBE_SEEDS = (0, 1, 2, 3)  # normscope's probe: 10 prompts x 4 seeds = 40 samples
+NAMES = ("awm", "awm-normguard", "nft", "nft-normguard")
+RL_SEEDS = (0, 1, 2)
+FINAL = 40
+SHIPPED = ASSETS / "runs"
+
+
+def probe(**overrides) -> CompareConfig:
+    fields = dict(
+        tuned="", pipeline=str(ASSETS / "pipeline"), prompts=tuple(digit_prompt(d) for d in range(10)), seeds=PROBE_SEEDS,
+        steps=SAMPLING["steps"], guidance=SAMPLING["guidance"], height=SAMPLING["height"], width=SAMPLING["width"],
+        max_sequence_length=SAMPLING["max_sequence_length"], device="cpu", dtype="float32", batch_size=40,
+    )
+    fields.update(overrides)
+    return CompareConfig(**fields)
+
+
+def sample_metrics(lora: Path | None, classifier, real) -> dict:
+    from diffusers import StableDiffusion3Pipeline
+    from peft import PeftModel
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(ASSETS / "pipeline"))
+    pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.transformer = PeftModel.from_pretrained(pipe.transformer, str(lora)).eval()
+    digits = [d for d in range(10) for _ in EVAL_SEEDS]
+    images = generate(pipe, digits, EVAL_SEEDS * 10)
+    labels = torch.tensor(digits)
+    return {"reward": float(reward(images, labels, classifier).mean()), **quality(images, labels, classifier, real)}
+
+
+def inflation(lora: Path) -> dict:
+    out = {}
+    for key, overrides in (("paired", dict(mode="paired")), ("paired_base_drives", dict(mode="paired", drive="base")),
+                           ("free", dict(mode="free"))):
+        summary = compare(probe(tuned=str(lora), **overrides)).summary
+        out[key] = {"inflation": summary["inflation"], "ci": summary["inflation_ci"], "regions": summary["regions"],
+                    "hinge_rate": summary["hinge_rate"]}
+    return out
+
+
+def checkpoint(name: str, seed: int, step: int = FINAL) -> Path:
+    return WORK / "runs" / f"{name}-s{seed}" / "checkpoints" / f"checkpoint-{step}" / "lora"
+
+
+def main() -> None:
+    classifier, real = load_classifier(ASSETS)
+    results: dict = {"base": sample_metrics(None, classifier, real), "runs": {}, "series": {}}
+    timings: dict = {}
+    with timed("evaluate", timings):
+        for name in NAMES:
+            for seed in RL_SEEDS:
+                lora = checkpoint(name, seed)
+                log = json.loads((lora.parents[2] / "train_log.json").read_text())
+                results["runs"][f"{name}-s{seed}"] = {
+                    **sample_metrics(lora, classifier, real), **inflation(lora), "train_seconds": log["seconds"],
+                }
+                print(name, seed, {k: v for k, v in results["runs"][f"{name}-s{seed}"].items() if k in ("reward", "fd", "paired")}, flush=True)
+            results["series"][name] = [
+                {"step": step, **{k: v for k, v in compare(probe(tuned=str(checkpoint(name, 0, step)))).summary.items()
+                                  if k in ("inflation", "inflation_ci")}}
+                for step in (10, 20, 30, 40)
+            ]
+    results["timings"] = timings
+    write_json(WORK / "results.json", results)
+    write_json(ASSETS / "results.json", results)
+    ship()
+
+
+def ship() -> None:
+    """The seed-0 runs' checkpoints, as the trainers lay them out, into the package (normscope demo uses them)."""
+    shutil.rmtree(SHIPPED, ignore_errors=True)
+    for name in NAMES:
+        source = WORK / "runs" / f"{name}-s0"
+        for ckpt in sorted((source / "checkpoints").iterdir()):
+            target = SHIPPED / name / "checkpoints" / ckpt.name / "lora"
+            shutil.copytree(ckpt / "lora", target, ignore=shutil.ignore_patterns("README.md"))
+        shutil.copy(source / "train_log.json", SHIPPED / name / "train_log.json")
+
+
+def summarize_table(results: dict) -> str:
+    """Markdown: mean +- std over the 3 RL seeds for every method."""
+    rows = ["| model | reward | FD to real (lower better) | diversity | out-of-range px | inflation paired (tuned drives) | paired (base drives) | free |",
+            "|---|---|---|---|---|---|---|---|"]
+    b = results["base"]
+    rows.append(f"| base | {b['reward']:.3f} | {b['fd']:.2f} | {b['diversity']:.2f} | {b['out_of_range'] * 100:.1f} % | 0 | 0 | 0 |")
+    for name in NAMES:
+        runs = [results["runs"][f"{name}-s{s}"] for s in RL_SEEDS]
+
+        def ms(values, scale=1.0, fmt=".3f", unit=""):
+            values = np.array(values) * scale
+            return f"{values.mean():{fmt}}{unit} ± {values.std(ddof=1):{fmt}}{unit}"
+
+        rows.append(
+            f"| {name} | {ms([r['reward'] for r in runs])} | {ms([r['fd'] for r in runs], fmt='.2f')} | "
+            f"{ms([r['diversity'] for r in runs], fmt='.2f')} | {ms([r['out_of_range'] for r in runs], 100, '.1f', ' %')} | "
+            f"{ms([r['paired']['inflation'] for r in runs], 100, '+.1f', ' %')} | "
+            f"{ms([r['paired_base_drives']['inflation'] for r in runs], 100, '+.1f', ' %')} | "
+            f"{ms([r['free']['inflation'] for r in runs], 100, '+.1f', ' %')} |"
+        )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()
+    print(summarize_table(json.loads((WORK / "results.json").read_text())))

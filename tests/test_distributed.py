@@ -1,0 +1,74 @@
+"""Real multi-process runs: accelerate launch with 2 CPU processes gives exactly the single-process numbers.
+
+On this kind of machine `accelerate launch --cpu --num_processes 2` starts only ONE process; the form that
+starts two is `--multi_gpu --num_processes 2 --num_machines 1` with the accelerator created with cpu=True.
+accelerate gives each process one thread, so the single-process reference runs with one thread as well
+(BLAS results depend on the thread count at float32 round-off).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "normscope"]
+PROBE = ["--steps", "3", "--height", "16", "--width", "16", "--max-sequence-length", "24", "--guidance", "4.5",
+         "--seeds", "0,1,2", "--prompt", "a red fox", "--prompt", "two apples", "--prompt", "a blue car",
+         "--batch-size", "2", "--device", "cpu", "--dtype", "float32", "--format", "json"]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MASTER_PORT": "29517"}
+
+
+def _single(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "normscope", *args], env=_env(), capture_output=True, text=True, timeout=600)
+
+
+def _launched(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([*LAUNCH, *args], env=_env(), capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_two_processes_compare_is_identical_to_one(pipelines, scaled, tmp_path):
+    args = ["compare", str(pipelines["sd3"]), str(scaled("sd3", 1.1)), *PROBE, "--mode", "both"]
+    one = _single([*args, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _launched([*args, "--out", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert '"processes": 2' in two.stdout
+    assert (tmp_path / "one" / "norms.csv").read_bytes() == (tmp_path / "two" / "norms.csv").read_bytes()
+
+
+@pytest.mark.slow
+def test_two_processes_sweep_is_identical_to_one(pipelines, tmp_path):
+    import torch
+
+    from normscope.tiny import tiny_sd3_pipeline
+
+    run = tmp_path / "run"
+    for step, factor in ((10, 1.0), (20, 1.1)):
+        pipe = tiny_sd3_pipeline(seed=0)
+        with torch.no_grad():
+            pipe.transformer.proj_out.weight.mul_(factor)
+        pipe.transformer.save_pretrained(run / f"checkpoint-{step}" / "transformer")
+    args = ["sweep", str(run), "--pipeline", str(pipelines["sd3"]), *PROBE]
+    one = _single([*args, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _launched([*args, "--out", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert (tmp_path / "one" / "sweep.csv").read_text().replace(str(tmp_path / "one"), "") == \
+        (tmp_path / "two" / "sweep.csv").read_text().replace(str(tmp_path / "two"), "")
+    for step in (10, 20):
+        assert (tmp_path / "one" / f"checkpoint-{step}" / "norms.csv").read_bytes() == \
+            (tmp_path / "two" / f"checkpoint-{step}" / "norms.csv").read_bytes()
+
+
+def test_launcher_is_available():
+    assert shutil.which("accelerate") or Path(sys.executable).parent.joinpath("accelerate").exists()
