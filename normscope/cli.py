@@ -39,6 +39,11 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 
+
+def stdout_console() -> Console:
+    """Results on stdout; when piped or captured (CI logs, files), wide enough that tables never wrap."""
+    return Console(width=None if sys.stdout.isatty() else 120)
+
 # ---------------------------------------------------------------- shared options (one definition each)
 
 PipelineOpt = Annotated[str | None, typer.Option("--pipeline", help="Diffusers pipeline folder (model_index.json) or hub id. Default: BASE if it is a pipeline folder, else the nearest enclosing pipeline folder.", rich_help_panel="Probe")]
@@ -150,7 +155,7 @@ def emit(result, fmt: OutputFormat) -> None:
     elif fmt is OutputFormat.csv:
         sys.stdout.write(per_step_csv(summary))
     else:
-        render(summary, Console())
+        render(summary, stdout_console())
     if summary["inflation"] is None:
         err.print("[red]error:[/red] no finite velocity was measured: check the checkpoints for NaN weights or use --dtype float32")
         raise typer.Exit(EXIT_RUN)
@@ -250,7 +255,7 @@ def profile(
         if fmt is OutputFormat.json:
             sys.stdout.write(json.dumps(reference.meta, indent=2) + "\n")
         else:
-            render_reference(reference.meta, Console())
+            render_reference(reference.meta, stdout_console())
         err.print(f"wrote {out}/reference.json, reference.safetensors, thresholds.csv, reference.png")
 
 
@@ -353,7 +358,7 @@ def sweep(
         elif fmt is OutputFormat.csv:
             sys.stdout.write((out / "sweep.csv").read_text())
         else:
-            render_sweep(table, gate, Console())
+            render_sweep(table, gate, stdout_console())
         err.print(f"wrote {out}/sweep.csv, sweep.json, sweep.png and one run folder per checkpoint")
 
 
@@ -391,7 +396,7 @@ def inspect(
         if fmt is OutputFormat.json:
             sys.stdout.write(json.dumps(report, indent=2) + "\n")
         else:
-            render_inspection(report, Console())
+            render_inspection(report, stdout_console())
         if report["fits"] is False:
             raise typer.Exit(EXIT_INPUT)
 
@@ -411,7 +416,7 @@ def demo(
         if fmt is OutputFormat.json:
             sys.stdout.write(json.dumps(result, indent=2) + "\n")
         else:
-            render_demo(result, Console())
+            render_demo(result, stdout_console())
         err.print(f"wrote one run folder per checkpoint under {out}/ and {result['overlay']}")
 
 

@@ -181,20 +181,23 @@ def render_sweep(table, gate: float | None, console) -> None:
 
 def render_demo(result: dict, console) -> None:
     """``normscope demo``: reward and quality next to inflation, by region and driver, and over training."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title="bundled digits model: base vs RL checkpoints (step 40)", title_justify="left")
-    for name in ("model", "reward", "FD", "diversity", "out-of-range", "inflation (paired)", "95% CI",
-                 "base drives", "free"):
-        table.add_column(name, justify="right")
+    def p1(value) -> str:
+        return "n/a" if value is None else f"{value * 100:+.1f}"
+
+    table = Table(title="digits model: base vs RL checkpoints (step 40); inflation in %", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    for name in ("model", "reward", "FD", "div", "sat %", "paired [95% CI]", "base drv", "free"):
+        table.add_column(name, justify="right", no_wrap=True)
     for row in result["rows"]:
         paired = row.get("paired")
+        ci = f"{p1(paired)} [{p1(row['paired_ci'][0])}, {p1(row['paired_ci'][1])}]" if paired is not None else "0"
         table.add_row(
             row["model"], f"{row['reward']:.3f}", f"{row['fd']:.2f}", f"{row['diversity']:.2f}",
-            f"{row['out_of_range'] * 100:.1f} %", _pct(paired) if paired is not None else "0",
-            f"[{_pct(row['paired_ci'][0])}, {_pct(row['paired_ci'][1])}]" if paired is not None else "",
-            _pct(row.get("paired_base_drives")) if paired is not None else "0",
-            _pct(row.get("free")) if paired is not None else "0",
+            f"{row['out_of_range'] * 100:.1f}", ci, p1(row.get("paired_base_drives")) if paired is not None else "0",
+            p1(row.get("free")) if paired is not None else "0",
         )
     console.print(table)
     regions = Table(title="paired inflation by region of the trajectory (tuned drives)", title_justify="left")
@@ -207,6 +210,8 @@ def render_demo(result: dict, console) -> None:
     series = result["series"]
     console.print(f"{series['model']} over training: " + "  ".join(
         f"step {c['step']}: {_pct(c['inflation'])}" for c in series["checkpoints"]))
-    console.print("reward: tempered probability of the prompted digit (higher is better); FD: Frechet distance of "
-                  "classifier features to real digits (lower is better); inflation: mean over steps of "
-                  "||v_tuned|| / ||v_base|| - 1")
+    console.print("reward: tempered probability of the prompted digit (higher is better). FD: Frechet distance "
+                  "of classifier features to real digits (lower is better). div: within-class diversity. sat: "
+                  "out-of-range pixels. paired: tuned drives, base evaluated on the same inputs; base drv: the "
+                  "base drives; free: each on its own trajectory. Inflation = mean over steps of "
+                  "||v_tuned|| / ||v_base|| - 1.")

@@ -88,11 +88,13 @@ def main() -> None:
 
 
 def ship() -> None:
-    """The seed-0 runs' checkpoints, as the trainers lay them out, into the package (normscope demo uses them)."""
+    """The seed-0 runs' final checkpoints (AWM's whole series), laid out as the trainers write them, into the package."""
     shutil.rmtree(SHIPPED, ignore_errors=True)
     for name in NAMES:
         source = WORK / "runs" / f"{name}-s0"
         for ckpt in sorted((source / "checkpoints").iterdir()):
+            if name != "awm" and ckpt.name != f"checkpoint-{FINAL}":
+                continue  # keeps the package small: normscope demo shows AWM's series only
             target = SHIPPED / name / "checkpoints" / ckpt.name / "lora"
             shutil.copytree(ckpt / "lora", target, ignore=shutil.ignore_patterns("README.md"))
         shutil.copy(source / "train_log.json", SHIPPED / name / "train_log.json")
