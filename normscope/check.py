@@ -168,12 +168,13 @@ def _check_stored(config: CheckConfig, reporter: Reporter) -> tuple[list[Checked
 
 
 def measure_against_reference(source: str, tuned: str, reference: Reference, probe, dtype, device: str,
-                              reporter: Reporter, adapter: str | None = None, allow_pickle: bool = False):
+                              reporter: Reporter, adapter: str | None = None, allow_pickle: bool = False, pipe=None):
     """Run ONLY the tuned model with the reference's probe; free-mode frame and summary against the stored base.
 
-    A fresh pipeline per checkpoint: the tuned weights are written into its transformer.
+    The tuned weights are written into the pipeline's transformer: pass ``pipe`` to reuse a pipeline whose
+    transformer will be fully overwritten (full checkpoints); by default a fresh one is loaded.
     """
-    pipe = load_pipeline(source, dtype, device)
+    pipe = pipe if pipe is not None else load_pipeline(source, dtype, device)
     tuned_model, ckpt, notes = load_tuned_only(pipe, tuned, adapter, allow_pickle)
     for note in notes:
         reporter.note(note)

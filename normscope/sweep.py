@@ -23,7 +23,7 @@ import pandas as pd
 from normscope.config import CompareConfig, Mode, ProbeConfig
 from normscope.distributed import current_processes
 from normscope.errors import ConfigError, InputError
-from normscope.load import find_checkpoint, find_pipeline_source, resolve_dtype
+from normscope.load import find_checkpoint, find_pipeline_source, load_pipeline, resolve_dtype
 from normscope.outputs import write_run
 from normscope.reference import (
     PROBE_FIELDS,
@@ -126,6 +126,7 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame
     dtype = resolve_dtype(config.dtype, kind)
     main = current_processes().is_main
     rows = []
+    shared_pipe = None  # full checkpoints overwrite every weight: one pipeline serves them all
     for step, path in checkpoints:
         run_dir = config.out / path.name
         fingerprint = _fingerprint(config, path, reference.meta["hashes"] if reference else source)
@@ -138,8 +139,12 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame
                 continue
         if reference is not None:
             probe = probe_from_reference(reference, config.device, config.dtype, config.batch_size)
+            full = not find_checkpoint(path, "TUNED", config.adapter, config.allow_pickle).is_lora
+            if full and shared_pipe is None:
+                shared_pipe = load_pipeline(source, dtype, device)
             frame, summary = measure_against_reference(source, str(path), reference, probe, dtype, device, reporter,
-                                                       config.adapter, config.allow_pickle)
+                                                       config.adapter, config.allow_pickle,
+                                                       pipe=shared_pipe if full else None)
             summary["config"]["sweep_fingerprint"] = fingerprint
             if main:
                 write_run(CompareResult(frame, summary), run_dir, figure=False)
