@@ -184,6 +184,7 @@ def compare(
     batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
     fmt: FormatOpt = OutputFormat.table,
     out: OutOpt = None,
+    offload: Annotated[bool, typer.Option("--offload", help="Full checkpoints: keep one transformer's weights on the GPU at a time (slower; see docs/scale.md).", rich_help_panel="Hardware")] = False,
     save_images: Annotated[bool, typer.Option("--save-images", help="Also decode and save both models' final images of free mode in DIR/images/ (needs --mode free or both).", rich_help_panel="Output")] = False,
 ) -> None:
     """Per-step velocity norms of BASE and TUNED on the same prompts and seeds, with 95% CIs.
@@ -200,7 +201,7 @@ def compare(
             base=base, tuned=tuned, adapter=adapter, allow_pickle=allow_pickle, pipeline=pipeline, prompts_file=prompts_file, prompts=tuple(prompt or ()),
             seeds=parse_seeds(seeds), steps=steps, guidance=guidance, height=height, width=width,
             negative_prompt=negative_prompt, max_sequence_length=max_sequence_length, mode=mode, drive=drive,
-            dtype=dtype, device=device, batch_size=batch_size, out=out, save_images=save_images,
+            dtype=dtype, device=device, batch_size=batch_size, out=out, save_images=save_images, offload=offload,
         )
         if not is_main_process():  # launched on several processes: the main one reports
             run_compare(config)

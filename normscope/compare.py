@@ -72,7 +72,7 @@ class CompareResult:
 
 
 def _fingerprint(config: CompareConfig, identities: list) -> str:
-    stable = {k: v for k, v in config.to_dict().items() if k not in ("out", "figure", "save_images")}
+    stable = {k: v for k, v in config.to_dict().items() if k not in ("out", "figure", "save_images", "offload")}
     text = json.dumps([stable, identities, __version__], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -143,7 +143,10 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
         checkpoints.append(find_checkpoint(config.base, "BASE", allow_pickle=config.allow_pickle))
 
     pipe = load_pipeline(source, dtype, device)
-    loaded = load_models(pipe, config.base, config.tuned, source, config.adapter, config.allow_pickle)
+    offload_to = device if config.offload and device != "cpu" else None
+    loaded = load_models(pipe, config.base, config.tuned, source, config.adapter, config.allow_pickle, offload_to)
+    if config.offload and offload_to is None:
+        reporter.note("--offload has no effect on the CPU: the weights already live in host memory")
     for note in loaded.notes:
         reporter.note(note)
     base, tuned = loaded.base, loaded.tuned

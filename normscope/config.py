@@ -138,6 +138,7 @@ class CompareConfig(ProbeConfig):
     out: Path | None = None
     figure: bool = True
     save_images: bool = False
+    offload: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -79,3 +79,23 @@ def test_changed_options_start_afresh(scaled, config_for, tmp_path):
     reporter = StopAfter(steps=10**6)
     compare(config_for("sd3", tuned, batch_size=2, steps=3, out=tmp_path), reporter)
     assert any("starting afresh" in n for n in reporter.notes)
+
+
+def test_offload_keeps_the_numbers_and_says_it_does_nothing_on_cpu(scaled, config_for):
+    plain = compare(config_for("sd3", scaled("sd3", 1.1), mode="both"))
+    reporter = StopAfter(steps=10**6)
+    offloaded = compare(config_for("sd3", scaled("sd3", 1.1), mode="both", offload=True), reporter)
+    assert offloaded.frame.equals(plain.frame)
+    assert any("no effect on the CPU" in n for n in reporter.notes)
+
+
+def test_offloaded_model_returns_its_weights_to_the_host(pipelines, scaled):
+    from normscope.load.models import OffloadedModel
+
+    pipe = load_pipeline(str(pipelines["sd3"]), torch.float32, "cpu")
+    loaded = load_models(pipe, None, str(scaled("sd3", 1.1)), str(pipelines["sd3"]), offload_to="cpu")
+    assert isinstance(loaded.tuned, OffloadedModel) and isinstance(loaded.base, OffloadedModel)
+    with loaded.tuned.active(pipe):
+        assert pipe.transformer is loaded.tuned.module
+    assert pipe.transformer is loaded.base.module
+    assert next(loaded.tuned.module.parameters()).device.type == "cpu"

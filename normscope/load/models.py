@@ -75,6 +75,38 @@ class AdapterModel(VelocityModel):
             yield self
 
 
+class OffloadedModel(VelocityModel):
+    """A full-weights model whose transformer lives on the CPU and visits ``device`` only while it computes.
+
+    Keeps one transformer's weights on the device at a time, at the price of a host-device copy of the
+    weights per use: once per batch for the model that drives (or samples, in free mode), once per step for
+    the second model of paired mode.
+    """
+
+    def __init__(self, inner: VelocityModel, device: str) -> None:
+        super().__init__(inner.role, inner.module, inner.source, inner.kind)
+        self.inner = inner
+        self.device = device
+        self.module.to("cpu")
+
+    @contextlib.contextmanager
+    def on_device(self) -> Iterator[None]:
+        self.module.to(self.device)
+        try:
+            yield
+        finally:
+            self.module.to("cpu")
+
+    def __call__(self, *args, **kwargs):
+        with self.on_device():
+            return self.inner(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def active(self, pipe) -> Iterator[VelocityModel]:
+        with self.inner.active(pipe), self.on_device():
+            yield self
+
+
 @dataclass
 class LoadedModels:
     base: VelocityModel
@@ -170,7 +202,8 @@ def load_tuned_only(pipe, tuned: str, adapter: str | None = None, allow_pickle: 
 
 
 def load_models(
-    pipe, base: str | None, tuned: str, pipeline_source: str, adapter: str | None = None, allow_pickle: bool = False
+    pipe, base: str | None, tuned: str, pipeline_source: str, adapter: str | None = None, allow_pickle: bool = False,
+    offload_to: str | None = None,
 ) -> LoadedModels:
     """The base and tuned velocity models; the pipeline's own transformer becomes the base.
 
@@ -184,6 +217,8 @@ def load_models(
     checkpoints.append(tuned_ckpt)
     notes.extend(tuned_ckpt.notes)
     if tuned_ckpt.is_lora:
+        if offload_to is not None:
+            notes.append("--offload has no effect for a LoRA: base and tuned already share one transformer")
         weights = read_lora(tuned_ckpt, type(pipe))
         check_targets(pipe.transformer, weights, "TUNED", tuned_ckpt.path)
         layers = attach_lora(pipe.transformer, weights)
@@ -192,7 +227,12 @@ def load_models(
         base_model = AdapterModel("base", module, base_model.source, base_model.kind, layers, enabled=False)
         tuned_model = AdapterModel("tuned", module, str(tuned_ckpt.path), tuned_ckpt.kind, layers, enabled=True)
         return LoadedModels(base_model, tuned_model, checkpoints, notes)
+    if offload_to is not None:
+        pipe.transformer.to("cpu")  # the copy is made on the CPU: never two transformers on the device
     module = copy.deepcopy(pipe.transformer)
     load_weights(module, tuned_ckpt, "TUNED")
     module.eval()
-    return LoadedModels(base_model, VelocityModel("tuned", module, str(tuned_ckpt.path), tuned_ckpt.kind), checkpoints, notes)
+    tuned_model = VelocityModel("tuned", module, str(tuned_ckpt.path), tuned_ckpt.kind)
+    if offload_to is not None:
+        base_model, tuned_model = OffloadedModel(base_model, offload_to), OffloadedModel(tuned_model, offload_to)
+    return LoadedModels(base_model, tuned_model, checkpoints, notes)
