@@ -201,6 +201,8 @@ def _check_live(config: CheckConfig, reporter: Reporter) -> list[CheckedCheckpoi
             base=base, tuned=path, pipeline=config.pipeline, adapter=config.adapter, allow_pickle=config.allow_pickle,
             mode=config.mode, dtype=config.dtype, device=config.device, batch_size=config.batch_size, **probe,
         ), reporter)
+        if result is None:  # not the main process of a launched run: the main one holds the numbers
+            continue
         results.append(_checked(path, result.summary, config.max_inflation, started))
     return results
 
@@ -215,4 +217,4 @@ def check(config: CheckConfig, reporter: Reporter | None = None) -> CheckResult:
     return CheckResult(checked, config.max_inflation, "--max-inflation", config.mode.runs()[0])
 
 
-__all__ = ["CheckConfig", "CheckResult", "check", "verdict", "Path"]
+__all__ = ["CheckConfig", "CheckResult", "check", "measure_against_reference", "verdict"]
