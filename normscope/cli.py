@@ -82,6 +82,13 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return tuple(seeds)
 
 
+def probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, negative_prompt, max_sequence_length) -> dict:
+    """The probe options shared by compare, profile and sweep, as ProbeConfig fields."""
+    return dict(prompts_file=prompts_file, prompts=tuple(prompt or ()), seeds=parse_seeds(seeds), steps=steps,
+                guidance=guidance, height=height, width=width, negative_prompt=negative_prompt,
+                max_sequence_length=max_sequence_length)
+
+
 class RichReporter:
     """A progress bar on stderr, advanced once per denoising step (no host sync involved)."""
 
@@ -198,10 +205,9 @@ def compare(
         if tuned is None:
             base, tuned = None, base
         config = CompareConfig(
-            base=base, tuned=tuned, adapter=adapter, allow_pickle=allow_pickle, pipeline=pipeline, prompts_file=prompts_file, prompts=tuple(prompt or ()),
-            seeds=parse_seeds(seeds), steps=steps, guidance=guidance, height=height, width=width,
-            negative_prompt=negative_prompt, max_sequence_length=max_sequence_length, mode=mode, drive=drive,
+            base=base, tuned=tuned, adapter=adapter, allow_pickle=allow_pickle, pipeline=pipeline, mode=mode, drive=drive,
             dtype=dtype, device=device, batch_size=batch_size, out=out, save_images=save_images, offload=offload,
+            **probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, negative_prompt, max_sequence_length),
         )
         if not is_main_process():  # launched on several processes: the main one reports
             run_compare(config)
@@ -241,10 +247,9 @@ def profile(
         from normscope.reference import profile as run_profile
 
         config = ProfileConfig(
-            base=base, out=out, pipeline=pipeline, prompts_file=prompts_file, prompts=tuple(prompt or ()),
-            seeds=parse_seeds(seeds), steps=steps, guidance=guidance, height=height, width=width,
-            negative_prompt=negative_prompt, max_sequence_length=max_sequence_length, dtype=dtype, device=device,
-            batch_size=batch_size, allow_pickle=allow_pickle, dtype_check=dtype_check,
+            base=base, out=out, pipeline=pipeline, dtype=dtype, device=device, batch_size=batch_size,
+            allow_pickle=allow_pickle, dtype_check=dtype_check,
+            **probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, negative_prompt, max_sequence_length),
         )
         if not is_main_process():  # launched on several processes: the main one reports
             run_profile(config)
@@ -344,10 +349,8 @@ def sweep(
 
         config = SweepConfig(
             run_dir=run_dir, out=out, base=base, pipeline=pipeline, adapter=adapter, allow_pickle=allow_pickle,
-            prompts_file=prompts_file, prompts=tuple(prompt or ()), seeds=parse_seeds(seeds), steps=steps,
-            guidance=guidance, height=height, width=width, negative_prompt=negative_prompt,
-            max_sequence_length=max_sequence_length, mode=mode, gate=gate, dtype=dtype, device=device,
-            batch_size=batch_size,
+            mode=mode, gate=gate, dtype=dtype, device=device, batch_size=batch_size,
+            **probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, negative_prompt, max_sequence_length),
         )
         if not is_main_process():  # launched on several processes: the main one reports
             run_sweep(config)
