@@ -48,10 +48,16 @@ def select(frame: pd.DataFrame, mode: str, branch: str) -> pd.DataFrame:
     return frame[(frame[MODE] == mode) & (frame[BRANCH] == branch)]
 
 
+def sample_matrices(rows: pd.DataFrame, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """(samples, steps) matrices of several columns from one pivot; NaN where a value is missing."""
+    wide = rows.pivot_table(index=list(SAMPLE_KEY), columns=STEP, values=list(columns), aggfunc="first", dropna=False)
+    wide = wide.sort_index()
+    return {column: wide[column].to_numpy(dtype=np.float64) for column in columns}
+
+
 def sample_matrix(rows: pd.DataFrame, column: str = RATIO) -> np.ndarray:
     """(samples, steps) matrix of one column; NaN where a value is missing or non-finite."""
-    wide = rows.pivot_table(index=list(SAMPLE_KEY), columns=STEP, values=column, aggfunc="first", dropna=False)
-    return wide.sort_index().to_numpy(dtype=np.float64)
+    return sample_matrices(rows, (column,))[column]
 
 
 def bootstrap_weights(n: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
@@ -84,22 +90,21 @@ def _nanmean(values: np.ndarray, axis: int = 0) -> np.ndarray:
 
 def step_profile(rows: pd.DataFrame) -> pd.DataFrame:
     """Per-step statistics of one mode and branch: means, spread, mean ratio with its CI, hinge rate."""
-    ratio = sample_matrix(rows, RATIO)
+    matrices = sample_matrices(rows, (RATIO, HINGE, NORM_BASE, NORM_TUNED, COSINE, MSE))
+    ratio, hinge = matrices[RATIO], matrices[HINGE]
     weights = bootstrap_weights(ratio.shape[0])
     lo, hi = _interval(_boot_step_means(ratio, weights))
     firsts = rows.groupby(STEP, sort=True)[[TIMESTEP, SIGMA]].first()
     finite = np.isfinite(ratio)
 
     def mean(column: str) -> np.ndarray:
-        return _nanmean(np.where(finite, sample_matrix(rows, column), np.nan))
+        return _nanmean(np.where(finite, matrices[column], np.nan))
 
     def std(column: str) -> np.ndarray:
-        values = np.where(finite, sample_matrix(rows, column), np.nan)
-        centred = values - mean(column)
+        centred = np.where(finite, matrices[column], np.nan) - mean(column)
         with np.errstate(invalid="ignore"):
             return np.sqrt(_nanmean(centred**2))
 
-    hinge = sample_matrix(rows, HINGE)
     profile = pd.DataFrame({
         STEP: firsts.index.to_numpy(),
         TIMESTEP: firsts[TIMESTEP].to_numpy(),

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from normscope.errors import CheckpointError
-from normscope.load.formats import Checkpoint, find_checkpoint, load_pickle, read_shapes
+from normscope.load.formats import Checkpoint, find_checkpoint, load_pickle, read_shapes, strip_prefixes
 from normscope.load.lora import attach_lora, check_targets, read_lora
 
 
@@ -157,14 +157,7 @@ def load_weights(module, checkpoint: Checkpoint, role: str) -> None:
                             params[key].copy_(handle.get_tensor(stored))
             else:
                 for stored, tensor in load_pickle(path, role).items():
-                    params[_key(header, path, stored)].copy_(tensor)
-
-
-def _key(header, path, stored):
-    for key, (file, name, _) in header.items():
-        if file == path and name == stored:
-            return key
-    raise KeyError(stored)
+                    params[strip_prefixes(stored)].copy_(tensor)  # the header's keys, built the same way
 
 
 def _first(items, count: int = 3) -> str:
