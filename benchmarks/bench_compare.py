@@ -23,11 +23,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from normscope.builders.tiny import tiny_sd3_pipeline  # noqa: E402
 from normscope.config import ProbeConfig  # noqa: E402
 from normscope.load import VelocityModel  # noqa: E402
-from normscope.prompts import default_prompts, make_samples  # noqa: E402
-from normscope.sampling import SilentReporter, run_free, run_paired, sampling_kwargs  # noqa: E402
-from normscope.tiny import tiny_sd3_pipeline  # noqa: E402
+from normscope.measure.prompts import default_prompts, make_samples  # noqa: E402
+from normscope.measure.sampling import SilentReporter, run_free, run_paired, sampling_kwargs  # noqa: E402
 
 
 class TwoForward(torch.nn.Module):

@@ -42,7 +42,7 @@ elif variant == "single":
              max_sequence_length=32, output_type="latent",
              generator=[torch.Generator().manual_seed(s) for s in (0, 1, 0, 1)])
 else:
-    from normscope.compare import compare
+    from normscope.commands.compare import compare
     from normscope.config import CompareConfig
     tuned = root + ("/lora" if variant == "lora" else "/full.safetensors")
     compare(CompareConfig(tuned=tuned, pipeline=root + "/pipe", **probe))
@@ -56,7 +56,7 @@ def build(root: Path, layers: int, heads: int) -> int:
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
 
-    from normscope.tiny import save_tiny, tiny_sd3_pipeline
+    from normscope.builders.tiny import save_tiny, tiny_sd3_pipeline
 
     width = heads * 64
     pipe = tiny_sd3_pipeline(seed=0, num_layers=layers, num_attention_heads=heads, attention_head_dim=64,

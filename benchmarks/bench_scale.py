@@ -22,10 +22,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from normscope.compare import compare  # noqa: E402
+from normscope.builders.tiny import save_tiny, tiny_sd3_pipeline  # noqa: E402
+from normscope.commands.compare import compare  # noqa: E402
+from normscope.commands.sweep import SweepConfig, sweep  # noqa: E402
 from normscope.config import CompareConfig  # noqa: E402
-from normscope.sweep import SweepConfig, sweep  # noqa: E402
-from normscope.tiny import save_tiny, tiny_sd3_pipeline  # noqa: E402
 
 PROBE = dict(prompts=tuple(f"prompt number {i}" for i in range(8)), seeds=(0, 1), steps=8, height=32, width=32,
              max_sequence_length=32, guidance=4.5, device="cpu", dtype="float32", batch_size=8)

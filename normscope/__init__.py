@@ -8,11 +8,11 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
-    "compare": "normscope.compare",
-    "CompareResult": "normscope.compare",
+    "compare": "normscope.commands.compare",
+    "CompareResult": "normscope.commands.compare",
     "CompareConfig": "normscope.config",
     "ProbeConfig": "normscope.config",
-    "capture": "normscope.capture",
+    "capture": "normscope.measure.capture",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -27,8 +27,8 @@ from normscope.config import (
     Mode,
     OutputFormat,
 )
-from normscope.distributed import is_main_process
 from normscope.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_RUN, ConfigError, NormscopeError
+from normscope.measure.distributed import is_main_process
 
 app = typer.Typer(
     name="normscope",
@@ -152,7 +152,7 @@ def cli_errors() -> Iterator[None]:
 
 def emit(result, fmt: OutputFormat) -> None:
     """Print a compare result on stdout in the chosen format; warnings to stderr."""
-    from normscope.outputs import per_step_csv, render, summary_json
+    from normscope.render.files import per_step_csv, render, summary_json
 
     summary = result.summary
     if summary["nonfinite"]:
@@ -199,7 +199,7 @@ def compare(
     Headline: inflation = mean over steps of the mean per-sample ratio ||v_tuned||/||v_base||, minus 1.
     """
     with cli_errors():
-        from normscope.compare import compare as run_compare
+        from normscope.commands.compare import compare as run_compare
         from normscope.config import CompareConfig
 
         if tuned is None:
@@ -242,9 +242,9 @@ def profile(
 ) -> None:
     """Profile BASE alone and store a reference: per-step norms, suggested tau(sigma) and a CI gate."""
     with cli_errors():
-        from normscope.outputs import render_reference
-        from normscope.reference import ProfileConfig
-        from normscope.reference import profile as run_profile
+        from normscope.commands.profile import ProfileConfig
+        from normscope.commands.profile import profile as run_profile
+        from normscope.render.files import render_reference
 
         config = ProfileConfig(
             base=base, out=out, pipeline=pipeline, dtype=dtype, device=device, batch_size=batch_size,
@@ -291,9 +291,9 @@ def check(
 ) -> None:
     """CI gate: exit 0 within --max-inflation, 1 inflated beyond it, 2 bad input, 3 the run failed."""
     with cli_errors():
-        from normscope.check import CheckConfig
-        from normscope.check import check as run_check
-        from normscope.ci import publish, verdict_line
+        from normscope.commands.check import CheckConfig
+        from normscope.commands.check import check as run_check
+        from normscope.render.ci import publish, verdict_line
 
         config = CheckConfig(
             paths=tuple(paths), reference=reference, max_inflation=max_inflation, pipeline=pipeline, adapter=adapter,
@@ -343,9 +343,9 @@ def sweep(
 ) -> None:
     """Compare every checkpoint of a training run with the base, in training order; resumable."""
     with cli_errors():
-        from normscope.outputs import render_sweep
-        from normscope.sweep import SweepConfig
-        from normscope.sweep import sweep as run_sweep
+        from normscope.commands.sweep import SweepConfig
+        from normscope.commands.sweep import sweep as run_sweep
+        from normscope.render.files import render_sweep
 
         config = SweepConfig(
             run_dir=run_dir, out=out, base=base, pipeline=pipeline, adapter=adapter, allow_pickle=allow_pickle,
@@ -375,8 +375,8 @@ def report(
 ) -> None:
     """Figures, a self-contained report.html and a report.md from saved run folders; no model is loaded."""
     with cli_errors():
-        from normscope.report import ReportConfig
-        from normscope.report import report as run_report
+        from normscope.commands.report import ReportConfig
+        from normscope.commands.report import report as run_report
 
         written = run_report(ReportConfig(runs=tuple(runs), out=out, gate=gate, title=title))
         typer.echo(str(written["html"]))
@@ -393,8 +393,8 @@ def inspect(
 ) -> None:
     """Show what normscope sees in a checkpoint without running a model: kind, architecture, size, LoRA, fit."""
     with cli_errors():
-        from normscope.inspection import InspectConfig, inspect_checkpoint
-        from normscope.outputs import render_inspection
+        from normscope.commands.inspect import InspectConfig, inspect_checkpoint
+        from normscope.render.files import render_inspection
 
         report = inspect_checkpoint(InspectConfig(path=path, pipeline=pipeline, adapter=adapter, allow_pickle=allow_pickle))
         if fmt is OutputFormat.json:
@@ -412,8 +412,8 @@ def demo(
 ) -> None:
     """The bundled digits model against its RL checkpoints (AWM, DiffusionNFT; with and without NormGuard)."""
     with cli_errors():
-        from normscope.demo import DemoConfig, run_demo
-        from normscope.outputs import render_demo
+        from normscope.commands.demo import DemoConfig, run_demo
+        from normscope.render.files import render_demo
 
         with RichReporter("demo") as reporter:
             result = run_demo(DemoConfig(out=out), reporter)

@@ -13,8 +13,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from normscope.builders.tiny import save_tiny, tiny_flux_pipeline, tiny_sd3_pipeline  # noqa: E402
 from normscope.config import CompareConfig  # noqa: E402
-from normscope.tiny import save_tiny, tiny_flux_pipeline, tiny_sd3_pipeline  # noqa: E402
 
 PROMPTS = ("a red fox in snow", "two green apples", "a sign that says OPEN")
 # Small but real: CFG on for SD3 (guidance 4.5), FLUX's distilled guidance embedding at 3.5.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from normscope.tiny import tiny_flux_pipeline, tiny_sd3_pipeline
+from normscope.builders.tiny import tiny_flux_pipeline, tiny_sd3_pipeline
 
 SD3_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_out"]
 RANK, ALPHA = 4, 8  # scale 2: a LoRA read without its alpha would run at half strength
@@ -72,7 +72,7 @@ def fused_state_dict(pipe_dir: Path, lora_dir_or_file: Path) -> dict:
     """The LoRA fused into full weights with peft's own merge: the reference for the one-module path."""
     from peft import PeftModel
 
-    from normscope.tiny import tiny_sd3_pipeline as _
+    from normscope.builders.tiny import tiny_sd3_pipeline as _
 
     del _
     from diffusers import SD3Transformer2DModel

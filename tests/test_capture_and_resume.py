@@ -7,9 +7,9 @@ import torch
 from conftest import scaled_state_dict
 from safetensors.torch import save_file
 
-from normscope.capture import capture
-from normscope.compare import compare
+from normscope.commands.compare import compare
 from normscope.load import load_models, load_pipeline
+from normscope.measure.capture import capture
 
 
 class Boom(RuntimeError):

@@ -9,8 +9,8 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
+from normscope.builders.tiny import save_tiny, tiny_sd3_pipeline
 from normscope.cli import app
-from normscope.tiny import save_tiny, tiny_sd3_pipeline
 
 runner = CliRunner()
 PROBE = ["--steps", "3", "--height", "16", "--width", "16", "--max-sequence-length", "24", "--seeds", "0,1",

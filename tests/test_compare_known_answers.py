@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from normscope.compare import compare
+from normscope.commands.compare import compare
 from normscope.config import CompareConfig
-from normscope.prompts import make_samples
-from normscope.sampling import sampling_kwargs
-from normscope.table import BRANCH, MODE, RATIO
+from normscope.measure.prompts import make_samples
+from normscope.measure.sampling import sampling_kwargs
+from normscope.measure.table import BRANCH, MODE, RATIO
 
 ARCHS = ("sd3", "flux")
 

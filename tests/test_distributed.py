@@ -50,7 +50,7 @@ def test_two_processes_compare_is_identical_to_one(pipelines, scaled, tmp_path):
 def test_two_processes_sweep_is_identical_to_one(pipelines, tmp_path):
     import torch
 
-    from normscope.tiny import tiny_sd3_pipeline
+    from normscope.builders.tiny import tiny_sd3_pipeline
 
     run = tmp_path / "run"
     for step, factor in ((10, 1.0), (20, 1.1)):

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from normscope.cli import app
-from normscope.compare import compare
+from normscope.commands.compare import compare
 from normscope.errors import CheckpointError
 from normscope.load import find_checkpoint, load_models, load_pipeline
 

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 from normscope.errors import InputError
-from normscope.prompts import default_prompts, make_samples, read_prompt_file, resolve_prompts
-from normscope.stats import inflation, region_inflation, step_profile
-from normscope.table import COLUMNS
+from normscope.measure.prompts import default_prompts, make_samples, read_prompt_file, resolve_prompts
+from normscope.measure.stats import inflation, region_inflation, step_profile
+from normscope.measure.table import COLUMNS
 
 
 def test_prompt_file_formats(tmp_path):

@@ -7,10 +7,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from normscope.builders.tiny import tiny_sd3_pipeline
 from normscope.cli import app
-from normscope.compare import compare
-from normscope.sweep import SweepConfig, sweep
-from normscope.tiny import tiny_sd3_pipeline
+from normscope.commands.compare import compare
+from normscope.commands.sweep import SweepConfig, sweep
 
 runner = CliRunner()
 PROBE = dict(prompts=("a red fox", "two apples", "a blue car"), seeds=(0, 1), steps=3, height=16, width=16,

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from normscope.digits import DIGIT_WORDS, SAMPLING, digit_prompt, real_to_images  # noqa: E402
+from normscope.builders.digits import DIGIT_WORDS, SAMPLING, digit_prompt, real_to_images  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"  # intermediate results (git-ignored)
@@ -45,7 +45,7 @@ def build_pipeline(vae, seed: int = 0):
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    from normscope import tiny
+    from normscope.builders import tiny
 
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from common import ASSETS, WORK, timed, write_json
 
-from normscope.compare import compare
+from normscope.builders.digits import SAMPLING, digit_prompt, generate, load_classifier, quality, reward
+from normscope.commands.compare import compare
 from normscope.config import CompareConfig
-from normscope.digits import SAMPLING, digit_prompt, generate, load_classifier, quality, reward
 
 EVAL_SEEDS = list(range(50_000, 50_016))  # 16 images per digit for reward and quality
 PROBE_SEEDS = (0, 1, 2, 3)  # normscope's probe: 10 prompts x 4 seeds = 40 samples

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from common import ASSETS, prompt_embeddings, write_json
 
-from normscope.digits import SAMPLING, digit_prompt, load_classifier, reward
+from normscope.builders.digits import SAMPLING, digit_prompt, load_classifier, reward
 from normscope.guard import normguard_penalty, per_sample_norm
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",

@@ -11,7 +11,7 @@ import torch
 from common import ASSETS, WORK, build_pipeline, prompt_embeddings, split_digits, timed, write_json
 from safetensors.torch import save_file
 
-from normscope.digits import DigitClassifier, displayable, generate, load_classifier, quality, reward
+from normscope.builders.digits import DigitClassifier, displayable, generate, load_classifier, quality, reward
 
 SEED = 0
 VAE_STEPS, BASE_STEPS, CLASSIFIER_STEPS = 1000, 3000, 1500

@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from normscope.capture import CallRecord
+from normscope.measure.capture import CallRecord
 
 META = "meta.json"
 

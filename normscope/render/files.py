@@ -6,8 +6,8 @@ import io
 import json
 from pathlib import Path
 
-from normscope.stats import HINGE_RATE, N
-from normscope.table import COSINE, NORM_BASE, NORM_TUNED, RATIO, SIGMA, STEP
+from normscope.measure.stats import HINGE_RATE, N
+from normscope.measure.table import COSINE, NORM_BASE, NORM_TUNED, RATIO, SIGMA, STEP
 
 NORMS_CSV = "norms.csv"
 SUMMARY_JSON = "summary.json"
@@ -26,7 +26,7 @@ def write_run(result, out: Path, figure: bool = True) -> list[Path]:
     result.frame.to_csv(written[0], index=False, lineterminator="\n")
     written[1].write_text(summary_json(result.summary))
     if figure:
-        from normscope.figures import save_profile_figure
+        from normscope.render.figures import save_profile_figure
 
         written.append(save_profile_figure(result.summary, out / PROFILE_PNG))
     return written

@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from normscope.capture import BRANCHES, CallRecord
-from normscope.prompts import Sample
+from normscope.measure.capture import BRANCHES, CallRecord
+from normscope.measure.prompts import Sample
 
 MODE = "mode"
 DRIVE = "drive"

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
-from normscope.check import ERROR, FAIL, CheckResult
+from normscope.commands.check import ERROR, FAIL, CheckResult
 
 
 def _pct(value: float | None) -> str:
@@ -28,7 +28,7 @@ def junit_xml(result: CheckResult) -> str:
                           failures=str(failures), errors=str(errors),
                           time=f"{sum(c.seconds for c in result.checkpoints):.3f}")
     for c in result.checkpoints:
-        case = ET.SubElement(suite, "testcase", classname="normscope.check", name=c.path, time=f"{c.seconds:.3f}")
+        case = ET.SubElement(suite, "testcase", classname="normscope.commands.check", name=c.path, time=f"{c.seconds:.3f}")
         message = f"inflation {_pct(c.inflation)} vs gate {result.max_inflation * 100:.2f} % ({result.gate_source})"
         if c.verdict == FAIL:
             ET.SubElement(case, "failure", message=message, type="Inflated").text = (

@@ -13,11 +13,11 @@ from typing import Protocol
 import torch
 
 from normscope import __version__
-from normscope.capture import CallRecord, capture
 from normscope.config import ProbeConfig
 from normscope.errors import InputError
 from normscope.load import VelocityModel
-from normscope.prompts import Sample
+from normscope.measure.capture import CallRecord, capture
+from normscope.measure.prompts import Sample
 
 
 class Reporter(Protocol):
@@ -134,7 +134,7 @@ def run_model(pipe, model: VelocityModel, kwargs: dict, reporter: Reporter) -> C
 
 def run_model_batches(pipe, model: VelocityModel, probe: ProbeConfig, samples: list[Sample], reporter: Reporter) -> CallRecord:
     """One model over all samples, batch by batch, the batches shared out when several processes run."""
-    from normscope.distributed import current_processes
+    from normscope.measure.distributed import current_processes
 
     groups = list(batches(samples, probe.batch_size))
     procs = current_processes()
@@ -143,8 +143,8 @@ def run_model_batches(pipe, model: VelocityModel, probe: ProbeConfig, samples: l
 
 def resolve_run_device(device) -> tuple[str, object]:
     """The device string for this process (its own GPU when launched on several) and the torch dtype."""
-    from normscope.distributed import processes
     from normscope.load import resolve_device
+    from normscope.measure.distributed import processes
 
     name = resolve_device(device)
     return processes(cpu=name == "cpu").device(name), name

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from normscope.config import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CI_LEVEL
-from normscope.table import (
+from normscope.measure.table import (
     BRANCH,
     COSINE,
     HINGE,

@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from normscope.builders.digits import SAMPLING, assets_dir, digit_prompt, generate, load_classifier, quality, reward
 from normscope.config import CompareConfig
-from normscope.digits import SAMPLING, assets_dir, digit_prompt, generate, load_classifier, quality, reward
 from normscope.errors import InputError
-from normscope.sampling import Reporter, SilentReporter
+from normscope.measure.sampling import Reporter, SilentReporter
 
 MODELS = ("awm", "awm-normguard", "nft", "nft-normguard")
 FINAL_STEP = 40
@@ -70,9 +70,9 @@ def _image_metrics(lora: Path | None, classifier, real) -> dict:
 
 def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> dict:
     """Compare the base with every bundled RL checkpoint; reward and quality next to inflation; the series."""
-    from normscope.compare import compare
-    from normscope.report import Run
-    from normscope.report_figures import inflation, save
+    from normscope.commands.compare import compare
+    from normscope.commands.report import Run
+    from normscope.render.report_figures import inflation, save
 
     reporter = reporter or SilentReporter()
     classifier, real = load_classifier()

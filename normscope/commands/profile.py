@@ -20,9 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from normscope.capture import GUIDED, CallRecord
 from normscope.config import Device, DType, ProbeConfig
-from normscope.distributed import current_processes
 from normscope.errors import InputError
 from normscope.load import (
     find_checkpoint,
@@ -32,8 +30,10 @@ from normscope.load import (
     resolve_dtype,
 )
 from normscope.load.pipeline import quiet_loading
-from normscope.prompts import Sample, make_samples, resolve_prompts
-from normscope.sampling import (
+from normscope.measure.capture import GUIDED, CallRecord
+from normscope.measure.distributed import current_processes
+from normscope.measure.prompts import Sample, make_samples, resolve_prompts
+from normscope.measure.sampling import (
     Reporter,
     SilentReporter,
     resolve_run_device,
@@ -300,7 +300,7 @@ def profile(config: ProfileConfig, reporter: Reporter | None = None) -> Referenc
         return reference
     reference.save(config.out)
     if config.figure:
-        from normscope.figures import save_reference_figure
+        from normscope.render.figures import save_reference_figure
 
         save_reference_figure(meta, config.out / REFERENCE_PNG)
     return reference

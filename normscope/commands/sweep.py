@@ -20,12 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from normscope.config import CompareConfig, Mode, ProbeConfig
-from normscope.distributed import current_processes
-from normscope.errors import ConfigError, InputError
-from normscope.load import find_checkpoint, find_pipeline_source, load_pipeline, resolve_dtype
-from normscope.outputs import write_run
-from normscope.reference import (
+from normscope.commands.profile import (
     PROBE_FIELDS,
     REFERENCE_JSON,
     ProfileConfig,
@@ -33,7 +28,12 @@ from normscope.reference import (
     probe_from_reference,
     profile,
 )
-from normscope.sampling import Reporter, SilentReporter, resolve_run_device
+from normscope.config import CompareConfig, Mode, ProbeConfig
+from normscope.errors import ConfigError, InputError
+from normscope.load import find_checkpoint, find_pipeline_source, load_pipeline, resolve_dtype
+from normscope.measure.distributed import current_processes
+from normscope.measure.sampling import Reporter, SilentReporter, resolve_run_device
+from normscope.render.files import write_run
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint[-_](\d+)$")
 SWEEP_CSV = "sweep.csv"
@@ -112,8 +112,8 @@ def _base_reference(config: SweepConfig, source: str, reporter: Reporter):
 
 def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame:
     """Compare every checkpoint of ``config.run_dir`` with the base; returns (and writes) the sweep table."""
-    from normscope.check import measure_against_reference
-    from normscope.compare import CompareResult, compare
+    from normscope.commands.check import measure_against_reference
+    from normscope.commands.compare import CompareResult, compare
 
     reporter = reporter or SilentReporter()
     checkpoints = find_training_checkpoints(config.run_dir)
@@ -175,7 +175,7 @@ def _write_table(config: SweepConfig, rows: list[dict]) -> pd.DataFrame:
                                                           "checkpoint": crossing.iloc[0]["checkpoint"]},
             "checkpoints": json.loads(table.to_json(orient="records"))}
     (config.out / SWEEP_JSON).write_text(json.dumps(meta, indent=2) + "\n")
-    from normscope.figures import save_sweep_figure
+    from normscope.render.figures import save_sweep_figure
 
     save_sweep_figure(table, config.gate, config.out / SWEEP_PNG)
     return table

@@ -17,7 +17,6 @@ from pathlib import Path
 import pandas as pd
 
 from normscope import __version__
-from normscope.capture import GUIDED, CallRecord
 from normscope.config import CompareConfig
 from normscope.load import (
     find_checkpoint,
@@ -27,8 +26,9 @@ from normscope.load import (
     resolve_device,
     resolve_dtype,
 )
-from normscope.prompts import Sample, make_samples, resolve_prompts
-from normscope.sampling import (
+from normscope.measure.capture import GUIDED, CallRecord
+from normscope.measure.prompts import Sample, make_samples, resolve_prompts
+from normscope.measure.sampling import (
     Reporter,
     SilentReporter,
     batches,
@@ -38,9 +38,9 @@ from normscope.sampling import (
     sampling_kwargs,
     versions,
 )
-from normscope.stats import NONFINITE, mode_summary, n_samples, select, step_profile
-from normscope.store import BatchStore
-from normscope.table import RATIO, free_frame, paired_frame, tidy
+from normscope.measure.stats import NONFINITE, mode_summary, n_samples, select, step_profile
+from normscope.measure.store import BatchStore
+from normscope.measure.table import RATIO, free_frame, paired_frame, tidy
 
 INFLATION_DEFINITION = (
     "inflation = mean over denoising steps of (mean over prompt/seed samples of "
@@ -85,7 +85,7 @@ def _frame(mode: str, records: dict[str, CallRecord], samples: list[Sample], dri
 
 def save_images(records: dict[str, CallRecord], samples: list[Sample], out: Path) -> None:
     """images/<prompt_id>-<seed>-<base|tuned>.png, written as each batch finishes."""
-    from normscope.outputs import IMAGES_DIR
+    from normscope.render.files import IMAGES_DIR
 
     folder = out / IMAGES_DIR
     folder.mkdir(parents=True, exist_ok=True)
@@ -127,8 +127,8 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
     Launched on several processes (accelerate, torchrun), the batches are shared out and gathered: the main
     process gets the result (identical to a single-process run), the others ``None``.
     """
-    from normscope.distributed import processes
-    from normscope.outputs import write_run
+    from normscope.measure.distributed import processes
+    from normscope.render.files import write_run
 
     reporter = reporter or SilentReporter()
     samples = make_samples(resolve_prompts(config.prompts_file, config.prompts), config.seeds)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from normscope.errors import InputError
-from normscope.outputs import IMAGES_DIR, NORMS_CSV, SUMMARY_JSON
+from normscope.render.files import IMAGES_DIR, NORMS_CSV, SUMMARY_JSON
 
 FIGURES_DIR = "figures"
 REPORT_HTML = "report.html"
@@ -100,7 +100,7 @@ def _run_rows(runs: list[Run]) -> list[dict]:
 
 def report(config: ReportConfig) -> dict[str, Path]:
     """Write figures (PNG + SVG), report.html (self-contained) and report.md into ``config.out``."""
-    from normscope import report_figures as rf
+    from normscope.render import report_figures as rf
 
     runs = [Run(folder) for folder in config.runs]
     names = [r.name for r in runs]

@@ -17,13 +17,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from normscope.compare import CompareResult, compare, summarize
+from normscope.commands.compare import CompareResult, compare, summarize
+from normscope.commands.profile import (
+    PROBE_FIELDS,
+    Reference,
+    load_reference,
+    pipeline_fingerprint,
+    probe_from_reference,
+)
 from normscope.config import CompareConfig, Device, DType, Mode
 from normscope.errors import EXIT_INFLATED, EXIT_OK, EXIT_RUN, ConfigError, InputError
 from normscope.load import find_checkpoint, load_pipeline, load_tuned_only, resolve_dtype
-from normscope.reference import PROBE_FIELDS, Reference, load_reference, pipeline_fingerprint, probe_from_reference
-from normscope.sampling import Reporter, SilentReporter, resolve_run_device, run_model_batches
-from normscope.table import free_frame, tidy
+from normscope.measure.sampling import Reporter, SilentReporter, resolve_run_device, run_model_batches
+from normscope.measure.table import free_frame, tidy
 
 PASS, FAIL, ERROR = "pass", "fail", "error"
 
@@ -119,7 +125,7 @@ def verdict(summary: dict, gate: float) -> str:
 
 
 def _contradictions(reference: Reference, config: CheckConfig) -> list[str]:
-    from normscope.prompts import resolve_prompts
+    from normscope.measure.prompts import resolve_prompts
 
     stored = reference.probe
     problems = []
@@ -132,7 +138,7 @@ def _contradictions(reference: Reference, config: CheckConfig) -> list[str]:
         if value != stored_value:
             problems.append(f"--{name.replace('_', '-')} {value} (reference: {stored_value})")
     if config.prompts_file is not None or config.prompts:
-        from normscope.reference import prompts_digest
+        from normscope.commands.profile import prompts_digest
 
         if prompts_digest(resolve_prompts(config.prompts_file, config.prompts)) != reference.meta["hashes"]["prompts"]:
             problems.append("the prompts (they differ from the reference's)")
