@@ -139,9 +139,14 @@ class CompareConfig(ProbeConfig):
     figure: bool = True
     save_images: bool = False
     offload: bool = False
+    max_device_memory: str | None = None  # e.g. "40GiB"; default: the device's free memory (no check on the CPU)
+    encode_once: bool = True  # False: the pipeline encodes the prompts inside every call (the old way; benchmarks)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        from normscope.load.device_memory import parse_size
+
+        parse_size(self.max_device_memory)  # a bad size fails here, before anything loads
         self.mode = Mode(self.mode)
         self.drive = Drive(self.drive)
         if self.out is not None:

@@ -19,6 +19,7 @@ import pandas as pd
 from normscope import __version__
 from normscope.config import CompareConfig
 from normscope.load import (
+    LoadedModels,
     find_checkpoint,
     find_pipeline_source,
     load_models,
@@ -26,12 +27,15 @@ from normscope.load import (
     resolve_device,
     resolve_dtype,
 )
+from normscope.load.device_memory import check_fits, device_budget, footprint, out_of_memory_as_error
 from normscope.measure.capture import GUIDED, CallRecord
+from normscope.measure.prompt_cache import CACHE_DIR, prepare_prompts
 from normscope.measure.prompts import Sample, make_samples, resolve_prompts
 from normscope.measure.sampling import (
     Reporter,
     SilentReporter,
     batches,
+    prompt_batches,
     resolved_sampling,
     run_free,
     run_paired,
@@ -72,7 +76,9 @@ class CompareResult:
 
 
 def _fingerprint(config: CompareConfig, identities: list) -> str:
-    stable = {k: v for k, v in config.to_dict().items() if k not in ("out", "figure", "save_images", "offload")}
+    # Options that cannot change a number (where things live, which cache feeds the prompts) leave it out.
+    stable = {k: v for k, v in config.to_dict().items()
+              if k not in ("out", "figure", "save_images", "offload", "max_device_memory", "encode_once")}
     text = json.dumps([stable, identities, __version__], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -118,7 +124,8 @@ def summarize(frame: pd.DataFrame, config: CompareConfig, extra: dict) -> dict:
     }
 
 
-def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareResult | None:
+def compare(config: CompareConfig, reporter: Reporter | None = None, pipe=None,
+            cache_dir: Path | None = None) -> CompareResult | None:
     """Measure how much larger the tuned model's velocity is than the base's, step by step.
 
     With ``config.out`` set, finished batches are kept there as the run goes, a rerun with the same
@@ -126,9 +133,12 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
 
     Launched on several processes (accelerate, torchrun), the batches are shared out and gathered: the main
     process gets the result (identical to a single-process run), the others ``None``.
+
+    ``pipe``: a pipeline loaded from the same source to reuse (sweeps); it is handed back as it came (a LoRA
+    adapter removed, offloaded weights back in host memory). The prompt embeddings are kept in
+    ``OUT/.prompt-embeddings`` (or ``cache_dir``) for reruns.
     """
     from normscope.measure.distributed import processes
-    from normscope.render.files import write_run
 
     reporter = reporter or SilentReporter()
     samples = make_samples(resolve_prompts(config.prompts_file, config.prompts), config.seeds)
@@ -142,13 +152,40 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
     if config.base:
         checkpoints.append(find_checkpoint(config.base, "BASE", allow_pickle=config.allow_pickle))
 
-    pipe = load_pipeline(source, dtype, device)
-    offload_to = device if config.offload and device != "cpu" else None
+    groups = list(batches(samples, config.batch_size))
+    prompts = None
+    if config.encode_once:  # before any transformer is loaded: the encoders have the device (and the RAM) alone
+        if cache_dir is None and config.out is not None:
+            cache_dir = Path(config.out) / CACHE_DIR
+        prompts = prepare_prompts(source, prompt_batches(samples, config.batch_size), config.negative_prompt,
+                                  config.max_sequence_length, dtype, device, cache_dir, pipe=pipe)
+    own_pipe = pipe is None
+    if own_pipe:
+        pipe = load_pipeline(source, dtype, device, parts="denoiser" if prompts is not None else "all", place=False)
+    offload_to = device if config.offload else None
     loaded = load_models(pipe, config.base, config.tuned, source, config.adapter, config.allow_pickle, offload_to)
-    if config.offload and offload_to is None:
-        reporter.note("--offload has no effect on the CPU: the weights already live in host memory")
+    if config.offload and device == "cpu":
+        reporter.note("--offload on the CPU saves nothing (host memory is the device): the transformers still take turns")
     for note in loaded.notes:
         reporter.note(note)
+    try:
+        return _measure(config, pipe, loaded, prompts, samples, groups, source, checkpoints, device, dtype, procs, reporter)
+    finally:
+        if not own_pipe:  # a caller's pipeline gets its own transformer back: adapter removed, weights in place
+            loaded.release()
+
+
+def _measure(config: CompareConfig, pipe, loaded: LoadedModels, prompts, samples, groups, source, checkpoints,
+             device: str, dtype, procs, reporter: Reporter) -> CompareResult | None:
+    from normscope.render.files import write_run
+
+    fp = footprint(pipe, transformers=1 if loaded.shared or config.offload else 2,
+                   adapter_params=loaded.adapter_params, batch=config.batch_size, guidance=config.guidance,
+                   height=config.height, width=config.width, max_sequence_length=prompts.settings["max_sequence_length"]
+                   if prompts is not None else config.max_sequence_length,
+                   offload_possible=not loaded.shared and not config.offload)
+    check_fits(fp, device_budget(device, config.max_device_memory), device)
+    loaded.place(device)
     base, tuned = loaded.base, loaded.tuned
     driver, other = (tuned, base) if config.drive.value == "tuned" else (base, tuned)
 
@@ -160,7 +197,6 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
         elif store.finished():
             reporter.note(f"resuming: {store.finished()} finished batch(es) in {config.out} are reused")
 
-    groups = list(batches(samples, config.batch_size))
     runs = config.mode.runs()
     calls_per_batch = {"paired": 1, "free": 2}
     reporter.begin(sum(calls_per_batch[m] for m in runs) * len(groups) * config.steps)
@@ -171,13 +207,13 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
         if records is not None:
             reporter.advance(calls_per_batch[mode] * config.steps)
             return records
-        kwargs = sampling_kwargs(pipe, config, batch)
+        kwargs = sampling_kwargs(pipe, config, batch, prompts)
         if mode == "free" and config.save_images:
             kwargs["output_type"] = "pil"
         if mode == "paired":
             records = run_paired(pipe, driver, other, kwargs, reporter)
         else:
-            records = run_free(pipe, base, tuned, kwargs, reporter)
+            records = run_free(pipe, base, tuned, kwargs, reporter, device)
         if mode == "free" and config.save_images:
             save_images(records, batch, Path(config.out))
             for record in records.values():
@@ -187,9 +223,11 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
         return records
 
     frames = []
-    for mode in runs:
-        for index, records in enumerate(procs.map(len(groups), lambda i, mode=mode: measure(mode, i))):
-            frames.append(_frame(mode, records, groups[index], config.drive.value))
+    kept = f" (the finished batches are kept in {config.out}: rerun with the new options to resume)" if store else ""
+    with out_of_memory_as_error(device, fp, kept):
+        for mode in runs:
+            for index, records in enumerate(procs.map(len(groups), lambda i, mode=mode: measure(mode, i))):
+                frames.append(_frame(mode, records, groups[index], config.drive.value))
     if not procs.is_main:
         return None
 

@@ -6,6 +6,7 @@ generator per sample) and attaches capture around it.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Iterator
 from typing import Protocol
@@ -17,6 +18,7 @@ from normscope.config import ProbeConfig
 from normscope.errors import InputError
 from normscope.load import VelocityModel
 from normscope.measure.capture import CallRecord, capture
+from normscope.measure.prompt_cache import PromptCache
 from normscope.measure.prompts import Sample
 
 
@@ -51,11 +53,13 @@ def _call_defaults(pipe) -> dict:
     }
 
 
-def sampling_kwargs(pipe, probe: ProbeConfig, samples: list[Sample]) -> dict:
+def sampling_kwargs(pipe, probe: ProbeConfig, samples: list[Sample], prompts: PromptCache | None = None) -> dict:
     """The keyword arguments of the pipeline call for one batch; unset options stay the pipeline's.
 
     Each sample gets its own CPU generator, so its initial noise is exactly what the pipeline draws
     for that prompt alone with ``generator=torch.Generator("cpu").manual_seed(seed)``, whatever the batch.
+    With ``prompts`` (a cache that holds this batch), the prompts go in as embeddings, in the
+    transformer's dtype, and the pipeline never runs a text encoder.
     """
     accepted = _call_defaults(pipe)
     kwargs = {
@@ -78,6 +82,10 @@ def sampling_kwargs(pipe, probe: ProbeConfig, samples: list[Sample]) -> dict:
             flag = {"guidance_scale": "guidance"}.get(name, name).replace("_", "-")
             raise InputError(f"{type(pipe).__name__} does not take {name}: drop --{flag}")
         kwargs[name] = value
+    if prompts is not None:
+        for name in ("prompt", "negative_prompt", "max_sequence_length"):  # the cache's encoder settings hold them
+            kwargs.pop(name, None)
+        kwargs.update(prompts.kwargs([s.prompt for s in samples], dtype=pipe.transformer.dtype))
     return kwargs
 
 
@@ -106,9 +114,10 @@ def run_paired(pipe, driver: VelocityModel, other: VelocityModel, kwargs: dict, 
         return {"paired": recorder.collect()}
 
 
-def run_free(pipe, base: VelocityModel, tuned: VelocityModel, kwargs: dict, reporter: Reporter) -> dict[str, CallRecord]:
+def run_free(pipe, base: VelocityModel, tuned: VelocityModel, kwargs: dict, reporter: Reporter,
+             device: str | None = None) -> dict[str, CallRecord]:
     """One batch in free mode: each model samples its own trajectory from the same noise."""
-    return {model.role: run_model(pipe, model, kwargs, reporter) for model in (base, tuned)}
+    return {model.role: run_model(pipe, model, kwargs, reporter, device) for model in (base, tuned)}
 
 
 def fresh_generators(generators):
@@ -121,10 +130,17 @@ def fresh_generators(generators):
     return fresh
 
 
-def run_model(pipe, model: VelocityModel, kwargs: dict, reporter: Reporter) -> CallRecord:
-    """One batch with one model on its own trajectory (profile, and reference checks)."""
+def run_model(pipe, model: VelocityModel, kwargs: dict, reporter: Reporter, device: str | None = None) -> CallRecord:
+    """One batch with one model on its own trajectory (profile, and reference checks).
+
+    When images are asked for, the VAE visits ``device`` (if given) only to decode them.
+    """
+    from normscope.load.pipeline import decoding_on
+
     call = dict(kwargs, generator=fresh_generators(kwargs["generator"]))
-    with capture(pipe, model, on_step=reporter.advance) as recorder:
+    decoding = call["output_type"] != "latent" and device is not None
+    with capture(pipe, model, on_step=reporter.advance) as recorder, \
+            (decoding_on(pipe, device) if decoding else contextlib.nullcontext()):
         output = pipe(**call)
         record = recorder.collect()
     if call["output_type"] != "latent":
@@ -132,13 +148,19 @@ def run_model(pipe, model: VelocityModel, kwargs: dict, reporter: Reporter) -> C
     return record
 
 
-def run_model_batches(pipe, model: VelocityModel, probe: ProbeConfig, samples: list[Sample], reporter: Reporter) -> CallRecord:
+def run_model_batches(pipe, model: VelocityModel, probe: ProbeConfig, samples: list[Sample], reporter: Reporter,
+                      prompts: PromptCache | None = None) -> CallRecord:
     """One model over all samples, batch by batch, the batches shared out when several processes run."""
     from normscope.measure.distributed import current_processes
 
     groups = list(batches(samples, probe.batch_size))
     procs = current_processes()
-    return concat_records(procs.map(len(groups), lambda i: run_model(pipe, model, sampling_kwargs(pipe, probe, groups[i]), reporter)))
+    return concat_records(procs.map(len(groups), lambda i: run_model(pipe, model, sampling_kwargs(pipe, probe, groups[i], prompts), reporter)))
+
+
+def prompt_batches(samples: list[Sample], batch_size: int) -> list[list[str]]:
+    """The prompt lists of the pipeline calls a run over ``samples`` makes (what the prompt cache holds)."""
+    return [[s.prompt for s in group] for group in batches(samples, batch_size)]
 
 
 def resolve_run_device(device) -> tuple[str, object]:
