@@ -191,7 +191,8 @@ def compare(
     batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
     fmt: FormatOpt = OutputFormat.table,
     out: OutOpt = None,
-    offload: Annotated[bool, typer.Option("--offload", help="Full checkpoints: keep one transformer's weights on the GPU at a time (slower; see docs/scale.md).", rich_help_panel="Hardware")] = False,
+    offload: Annotated[bool, typer.Option("--offload", help="Full checkpoints: at most one transformer's weights on the device at any moment; they take turns from host memory (slower; see docs/scale.md).", rich_help_panel="Hardware")] = False,
+    max_device_memory: Annotated[str | None, typer.Option("--max-device-memory", help="Device memory the run may use, e.g. 40GiB; refused before it starts if the estimate exceeds it. Default: the GPU's free memory (no check on the CPU); also NORMSCOPE_MAX_DEVICE_MEMORY.", rich_help_panel="Hardware")] = None,
     save_images: Annotated[bool, typer.Option("--save-images", help="Also decode and save both models' final images of free mode in DIR/images/ (needs --mode free or both).", rich_help_panel="Output")] = False,
 ) -> None:
     """Per-step velocity norms of BASE and TUNED on the same prompts and seeds, with 95% CIs.
@@ -207,6 +208,7 @@ def compare(
         config = CompareConfig(
             base=base, tuned=tuned, adapter=adapter, allow_pickle=allow_pickle, pipeline=pipeline, mode=mode, drive=drive,
             dtype=dtype, device=device, batch_size=batch_size, out=out, save_images=save_images, offload=offload,
+            max_device_memory=max_device_memory,
             **probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, negative_prompt, max_sequence_length),
         )
         if not is_main_process():  # launched on several processes: the main one reports

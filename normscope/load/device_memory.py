@@ -15,7 +15,6 @@ The budget is the device's free memory (CUDA), or what ``--max-device-memory`` /
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import re
 from collections.abc import Iterator
@@ -166,7 +165,3 @@ def out_of_memory_as_error(device: str, fp: Footprint | None, kept: str = "") ->
     except torch.OutOfMemoryError as exc:
         detail = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else "out of memory"
         raise DeviceMemoryError(f"{device} ran out of memory during the run ({detail}): {advice_for(fp)}{kept}") from None
-
-
-def gib(value: int) -> float:
-    return math.floor(value / GIB * 100) / 100
