@@ -3,6 +3,7 @@ never reload, and a device-memory check that refuses with the options that fit."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import weakref
 
@@ -51,10 +52,10 @@ def test_sampling_pipeline_needs_no_text_encoder_and_the_disk_cache_is_reused(pi
     batches = prompt_batches(samples, 4)  # 6 samples: batches of 4 and 2
     stored = sorted((tmp_path / "run" / CACHE_DIR).glob("*.safetensors"))
     assert len(stored) == len(batches) == 2
-    again = prepare_prompts(source, batches, None, config.max_sequence_length, torch.float32, "cpu",
-                            tmp_path / "run" / CACHE_DIR)
+    again = prepare_prompts(source, batches, config, torch.float32, "cpu", tmp_path / "run" / CACHE_DIR)
     assert (again.encoded, again.from_disk) == (0, 2)
-    other = prepare_prompts(source, batches, None, 16, torch.float32, "cpu", tmp_path / "run" / CACHE_DIR)
+    shorter = dataclasses.replace(config, max_sequence_length=16)
+    other = prepare_prompts(source, batches, shorter, torch.float32, "cpu", tmp_path / "run" / CACHE_DIR)
     assert other.encoded == 2  # another sequence length is another embedding
 
 

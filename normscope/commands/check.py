@@ -185,8 +185,8 @@ def measure_against_reference(source: str, tuned: str, reference: Reference, pro
     its transformer, a LoRA is attached for this call and removed again.
     """
     samples = reference.samples()
-    prompts = prepare_prompts(source, prompt_batches(samples, probe.batch_size), probe.negative_prompt,
-                              probe.max_sequence_length, dtype, device, cache_dir, pipe=pipe)
+    prompts = prepare_prompts(source, prompt_batches(samples, probe.batch_size), probe, dtype, device, cache_dir,
+                              pipe=pipe)
     if pipe is None:
         pipe = load_pipeline(source, dtype, device, parts="denoiser" if prompts is not None else "all")
     tuned_model, ckpt, notes = load_tuned_only(pipe, tuned, adapter, allow_pickle)

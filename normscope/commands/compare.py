@@ -14,10 +14,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from normscope import __version__
 from normscope.config import CompareConfig
+from normscope.errors import RunError
 from normscope.load import (
     LoadedModels,
     find_checkpoint,
@@ -28,6 +30,8 @@ from normscope.load import (
     resolve_dtype,
 )
 from normscope.load.device_memory import check_fits, device_budget, footprint, out_of_memory_as_error
+from normscope.load.families import family_for
+from normscope.load.pipeline import check_family_inputs
 from normscope.measure.capture import GUIDED, CallRecord
 from normscope.measure.prompt_cache import CACHE_DIR, prepare_prompts
 from normscope.measure.prompts import Sample, make_samples, resolve_prompts
@@ -35,6 +39,7 @@ from normscope.measure.sampling import (
     Reporter,
     SilentReporter,
     batches,
+    default_settings_note,
     prompt_batches,
     resolved_sampling,
     run_free,
@@ -44,7 +49,7 @@ from normscope.measure.sampling import (
 )
 from normscope.measure.stats import NONFINITE, mode_summary, n_samples, select, step_profile
 from normscope.measure.store import BatchStore
-from normscope.measure.table import RATIO, free_frame, paired_frame, tidy
+from normscope.measure.table import BRANCH, NORM_BASE, NORM_TUNED, RATIO, STEP, free_frame, paired_frame, tidy
 
 INFLATION_DEFINITION = (
     "inflation = mean over denoising steps of (mean over prompt/seed samples of "
@@ -76,9 +81,7 @@ class CompareResult:
 
 
 def _fingerprint(config: CompareConfig, identities: list) -> str:
-    # Options that cannot change a number (where things live, which cache feeds the prompts) leave it out.
-    stable = {k: v for k, v in config.to_dict().items()
-              if k not in ("out", "figure", "save_images", "offload", "max_device_memory", "encode_once")}
+    stable = {k: v for k, v in config.to_dict().items() if k not in ("out", "figure", "save_images", "offload")}
     text = json.dumps([stable, identities, __version__], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -152,37 +155,45 @@ def compare(config: CompareConfig, reporter: Reporter | None = None, pipe=None,
     if config.base:
         checkpoints.append(find_checkpoint(config.base, "BASE", allow_pickle=config.allow_pickle))
 
+    check_family_inputs(source, [(config.tuned, "TUNED"), (config.base, "BASE")], config.preset)
+
     groups = list(batches(samples, config.batch_size))
     prompts = None
     if config.encode_once:  # before any transformer is loaded: the encoders have the device (and the RAM) alone
         if cache_dir is None and config.out is not None:
             cache_dir = Path(config.out) / CACHE_DIR
-        prompts = prepare_prompts(source, prompt_batches(samples, config.batch_size), config.negative_prompt,
-                                  config.max_sequence_length, dtype, device, cache_dir, pipe=pipe)
+        prompts = prepare_prompts(source, prompt_batches(samples, config.batch_size), config, dtype, device,
+                                  cache_dir, pipe=pipe)
     own_pipe = pipe is None
     if own_pipe:
         pipe = load_pipeline(source, dtype, device, parts="denoiser" if prompts is not None else "all", place=False)
+    family = family_for(type(pipe).__name__)
     offload_to = device if config.offload else None
     loaded = load_models(pipe, config.base, config.tuned, source, config.adapter, config.allow_pickle, offload_to)
     if config.offload and device == "cpu":
         reporter.note("--offload on the CPU saves nothing (host memory is the device): the transformers still take turns")
     for note in loaded.notes:
         reporter.note(note)
+    defaults_note = default_settings_note(pipe, config, family)
+    if defaults_note:
+        reporter.note(defaults_note)
     try:
-        return _measure(config, pipe, loaded, prompts, samples, groups, source, checkpoints, device, dtype, procs, reporter)
+        return _measure(config, pipe, family, loaded, prompts, samples, groups, source, checkpoints, device, dtype,
+                        procs, reporter)
     finally:
         if not own_pipe:  # a caller's pipeline gets its own transformer back: adapter removed, weights in place
             loaded.release()
 
 
-def _measure(config: CompareConfig, pipe, loaded: LoadedModels, prompts, samples, groups, source, checkpoints,
+def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts, samples, groups, source, checkpoints,
              device: str, dtype, procs, reporter: Reporter) -> CompareResult | None:
     from normscope.render.files import write_run
 
     fp = footprint(pipe, transformers=1 if loaded.shared or config.offload else 2,
                    adapter_params=loaded.adapter_params, batch=config.batch_size, guidance=config.guidance,
-                   height=config.height, width=config.width, max_sequence_length=prompts.settings["max_sequence_length"]
-                   if prompts is not None else config.max_sequence_length,
+                   height=config.height, width=config.width,
+                   max_sequence_length=prompts.settings["max_sequence_length"] if prompts is not None
+                   else config.max_sequence_length,
                    offload_possible=not loaded.shared and not config.offload)
     check_fits(fp, device_budget(device, config.max_device_memory), device)
     loaded.place(device)
@@ -207,13 +218,13 @@ def _measure(config: CompareConfig, pipe, loaded: LoadedModels, prompts, samples
         if records is not None:
             reporter.advance(calls_per_batch[mode] * config.steps)
             return records
-        kwargs = sampling_kwargs(pipe, config, batch, prompts)
+        kwargs = sampling_kwargs(pipe, config, batch, family, prompts)
         if mode == "free" and config.save_images:
             kwargs["output_type"] = "pil"
         if mode == "paired":
             records = run_paired(pipe, driver, other, kwargs, reporter)
         else:
-            records = run_free(pipe, base, tuned, kwargs, reporter, device)
+            records = run_free(pipe, base, tuned, kwargs, reporter, device=device)
         if mode == "free" and config.save_images:
             save_images(records, batch, Path(config.out))
             for record in records.values():
@@ -233,7 +244,7 @@ def _measure(config: CompareConfig, pipe, loaded: LoadedModels, prompts, samples
 
     frame = tidy(frames)
     extra = {
-        "resolved": resolved_sampling(pipe, config),
+        "resolved": resolved_sampling(pipe, config, family),
         "pipeline_source": source,
         "models": loaded.describe(),
         "device": device,
@@ -246,4 +257,27 @@ def _measure(config: CompareConfig, pipe, loaded: LoadedModels, prompts, samples
     if config.out is not None:
         write_run(result, Path(config.out), figure=config.figure)
         store.clear()
+    verdict = nonfinite_verdict(frame)
+    if verdict:
+        raise RunError(verdict)
     return result
+
+
+def nonfinite_verdict(frame: pd.DataFrame) -> str | None:
+    """One line when a model's guided velocity was non-finite at every step of every sample, else None.
+
+    The run's files (summary.json with the counts) are written first; this line ends the run (exit 3).
+    """
+    guided = frame[frame[BRANCH] == GUIDED]
+    if guided.empty:
+        return None
+    bad = {role: ~np.isfinite(guided[column].to_numpy(dtype=float)) for role, column in (("TUNED", NORM_TUNED), ("BASE", NORM_BASE))}
+    if not any(b.all() for b in bad.values()):
+        return None
+    # Blame the model that was non-finite where the other was not (the other then runs on its NaN latents).
+    first = guided[STEP].min()
+    at_first = (guided[STEP] == first).to_numpy()
+    culprits = [role for role, b in bad.items() if b[at_first].any()] or [r for r, b in bad.items() if b.all()]
+    who = " and ".join(culprits)
+    return (f"{who} produced NaN/Inf velocities at every step of every sample ({int(max(b.sum() for b in bad.values()))} "
+            f"of {len(guided)} guided rows): check the checkpoint (summary.json holds the counts)")

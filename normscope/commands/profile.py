@@ -244,7 +244,7 @@ def profile(config: ProfileConfig, reporter: Reporter | None = None, pipe=None, 
     reporter.begin(calls * config.steps)
 
     batches = prompt_batches(samples, config.batch_size) + prompt_batches(check_samples, config.batch_size)
-    embeddings = prepare_prompts(source, batches, config.negative_prompt, config.max_sequence_length, dtype, device,
+    embeddings = prepare_prompts(source, batches, config, dtype, device,
                               cache_dir if cache_dir is not None else config.out / CACHE_DIR, pipe=pipe)
     if pipe is None:
         pipe = load_pipeline(source, dtype, device, parts="denoiser" if embeddings is not None else "all")

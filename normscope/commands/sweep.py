@@ -153,8 +153,8 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame
     needs_base = config.mode is Mode.free and not _base_reusable(config)
     if pending or needs_base:
         samples = make_samples(resolve_prompts(config.prompts_file, config.prompts), config.seeds)
-        prompts = prepare_prompts(source, prompt_batches(samples, config.batch_size), config.negative_prompt,
-                                  config.max_sequence_length, dtype, device, cache_dir)
+        prompts = prepare_prompts(source, prompt_batches(samples, config.batch_size), config, dtype, device,
+                                  cache_dir)
         shared_pipe = load_pipeline(source, dtype, device, parts="denoiser" if prompts is not None else "all",
                                     place=config.mode is Mode.free)
         loads += 1

@@ -22,62 +22,31 @@ import hashlib
 import inspect
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from normscope.errors import InputError
+from normscope.load.families import PromptEncoding
 
 CACHE_DIR = ".prompt-embeddings"
 TEXT_ENCODER_PREFIX = "text_encoder"
 
 
-@dataclass(frozen=True)
-class PromptEncoding:
-    """How one pipeline class encodes prompts: data, one row per family.
-
-    ``outputs`` names the call keyword each returned tensor becomes (``None``: not passed). The negative
-    prompt is either a keyword of the same call (``negative_keyword``, SD3) or encoded by a second call
-    whose results become ``negative_outputs`` (FLUX, which has no negative prompt of its own).
-    """
-
-    method: str
-    outputs: tuple[str | None, ...]
-    negative_keyword: str | None = None
-    negative_outputs: tuple[str | None, ...] = ()
-    fixed: tuple[tuple[str, object], ...] = ()
-
-
-PROMPT_ENCODINGS: dict[str, PromptEncoding] = {
-    "StableDiffusion3Pipeline": PromptEncoding(
-        method="encode_prompt",
-        outputs=("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"),
-        negative_keyword="negative_prompt",
-        # prompt_2/3 None: the pipeline uses the prompt for every encoder; the negative is always encoded so the
-        # same entry serves any guidance scale (without CFG the pipeline ignores it).
-        fixed=(("prompt_2", None), ("prompt_3", None), ("do_classifier_free_guidance", True)),
-    ),
-    "FluxPipeline": PromptEncoding(
-        method="encode_prompt",
-        outputs=("prompt_embeds", "pooled_prompt_embeds", None),  # text_ids: rebuilt by the call
-        negative_outputs=("negative_prompt_embeds", "negative_pooled_prompt_embeds", None),
-        fixed=(("prompt_2", None),),
-    ),
-}
-
-
 def prompt_encoding(pipeline_class: str) -> PromptEncoding | None:
-    """The encoding row of a pipeline class, or ``None`` when normscope lets the pipeline encode itself."""
-    return PROMPT_ENCODINGS.get(pipeline_class)
+    """The family row's encoding for a pipeline class, or ``None`` when the pipeline encodes inside its call."""
+    from normscope.load.families import family_for
+
+    return family_for(pipeline_class).prompt_encoding
 
 
-def encoder_settings(pipeline_cls, negative_prompt: str | None, max_sequence_length: int | None, dtype) -> dict:
+def encoder_settings(pipeline_cls, probe, dtype) -> dict:
     """What besides the prompt decides the embeddings; unset values are the pipeline call's own defaults."""
+    from normscope.measure.sampling import negative_prompt_used
+
     defaults = {name: p.default for name, p in inspect.signature(pipeline_cls.__call__).parameters.items()
                 if p.default is not inspect.Parameter.empty}
-    length = max_sequence_length if max_sequence_length is not None else defaults.get("max_sequence_length")
-    negative = negative_prompt if negative_prompt is not None else defaults.get("negative_prompt")
+    length = probe.max_sequence_length if probe.max_sequence_length is not None else defaults.get("max_sequence_length")
+    negative = negative_prompt_used(pipeline_cls, probe)
     return {"negative_prompt": negative, "max_sequence_length": length, "dtype": str(dtype).removeprefix("torch.")}
 
 
@@ -186,20 +155,25 @@ def _named(names: tuple[str | None, ...], outputs) -> dict[str, torch.Tensor]:
     return {name: tensor for name, tensor in zip(names, outputs, strict=True) if name is not None and tensor is not None}
 
 
-def pipeline_class_name(source: str) -> str:
-    """The pipeline class named in a pipeline's model_index.json (local folder or cached hub id)."""
+def pipeline_class_name(source: str) -> str | None:
+    """The pipeline class named in a pipeline's model_index.json (local folder or cached hub id); ``None`` when
+    the index cannot be read (the pipeline loader then explains why in one line)."""
     from diffusers import DiffusionPipeline
 
+    from normscope.load.pipeline import quiet_loading
+
     try:
-        return DiffusionPipeline.load_config(source)["_class_name"]
-    except Exception as exc:  # diffusers raises several types for a missing or broken index
-        raise InputError(f"cannot read the pipeline index of {source} ({str(exc)[:120]}): pass a diffusers pipeline folder") from None
+        with quiet_loading():
+            return DiffusionPipeline.load_config(source)["_class_name"]
+    except Exception:  # diffusers raises several types for a missing, unreachable or broken index
+        return None
 
 
-def prepare_prompts(source: str, batches: Sequence[Sequence[str]], negative_prompt: str | None,
-                    max_sequence_length: int | None, dtype, device: str, folder: Path | None = None,
-                    pipe=None) -> PromptCache | None:
+def prepare_prompts(source: str, batches: Sequence[Sequence[str]], probe, dtype, device: str,
+                    folder: Path | None = None, pipe=None) -> PromptCache | None:
     """Embeddings of every batch a run will sample, encoded with the text encoders alone on ``device``.
+
+    ``probe`` gives the encoder settings (negative prompt, sequence length) as the pipeline call would use them.
 
     Batches already cached (in ``folder``) are not encoded again; when any is missing, only the text
     encoders and tokenizers of ``source`` are loaded, moved to ``device``, used, and freed, so they are never
@@ -210,11 +184,13 @@ def prepare_prompts(source: str, batches: Sequence[Sequence[str]], negative_prom
     import diffusers
 
     name = type(pipe).__name__ if pipe is not None else pipeline_class_name(source)
+    if name is None:
+        return None
     encoding = prompt_encoding(name)
     pipeline_cls = getattr(diffusers, name, None)
     if encoding is None or pipeline_cls is None:
         return None
-    settings = encoder_settings(pipeline_cls, negative_prompt, max_sequence_length, dtype)
+    settings = encoder_settings(pipeline_cls, probe, dtype)
     cache = PromptCache(name, encoding, settings, device, encoders_fingerprint(source), folder)
     todo = cache.missing(batches)
     if not todo:
