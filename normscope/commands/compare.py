@@ -155,7 +155,7 @@ def compare(config: CompareConfig, reporter: Reporter | None = None, pipe=None,
     if config.base:
         checkpoints.append(find_checkpoint(config.base, "BASE", allow_pickle=config.allow_pickle))
 
-    check_family_inputs(source, [(config.tuned, "TUNED"), (config.base, "BASE")], config.preset)
+    check_family_inputs(source, [(config.tuned, "TUNED"), (config.base, "BASE")], config)
 
     groups = list(batches(samples, config.batch_size))
     prompts = None

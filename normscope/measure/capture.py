@@ -55,8 +55,8 @@ PAIRED_STATS = ("norm_driver", "norm_other", "cosine", "mse")
 class CallRecord:
     """Everything captured from one pipeline call (one batch of samples), on the CPU.
 
-    ``stats[branch]`` has shape (steps, len(stat_names), batch); a branch absent at a step (CFG turned
-    off by ``cfg_truncation``) is NaN there. ``experts[i]`` is the label of the transformer that ran step
+    ``stats[branch]`` has shape (steps, len(stat_names), batch). On a step where a CFG run made one call
+    (Z-Image past ``cfg_truncation``) ``cond`` is that call's velocity and ``uncond``/``combined`` are NaN. ``experts[i]`` is the label of the transformer that ran step
     ``i`` ("" for one-transformer families).
     """
 
@@ -363,7 +363,9 @@ class Recorder:
         template = self._steps[0][GUIDED]
         stats = {}
         for name in names:
-            items = [s.get(name, torch.full_like(template, float("nan"))) for s in self._steps]
+            # A step without CFG (Z-Image past cfg_truncation) made one call: its velocity is the cond one.
+            items = [s.get(name, s[GUIDED] if name == COND and UNCOND not in s else torch.full_like(template, float("nan")))
+                     for s in self._steps]
             stats[name] = torch.stack(items).cpu()
         scheduler = self.pipe.scheduler
         steps = len(self._steps)
