@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from normscope.cli import app
 from normscope.commands.compare import compare
 from normscope.commands.sweep import SweepConfig, sweep
+from normscope.config import CompareConfig
 from normscope.load import load_models, load_pipeline
 from normscope.load.device_memory import DeviceMemoryError, footprint
 from normscope.measure.prompt_cache import CACHE_DIR, prepare_prompts
@@ -36,6 +37,18 @@ def test_encoding_once_gives_bit_identical_norms(config_for, scaled, arch, mode)
     cached = compare(config_for(arch, scaled(arch, 1.1), mode=mode, batch_size=4))
     assert cached.frame.equals(inside.frame)
     assert inside.inflation != 0.0
+
+
+@pytest.mark.parametrize("key, probe", [("QwenImagePipeline", dict(guidance=4.0)), ("Flux2Pipeline", dict(guidance=4.0))])
+def test_encoding_once_is_bit_identical_for_qwen_image_and_flux2(family_pipelines, key, probe):
+    folder = str(family_pipelines(key))
+    fields = dict(tuned=folder, pipeline=folder, prompts=("a red fox in snow", "two green apples"), seeds=(0,),
+                  steps=2, height=16, width=16, device="cpu", dtype="float32", batch_size=2, mode="both", **probe)
+    inside = compare(CompareConfig(encode_once=False, **fields))
+    cached = compare(CompareConfig(**fields))
+    assert cached.frame.equals(inside.frame)
+    cache = prepare_prompts(folder, [list(fields["prompts"])], CompareConfig(**fields), torch.float32, "cpu")
+    assert cache is not None and cache.encoded == 1  # the cached run really ran on embeddings
 
 
 def test_sampling_pipeline_needs_no_text_encoder_and_the_disk_cache_is_reused(pipelines, scaled, config_for, tmp_path):

@@ -79,13 +79,24 @@ SD3_PROMPTS = PromptEncoding(
     negative_keyword="negative_prompt",
     # prompt_2/3 None: the pipeline uses the prompt for every encoder; the negative is always encoded so the
     # same entry serves any guidance scale (without CFG the pipeline ignores it).
-    fixed=(("prompt_2", None), ("prompt_3", None), ("do_classifier_free_guidance", True)),
+    fixed=(("prompt_2", None), ("prompt_3", None), ("do_classifier_free_guidance", True), ("num_images_per_prompt", 1)),
 )
 FLUX_PROMPTS = PromptEncoding(
     method="encode_prompt",
     outputs=("prompt_embeds", "pooled_prompt_embeds", None),  # text_ids: rebuilt by the call
     negative_outputs=("negative_prompt_embeds", "negative_pooled_prompt_embeds", None),
-    fixed=(("prompt_2", None),),
+    fixed=(("prompt_2", None), ("num_images_per_prompt", 1)),
+)
+QWEN_PROMPTS = PromptEncoding(
+    method="encode_prompt",
+    outputs=("prompt_embeds", "prompt_embeds_mask"),
+    negative_outputs=("negative_prompt_embeds", "negative_prompt_embeds_mask"),
+    fixed=(("num_images_per_prompt", 1),),
+)
+FLUX2_PROMPTS = PromptEncoding(
+    method="encode_prompt",
+    outputs=("prompt_embeds", None),  # text_ids: rebuilt by the call
+    fixed=(("num_images_per_prompt", 1),),
 )
 
 
@@ -212,7 +223,7 @@ FAMILIES: tuple[Family, ...] = (
         name="flux2", title="FLUX.2-dev",
         pipeline_classes=("Flux2Pipeline",), transformer_class="Flux2Transformer2DModel",
         calls=DISTILLED, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, reference_tokens=True,
-        latent_layout="packed", patch_size=2,
+        latent_layout="packed", patch_size=2, prompt_encoding=FLUX2_PROMPTS,
     ),
     Family(
         name="flux2-klein", title="FLUX.2-klein (distilled and base)",
@@ -229,7 +240,7 @@ FAMILIES: tuple[Family, ...] = (
         name="qwen-image", title="Qwen-Image / Qwen-Image-2512",
         pipeline_classes=("QwenImagePipeline",), transformer_class="QwenImageTransformer2DModel",
         calls=SEPARATE, combine=QWEN_RENORM, guidance_arg=TRUE_CFG_SCALE, needs_negative_prompt=True,
-        latent_layout="packed", patch_size=2,
+        latent_layout="packed", patch_size=2, prompt_encoding=QWEN_PROMPTS,
         presets=(
             _p("flow_grpo-qwen-image", "qwen-image", 50, 4.0, TRUE_CFG_SCALE, None, FLOW_GRPO + " (Qwen)"),
             _p("flow-factory-qwen-image", "qwen-image", 28, 4.0, TRUE_CFG_SCALE, None, FLOW_FACTORY + " (Qwen)"),

@@ -121,13 +121,13 @@ class PromptCache:
         device = encoder.device if encoder is not None else torch.device("cpu")
         for prompts in self.missing(batches):
             tensors: dict[str, torch.Tensor] = {}
-            call = dict(common, prompt=list(prompts), device=device, num_images_per_prompt=1)
+            call = dict(common, prompt=list(prompts), device=device)
             if self.encoding.negative_keyword is not None:
                 call[self.encoding.negative_keyword] = None if negative is None else [negative] * len(prompts)
             with torch.no_grad():
                 tensors.update(_named(self.encoding.outputs, encode(**call)))
                 if self.encoding.negative_outputs and negative is not None:
-                    call = dict(common, prompt=[negative] * len(prompts), device=device, num_images_per_prompt=1)
+                    call = dict(common, prompt=[negative] * len(prompts), device=device)
                     tensors.update(_named(self.encoding.negative_outputs, encode(**call)))
             tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
             key = self.key(prompts)
