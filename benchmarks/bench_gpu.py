@@ -147,7 +147,6 @@ def speed(arch: str, overrides: dict, args, device: str, dtype) -> tuple[dict, i
                 times[name].append(timed(fn, device))
     med = {name: statistics.median(t) for name, t in times.items()}
     params = sum(p.numel() for p in base_module.parameters())
-    del pipe, base_module, tuned_module, base, tuned
     return {"free/plain": med["free"] / med["plain free"], "paired/floor": med["paired"] / med["floor"]}, params
 
 
