@@ -145,6 +145,10 @@ def cli_errors() -> Iterator[None]:
     except Exception as exc:
         if os.environ.get("NORMSCOPE_DEBUG"):
             raise
+        if type(exc).__name__ == "OutOfMemoryError":  # torch's, from a command without its own estimate
+            err.print("[red]error:[/red] the device ran out of memory: try --offload (compare), --dtype bfloat16 or a "
+                      "smaller --batch-size (finished batches are kept in --out)", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_RUN) from None
         err.print(
             f"[red]error:[/red] the run failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
             "(finished batches are kept in --out; set NORMSCOPE_DEBUG=1 for the traceback)",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -138,7 +139,7 @@ class PromptCache:
                 from safetensors.torch import save_file
 
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes of one launch may write the same entry
                 save_file(tensors, str(tmp))
                 tmp.replace(path)
 
