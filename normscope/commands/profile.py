@@ -300,9 +300,9 @@ def profile(config: ProfileConfig, reporter: Reporter | None = None) -> Referenc
         return reference
     reference.save(config.out)
     if config.figure:
-        from normscope.render.figures import save_reference_figure
+        from normscope.render.figures import reference_figure, save_png
 
-        save_reference_figure(meta, config.out / REFERENCE_PNG)
+        save_png(reference_figure(meta), config.out / REFERENCE_PNG)
     return reference
 
 
