@@ -6,16 +6,28 @@ from normscope.measure.stats import HINGE_RATE, N
 from normscope.measure.table import COSINE, NORM_BASE, NORM_TUNED, RATIO, SIGMA, STEP
 from normscope.render.numbers import num, pct
 
+ESTIMATE_WORDS = {"sigma_integral": "sigma-integral", "step_mean": "step mean"}
+
 
 def headline(summary: dict) -> str:
+    """The one line a user reads: the headline estimate, its CI, and what it was measured on."""
     lo, hi = summary["inflation_ci"]
     mode = summary["headline_mode"]
     drive = f", {summary['drive']} drives" if mode == "paired" else ""
     steps = len(summary["per_step"])
+    ci = summary["ci"]
     return (
         f"inflation {pct(summary['inflation'])}  95% CI [{pct(lo)}, {pct(hi)}]  "
-        f"({mode}{drive}, guided velocity, {summary['n_samples']} samples x {steps} steps)"
+        f"({ESTIMATE_WORDS[summary['headline']]}; {mode}{drive}, guided velocity, {summary['n_samples']} samples "
+        f"x {steps} steps; CI resamples {ci['unit']}s)"
     )
+
+
+def other_estimates(summary: dict) -> str:
+    """The estimates that are not the headline, each with its CI, on one line."""
+    parts = [f"{ESTIMATE_WORDS[name]} {pct(e['inflation'])} [{pct(e['inflation_ci'][0])}, {pct(e['inflation_ci'][1])}]"
+             for name, e in summary["estimates"].items() if name != summary["headline"]]
+    return "other estimate: " + "; ".join(parts)
 
 
 def render_compare(summary: dict, console) -> None:
@@ -49,6 +61,7 @@ def render_compare(summary: dict, console) -> None:
         if mode != summary["headline_mode"]:
             g = branches["guided"]
             console.print(f"{mode} mode: inflation {pct(g['inflation'])}  95% CI [{pct(g['inflation_ci'][0])}, {pct(g['inflation_ci'][1])}]")
+    console.print(other_estimates(summary))
     console.print(f"[bold]{headline(summary)}[/bold]")
 
 
@@ -168,5 +181,5 @@ def render_demo(result: dict, console) -> None:
     console.print("reward: tempered probability of the prompted digit (higher is better). FD: Frechet distance "
                   "of classifier features to real digits (lower is better). div: within-class diversity. sat: "
                   "out-of-range pixels. paired: tuned drives, base evaluated on the same inputs; base drv: the "
-                  "base drives; free: each on its own trajectory. Inflation = mean over steps of "
-                  "||v_tuned|| / ||v_base|| - 1.")
+                  "base drives; free: each on its own trajectory. Inflation = sigma-integral of the "
+                  "per-step mean ||v_tuned|| / ||v_base||, minus 1 (docs/compare.md).")
