@@ -197,7 +197,8 @@ def compare(
 ) -> None:
     """Per-step velocity norms of BASE and TUNED on the same prompts and seeds, with 95% CIs.
 
-    Headline: inflation = mean over steps of the mean per-sample ratio ||v_tuned||/||v_base||, minus 1.
+    Headline: inflation = integral over sigma of the per-step mean ratio ||v_tuned||/||v_base||, minus 1
+    (the plain mean over steps is reported too); the 95% CIs resample prompts.
     """
     with cli_errors():
         from normscope.commands.compare import compare as run_compare
