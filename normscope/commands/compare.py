@@ -9,14 +9,11 @@ Stages run one way: load -> capture -> table -> stats -> outputs.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from normscope import __version__
 from normscope.config import HEADLINE_ESTIMATE, CompareConfig
 from normscope.load import (
     find_checkpoint,
@@ -27,6 +24,7 @@ from normscope.load import (
     resolve_dtype,
 )
 from normscope.measure.capture import GUIDED, CallRecord
+from normscope.measure.fingerprint import run_fingerprint
 from normscope.measure.prompts import Sample, make_samples, resolve_prompts
 from normscope.measure.sampling import (
     Reporter,
@@ -66,10 +64,18 @@ class CompareResult:
 # ---------------------------------------------------------------- the job
 
 
-def _fingerprint(config: CompareConfig, identities: list) -> str:
-    stable = {k: v for k, v in config.to_dict().items() if k not in ("out", "figure", "save_images", "offload")}
-    text = json.dumps([stable, identities, __version__], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+# Options that change only what is written or where, not the numbers; the prompts enter as resolved texts.
+_NOT_IN_FINGERPRINT = ("out", "figure", "save_images", "offload", "prompts_file", "prompts")
+
+
+def _fingerprint(config: CompareConfig, prompts: list[str], source: str, checkpoints: list) -> str:
+    """Resume key: settings, resolved prompts, the pipeline folder (its transformer too), checkpoints, versions."""
+    import peft
+    import transformers
+
+    settings = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
+    library = {**versions(), "transformers": transformers.__version__, "peft": peft.__version__}
+    return run_fingerprint(settings, prompts, source, checkpoints, library)
 
 
 def _frame(mode: str, records: dict[str, CallRecord], samples: list[Sample], drive: str) -> pd.DataFrame:
@@ -134,7 +140,8 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
     from normscope.render.files import write_run
 
     reporter = reporter or SilentReporter()
-    samples = make_samples(resolve_prompts(config.prompts_file, config.prompts), config.seeds)
+    prompts = resolve_prompts(config.prompts_file, config.prompts)
+    samples = make_samples(prompts, config.seeds)
     device = resolve_device(config.device)
     procs = processes(cpu=device == "cpu")
     device = procs.device(device)
@@ -157,9 +164,9 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
 
     store = None
     if config.out is not None:
-        store = BatchStore(Path(config.out) / ".partial", _fingerprint(config, [c.identity() for c in checkpoints]))
+        store = BatchStore(Path(config.out) / ".partial", _fingerprint(config, prompts, source, checkpoints), procs)
         if store.reset:
-            reporter.note(f"options or checkpoints changed since the unfinished run in {config.out}: starting afresh")
+            reporter.note(f"options, prompts, pipeline or checkpoints changed since the unfinished run in {config.out}: starting afresh")
         elif store.finished():
             reporter.note(f"resuming: {store.finished()} finished batch(es) in {config.out} are reused")
 
