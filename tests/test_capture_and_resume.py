@@ -31,15 +31,22 @@ def test_hooks_are_removed_even_when_the_call_fails(pipelines, scaled):
     assert "step" not in vars(pipe.scheduler)
 
 
-def test_nan_velocities_are_counted_not_averaged(pipelines, tmp_path, config_for):
+def test_nothing_finite_raises_the_packages_error_after_writing_the_counts(pipelines, tmp_path, config_for):
+    import json
+
+    from normscope.errors import NoMeasurementError
+
     state = scaled_state_dict(pipelines["sd3"], 1.0)
     state["proj_out.bias"][0] = float("nan")
     path = tmp_path / "nan.safetensors"
     save_file(state, str(path))
-    result = compare(config_for("sd3", path, drive="base"))
-    guided_rows = len(result.frame[result.frame["branch"] == "guided"])
-    assert result.summary["nonfinite"] == guided_rows
-    assert result.inflation is None and result.inflation_ci == [None, None]
+    with pytest.raises(NoMeasurementError) as info:  # a notebook gets the CLI's message, not inflation=None
+        compare(config_for("sd3", path, drive="base", out=tmp_path / "run", figure=False))
+    assert info.value.exit_code == 3 and "\n" not in str(info.value)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary == info.value.summary
+    assert summary["nonfinite"] == 3 * 2 * 4  # prompts x seeds x steps, all counted
+    assert summary["inflation"] is None and summary["inflation_ci"] == [None, None]
 
 
 class StopAfter:

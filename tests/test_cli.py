@@ -151,6 +151,13 @@ def test_bad_seeds():
 def test_help_is_instant_and_imports_no_torch():
     code = "import sys; from normscope.cli import app; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+    # the top-level API: every job's config and function, imported only when first used
+    code = ("import sys, normscope; assert 'torch' not in sys.modules; "
+            "from normscope import CompareConfig, compare, ProfileConfig, profile, CheckConfig, check, SweepConfig, sweep, "
+            "ReportConfig, report, InspectConfig, inspect_checkpoint, DemoConfig, run_demo; "
+            "import normscope.commands.compare as c, normscope.commands.check as k; "
+            "assert compare is c.compare and check is k.check and callable(run_demo)")
+    subprocess.run([sys.executable, "-c", code], check=True)
     result = run("--help")
     assert result.exit_code == 0 and "compare" in result.stdout
 

@@ -26,7 +26,7 @@ from normscope.commands.profile import (
     probe_from_reference,
 )
 from normscope.config import CompareConfig, Device, DType, Mode
-from normscope.errors import EXIT_INFLATED, EXIT_OK, EXIT_RUN, ConfigError, InputError
+from normscope.errors import EXIT_INFLATED, EXIT_OK, EXIT_RUN, ConfigError, InputError, NoMeasurementError
 from normscope.load import find_checkpoint, load_pipeline, load_tuned_only, resolve_dtype
 from normscope.measure.fingerprint import pipeline_fingerprint
 from normscope.measure.sampling import Reporter, SilentReporter, resolve_run_device, run_model_batches
@@ -220,10 +220,15 @@ def _check_live(config: CheckConfig, reporter: Reporter) -> list[CheckedCheckpoi
     results = []
     for path in tuned_paths:
         started = time.perf_counter()
-        result: CompareResult = compare(CompareConfig(
-            base=base, tuned=path, pipeline=config.pipeline, adapter=config.adapter, allow_pickle=config.allow_pickle,
-            mode=config.mode, dtype=config.dtype, device=config.device, batch_size=config.batch_size, **probe,
-        ), reporter)
+        try:
+            result: CompareResult = compare(CompareConfig(
+                base=base, tuned=path, pipeline=config.pipeline, adapter=config.adapter, allow_pickle=config.allow_pickle,
+                mode=config.mode, dtype=config.dtype, device=config.device, batch_size=config.batch_size, **probe,
+            ), reporter)
+        except NoMeasurementError as exc:  # one checkpoint measured nothing: an ERROR verdict, the others still run
+            reporter.note(f"{path}: {exc}")
+            results.append(_checked(path, exc.summary, config.max_inflation, started))
+            continue
         if result is None:  # not the main process of a launched run: the main one holds the numbers
             continue
         results.append(_checked(path, result.summary, config.max_inflation, started))

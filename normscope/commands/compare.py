@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from normscope.config import HEADLINE_ESTIMATE, CompareConfig
+from normscope.errors import NoMeasurementError
 from normscope.load import (
     find_checkpoint,
     find_pipeline_source,
@@ -49,7 +50,8 @@ class CompareResult:
     summary: dict
 
     @property
-    def inflation(self) -> float | None:
+    def inflation(self) -> float:
+        """The headline inflation (a fraction; never None: a run with nothing finite raises NoMeasurementError)."""
         return self.summary["inflation"]
 
     @property
@@ -129,6 +131,9 @@ def summarize(frame: pd.DataFrame, config: CompareConfig, extra: dict) -> dict:
 
 def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareResult | None:
     """Measure how much larger the tuned model's velocity is than the base's, step by step.
+
+    Raises ``NoMeasurementError`` (exit code 3 on the CLI) when no finite ratio was measured, after writing
+    the run folder; other bad input raises the ``normscope.errors`` classes with one-line messages.
 
     With ``config.out`` set, finished batches are kept there as the run goes, a rerun with the same
     options resumes, and norms.csv, summary.json and profile.png are written at the end.
@@ -218,4 +223,14 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
     if config.out is not None:
         write_run(result, Path(config.out), figure=config.figure)
         store.clear()
+    if result.inflation is None:  # the API ends as the CLI does: the package's error, after the files are written
+        raise NoMeasurementError(no_measurement_message(summary), summary)
     return result
+
+
+def no_measurement_message(summary: dict) -> str:
+    """One line for a run with no finite ratio at all: what was counted, and what to check."""
+    rows = sum(row["n"] + row["nonfinite"] for row in summary["per_step"])
+    return (f"no finite ratio ||v_tuned|| / ||v_base|| was measured ({summary['nonfinite']} of {rows} guided "
+            "velocity evaluations were NaN/Inf or zero): check the checkpoints for NaN weights, or use --dtype float32"
+            + (" (summary.json holds the counts)" if summary["config"].get("out") else ""))
