@@ -25,7 +25,7 @@ from normscope.commands.profile import (
     load_reference,
     probe_from_reference,
 )
-from normscope.config import CompareConfig, Device, DType, Mode
+from normscope.config import HEADLINE_ESTIMATE, CompareConfig, Device, DType, Mode
 from normscope.errors import EXIT_INFLATED, EXIT_OK, EXIT_RUN, ConfigError, InputError, NoMeasurementError
 from normscope.load import find_checkpoint, load_pipeline, load_tuned_only, resolve_dtype
 from normscope.measure.fingerprint import pipeline_fingerprint
@@ -116,6 +116,7 @@ class CheckResult:
     def to_dict(self) -> dict:
         return {"verdict": {EXIT_OK: PASS, EXIT_INFLATED: FAIL, EXIT_RUN: ERROR}[self.exit_code],
                 "exit_code": self.exit_code, "max_inflation": self.max_inflation, "gate_source": self.gate_source,
+                "estimate": HEADLINE_ESTIMATE,
                 "mode": self.mode, "checkpoints": [c.to_dict() for c in self.checkpoints]}
 
 
