@@ -25,6 +25,9 @@ def test_compare_writes_the_run_folder_and_a_table(pipelines, scaled, tmp_path):
     result = run("compare", pipelines["sd3"], scaled("sd3", 1.1), *PROBE, "--out", tmp_path)
     assert result.exit_code == 0, result.output
     assert "inflation +10.00 %" in result.stdout
+    stdout = " ".join(result.stdout.split())
+    assert "(sigma-integral;" in stdout and "CI resamples prompts" in stdout  # the headline says what it is
+    assert "other estimate: step mean +10.00 %" in stdout
     for name in ("norms.csv", "summary.json", "profile.png"):
         assert (tmp_path / name).stat().st_size > 0
     header = (tmp_path / "norms.csv").read_text().splitlines()[0].split(",")
@@ -35,6 +38,8 @@ def test_compare_writes_the_run_folder_and_a_table(pipelines, scaled, tmp_path):
     assert summary["inflation"] == pytest.approx(0.1, abs=1e-4)
     for key in ("inflation_ci", "nonfinite", "per_step", "config", "versions"):
         assert key in summary
+    assert summary["headline"] == "sigma_integral" and set(summary["estimates"]) == {"sigma_integral", "step_mean"}
+    assert summary["ci"]["unit"] == "prompt" and summary["ci"]["clusters"] == 2  # two --prompt in PROBE
     for key in ("step", "sigma", "ratio", "ratio_ci", "hinge_rate", "norm_base", "norm_tuned"):
         assert key in summary["per_step"][0]
 
