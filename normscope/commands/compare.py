@@ -9,17 +9,14 @@ Stages run one way: load -> capture -> table -> stats -> outputs.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from normscope import __version__
-from normscope.config import CompareConfig
-from normscope.errors import RunError
+from normscope.config import HEADLINE_ESTIMATE, CompareConfig
+from normscope.errors import NoMeasurementError
 from normscope.load import (
     LoadedModels,
     find_checkpoint,
@@ -33,6 +30,7 @@ from normscope.load.device_memory import check_fits, device_budget, footprint, o
 from normscope.load.families import family_for
 from normscope.load.pipeline import check_family_inputs
 from normscope.measure.capture import GUIDED, CallRecord
+from normscope.measure.fingerprint import run_fingerprint
 from normscope.measure.prompt_cache import CACHE_DIR, prepare_prompts
 from normscope.measure.prompts import Sample, make_samples, resolve_prompts
 from normscope.measure.sampling import (
@@ -47,14 +45,9 @@ from normscope.measure.sampling import (
     sampling_kwargs,
     versions,
 )
-from normscope.measure.stats import NONFINITE, mode_summary, n_samples, select, step_profile
+from normscope.measure.stats import DEFINITIONS, NONFINITE, ci_method, mode_summary, n_samples, select, step_profile
 from normscope.measure.store import BatchStore
 from normscope.measure.table import BRANCH, NORM_BASE, NORM_TUNED, RATIO, STEP, free_frame, paired_frame, tidy
-
-INFLATION_DEFINITION = (
-    "inflation = mean over denoising steps of (mean over prompt/seed samples of "
-    "||v_tuned|| / ||v_base||) - 1, on the guided velocity of the first mode run"
-)
 
 
 @dataclass
@@ -65,7 +58,8 @@ class CompareResult:
     summary: dict
 
     @property
-    def inflation(self) -> float | None:
+    def inflation(self) -> float:
+        """The headline inflation (a fraction; never None: a run with nothing finite raises NoMeasurementError)."""
         return self.summary["inflation"]
 
     @property
@@ -80,10 +74,19 @@ class CompareResult:
 # ---------------------------------------------------------------- the job
 
 
-def _fingerprint(config: CompareConfig, identities: list) -> str:
-    stable = {k: v for k, v in config.to_dict().items() if k not in ("out", "figure", "save_images", "offload")}
-    text = json.dumps([stable, identities, __version__], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+# Options that change only what is written or where, not the numbers; the prompts enter as resolved texts.
+_NOT_IN_FINGERPRINT = ("out", "figure", "save_images", "offload", "max_device_memory", "encode_once", "prompts_file",
+                       "prompts")
+
+
+def _fingerprint(config: CompareConfig, prompts: list[str], source: str, checkpoints: list) -> str:
+    """Resume key: settings, resolved prompts, the pipeline folder (its transformer too), checkpoints, versions."""
+    import peft
+    import transformers
+
+    settings = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
+    library = {**versions(), "transformers": transformers.__version__, "peft": peft.__version__}
+    return run_fingerprint(settings, prompts, source, checkpoints, library)
 
 
 def _frame(mode: str, records: dict[str, CallRecord], samples: list[Sample], drive: str) -> pd.DataFrame:
@@ -104,7 +107,11 @@ def save_images(records: dict[str, CallRecord], samples: list[Sample], out: Path
 
 
 def summarize(frame: pd.DataFrame, config: CompareConfig, extra: dict) -> dict:
-    """summary.json: headline, per-step profile, every mode and branch, the resolved config, versions."""
+    """summary.json: headline (and both estimates), per-step profile, every mode and branch, config, versions.
+
+    The headline is the sigma-integral estimate on the guided velocity of the first mode run (see
+    ``HEADLINE_ESTIMATE``); ``estimates`` holds it and the step mean, each with its CI.
+    """
     modes = {mode: mode_summary(frame, mode) for mode in config.mode.runs()}
     headline_mode = config.mode.runs()[0]
     head = modes[headline_mode][GUIDED]
@@ -112,7 +119,11 @@ def summarize(frame: pd.DataFrame, config: CompareConfig, extra: dict) -> dict:
     return {
         "inflation": head["inflation"],
         "inflation_ci": head["inflation_ci"],
-        "definition": INFLATION_DEFINITION,
+        "headline": HEADLINE_ESTIMATE,
+        "definition": DEFINITIONS[HEADLINE_ESTIMATE] + ", on the guided velocity of the first mode run",
+        "estimates": head["estimates"],
+        "definitions": DEFINITIONS,
+        "ci": ci_method(frame),
         "headline_mode": headline_mode,
         "drive": config.drive.value,
         "branch": GUIDED,
@@ -131,6 +142,9 @@ def compare(config: CompareConfig, reporter: Reporter | None = None, pipe=None,
             cache_dir: Path | None = None) -> CompareResult | None:
     """Measure how much larger the tuned model's velocity is than the base's, step by step.
 
+    Raises ``NoMeasurementError`` (exit code 3 on the CLI) when no finite ratio was measured, after writing
+    the run folder; other bad input raises the ``normscope.errors`` classes with one-line messages.
+
     With ``config.out`` set, finished batches are kept there as the run goes, a rerun with the same
     options resumes, and norms.csv, summary.json and profile.png are written at the end.
 
@@ -144,7 +158,8 @@ def compare(config: CompareConfig, reporter: Reporter | None = None, pipe=None,
     from normscope.measure.distributed import processes
 
     reporter = reporter or SilentReporter()
-    samples = make_samples(resolve_prompts(config.prompts_file, config.prompts), config.seeds)
+    prompts = resolve_prompts(config.prompts_file, config.prompts)
+    samples = make_samples(prompts, config.seeds)
     device = resolve_device(config.device)
     procs = processes(cpu=device == "cpu")
     device = procs.device(device)
@@ -158,15 +173,16 @@ def compare(config: CompareConfig, reporter: Reporter | None = None, pipe=None,
     check_family_inputs(source, [(config.tuned, "TUNED"), (config.base, "BASE")], config)
 
     groups = list(batches(samples, config.batch_size))
-    prompts = None
+    embeddings = None
     if config.encode_once:  # before any transformer is loaded: the encoders have the device (and the RAM) alone
         if cache_dir is None and config.out is not None:
             cache_dir = Path(config.out) / CACHE_DIR
-        prompts = prepare_prompts(source, prompt_batches(samples, config.batch_size), config, dtype, device,
-                                  cache_dir, pipe=pipe)
+        embeddings = prepare_prompts(source, prompt_batches(samples, config.batch_size), config, dtype, device,
+                                     cache_dir, pipe=pipe)
     own_pipe = pipe is None
     if own_pipe:
-        pipe = load_pipeline(source, dtype, device, parts="denoiser" if prompts is not None else "all", place=False)
+        pipe = load_pipeline(source, dtype, device, parts="denoiser" if embeddings is not None else "all",
+                             place=False)
     family = family_for(type(pipe).__name__)
     offload_to = device if config.offload else None
     loaded = load_models(pipe, config.base, config.tuned, source, config.adapter, config.allow_pickle, offload_to)
@@ -178,21 +194,21 @@ def compare(config: CompareConfig, reporter: Reporter | None = None, pipe=None,
     if defaults_note:
         reporter.note(defaults_note)
     try:
-        return _measure(config, pipe, family, loaded, prompts, samples, groups, source, checkpoints, device, dtype,
-                        procs, reporter)
+        return _measure(config, pipe, family, loaded, prompts, embeddings, samples, groups, source, checkpoints,
+                        device, dtype, procs, reporter)
     finally:
         if not own_pipe:  # a caller's pipeline gets its own transformer back: adapter removed, weights in place
             loaded.release()
 
 
-def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts, samples, groups, source, checkpoints,
-             device: str, dtype, procs, reporter: Reporter) -> CompareResult | None:
+def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts: list[str], embeddings, samples,
+             groups, source, checkpoints, device: str, dtype, procs, reporter: Reporter) -> CompareResult | None:
     from normscope.render.files import write_run
 
     fp = footprint(pipe, transformers=1 if loaded.shared or config.offload else 2,
                    adapter_params=loaded.adapter_params, batch=config.batch_size, guidance=config.guidance,
                    height=config.height, width=config.width,
-                   max_sequence_length=prompts.settings["max_sequence_length"] if prompts is not None
+                   max_sequence_length=embeddings.settings["max_sequence_length"] if embeddings is not None
                    else config.max_sequence_length,
                    offload_possible=not loaded.shared and not config.offload)
     check_fits(fp, device_budget(device, config.max_device_memory), device)
@@ -202,9 +218,9 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts,
 
     store = None
     if config.out is not None:
-        store = BatchStore(Path(config.out) / ".partial", _fingerprint(config, [c.identity() for c in checkpoints]))
+        store = BatchStore(Path(config.out) / ".partial", _fingerprint(config, prompts, source, checkpoints), procs)
         if store.reset:
-            reporter.note(f"options or checkpoints changed since the unfinished run in {config.out}: starting afresh")
+            reporter.note(f"options, prompts, pipeline or checkpoints changed since the unfinished run in {config.out}: starting afresh")
         elif store.finished():
             reporter.note(f"resuming: {store.finished()} finished batch(es) in {config.out} are reused")
 
@@ -218,7 +234,7 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts,
         if records is not None:
             reporter.advance(calls_per_batch[mode] * config.steps)
             return records
-        kwargs = sampling_kwargs(pipe, config, batch, family, prompts)
+        kwargs = sampling_kwargs(pipe, config, batch, family, embeddings)
         if mode == "free" and config.save_images:
             kwargs["output_type"] = "pil"
         if mode == "paired":
@@ -257,10 +273,21 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts,
     if config.out is not None:
         write_run(result, Path(config.out), figure=config.figure)
         store.clear()
+    # The API ends as the CLI does: the package's error, after the files (with the counts) are written.
     verdict = nonfinite_verdict(frame)
     if verdict:
-        raise RunError(verdict)
+        raise NoMeasurementError(verdict, summary)
+    if result.inflation is None:
+        raise NoMeasurementError(no_measurement_message(summary), summary)
     return result
+
+
+def no_measurement_message(summary: dict) -> str:
+    """One line for a run with no finite ratio at all: what was counted, and what to check."""
+    rows = sum(row["n"] + row["nonfinite"] for row in summary["per_step"])
+    return (f"no finite ratio ||v_tuned|| / ||v_base|| was measured ({summary['nonfinite']} of {rows} guided "
+            "velocity evaluations were NaN/Inf or zero): check the checkpoints for NaN weights, or use --dtype float32"
+            + (" (summary.json holds the counts)" if summary["config"].get("out") else ""))
 
 
 def nonfinite_verdict(frame: pd.DataFrame) -> str | None:

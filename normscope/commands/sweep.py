@@ -226,7 +226,7 @@ def _write_table(config: SweepConfig, rows: list[dict], pipeline_loads: int | No
             "checkpoints": json.loads(table.to_json(orient="records")),
             "pipeline_loads": pipeline_loads}
     (config.out / SWEEP_JSON).write_text(json.dumps(meta, indent=2) + "\n")
-    from normscope.render.figures import save_sweep_figure
+    from normscope.render.figures import save_png, sweep_figure
 
-    save_sweep_figure(table, config.gate, config.out / SWEEP_PNG)
+    save_png(sweep_figure(table, config.gate), config.out / SWEEP_PNG)
     return table

@@ -58,7 +58,7 @@ def encoders_fingerprint(source: str | None) -> str | None:
     root = Path(source)
     if not root.is_dir():
         return f"hub:{source}"
-    from normscope.commands.profile import fingerprint_files
+    from normscope.measure.fingerprint import fingerprint_files
 
     files = [p for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0].startswith(("text_encoder", "tokenizer"))]
     files.append(root / "model_index.json")
