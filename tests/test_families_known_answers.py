@@ -78,7 +78,7 @@ def scaled_family(folders, tmp_path_factory):
     return make
 
 
-def measure(folder: Path, tuned: Path, probe: dict, extra: dict | None, key: str) -> "object":
+def measure(folder: Path, tuned: Path, probe: dict, extra: dict | None, key: str) -> object:
     """The tidy frame of paired + free mode for BASE = the pipeline, TUNED = ``tuned``."""
     fields = dict(prompts=PROMPTS, seeds=(0,), device="cpu", dtype="float32", batch_size=3, **SIZE, **probe)
     if extra is None and key != "FluxKontextPipeline":
