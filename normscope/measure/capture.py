@@ -25,7 +25,10 @@ forward it wrapped back onto the module, so a wrapper installed after it (accele
 ``enable_model_cpu_offload`` / ``cpu_offload`` hooks also replace ``forward``) is silently dropped when
 normscope's hook is removed; torch's forward hooks live outside ``forward`` in the module's own hook
 dict, run after whatever offload/group-offload/cache wrapper computed the output, and are removed by
-their handle without touching any other wrapper (tests/test_families_capture.py shows both).
+their handle without touching any other wrapper (tests/test_families_refusals.py shows both, and that
+capture gives identical numbers under ``enable_group_offload`` and ``enable_model_cpu_offload``). Caching
+hooks (FirstBlockCache, MagCache) would see the second model's call in paired mode inside the same cache
+context; run paired mode without them.
 """
 
 from __future__ import annotations
