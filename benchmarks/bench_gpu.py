@@ -41,7 +41,8 @@ from normscope.load import VelocityModel  # noqa: E402
 from normscope.measure.prompts import default_prompts, make_samples  # noqa: E402
 from normscope.measure.sampling import SilentReporter, run_free, run_paired, sampling_kwargs  # noqa: E402
 
-# Mid-size: SD3.5-Medium's width with half its depth (~0.7B); FLUX.1's width with a fifth of its blocks (~1.8B).
+# Mid-size: SD3.5-Medium's width with half its depth (1.00B parameters); FLUX.1's width with about a fifth of
+# its blocks (2.54B).
 FULL = {
     "sd3": dict(num_layers=12, num_attention_heads=24, attention_head_dim=64, caption_projection_dim=1536,
                 patch_size=2, sample_size=64),
