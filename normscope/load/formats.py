@@ -5,6 +5,12 @@ not), ``state_dict`` (one file, full weights), ``peft`` (peft adapter folder), `
 (``pytorch_lora_weights.safetensors``-style, ``transformer.<module>.lora_A.weight`` keys) and ``kohya``
 (``lora_unet_…lora_down/lora_up/alpha``). A trainer's checkpoint folder (``checkpoint-N/`` holding
 ``lora/``, ``lora_ema/``, ``lora_non_ema/``, ``transformer/`` …) is resolved to one of its members.
+
+Pipelines with two experts (Wan2.2-A14B: ``transformer`` for high noise, ``transformer_2`` for low noise):
+a checkpoint says which of them it changes (``Checkpoint.experts``). Flow-Factory writes one folder per trained
+expert (``checkpoint-N/transformer/``, ``checkpoint-N/transformer_2/``), resolved to one ``Checkpoint`` per
+expert in ``parts``; a diffusers LoRA file prefixes each expert's keys with its attribute
+(``transformer.…``, ``transformer_2.…``). The experts a checkpoint leaves out keep the base's weights.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ CHECKPOINT_MEMBERS = ("lora", "lora_ema", "lora_non_ema", "transformer")
 MAIN_ADAPTER_NAMES = ("default", "learner")
 
 LORA_KINDS = ("peft", "diffusers_lora", "kohya")
+# The pipeline attributes that hold a denoiser, in pipeline order (Wan2.2-A14B has both).
+EXPERT_ATTRS = ("transformer", "transformer_2")
+PARTS_KIND = "experts"  # a folder with one checkpoint per expert
 
 
 @dataclass(frozen=True)
@@ -42,18 +51,34 @@ class Checkpoint:
     adapter: str | None = None
     adapters: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    experts: tuple[str, ...] = ("transformer",)  # the pipeline attributes whose weights it changes
+    parts: tuple[Checkpoint, ...] = ()  # one per expert, for a folder holding each expert separately
 
     @property
     def is_lora(self) -> bool:
+        if self.parts:
+            return all(part.is_lora for part in self.parts)
         return self.kind in LORA_KINDS
+
+    def part(self, expert: str) -> Checkpoint | None:
+        """The checkpoint holding ``expert``'s weights, or None where it leaves that expert to the base."""
+        if expert not in self.experts:
+            return None
+        if not self.parts:
+            return self
+        return next(p for p in self.parts if expert in p.experts)
 
     def identity(self) -> list:
         """Size and mtime of every weight file: enough to notice a changed checkpoint between runs."""
         return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in self.files]
 
     def describe(self) -> dict:
-        return {"path": str(self.given), "resolved": str(self.path), "kind": self.kind,
-                "adapter": self.adapter, "adapters": list(self.adapters), "notes": list(self.notes)}
+        out = {"path": str(self.given), "resolved": str(self.path), "kind": self.kind,
+               "adapter": self.adapter, "adapters": list(self.adapters), "notes": list(self.notes),
+               "experts": list(self.experts)}
+        if self.parts:
+            out["parts"] = {p.experts[0]: {"resolved": str(p.path), "kind": p.kind} for p in self.parts}
+        return out
 
 
 def strip_prefixes(key: str, prefixes=KEY_PREFIXES) -> str:
@@ -130,6 +155,13 @@ def read_tensors(path: Path, role: str) -> tuple[dict, dict]:
             f"{role} file {path} is not a valid safetensors file ({_one_line(exc)}): re-save it with "
             "safetensors.torch.save_file"
         ) from None
+
+
+def lora_experts(keys) -> tuple[str, ...]:
+    """The experts a diffusers-format LoRA touches, from its key prefixes (``transformer_2.`` for Wan2.2's second)."""
+    found = {k.split(".", 1)[0] for k in keys}
+    experts = tuple(e for e in EXPERT_ATTRS if e in found)
+    return experts or ("transformer",)
 
 
 def classify_keys(keys) -> str:
@@ -235,11 +267,17 @@ def find_checkpoint(path: str | Path, role: str, adapter: str | None = None, all
         files = _transformer_files(given / "transformer") if (given / "transformer").is_dir() else ()
         if not files:
             raise CheckpointError(f"{role} {given} is a pipeline folder without transformer/*.safetensors: save it with safe_serialization=True")
+        second = given / EXPERT_ATTRS[1]
+        if second.is_dir() and _transformer_files(second):
+            parts = tuple(Checkpoint(given, given / e, "transformer", _transformer_files(given / e), experts=(e,)) for e in EXPERT_ATTRS)
+            return Checkpoint(given, given, "pipeline", files + parts[1].files, experts=EXPERT_ATTRS, parts=parts)
         return Checkpoint(given, given, "pipeline", files)
     if _peft_weights(given) is None and (given / "config.json").is_file():
         files = _transformer_files(given)
         if files:
-            return Checkpoint(given, given, "transformer", files)
+            return Checkpoint(given, given, "transformer", files, experts=(_expert_of(given),))
+    if adapter is None and (given / EXPERT_ATTRS[1]).is_dir():
+        return _parts_checkpoint(given, role, allow_pickle)
     options = _folder_options(given)
     if not options:
         raise CheckpointError(
@@ -257,7 +295,34 @@ def find_checkpoint(path: str | Path, role: str, adapter: str | None = None, all
         weights = _peft_weights(chosen)
         _refuse_pickle(weights, role, allow_pickle)
         ckpt = Checkpoint(given, chosen, "peft", (weights, chosen / PEFT_CONFIG))
-    return Checkpoint(ckpt.given, ckpt.path, ckpt.kind, ckpt.files, name, all_names, tuple(notes) + ckpt.notes)
+    experts = ckpt.experts if ckpt.kind != "peft" else (_expert_of(given),)
+    return Checkpoint(ckpt.given, ckpt.path, ckpt.kind, ckpt.files, name, all_names, tuple(notes) + ckpt.notes, experts)
+
+
+def _expert_of(folder: Path) -> str:
+    """A transformer folder named after an expert (Flow-Factory's ``transformer_2/``) belongs to that expert."""
+    return folder.name if folder.name in EXPERT_ATTRS else EXPERT_ATTRS[0]
+
+
+def _parts_checkpoint(given: Path, role: str, allow_pickle: bool) -> Checkpoint:
+    """A folder with one member per expert (Flow-Factory's Wan2.2 ``transformer/`` and ``transformer_2/``)."""
+    parts = []
+    for expert in EXPERT_ATTRS:
+        member = given / expert
+        if not member.is_dir():
+            continue
+        if _peft_weights(member) is None and not _transformer_files(member):
+            raise CheckpointError(
+                f"{role} {member} holds neither a transformer (config.json + *.safetensors) nor a peft adapter: "
+                "copy the expert's weights there, or pass the other expert's folder alone"
+            )
+        part = find_checkpoint(member, role, allow_pickle=allow_pickle)
+        parts.append(Checkpoint(part.given, part.path, part.kind, part.files, part.adapter, part.adapters, part.notes, (expert,)))
+    kinds = {p.kind for p in parts}
+    kind = kinds.pop() if len(kinds) == 1 else PARTS_KIND
+    files = tuple(f for p in parts for f in p.files)
+    notes = tuple(n for p in parts for n in p.notes)
+    return Checkpoint(given, given, kind, files, notes=notes, experts=tuple(p.experts[0] for p in parts), parts=tuple(parts))
 
 
 def _refuse_pickle(path: Path, role: str, allow_pickle: bool) -> None:
@@ -274,9 +339,11 @@ def _file_checkpoint(given: Path, path: Path, role: str, allow_pickle: bool) -> 
         _refuse_pickle(path, role, allow_pickle)
     elif suffix != ".safetensors":
         raise CheckpointError(f"{role} {path} is not a .safetensors file: pass a safetensors file or a folder")
-    kind = classify_keys(read_shapes((path,), role))
+    keys = read_shapes((path,), role)
+    kind = classify_keys(keys)
     files = (path,)
     sidecar = path.parent / LORA_SIDECAR
     if kind == "diffusers_lora" and sidecar.is_file():
         files = (path, sidecar)
-    return Checkpoint(given, path, kind, files)
+    experts = lora_experts(keys) if kind == "diffusers_lora" else (_expert_of(path.parent),)
+    return Checkpoint(given, path, kind, files, experts=experts)

@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from normscope.errors import CheckpointError
-from normscope.load.formats import LORA_SIDECAR, Checkpoint, read_tensors
+from normscope.load.formats import EXPERT_ATTRS, LORA_SIDECAR, Checkpoint, read_tensors
 
 ADAPTER_NAME = "normscope_tuned"
 METADATA_KEY = "lora_adapter_metadata"
@@ -72,12 +72,12 @@ def _config_from_weights(state: dict, alpha: float | None) -> tuple[dict, bool]:
     return config, known
 
 
-def _alpha_from_metadata(metadata: dict) -> float | None:
+def _alpha_from_metadata(metadata: dict, expert: str = "transformer") -> float | None:
     text = metadata.get(METADATA_KEY)
     if not text:
         return None
     values = json.loads(text)
-    for key in ("transformer.lora_alpha", "lora_alpha"):
+    for key in (f"{expert}.lora_alpha", "transformer.lora_alpha", "lora_alpha"):
         if values.get(key) is not None:
             return float(values[key])
     return None
@@ -94,8 +94,19 @@ def _alpha_from_sidecar(ckpt: Checkpoint) -> float | None:
     return None
 
 
-def read_lora(ckpt: Checkpoint, pipeline_class, role: str = "TUNED") -> LoraWeights:
-    """The LoRA in ``ckpt`` as module-relative peft weights plus a LoraConfig dict."""
+def _expert_keys(state: dict, expert: str) -> dict:
+    """One expert's keys of a diffusers LoRA, its ``<expert>.`` prefix removed (unprefixed keys: all of them)."""
+    prefixes = {k.split(".", 1)[0] for k in state}
+    if not prefixes & set(EXPERT_ATTRS):
+        return state
+    prefix = f"{expert}."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def read_lora(ckpt: Checkpoint, pipeline_class, role: str = "TUNED", expert: str = "transformer") -> LoraWeights:
+    """The LoRA in ``ckpt`` for one expert (``transformer``, or Wan2.2's ``transformer_2``) as module-relative
+    peft weights plus a LoraConfig dict."""
+    ckpt = ckpt.part(expert) or ckpt
     weights_file = ckpt.files[0]
     state, metadata = read_tensors(weights_file, role)
     notes: list[str] = []
@@ -128,14 +139,15 @@ def read_lora(ckpt: Checkpoint, pipeline_class, role: str = "TUNED") -> LoraWeig
         config, known = _config_from_weights(state, None)
         known = True  # diffusers folds kohya's alpha into the weights
     else:  # diffusers_lora
-        state = _strip(state, "transformer.")
-        alpha = _alpha_from_metadata(metadata)
+        state = _expert_keys(state, expert)
+        alpha = _alpha_from_metadata(metadata, expert)
         source = "header metadata"
         if alpha is None:
             alpha, source = _alpha_from_sidecar(ckpt), LORA_SIDECAR
         config, known = _config_from_weights(state, alpha)
         if known:
-            notes.append(f"{role} LoRA alpha {alpha:g} from {source}")
+            where = f" ({expert})" if expert != EXPERT_ATTRS[0] else ""
+            notes.append(f"{role} LoRA{where} alpha {alpha:g} from {source}")
     if not known:
         notes.append(
             f"{role} LoRA {weights_file} carries no alpha (no header metadata, no {LORA_SIDECAR}): scale 1.0 assumed "

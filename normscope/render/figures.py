@@ -107,3 +107,30 @@ def save_sweep_figure(table, gate: float | None, path: Path) -> Path:
     fig.savefig(path, dpi=150, metadata={"Software": None})
     plt.close(fig)
     return path
+
+
+def save_frames_figure(profile, boundary_step: int | None, path: Path, title: str) -> Path:
+    """frames.png: inflation (%) by latent frame (rows) and step (columns); the expert switch marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    values = (profile.to_numpy(dtype=float) - 1) * 100
+    finite = values[np.isfinite(values)]
+    limit = max(float(np.abs(finite).max()) if finite.size else 0.0, 0.1)
+    fig, ax = plt.subplots(figsize=(6.4, 0.6 + 0.35 * max(len(profile.index), 4)), constrained_layout=True)
+    image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(len(profile.columns)), [str(c) for c in profile.columns], fontsize=7)
+    ax.set_yticks(range(len(profile.index)), [str(i) for i in profile.index], fontsize=7)
+    ax.set_xlabel("denoising step (noise -> data)")
+    ax.set_ylabel("latent frame")
+    if boundary_step is not None:
+        ax.axvline(boundary_step - 0.5, color="0.1", linestyle="--", linewidth=1.2)
+        ax.text(boundary_step - 0.45, -0.6, "low-noise expert ->", fontsize=7, va="bottom")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, label=r"$\|v_{tuned}\| / \|v_{base}\| - 1$  (%)")
+    fig.savefig(path, dpi=150, metadata={"Software": None})
+    plt.close(fig)
+    return path

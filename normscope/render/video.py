@@ -1,0 +1,43 @@
+"""Video outputs: each sample's decoded video as an animated WebP, and frame strips for the report.
+
+Encoding goes through Pillow's own WebP writer (libwebp), never a hand-written encoder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+VIDEO_SUFFIX = ".webp"
+FRAME_MS = 125  # 8 frames per second: slow enough to see a 5-frame probe video
+
+
+def as_frames(item) -> list:
+    """The PIL frames of one sample's video (a list of PIL images), or ``[image]`` for a still image."""
+    return list(item) if isinstance(item, (list, tuple)) else [item]
+
+
+def save_video(frames: list, path: Path) -> Path:
+    """An animated, lossless WebP of ``frames`` (PIL images), looping."""
+    first, *rest = frames
+    first.save(path, format="WEBP", save_all=True, append_images=rest, duration=FRAME_MS, loop=0, lossless=True)
+    return path
+
+
+def read_video(path: Path) -> list:
+    """Every frame of an animated image file, as RGB PIL images."""
+    from PIL import Image, ImageSequence
+
+    with Image.open(path) as image:
+        return [frame.convert("RGB") for frame in ImageSequence.Iterator(image)]
+
+
+def frame_strip(path: Path, height: int = 96):
+    """The frames of a saved video side by side in one RGB image, each scaled to ``height`` px."""
+    from PIL import Image
+
+    frames = read_video(path)
+    width = max(1, round(frames[0].width * height / frames[0].height))
+    strip = Image.new("RGB", (width * len(frames), height), "white")
+    for i, frame in enumerate(frames):
+        strip.paste(frame.resize((width, height), Image.Resampling.NEAREST), (i * width, 0))
+    return strip
