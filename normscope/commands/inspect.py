@@ -88,32 +88,43 @@ def inspect_checkpoint(config: InspectConfig) -> dict:
     from normscope.load.models import fit_problems
 
     ckpt = find_checkpoint(config.path, "PATH", config.adapter, config.allow_pickle)
+    parts = ckpt.parts or (ckpt,)
+    header: dict = {}
+    parameters = tensors = 0
+    for part in parts:  # experts' key names coincide: count each part's tensors on its own
+        part_header = read_shapes(tuple(f for f in part.files if f.suffix != ".json"), "PATH")
+        header.update(part_header)
+        tensors += len(part_header)
+        for _, _, shape in part_header.values():
+            count = 1
+            for dim in shape:
+                count *= dim
+            parameters += count
     weight_files = tuple(f for f in ckpt.files if f.suffix != ".json")
-    header = read_shapes(weight_files, "PATH")
-    parameters = 0
-    for _, _, shape in header.values():
-        count = 1
-        for dim in shape:
-            count *= dim
-        parameters += count
-    class_name = _class_name(ckpt.path / "transformer" if ckpt.kind == "pipeline" else ckpt.path) if ckpt.path.is_dir() else None
+    first = parts[0]
+    class_name = _class_name(first.path / "transformer" if first.kind == "pipeline" else first.path) if first.path.is_dir() else None
     report = {
         **ckpt.describe(),
         "architecture": guess_architecture(header, class_name),
         "parameters": parameters,
-        "tensors": len(header),
+        "tensors": tensors,
         "dtypes": dict(sorted(_dtypes(weight_files).items())),
         "lora": None,
         "pipeline": config.pipeline,
         "fits": None,
         "problems": [],
     }
+    if len(parts) > 1 or ckpt.experts != ("transformer",):
+        report["notes"] = report["notes"] + [
+            f"changes {', '.join(ckpt.experts)}; a two-expert pipeline (Wan2.2-A14B) runs the others with the base's weights"
+        ]
+    ckpt = next((p for p in parts if p.is_lora), first)
     model = pipeline_class = None
     if config.pipeline:
         model, pipeline_class = _meta_transformer(config.pipeline)
     if ckpt.is_lora:
         try:
-            weights = read_lora(ckpt, pipeline_class, "PATH")
+            weights = read_lora(ckpt, pipeline_class, "PATH", expert=ckpt.experts[0])
         except CheckpointError as exc:
             if model is None:
                 raise

@@ -109,18 +109,20 @@ def save_sweep_figure(table, gate: float | None, path: Path) -> Path:
     return path
 
 
-def save_frames_figure(profile, boundary_step: int | None, path: Path, title: str) -> Path:
-    """frames.png: inflation (%) by latent frame (rows) and step (columns); the expert switch marked."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def save_frames_figure(profile, boundary_step: int | None, path: Path, title: str) -> Path:
+    """frames.png: inflation (%) by latent frame (rows) and step (columns); the expert switch marked.
+
+    Drawn on a plain ``Figure`` (no pyplot), so a notebook's backend and open figures are left alone.
+    """
     import numpy as np
+    from matplotlib.figure import Figure
 
     values = (profile.to_numpy(dtype=float) - 1) * 100
     finite = values[np.isfinite(values)]
     limit = max(float(np.abs(finite).max()) if finite.size else 0.0, 0.1)
-    fig, ax = plt.subplots(figsize=(6.4, 0.6 + 0.35 * max(len(profile.index), 4)), constrained_layout=True)
+    fig = Figure(figsize=(6.4, 1.2 + 0.3 * max(len(profile.index), 4)), layout="constrained")
+    ax = fig.subplots()
     image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto", interpolation="nearest")
     ax.set_xticks(range(len(profile.columns)), [str(c) for c in profile.columns], fontsize=7)
     ax.set_yticks(range(len(profile.index)), [str(i) for i in profile.index], fontsize=7)
@@ -128,9 +130,9 @@ def save_frames_figure(profile, boundary_step: int | None, path: Path, title: st
     ax.set_ylabel("latent frame")
     if boundary_step is not None:
         ax.axvline(boundary_step - 0.5, color="0.1", linestyle="--", linewidth=1.2)
-        ax.text(boundary_step - 0.45, -0.6, "low-noise expert ->", fontsize=7, va="bottom")
+        ax.annotate("low-noise expert", (boundary_step - 0.45, 1.0), xycoords=("data", "axes fraction"),
+                    fontsize=7, va="bottom")
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, label=r"$\|v_{tuned}\| / \|v_{base}\| - 1$  (%)")
     fig.savefig(path, dpi=150, metadata={"Software": None})
-    plt.close(fig)
     return path

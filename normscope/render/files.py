@@ -107,6 +107,7 @@ def render_inspection(report: dict, console) -> None:
     rows = [
         ("kind", report["kind"]),
         ("resolved", report["resolved"]),
+        ("experts", ", ".join(report.get("experts", ["transformer"]))),
         ("architecture", report["architecture"]),
         ("parameters", f"{report['parameters']:,}"),
         ("tensors", str(report["tensors"])),
