@@ -131,11 +131,34 @@ def report(config: ReportConfig) -> dict[str, Path]:
             "Paired mode: where a NormGuard hinge would be active, and how far the two velocity fields point apart.")
         add(rf.image_grid(run), f"{prefix}_images", f"{run.name}: images, base vs tuned",
             "Final images of free-mode sampling from the same noise (compare --save-images).")
+        _video_sections(run, figures_dir, prefix, sections)
     rows = _run_rows(runs)
     config.out.mkdir(parents=True, exist_ok=True)
     (config.out / REPORT_HTML).write_text(_html(config.title, rows, sections, runs))
     (config.out / REPORT_MD).write_text(_markdown(config.title, rows, sections, config.out))
     return {"html": config.out / REPORT_HTML, "markdown": config.out / REPORT_MD, "figures": figures_dir}
+
+
+def _video_sections(run: Run, figures_dir: Path, prefix: str, sections: list) -> None:
+    """Video runs: inflation by latent frame and step (from frames.csv), and the saved videos as frame strips."""
+    from normscope.measure.frames import frame_profile
+    from normscope.render.figures import save_frames_figure
+    from normscope.render.files import FRAMES_CSV
+    from normscope.render.video import save_strips
+
+    if (run.folder / FRAMES_CSV).is_file():
+        frames = pd.read_csv(run.folder / FRAMES_CSV, keep_default_na=False, na_values={"ratio": [""]})
+        profile = frame_profile(frames, run.mode)
+        if not profile.empty:
+            figures_dir.mkdir(parents=True, exist_ok=True)
+            png = save_frames_figure(profile, run.summary.get("expert_boundary_step"), figures_dir / f"{prefix}_frames.png",
+                                     f"{run.name}: inflation by latent frame and step ({run.mode}, guided)")
+            sections.append((f"{run.name}: inflation by latent frame", "Mean over samples of the per-frame ratio − 1; "
+                             "the dashed line marks the switch to the low-noise expert.", png))
+    strips = save_strips(run.folder / IMAGES_DIR, figures_dir / f"{prefix}_videos.png")
+    if strips is not None:
+        sections.append((f"{run.name}: videos, base vs tuned", "Each sample's decoded frames from the same noise "
+                         "(free mode, compare --save-images): base above, tuned below.", strips))
 
 
 def _slug(name: str) -> str:

@@ -13,6 +13,8 @@ NORMS_CSV = "norms.csv"
 SUMMARY_JSON = "summary.json"
 PROFILE_PNG = "profile.png"
 IMAGES_DIR = "images"
+FRAMES_CSV = "frames.csv"  # video pipelines: per latent frame
+FRAMES_PNG = "frames.png"
 
 
 def summary_json(summary: dict) -> str:
@@ -29,6 +31,18 @@ def write_run(result, out: Path, figure: bool = True) -> list[Path]:
         from normscope.render.figures import save_profile_figure
 
         written.append(save_profile_figure(result.summary, out / PROFILE_PNG))
+    frames = getattr(result, "frames", None)
+    if frames is not None and len(frames):
+        written.append(out / FRAMES_CSV)
+        frames.to_csv(written[-1], index=False, lineterminator="\n")
+        if figure:
+            from normscope.measure.frames import frame_profile
+            from normscope.render.figures import save_frames_figure
+
+            mode = result.summary["headline_mode"]
+            written.append(save_frames_figure(
+                frame_profile(frames, mode), result.summary.get("expert_boundary_step"), out / FRAMES_PNG,
+                f"inflation by latent frame and step ({mode} mode, guided)"))
     return written
 
 

@@ -41,3 +41,33 @@ def frame_strip(path: Path, height: int = 96):
     for i, frame in enumerate(frames):
         strip.paste(frame.resize((width, height), Image.Resampling.NEAREST), (i * width, 0))
     return strip
+
+
+def video_pairs(folder: Path) -> list[tuple[str, Path, Path]]:
+    """(label, base video, tuned video) for every sample with both videos saved by ``--save-images``."""
+    pairs = []
+    for base in sorted(folder.glob(f"*-base{VIDEO_SUFFIX}")) if folder.is_dir() else []:
+        tuned = base.with_name(base.name.replace(f"-base{VIDEO_SUFFIX}", f"-tuned{VIDEO_SUFFIX}"))
+        if tuned.is_file():
+            prompt_id, seed = base.name.split("-")[:2]
+            pairs.append((f"p{int(prompt_id)} s{seed}", base, tuned))
+    return pairs
+
+
+def save_strips(folder: Path, path: Path, height: int = 96, gap: int = 6) -> Path | None:
+    """One PNG with, per sample, the base video's frames above the tuned video's; None without videos."""
+    from PIL import Image
+
+    pairs = video_pairs(folder)
+    if not pairs:
+        return None
+    rows = [frame_strip(p, height) for _, base, tuned in pairs for p in (base, tuned)]
+    width = max(r.width for r in rows)
+    sheet = Image.new("RGB", (width, len(rows) * height + (len(pairs) - 1) * gap), "white")
+    y = 0
+    for i, row in enumerate(rows):
+        sheet.paste(row, (0, y))
+        y += height + (gap if i % 2 else 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path, format="PNG")
+    return path
