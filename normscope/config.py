@@ -86,6 +86,7 @@ class ProbeConfig:
     width: int | None = None
     negative_prompt: str | None = None
     max_sequence_length: int | None = None
+    num_frames: int | None = None  # video pipelines (Wan): frames of the generated video
     dtype: DType = DType.auto
     device: Device = Device.auto
     batch_size: int = DEFAULT_BATCH_SIZE
@@ -103,6 +104,7 @@ class ProbeConfig:
         _positive("height", self.height, "use a multiple of 16, e.g. --height 512")
         _positive("width", self.width, "use a multiple of 16, e.g. --width 512")
         _positive("max_sequence_length", self.max_sequence_length, "leave it unset for the pipeline's own")
+        _positive("num_frames", self.num_frames, "use 4k + 1 frames, e.g. --num-frames 81 (Wan)")
         if not self.seeds:
             raise ConfigError("--seeds is empty: give at least one seed, e.g. --seeds 0,1")
         if len(set(self.seeds)) != len(self.seeds):

@@ -31,6 +31,7 @@ from normscope.load import (
 from normscope.load.families import family_for
 from normscope.load.pipeline import check_family_inputs
 from normscope.measure.capture import GUIDED, CallRecord
+from normscope.measure.frames import VIDEO_LAYOUT, FrameNorms, free_frames, paired_frames, tidy_frames
 from normscope.measure.prompts import Sample, make_samples, resolve_prompts
 from normscope.measure.sampling import (
     Reporter,
@@ -45,7 +46,7 @@ from normscope.measure.sampling import (
 )
 from normscope.measure.stats import NONFINITE, mode_summary, n_samples, select, step_profile
 from normscope.measure.store import BatchStore
-from normscope.measure.table import BRANCH, NORM_BASE, NORM_TUNED, RATIO, STEP, free_frame, paired_frame, tidy
+from normscope.measure.table import BRANCH, EXPERT, NORM_BASE, NORM_TUNED, RATIO, STEP, free_frame, paired_frame, tidy
 
 INFLATION_DEFINITION = (
     "inflation = mean over denoising steps of (mean over prompt/seed samples of "
@@ -59,6 +60,7 @@ class CompareResult:
 
     frame: pd.DataFrame
     summary: dict
+    frames: pd.DataFrame | None = None  # video pipelines: one row per latent frame as well (frames.csv)
 
     @property
     def inflation(self) -> float | None:
@@ -88,15 +90,45 @@ def _frame(mode: str, records: dict[str, CallRecord], samples: list[Sample], dri
     return free_frame(records["base"], records["tuned"], samples)
 
 
+def _frames(mode: str, records: dict[str, CallRecord], samples: list[Sample], drive: str) -> pd.DataFrame:
+    if mode == "paired":
+        return paired_frames(records["paired"], samples, drive)
+    return free_frames(records["base"], records["tuned"], samples)
+
+
 def save_images(records: dict[str, CallRecord], samples: list[Sample], out: Path) -> None:
-    """images/<prompt_id>-<seed>-<base|tuned>.png, written as each batch finishes."""
+    """images/<prompt_id>-<seed>-<base|tuned>.png (a video: .webp, animated), written as each batch finishes."""
     from normscope.render.files import IMAGES_DIR
+    from normscope.render.video import VIDEO_SUFFIX, save_video
 
     folder = out / IMAGES_DIR
     folder.mkdir(parents=True, exist_ok=True)
     for role, record in records.items():
         for sample, image in zip(samples, record.images or [], strict=True):
-            image.save(folder / f"{sample.prompt_id:03d}-{sample.seed}-{role}.png")
+            stem = f"{sample.prompt_id:03d}-{sample.seed}-{role}"
+            if isinstance(image, (list, tuple)):  # a video pipeline's frames
+                save_video(list(image), folder / f"{stem}{VIDEO_SUFFIX}")
+            else:
+                image.save(folder / f"{stem}.png")
+
+
+def expert_summary(frame: pd.DataFrame, mode: str) -> tuple[list[str], dict, int | None]:
+    """Per step the expert that ran; per expert the inflation over its own steps; the step where they switch.
+
+    Empty for one-transformer pipelines (every label "").
+    """
+    rows = select(frame, mode, GUIDED)
+    labels = rows.groupby(STEP)[EXPERT].first().sort_index()
+    if not any(labels):
+        return [""] * len(labels), {}, None
+    per_step = rows.groupby(STEP)[RATIO].mean()
+    by_expert = {}
+    for label in dict.fromkeys(labels):
+        steps = [int(s) for s in labels.index[labels == label]]
+        mean = per_step.loc[steps].mean()
+        by_expert[label] = {"steps": steps, "inflation": None if np.isnan(mean) else float(mean - 1)}
+    switches = [int(s) for prev, s in zip(labels.index[:-1], labels.index[1:], strict=True) if labels[s] != labels[prev]]
+    return list(labels), by_expert, (switches[0] if switches else None)
 
 
 def summarize(frame: pd.DataFrame, config: CompareConfig, extra: dict) -> dict:
@@ -105,6 +137,7 @@ def summarize(frame: pd.DataFrame, config: CompareConfig, extra: dict) -> dict:
     headline_mode = config.mode.runs()[0]
     head = modes[headline_mode][GUIDED]
     guided = frame[frame["branch"] == GUIDED]
+    experts, by_expert, boundary = expert_summary(frame, headline_mode)
     return {
         "inflation": head["inflation"],
         "inflation_ci": head["inflation_ci"],
@@ -117,6 +150,9 @@ def summarize(frame: pd.DataFrame, config: CompareConfig, extra: dict) -> dict:
         "hinge_rate": head["hinge_rate"],
         "regions": head["regions"],
         "per_step": head["per_step"],
+        "experts": experts,
+        "by_expert": by_expert,
+        "expert_boundary_step": boundary,
         "modes": modes,
         "config": {**config.to_dict(), **extra},
         "versions": versions(),
@@ -185,10 +221,12 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
         kwargs = sampling_kwargs(pipe, config, batch, family)
         if mode == "free" and config.save_images:
             kwargs["output_type"] = "pil"
+        # one observer serves every call: its per-call results land in each CallRecord (record.observed)
+        observers = [FrameNorms()] if family.latent_layout == VIDEO_LAYOUT else []
         if mode == "paired":
-            records = run_paired(pipe, driver, other, kwargs, reporter)
+            records = run_paired(pipe, driver, other, kwargs, reporter, observers)
         else:
-            records = run_free(pipe, base, tuned, kwargs, reporter)
+            records = run_free(pipe, base, tuned, kwargs, reporter, observers)
         if mode == "free" and config.save_images:
             save_images(records, batch, Path(config.out))
             for record in records.values():
@@ -197,14 +235,16 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
             store.save(key, records)
         return records
 
-    frames = []
+    frames, per_frame = [], []
     for mode in runs:
         for index, records in enumerate(procs.map(len(groups), lambda i, mode=mode: measure(mode, i))):
             frames.append(_frame(mode, records, groups[index], config.drive.value))
+            per_frame.append(_frames(mode, records, groups[index], config.drive.value))
     if not procs.is_main:
         return None
 
     frame = tidy(frames)
+    video = tidy_frames(per_frame)
     extra = {
         "resolved": resolved_sampling(pipe, config, family),
         "pipeline_source": source,
@@ -215,7 +255,7 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
     }
     summary = summarize(frame, config, extra)
     summary["notes"] = loaded.notes
-    result = CompareResult(frame, summary)
+    result = CompareResult(frame, summary, video if len(video) else None)
     if config.out is not None:
         write_run(result, Path(config.out), figure=config.figure)
         store.clear()

@@ -18,6 +18,7 @@ from normscope.measure.prompts import Sample
 
 FRAME = "frame"
 FRAME_AXIS = 2  # (B, C, F, H, W)
+VIDEO_LAYOUT = "bcfhw"
 FRAME_COLUMNS = ("mode", "drive", "prompt_id", "seed", "step", "sigma", "expert", "branch", FRAME,
                  "norm_base", "norm_tuned", "ratio")
 
@@ -28,16 +29,18 @@ def frame_norms(v: torch.Tensor) -> torch.Tensor:
 
 
 class FrameNorms:
-    """Capture observer: per-frame norms of every branch at every step, driver and (paired) other model.
-
-    Records nothing for latents that are not 5-D, so it can be attached to any pipeline.
+    """Capture observer (a ``CollectingObserver``): per-frame norms of every branch at every step, of the
+    driver and (paired mode) the other model. Records nothing unless the family's latents are video
+    (``latent_layout`` ``bcfhw``), so it can be attached to any pipeline.
     """
+
+    name = "frames"
 
     def __init__(self) -> None:
         self._steps: dict[str, list[torch.Tensor]] = {}
 
     def __call__(self, step_index, sigma, branch, expert, v_driver, v_other, family=None) -> None:
-        if v_driver.ndim != 5:
+        if (family is not None and family.latent_layout != VIDEO_LAYOUT) or v_driver.ndim != 5:
             return
         norms = [frame_norms(v_driver)]
         if v_other is not None:
@@ -51,48 +54,65 @@ class FrameNorms:
         return out
 
 
-def frame_table(mode: str, drive: str, samples: list[Sample], frames: dict[str, torch.Tensor],
-                sigmas: np.ndarray, experts: list[str] | None,
-                base_frames: dict[str, torch.Tensor] | None = None) -> pd.DataFrame:
-    """Rows (sample, step, branch, frame) of one batch.
+def _rows(mode: str, drive: str, samples: list[Sample], record, branch: str, base: np.ndarray, tuned: np.ndarray) -> pd.DataFrame:
+    """(steps, batch, frames) norms of one branch -> rows, sample-major, then step, then frame."""
+    steps, batch, n_frames = tuned.shape
+    base = base.transpose(1, 0, 2).reshape(-1)
+    tuned = tuned.transpose(1, 0, 2).reshape(-1)
+    n = steps * batch * n_frames
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(np.isfinite(base) & np.isfinite(tuned) & (base > 0), tuned / base, np.nan)
+    per_step = steps * n_frames
+    return pd.DataFrame({
+        "mode": np.full(n, mode, dtype=object),
+        "drive": np.full(n, drive, dtype=object),
+        "prompt_id": np.repeat([s.prompt_id for s in samples], per_step),
+        "seed": np.repeat([s.seed for s in samples], per_step),
+        "step": np.tile(np.repeat(np.arange(steps), n_frames), batch),
+        "sigma": np.tile(np.repeat(record.sigmas.double().numpy()[:steps], n_frames), batch),
+        "expert": np.tile(np.repeat(np.asarray(record.experts or [""] * steps, dtype=object), n_frames), batch),
+        "branch": np.full(n, branch, dtype=object),
+        FRAME: np.tile(np.arange(n_frames), steps * batch),
+        "norm_base": base,
+        "norm_tuned": tuned,
+        "ratio": ratio,
+    })
 
-    Paired mode: ``frames`` holds driver and other. Free mode: ``frames`` is the tuned model's record and
-    ``base_frames`` the base's, each on its own trajectory.
-    """
+
+def _finish(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(FRAME_COLUMNS))
+
+
+def paired_frames(record, samples: list[Sample], drive: str) -> pd.DataFrame:
+    """Per-frame rows of a paired-mode call (``record.observed["frames"]``: driver and other)."""
     parts = []
-    for branch, stats in frames.items():
+    for branch, stats in record.observed.get(FrameNorms.name, {}).items():
         stats = stats.double().numpy()
-        steps, _, batch, n_frames = stats.shape
-        if base_frames is not None:
-            tuned, base = stats[:, 0], base_frames[branch].double().numpy()[:, 0]
-        elif drive == "tuned":
-            tuned, base = stats[:, 0], stats[:, 1]
-        else:
-            base, tuned = stats[:, 0], stats[:, 1]
-        # (steps, batch, frames) -> sample-major, then step, then frame
-        order = (1, 0, 2)
-        tuned, base = tuned.transpose(order).reshape(-1), base.transpose(order).reshape(-1)
-        n = steps * batch * n_frames
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(np.isfinite(base) & np.isfinite(tuned) & (base > 0), tuned / base, np.nan)
-        labels = np.asarray(experts if experts else [""] * steps, dtype=object)
-        parts.append(pd.DataFrame({
-            "mode": np.full(n, mode, dtype=object),
-            "drive": np.full(n, drive if base_frames is None else "", dtype=object),
-            "prompt_id": np.repeat([s.prompt_id for s in samples], steps * n_frames),
-            "seed": np.repeat([s.seed for s in samples], steps * n_frames),
-            "step": np.tile(np.repeat(np.arange(steps), n_frames), batch),
-            "sigma": np.tile(np.repeat(np.asarray(sigmas, dtype=np.float64)[:steps], n_frames), batch),
-            "expert": np.tile(np.repeat(labels, n_frames), batch),
-            "branch": np.full(n, branch, dtype=object),
-            FRAME: np.tile(np.arange(n_frames), steps * batch),
-            "norm_base": base,
-            "norm_tuned": tuned,
-            "ratio": ratio,
-        }))
-    if not parts:
-        return pd.DataFrame(columns=list(FRAME_COLUMNS))
-    return pd.concat(parts, ignore_index=True)
+        driver, other = stats[:, 0], stats[:, 1]
+        base, tuned = (other, driver) if drive == "tuned" else (driver, other)
+        parts.append(_rows("paired", drive, samples, record, branch, base, tuned))
+    return _finish(parts)
+
+
+def free_frames(base, tuned, samples: list[Sample]) -> pd.DataFrame:
+    """Per-frame rows of free mode: each model's record from its own trajectory."""
+    parts = []
+    tuned_frames = tuned.observed.get(FrameNorms.name, {})
+    for branch, stats in base.observed.get(FrameNorms.name, {}).items():
+        parts.append(_rows("free", "", samples, base, branch, stats[:, 0].double().numpy(),
+                           tuned_frames[branch][:, 0].double().numpy()))
+    return _finish(parts)
+
+
+def tidy_frames(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """All batches in the canonical order (mode, prompt, seed, step, branch, frame)."""
+    frame = _finish([f for f in frames if len(f)])
+    if frame.empty:
+        return frame
+    mode_rank = frame["mode"].map({"paired": 0, "free": 1})
+    branch_rank = frame["branch"].map({b: i for i, b in enumerate(("guided", "cond", "uncond", "combined"))})
+    order = np.lexsort((frame[FRAME], branch_rank, frame["step"], frame["seed"], frame["prompt_id"], mode_rank))
+    return frame.iloc[order].reset_index(drop=True)
 
 
 def frame_profile(frames: pd.DataFrame, mode: str, branch: str = "guided") -> pd.DataFrame:

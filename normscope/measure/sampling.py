@@ -82,6 +82,7 @@ def sampling_kwargs(pipe, probe: ProbeConfig, samples: list[Sample], family: Fam
         "height": (probe.height, "height"),
         "width": (probe.width, "width"),
         "max_sequence_length": (probe.max_sequence_length, "max-sequence-length"),
+        "num_frames": (probe.num_frames, "num-frames"),
         "negative_prompt": (None if probe.negative_prompt is None else [probe.negative_prompt] * len(samples),
                             "negative-prompt"),
     }
@@ -143,6 +144,7 @@ def resolved_sampling(pipe, probe: ProbeConfig, family: Family | None = None) ->
         "height": probe.height or defaults.get("height") or size,
         "width": probe.width or defaults.get("width") or size,
         "max_sequence_length": probe.max_sequence_length or defaults.get("max_sequence_length"),
+        **({"num_frames": probe.num_frames or defaults.get("num_frames")} if "num_frames" in defaults else {}),
         "negative_prompt": probe.negative_prompt if probe.negative_prompt is not None else defaults.get("negative_prompt"),
     }
 
@@ -179,7 +181,8 @@ def run_model(pipe, model: VelocityModel, kwargs: dict, reporter: Reporter,
         output = pipe(**call)
         record = recorder.collect()
     if call["output_type"] != "latent":
-        record.images = list(output.images)
+        # image pipelines return .images; video pipelines .frames, one list of frames per sample
+        record.images = list(output.images if hasattr(output, "images") else output.frames)
     return record
 
 
@@ -205,7 +208,10 @@ def concat_records(records: list[CallRecord]) -> CallRecord:
     """Batches of the same run joined along the sample axis."""
     first = records[0]
     stats = {b: torch.cat([r.stats[b] for r in records], dim=-1) for b in first.stats}
-    return CallRecord(stats, first.stat_names, first.timesteps, first.sigmas, experts=list(first.experts))
+    # observer results keep the sample axis third: (steps, values, batch, ...)
+    observed = {name: {b: torch.cat([r.observed[name][b] for r in records], dim=2) for b in items}
+                for name, items in first.observed.items()}
+    return CallRecord(stats, first.stat_names, first.timesteps, first.sigmas, experts=list(first.experts), observed=observed)
 
 
 def versions() -> dict:

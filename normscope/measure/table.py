@@ -20,6 +20,7 @@ STEP = "step"
 TIMESTEP = "timestep"
 SIGMA = "sigma"
 BRANCH = "branch"
+EXPERT = "expert"  # which transformer ran the step: high_noise / low_noise (Wan2.2-A14B), "" otherwise
 NORM_BASE = "norm_base"
 NORM_TUNED = "norm_tuned"
 RATIO = "ratio"
@@ -27,7 +28,7 @@ HINGE = "hinge"
 COSINE = "cosine"
 MSE = "mse"
 
-COLUMNS = (MODE, DRIVE, PROMPT_ID, PROMPT, SEED, STEP, TIMESTEP, SIGMA, BRANCH,
+COLUMNS = (MODE, DRIVE, PROMPT_ID, PROMPT, SEED, STEP, TIMESTEP, SIGMA, EXPERT, BRANCH,
            NORM_BASE, NORM_TUNED, RATIO, HINGE, COSINE, MSE)
 SAMPLE_KEY = (PROMPT_ID, SEED)
 MODE_ORDER = ("paired", "free")
@@ -44,6 +45,7 @@ def _base_columns(mode: str, drive: str, samples: list[Sample], record: CallReco
         STEP: np.tile(np.arange(steps), batch),
         TIMESTEP: np.tile(record.timesteps.double().numpy(), batch),
         SIGMA: np.tile(record.sigmas.double().numpy(), batch),
+        EXPERT: np.tile(np.asarray(record.experts or [""] * steps, dtype=object), batch),
         BRANCH: np.full(steps * batch, branch, dtype=object),
     }
 
