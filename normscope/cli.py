@@ -56,6 +56,7 @@ HeightOpt = Annotated[int | None, typer.Option("--height", help="Image height in
 WidthOpt = Annotated[int | None, typer.Option("--width", help="Image width in pixels. Default: the pipeline's.", rich_help_panel="Probe")]
 NegativeOpt = Annotated[str | None, typer.Option("--negative-prompt", help="Negative prompt. Default: the pipeline's (\"\" for SD3).", rich_help_panel="Probe")]
 MaxSeqOpt = Annotated[int | None, typer.Option("--max-sequence-length", help="T5 sequence length. Default: the pipeline's.", rich_help_panel="Probe")]
+NumFramesOpt = Annotated[int | None, typer.Option("--num-frames", help="Video pipelines (Wan): frames of the video, 4k + 1 (e.g. 81). Default: the pipeline's.", rich_help_panel="Probe")]
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Model dtype (norms are always reduced in float32). auto: bfloat16 on CUDA, float32 on CPU.", rich_help_panel="Hardware")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto: cuda when available, else cpu.", rich_help_panel="Hardware")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="(prompt, seed) samples per pipeline call. Results do not depend on it.", rich_help_panel="Hardware")]
@@ -82,11 +83,12 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return tuple(seeds)
 
 
-def probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, negative_prompt, max_sequence_length) -> dict:
+def probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, negative_prompt, max_sequence_length,
+                 num_frames=None) -> dict:
     """The probe options shared by compare, profile and sweep, as ProbeConfig fields."""
     return dict(prompts_file=prompts_file, prompts=tuple(prompt or ()), seeds=parse_seeds(seeds), steps=steps,
                 guidance=guidance, height=height, width=width, negative_prompt=negative_prompt,
-                max_sequence_length=max_sequence_length)
+                max_sequence_length=max_sequence_length, num_frames=num_frames)
 
 
 class RichReporter:
@@ -184,6 +186,7 @@ def compare(
     width: WidthOpt = None,
     negative_prompt: NegativeOpt = None,
     max_sequence_length: MaxSeqOpt = None,
+    num_frames: NumFramesOpt = None,
     mode: Annotated[Mode, typer.Option("--mode", help="paired: one model drives, the other is evaluated on the same inputs; free: each on its own trajectory; both.", rich_help_panel="Measurement")] = Mode.paired,
     drive: Annotated[Drive, typer.Option("--drive", help="In paired mode, whose velocity moves the latents.", rich_help_panel="Measurement")] = Drive.tuned,
     dtype: DTypeOpt = DType.auto,
@@ -207,7 +210,7 @@ def compare(
         config = CompareConfig(
             base=base, tuned=tuned, adapter=adapter, allow_pickle=allow_pickle, pipeline=pipeline, mode=mode, drive=drive,
             dtype=dtype, device=device, batch_size=batch_size, out=out, save_images=save_images, offload=offload,
-            **probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, negative_prompt, max_sequence_length),
+            **probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, negative_prompt, max_sequence_length, num_frames),
         )
         if not is_main_process():  # launched on several processes: the main one reports
             run_compare(config)
@@ -216,7 +219,8 @@ def compare(
             result = run_compare(config, reporter)
         emit(result, fmt)
         if out is not None:
-            err.print(f"wrote {out}/norms.csv, summary.json, profile.png")
+            video = ", frames.csv, frames.png" if result.frames is not None else ""
+            err.print(f"wrote {out}/norms.csv, summary.json, profile.png{video}")
 
 
 @app.command()
@@ -233,6 +237,7 @@ def profile(
     width: WidthOpt = None,
     negative_prompt: NegativeOpt = None,
     max_sequence_length: MaxSeqOpt = None,
+    num_frames: NumFramesOpt = None,
     dtype: DTypeOpt = DType.auto,
     device: DeviceOpt = Device.auto,
     batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
@@ -249,7 +254,7 @@ def profile(
         config = ProfileConfig(
             base=base, out=out, pipeline=pipeline, dtype=dtype, device=device, batch_size=batch_size,
             allow_pickle=allow_pickle, dtype_check=dtype_check,
-            **probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, negative_prompt, max_sequence_length),
+            **probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, negative_prompt, max_sequence_length, num_frames),
         )
         if not is_main_process():  # launched on several processes: the main one reports
             run_profile(config)
@@ -334,6 +339,7 @@ def sweep(
     width: WidthOpt = None,
     negative_prompt: NegativeOpt = None,
     max_sequence_length: MaxSeqOpt = None,
+    num_frames: NumFramesOpt = None,
     mode: Annotated[Mode, typer.Option("--mode", help="free (default): the base runs once for the whole sweep; paired: the base runs on every checkpoint's trajectory.", rich_help_panel="Measurement")] = Mode.free,
     gate: Annotated[float | None, typer.Option("--gate", help="Mark the first checkpoint whose inflation exceeds this fraction (0.05 = 5 %).")] = None,
     dtype: DTypeOpt = DType.auto,
@@ -350,7 +356,7 @@ def sweep(
         config = SweepConfig(
             run_dir=run_dir, out=out, base=base, pipeline=pipeline, adapter=adapter, allow_pickle=allow_pickle,
             mode=mode, gate=gate, dtype=dtype, device=device, batch_size=batch_size,
-            **probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, negative_prompt, max_sequence_length),
+            **probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, negative_prompt, max_sequence_length, num_frames),
         )
         if not is_main_process():  # launched on several processes: the main one reports
             run_sweep(config)

@@ -40,6 +40,7 @@ def save_profile_figure(summary: dict, path: Path) -> Path:
         bottom.plot(sigma, (ratio - 1) * 100, style, color=color, label=f"{mode}")
         bottom.fill_between(sigma, (lo - 1) * 100, (hi - 1) * 100, color=color, alpha=0.2, linewidth=0)
     bottom.axhline(0.0, color="0.4", linewidth=0.8)
+    _mark_expert_switch(summary, (top, bottom))
     top.set_ylabel(r"$\|v\|_2$ (latent units)")
     top.set_title("velocity norm per step (mean $\\pm$ 1 std over samples)", fontsize=10)
     top.legend(fontsize=8, frameon=False)
@@ -51,6 +52,23 @@ def save_profile_figure(summary: dict, path: Path) -> Path:
     fig.savefig(path, dpi=150, metadata={"Software": None})
     plt.close(fig)
     return path
+
+
+def _mark_expert_switch(summary: dict, axes) -> None:
+    """Two-expert pipelines (Wan2.2-A14B): a dashed line where the low-noise expert takes over, each side named."""
+    boundary = summary.get("expert_boundary_step")
+    if boundary is None:
+        return
+    sigmas = [row["sigma"] for row in summary["per_step"]]
+    x = (sigmas[boundary - 1] + sigmas[boundary]) / 2
+    labels = summary.get("experts") or []
+    for ax in axes:
+        ax.axvline(x, color="0.2", linestyle=":", linewidth=1.0)
+    top = axes[0]
+    for text, align in ((labels[0] if labels else "", "left"), (labels[boundary] if labels else "", "right")):
+        top.annotate(f"{text.replace('_', '-')} expert", (x, 1.0), xycoords=("data", "axes fraction"),
+                     xytext=(-3 if align == "left" else 3, -2), textcoords="offset points",
+                     ha="right" if align == "left" else "left", va="top", fontsize=7, color="0.2")
 
 
 def save_reference_figure(meta: dict, path: Path) -> Path:
@@ -130,8 +148,8 @@ def save_frames_figure(profile, boundary_step: int | None, path: Path, title: st
     ax.set_ylabel("latent frame")
     if boundary_step is not None:
         ax.axvline(boundary_step - 0.5, color="0.1", linestyle="--", linewidth=1.2)
-        ax.annotate("low-noise expert", (boundary_step - 0.45, 1.0), xycoords=("data", "axes fraction"),
-                    fontsize=7, va="bottom")
+        ax.annotate("low-noise expert ->", (boundary_step - 0.45, 0.97), xycoords=("data", "axes fraction"),
+                    fontsize=7, va="top", bbox={"facecolor": "white", "edgecolor": "none", "pad": 1.0})
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, label=r"$\|v_{tuned}\| / \|v_{base}\| - 1$  (%)")
     fig.savefig(path, dpi=150, metadata={"Software": None})

@@ -78,12 +78,16 @@ def render(summary: dict, console) -> None:
     from rich.table import Table
 
     paired = summary["headline_mode"] == "paired"
+    experts = summary.get("experts") or []
+    show_experts = any(experts)
     table = Table(title=f"velocity norms per step — {summary['headline_mode']} mode, guided", title_justify="left")
     for name in ("step", "sigma", "||v_base||", "||v_tuned||", "ratio", "95% CI", "tuned>base"):
         table.add_column(name, justify="right")
     if paired:
         table.add_column("cosine", justify="right")
-    for row in summary["per_step"]:
+    if show_experts:
+        table.add_column("expert")
+    for index, row in enumerate(summary["per_step"]):
         lo, hi = row["ratio_ci"]
         cells = [
             str(row[STEP]), f"{row[SIGMA]:.3f}", _num(row[NORM_BASE]), _num(row[NORM_TUNED]),
@@ -92,6 +96,8 @@ def render(summary: dict, console) -> None:
         ]
         if paired:
             cells.append(_num(row[COSINE], 4))
+        if show_experts:
+            cells.append(experts[index] if index < len(experts) else "")
         style = "yellow" if row[N] == 0 else None
         table.add_row(*cells, style=style)
     console.print(table)
@@ -100,6 +106,9 @@ def render(summary: dict, console) -> None:
         "by region: near noise " + _pct(regions["near_noise"]) + " · middle " + _pct(regions["middle"])
         + " · near data " + _pct(regions["near_data"])
     )
+    for label, part in (summary.get("by_expert") or {}).items():
+        console.print(f"{label.replace('_', '-')} expert (steps {part['steps'][0]}-{part['steps'][-1]}): "
+                      f"inflation {_pct(part['inflation'])}")
     for mode, branches in summary["modes"].items():
         if mode != summary["headline_mode"]:
             g = branches["guided"]

@@ -31,15 +31,15 @@ def read_video(path: Path) -> list:
         return [frame.convert("RGB") for frame in ImageSequence.Iterator(image)]
 
 
-def frame_strip(path: Path, height: int = 96):
-    """The frames of a saved video side by side in one RGB image, each scaled to ``height`` px."""
+def frame_strip(path: Path, height: int = 96, gap: int = 2):
+    """The frames of a saved video side by side (``gap`` px of white between them), each scaled to ``height`` px."""
     from PIL import Image
 
     frames = read_video(path)
     width = max(1, round(frames[0].width * height / frames[0].height))
-    strip = Image.new("RGB", (width * len(frames), height), "white")
+    strip = Image.new("RGB", (width * len(frames) + gap * (len(frames) - 1), height), "white")
     for i, frame in enumerate(frames):
-        strip.paste(frame.resize((width, height), Image.Resampling.NEAREST), (i * width, 0))
+        strip.paste(frame.resize((width, height), Image.Resampling.NEAREST), (i * (width + gap), 0))
     return strip
 
 

@@ -1,0 +1,77 @@
+"""What a Wan run leaves behind: frames.csv and frames.png, the expert column, videos, and the report's strips."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+from video_factory import flow_factory_checkpoint
+
+from normscope.cli import app
+from normscope.render.video import read_video
+
+runner = CliRunner()
+PROBE = ["--steps", "4", "--height", "16", "--width", "16", "--num-frames", "5", "--max-sequence-length", "16",
+         "--guidance", "4", "--seeds", "0", "--prompt", "a red fox", "--prompt", "a blue car", "--device", "cpu",
+         "--dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def run(video_pipelines, tmp_path_factory):
+    """A Wan2.2 (two experts, UniPC) run whose checkpoint changes only the low-noise expert."""
+    pipe = video_pipelines["wan22-unipc"]
+    root = tmp_path_factory.mktemp("video-run")
+    tuned = flow_factory_checkpoint(pipe, root / "checkpoint-10", {"transformer_2": 1.1})
+    out = root / "run"
+    result = runner.invoke(app, ["compare", str(tuned), "--pipeline", str(pipe), *PROBE, "--mode", "both",
+                                 "--save-images", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def test_run_folder_has_per_frame_table_and_figure(run):
+    out, result = run
+    frames = pd.read_csv(out / "frames.csv", keep_default_na=False)
+    assert list(frames.columns) == ["mode", "drive", "prompt_id", "seed", "step", "sigma", "expert", "branch", "frame",
+                                    "norm_base", "norm_tuned", "ratio"]
+    # 2 modes x 2 samples x 4 steps x 3 branches x 2 latent frames
+    assert len(frames) == 2 * 2 * 4 * 3 * 2
+    assert set(frames["expert"]) == {"high_noise", "low_noise"}
+    assert (frames[frames["expert"] == "high_noise"]["ratio"] == 1.0).all()
+    assert Image.open(out / "frames.png").size[0] > 100
+    norms = pd.read_csv(out / "norms.csv", keep_default_na=False)
+    assert "expert" in norms.columns
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["experts"] == ["high_noise", "high_noise", "low_noise", "low_noise"]
+    assert summary["expert_boundary_step"] == 2
+    assert summary["config"]["num_frames"] == 5 and summary["config"]["resolved"]["num_frames"] == 5
+    assert any("does not change transformer:" in n for n in summary["notes"])
+    # the terminal table names the expert of each step, and the base-kept expert is said on stderr
+    assert "low_noise" in result.stdout and "high-noise expert (steps 0-1): inflation +0.00 %" in result.stdout
+
+
+def test_save_images_writes_each_samples_video(run):
+    out, _ = run
+    videos = sorted((out / "images").glob("*.webp"))
+    assert [v.name for v in videos] == ["000-0-base.webp", "000-0-tuned.webp", "001-0-base.webp", "001-0-tuned.webp"]
+    frames = read_video(videos[0])
+    assert len(frames) == 5 and frames[0].size == (16, 16)
+    # lossless: the frames read back are the pipeline's own decoded frames; the low-noise expert changed them
+    base, tuned = (np.stack([np.asarray(f) for f in read_video(v)]) for v in videos[:2])
+    assert base.shape == tuned.shape == (5, 16, 16, 3) and not np.array_equal(base, tuned)
+
+
+def test_report_shows_frame_strips_and_inflation_by_frame(run, tmp_path):
+    out, _ = run
+    result = runner.invoke(app, ["report", str(out), "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    figures = tmp_path / "report" / "figures"
+    strips = Image.open(figures / "run_videos.png")
+    assert strips.size == (5 * 96 + 4 * 2, 4 * 96 + 6)  # 5 frames side by side; base and tuned rows for 2 samples
+    assert (figures / "run_frames.png").is_file()
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "videos, base vs tuned" in html and "inflation by latent frame" in html
