@@ -87,6 +87,7 @@ class ProbeConfig:
     negative_prompt: str | None = None
     max_sequence_length: int | None = None
     num_frames: int | None = None  # video pipelines (Wan): frames of the generated video
+    image: Path | None = None  # image-to-video pipelines (Wan I2V): the conditioning image, for every sample
     dtype: DType = DType.auto
     device: Device = Device.auto
     batch_size: int = DEFAULT_BATCH_SIZE
@@ -99,6 +100,10 @@ class ProbeConfig:
         self._apply_preset()
         if self.prompts_file is not None:
             self.prompts_file = Path(self.prompts_file)
+        if self.image is not None:
+            self.image = Path(self.image)
+            if not self.image.is_file():
+                raise ConfigError(f"--image {self.image} does not exist: pass the conditioning image file (PNG, JPEG, ...)")
         _positive("steps", self.steps, "use e.g. --steps 28")
         _positive("batch_size", self.batch_size, "use e.g. --batch-size 8")
         _positive("height", self.height, "use a multiple of 16, e.g. --height 512")

@@ -177,3 +177,29 @@ def test_random_two_expert_lora_matches_the_plain_pipeline_row_by_row(arch, vide
     paired = frame[(frame[MODE] == "paired") & (frame[BRANCH] == "guided") & (frame["prompt_id"] == 0) & (frame[SEED] == 0)]
     assert list(paired.sort_values(STEP)[EXPERT]) == [labels[m] for m in modules]
     assert set(modules) == {"transformer", "transformer_2"}
+
+
+@pytest.fixture(scope="module")
+def more_video(tmp_path_factory):
+    from video_factory import MORE_VIDEO, build_more, first_frame
+
+    root = tmp_path_factory.mktemp("more-video")
+    return {name: build_more(name, root / name) for name in MORE_VIDEO}, first_frame(root / "first.png")
+
+
+@pytest.mark.parametrize("name", ["ti2v", "i2v21", "i2v22", "ti2v-image"])
+def test_ti2v_and_image_to_video_pipelines(name, more_video, tmp_path):
+    pipelines, image = more_video
+    folder = pipelines[name]
+    two = name == "i2v22"
+    extra = {} if name == "ti2v" else {"image": image}
+    fields = dict(pipeline=str(folder), prompts=PROMPTS, seeds=(0,), device="cpu", dtype="float32", **VIDEO_PROBE, **extra)
+    same = compare(CompareConfig(tuned=str(folder), base=str(folder), mode="both", **fields))
+    assert same.inflation == 0.0 and (same.frame[RATIO] == 1.0).all()
+    experts = ("transformer", "transformer_2") if two else ("transformer",)
+    tuned = flow_factory_checkpoint(folder, tmp_path / "checkpoint-10", {e: 1.1 for e in experts})
+    result = compare(CompareConfig(tuned=str(tuned), **fields))
+    assert np.allclose(result.frame[RATIO], 1.1, rtol=1e-5, atol=0)
+    assert np.allclose(result.frames[RATIO], 1.1, rtol=1e-5, atol=0)
+    assert set(result.frame[EXPERT]) == ({"high_noise", "low_noise"} if two else {""})
+    assert set(result.frame[BRANCH]) == {"guided", "cond", "uncond"}

@@ -62,3 +62,27 @@ def test_inspect_lists_the_experts_a_checkpoint_touches(wan22, tmp_path):
     result = runner.invoke(app, ["inspect", str(ckpt), "--format", "json"])
     assert result.exit_code == 0, result.output
     assert '"experts": [\n    "transformer_2"\n  ]' in result.stdout
+
+
+def test_image_to_video_refusals_are_one_line(video_pipelines, tmp_path, monkeypatch):
+    from video_factory import build_more, first_frame
+
+    i2v = build_more("i2v22", tmp_path / "i2v")
+    probe = ["--steps", "2", "--height", "16", "--width", "16", "--num-frames", "5", "--prompt", "a fox", "--seeds", "0",
+             "--device", "cpu", "--dtype", "float32"]
+    cases = [
+        ([str(i2v), str(i2v)], "generates from an image: pass --image FILE"),
+        ([str(video_pipelines["wan21-euler"]), str(video_pipelines["wan21-euler"]), "--image", str(first_frame(tmp_path / "f.png"))],
+         "WanPipeline does not take an image: drop --image"),
+        ([str(i2v), str(i2v), "--image", str(tmp_path / "missing.png")], "--image"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, ["compare", *args, *probe])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ftfy" else real(name, *a))
+    result = runner.invoke(app, ["compare", str(i2v), str(i2v), *probe, "--image", str(tmp_path / "f.png")])
+    assert result.exit_code == 2 and "imports ftfy when it runs and ftfy is not installed: pip install ftfy" in result.output

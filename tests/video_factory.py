@@ -71,3 +71,31 @@ def fuse(state: dict, lora: dict) -> dict:
             delta = (ALPHA / RANK) * lora[f"{module}.lora_B.weight"] @ lora[key]
             fused[f"{module}.weight"] = (state[f"{module}.weight"] + delta).contiguous()
     return fused
+
+
+# The other Wan layouts: TI2V-5B text-to-video (per-token timesteps), and image to video (2.1 with CLIP image
+# embeddings, 2.2 A14B with two experts, TI2V-5B's image mode).
+MORE_VIDEO = {
+    "ti2v": dict(builder="t2v", expand_timesteps=True),
+    "i2v21": dict(builder="i2v"),
+    "i2v22": dict(builder="i2v", two_experts=True),
+    "ti2v-image": dict(builder="i2v", expand_timesteps=True),
+}
+
+
+def build_more(name: str, folder: Path) -> Path:
+    from normscope.builders.tiny_video import tiny_wan_i2v_pipeline
+
+    options = dict(MORE_VIDEO[name])
+    builder = tiny_wan_pipeline if options.pop("builder") == "t2v" else tiny_wan_i2v_pipeline
+    return save_tiny_video(builder(seed=0, sampler="unipc", **options), folder)
+
+
+def first_frame(path: Path) -> Path:
+    """A 16x16 conditioning image with some structure (a gradient and a square)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.linear_gradient("L").resize((SIZE, SIZE)).convert("RGB")
+    ImageDraw.Draw(image).rectangle((4, 4, 10, 10), fill=(220, 40, 40))
+    image.save(path)
+    return path

@@ -5,8 +5,13 @@ and a three-channel VAE so that a call at 16x16 px, 5 frames (2 latent frames) a
 a second on a CPU. Each comes with FlowMatchEuler or with the UniPC multistep solver in flow mode that the Wan
 model repos ship (``scheduler_config.json``: ``flow_prediction``, ``use_flow_sigmas``, ``flow_shift`` 3.0).
 
-Wan2.1 I2V (``WanImageToVideoPipeline``) is built too, with a tiny ``CLIPVisionModel`` and a locally
-constructed ``CLIPImageProcessor``; running it needs a conditioning image per sample.
+Image to video (``WanImageToVideoPipeline``) is built too: Wan2.1 I2V with a tiny ``CLIPVisionModel`` and a
+locally constructed ``CLIPImageProcessor``, Wan2.2 I2V-A14B (two experts) and TI2V-5B's image mode; running them
+needs a conditioning image (``--image``) and the ``ftfy`` package (diffusers' I2V pipeline imports it).
+
+TI2V-5B's own VAE (48 latent channels, 16x spatial compression) is not reproduced: the tiny TI2V pipelines use
+the 16-channel Wan2.1 VAE, which changes nothing that normscope sees (``expand_timesteps`` gives every latent
+token its own timestep; the first frame's tokens get 0 in image mode).
 """
 
 from __future__ import annotations
@@ -101,26 +106,37 @@ def tiny_wan_pipeline(seed: int = 0, sampler: str = "unipc", two_experts: bool =
     )
 
 
-def tiny_wan_i2v_pipeline(seed: int = 0, sampler: str = "unipc"):
-    """A ``WanImageToVideoPipeline`` (Wan2.1 I2V): image embeddings from a tiny ``CLIPVisionModel``, the first
-    frame's latents concatenated to the noise (36 input channels)."""
+def tiny_wan_i2v_pipeline(seed: int = 0, sampler: str = "unipc", two_experts: bool = False, expand_timesteps: bool = False,
+                          boundary_ratio: float = TINY_BOUNDARY_RATIO):
+    """A ``WanImageToVideoPipeline``. Wan2.1 I2V: image embeddings from a tiny ``CLIPVisionModel`` (with a
+    locally constructed ``CLIPImageProcessor``), the first frame's latents and mask concatenated to the noise
+    (36 input channels); with ``two_experts`` Wan2.2 I2V-A14B (no image encoder, ``boundary_ratio``); with
+    ``expand_timesteps`` Wan2.2 TI2V-5B's image-to-video mode (the first latent frame replaced by the
+    image's latents, timestep 0 on its tokens, 16 input channels)."""
     from diffusers import WanImageToVideoPipeline
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
-    torch.manual_seed(seed + 3)
-    vision = CLIPVisionModel(CLIPVisionConfig(
-        hidden_size=TEXT_WIDTH, projection_dim=TEXT_WIDTH, num_hidden_layers=2, num_attention_heads=4,
-        image_size=32, intermediate_size=37, patch_size=8,
-    )).eval()
-    processor = CLIPImageProcessor(crop_size=32, size=32)
+    vision = processor = None
+    if not (two_experts or expand_timesteps):  # only Wan2.1 I2V's transformer takes image embeddings
+        torch.manual_seed(seed + 3)
+        vision = CLIPVisionModel(CLIPVisionConfig(
+            hidden_size=TEXT_WIDTH, projection_dim=TEXT_WIDTH, num_hidden_layers=2, num_attention_heads=4,
+            image_size=32, intermediate_size=37, patch_size=8,
+        )).eval()
+        processor = CLIPImageProcessor(crop_size=32, size=32)
+    channels = {} if expand_timesteps else {"in_channels": 36}
+    image_dim = {"image_dim": TEXT_WIDTH} if vision is not None else {}
     return WanImageToVideoPipeline(
         tokenizer=_t5_tokenizer(),
         text_encoder=_umt5_encoder(seed + 1),
         vae=_wan_vae(seed + 2),
         scheduler=scheduler(sampler),
-        transformer=_transformer(seed, in_channels=36, image_dim=TEXT_WIDTH),
+        transformer=_transformer(seed, **channels, **image_dim),
+        transformer_2=_transformer(seed + 5, **channels) if two_experts else None,
         image_encoder=vision,
         image_processor=processor,
+        boundary_ratio=boundary_ratio if two_experts else None,
+        expand_timesteps=expand_timesteps,
     )
 
 

@@ -82,6 +82,8 @@ class Family:
       ``skip_layers``); ``extra_scale_arg`` the pipeline argument scaling it (``v += s (cond - extra)``).
     * ``cap_arg``: the pipeline argument of a norm cap applied after combining (Z-Image
       ``cfg_normalization``).
+    * ``call_requires``: Python packages the pipeline's ``__call__`` imports unconditionally, checked before
+      any weight loads (diffusers' Wan I2V pipeline calls ``ftfy`` whether or not it is installed).
     """
 
     name: str
@@ -105,6 +107,7 @@ class Family:
     extra_call_kwarg: str | None = None
     extra_scale_arg: str | None = None
     cap_arg: str | None = None
+    call_requires: tuple[str, ...] = ()
     presets: tuple[Preset, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -253,7 +256,7 @@ FAMILIES: tuple[Family, ...] = (
         name="wan-i2v", title="Wan2.1 I2V / Wan2.2 I2V-A14B (image to video)",
         pipeline_classes=("WanImageToVideoPipeline",), transformer_class="WanTransformer3DModel",
         calls=SEPARATE, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, experts=WAN_EXPERTS,
-        expert_guidance=WAN_GUIDANCE, latent_layout="bcfhw", patch_size=2,
+        expert_guidance=WAN_GUIDANCE, latent_layout="bcfhw", patch_size=2, call_requires=("ftfy",),
         presets=(
             _p("flow-factory-wan2.1-i2v", "wan-i2v", 28, 5.0, GUIDANCE_SCALE, None, FLOW_FACTORY + ": Wan2.1 I2V 28 steps, CFG 5"),
             _p("flow-factory-wan2.2-i2v", "wan-i2v", 28, 3.5, GUIDANCE_SCALE, None, FLOW_FACTORY + ": Wan2.2-I2V 28 steps, CFG 3.5"),
@@ -306,11 +309,24 @@ def family_of_folder(folder: str | Path) -> Family:
     if not isinstance(name, str):
         raise InputError(f"{index} names no pipeline class (_class_name): pass a diffusers pipeline folder")
     family = family_for(name)
+    check_requirements(family)
     for attr, _ in family.experts:
         config = Path(folder) / attr / "config.json"
         if config.is_file():
             check_transformer_class(family, _read_json(config, "transformer config").get("_class_name"), str(config))
     return family
+
+
+def check_requirements(family: Family) -> None:
+    """Refuse, before loading, a pipeline whose call would fail on a missing package (one line with the fix)."""
+    import importlib.util
+
+    for package in family.call_requires:
+        if importlib.util.find_spec(package) is None:
+            raise InputError(
+                f"{family.pipeline_classes[0]} ({family.name}) imports {package} when it runs and {package} is not "
+                f"installed: pip install {package} (or normscope[video])"
+            )
 
 
 def check_transformer_class(family: Family, class_name: str | None, where: str) -> None:

@@ -94,11 +94,31 @@ def sampling_kwargs(pipe, probe: ProbeConfig, samples: list[Sample], family: Fam
         if name not in accepted:
             raise InputError(f"{type(pipe).__name__} does not take {name}: drop --{flag}")
         kwargs[name] = value
+    kwargs.update(_conditioning_image(pipe, probe))
     if family.needs_negative_prompt and "negative_prompt" not in kwargs and "negative_prompt" in accepted:
         scale = kwargs.get(cfg_argument(family), accepted.get(cfg_argument(family)))
         if scale is not None and float(scale) > 1:
             kwargs["negative_prompt"] = [" "] * len(samples)
     return kwargs
+
+
+def _conditioning_image(pipe, probe: ProbeConfig) -> dict:
+    """``image=`` for image-to-video pipelines (one image for the whole batch: the pipeline repeats it)."""
+    parameters = inspect.signature(pipe.__call__).parameters
+    takes = "image" in parameters
+    if probe.image is None:
+        if takes and parameters["image"].default is inspect.Parameter.empty:
+            raise InputError(f"{type(pipe).__name__} generates from an image: pass --image FILE (the first frame)")
+        return {}
+    if not takes:
+        raise InputError(f"{type(pipe).__name__} does not take an image: drop --image")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(probe.image) as image:
+            return {"image": image.convert("RGB")}
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"--image {probe.image} is not an image Pillow can read ({exc}): pass a PNG or JPEG") from None
 
 
 def guidance_used(pipe, probe: ProbeConfig, family: Family | None = None) -> dict:
