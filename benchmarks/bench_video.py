@@ -3,10 +3,11 @@
     python benchmarks/bench_video.py                      # CPU: Wan2.2-A14B layout (two experts), UniPC
     python benchmarks/bench_video.py --layers 4 --heads 12 --size 256 --frames 33 --device cuda --dtype bfloat16
 
-Each variant runs in its own process on the same saved pipeline (tiny text encoder and VAE, two transformers
-made large enough for their weights and activations to dominate) and reports the wall time of its pipeline
-call(s) (best of ``--repeats`` after a warm-up) and its peak memory (RSS on the CPU, ``max_memory_allocated``
-on CUDA) above a process that has only imported torch and diffusers:
+Every variant runs on the same saved pipeline (tiny text encoder and VAE, two transformers made large enough
+for their weights and activations to dominate). Peak memory (RSS on the CPU, ``max_memory_allocated`` on
+CUDA) comes from one process per variant, above a process that has only imported torch and diffusers; the
+times come from one process running the variants interleaved (best of ``--repeats`` rounds after a warm-up
+round), so a busy machine slows them alike:
 
 * plain  — the plain diffusers WanPipeline call, base weights, nothing hooked: the floor;
 * paired — ``normscope compare`` in paired mode, TUNED a Flow-Factory checkpoint changing both experts
@@ -15,8 +16,10 @@ on CUDA) above a process that has only imported torch and diffusers:
 * lora   — paired mode, TUNED a diffusers LoRA with ``transformer.`` and ``transformer_2.`` keys (one copy
   of each transformer, the adapter on and off).
 
-The ratios are against ``plain``; paired mode computes twice the transformer calls of a plain call by
-definition (driver and other model), so 2.0 is its floor, and free mode's floor is 2.0 as well.
+Times are of the sampling calls alone (loading excluded): ``plain`` is ``pipe(**kwargs)``; the others are
+normscope's own ``run_paired`` / ``run_free`` with the per-frame observer attached, on models loaded by
+``load_models``. The ratios are against ``plain``: paired mode computes the transformer twice per call
+(driver and other model) and free mode samples twice, so 2.0 is the floor of both.
 """
 
 from __future__ import annotations
@@ -31,73 +34,73 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-CHILD = r"""
+SETUP = r"""
 import json, os, resource, sys, time
 os.environ["HF_HUB_OFFLINE"] = "1"
 import torch, diffusers  # noqa: F401
-variant, root, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+root, args = sys.argv[1], json.loads(sys.argv[2])
 cuda = args["device"] == "cuda"
-baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 dtype = getattr(torch, args["dtype"])
 prompts = ["a red fox running through snow", "two green apples on a table"]
 seeds = (0, 1)
-call = dict(num_inference_steps=args["steps"], height=args["size"], width=args["size"], num_frames=args["frames"],
-            guidance_scale=4.0, max_sequence_length=32, output_type="latent")
-times = []
 
 def sync():
     if cuda:
         torch.cuda.synchronize()
 
-if variant == "import":
-    pass
-elif variant == "plain":
-    from diffusers import DiffusionPipeline
-    pipe = DiffusionPipeline.from_pretrained(root + "/pipe", torch_dtype=dtype).to(args["device"])
-    pipe.set_progress_bar_config(disable=True)
-    batch = [p for p in prompts for _ in seeds]
-    for i in range(args["repeats"] + 1):
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        sync(); start = time.perf_counter()
-        with torch.no_grad():
-            pipe(prompt=batch, generator=[torch.Generator().manual_seed(s) for _ in prompts for s in seeds], **call)
-        sync(); times.append(time.perf_counter() - start)
-else:
-    from normscope.commands.compare import compare
-    from normscope.config import CompareConfig
+def variant_call(variant):
+    from normscope.config import ProbeConfig
+    from normscope.load import load_models, load_pipeline
+    from normscope.measure.frames import FrameNorms
+    from normscope.measure.prompts import make_samples
+    from normscope.measure.sampling import SilentReporter, run_free, run_paired, sampling_kwargs
+    pipe = load_pipeline(root + "/pipe", dtype, args["device"])
+    probe = ProbeConfig(prompts=tuple(prompts), seeds=seeds, steps=args["steps"], height=args["size"], width=args["size"],
+                        num_frames=args["frames"], guidance=4.0, max_sequence_length=32)
+    kwargs = sampling_kwargs(pipe, probe, make_samples(prompts, seeds))
+    if variant == "plain":  # the user's own call: nothing hooked, nothing recorded
+        def call():
+            with torch.no_grad():
+                pipe(**dict(kwargs, generator=[torch.Generator().manual_seed(s) for _ in prompts for s in seeds]))
+        return call
     tuned = root + ("/lora.safetensors" if variant == "lora" else "/checkpoint-10")
-    mode = "free" if variant == "free" else "paired"
-    config = CompareConfig(tuned=tuned, pipeline=root + "/pipe", prompts=tuple(prompts), seeds=seeds, steps=args["steps"],
-                           height=args["size"], width=args["size"], num_frames=args["frames"], guidance=4.0,
-                           max_sequence_length=32, device=args["device"], dtype=args["dtype"], mode=mode, figure=False)
-    for i in range(args["repeats"] + 1):
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        sync(); start = time.perf_counter()
-        compare(config)  # includes loading: measured separately below and subtracted
-        sync(); total = time.perf_counter() - start
-        times.append(total)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-gpu = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-print(json.dumps({"variant": variant, "best_s": min(times[1:]) if len(times) > 1 else None,
-                  "peak_mib": peak / 1024, "baseline_mib": baseline / 1024, "gpu_peak_mib": gpu}))
+    loaded = load_models(pipe, None, tuned, root + "/pipe")
+    runner = run_free if variant == "free" else run_paired
+    models = (loaded.base, loaded.tuned) if variant == "free" else (loaded.tuned, loaded.base)
+    return lambda: runner(pipe, *models, kwargs, SilentReporter(), [FrameNorms()])
+
+def timed(fn):
+    sync(); start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
 """
 
-LOAD_ONLY = r"""
-import json, os, sys, time
-os.environ["HF_HUB_OFFLINE"] = "1"
-import torch
-from normscope.load import load_models, load_pipeline
-root, args, variant = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-tuned = root + ("/lora.safetensors" if variant == "lora" else "/checkpoint-10")
-times = []
-for _ in range(args["repeats"] + 1):
-    start = time.perf_counter()
-    pipe = load_pipeline(root + "/pipe", getattr(torch, args["dtype"]), args["device"])
-    load_models(pipe, None, tuned, root + "/pipe")
-    times.append(time.perf_counter() - start)
-print(json.dumps({"load_s": min(times[1:])}))
+# Peak memory: one variant per process (loading included), above a process that only imported torch/diffusers.
+MEMORY = SETUP + r"""
+variant = sys.argv[3]
+if variant != "import":
+    call = variant_call(variant)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    call()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+gpu = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+print(json.dumps({"peak_mib": peak / 1024, "gpu_peak_mib": gpu}))
+"""
+
+# Time: every variant in one process, interleaved round by round after a warm-up round, best of the rounds,
+# so that a busy machine slows all of them alike.
+TIME = SETUP + r"""
+variants = ("plain", "paired", "free", "lora")
+calls = {v: variant_call(v) for v in variants}
+best = {}
+for round_ in range(args["repeats"] + 1):
+    for v in variants:
+        took = timed(calls[v])
+        if round_:
+            best[v] = min(best.get(v, took), took)
+print(json.dumps(best))
 """
 
 
@@ -120,11 +123,11 @@ def build(root: Path, layers: int, heads: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--frames", type=int, default=9)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
@@ -134,12 +137,11 @@ def main() -> None:
         params = build(root, args.layers, args.heads)
         results = {}
         for variant in ("import", "plain", "paired", "free", "lora"):
-            out = subprocess.run([sys.executable, "-c", CHILD, variant, str(root), settings], capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, "-c", MEMORY, str(root), settings, variant], capture_output=True, text=True, check=True)
             results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-            if variant in ("paired", "lora"):
-                load = subprocess.run([sys.executable, "-c", LOAD_ONLY, str(root), settings, variant], capture_output=True, text=True, check=True)
-                results[variant]["load_s"] = json.loads(load.stdout.strip().splitlines()[-1])["load_s"]
-        results["free"]["load_s"] = results["paired"]["load_s"]
+        out = subprocess.run([sys.executable, "-c", TIME, str(root), settings], capture_output=True, text=True, check=True)
+        for variant, seconds in json.loads(out.stdout.strip().splitlines()[-1]).items():
+            results[variant]["best_s"] = seconds
     floor = results["import"]["peak_mib"]
     plain = results["plain"]
     print(f"each transformer: {params / 1e6:.2f}M params; latents {args.frames} frames at {args.size} px, {args.steps} steps, "
@@ -147,7 +149,7 @@ def main() -> None:
     print(f"{'variant':<8}{'call s':>9}{'vs plain':>10}{'peak MiB':>11}{'above import':>14}{'vs plain':>10}")
     for variant in ("plain", "paired", "free", "lora"):
         r = results[variant]
-        call = r["best_s"] - r.get("load_s", 0.0)
+        call = r["best_s"]
         above = r["peak_mib"] - floor
         memory = r["gpu_peak_mib"] if r["gpu_peak_mib"] is not None else above
         plain_memory = plain["gpu_peak_mib"] if plain["gpu_peak_mib"] is not None else plain["peak_mib"] - floor
