@@ -300,6 +300,7 @@ def check(
     width: WidthOpt = None,
     negative_prompt: NegativeOpt = None,
     max_sequence_length: MaxSeqOpt = None,
+    num_frames: NumFramesOpt = None,
     mode: Annotated[Mode, typer.Option("--mode", help="Live check only: paired (default), free or both (the gate applies to the first).", rich_help_panel="Measurement")] = Mode.paired,
     dtype: DTypeOpt = DType.auto,
     device: DeviceOpt = Device.auto,

@@ -75,3 +75,28 @@ def test_report_shows_frame_strips_and_inflation_by_frame(run, tmp_path):
     assert (figures / "run_frames.png").is_file()
     html = (tmp_path / "report" / "report.html").read_text()
     assert "videos, base vs tuned" in html and "inflation by latent frame" in html
+
+
+def test_profile_stored_check_and_sweep_follow_wan(video_pipelines, tmp_path):
+    """The other jobs run the same capture: a stored reference keeps --num-frames, and a sweep sees each expert."""
+    from normscope.commands.check import CheckConfig, check
+    from normscope.commands.profile import ProfileConfig, profile
+    from normscope.commands.sweep import SweepConfig, sweep
+
+    pipe = video_pipelines["wan22-euler"]
+    probe = dict(prompts=("a red fox",), seeds=(0, 1), steps=3, height=16, width=16, num_frames=5, guidance=4.0,
+                 max_sequence_length=16, device="cpu", dtype="float32")
+    profile(ProfileConfig(base=str(pipe), out=tmp_path / "ref", **probe))
+    run = tmp_path / "run"
+    for step, factor in ((10, 1.0), (20, 1.1)):
+        flow_factory_checkpoint(pipe, run / f"checkpoint-{step}", {"transformer": factor, "transformer_2": factor})
+    result = check(CheckConfig(paths=(str(run / "checkpoint-10"), str(run / "checkpoint-20")), reference=tmp_path / "ref",
+                               pipeline=str(pipe), max_inflation=0.05, device="cpu", dtype="float32"))
+    same, inflated = result.checkpoints
+    assert same.inflation == 0.0 and same.summary["config"]["num_frames"] == 5
+    # free mode against the stored base: the first step sees the scaled field exactly
+    assert inflated.summary["per_step"][0]["ratio"] == pytest.approx(1.1, rel=1e-5)
+    assert result.exit_code == 1
+    table = sweep(SweepConfig(run_dir=run, pipeline=str(pipe), out=tmp_path / "sweep", **probe))
+    assert list(table["step"]) == [10, 20]
+    assert table["inflation"].iloc[0] == 0.0 and table["inflation"].iloc[1] > 0.05

@@ -56,7 +56,7 @@ MIN_SAMPLES = 16
 TAU_PERCENTILE = 95
 # Probe fields a check must not contradict; hardware fields (device, dtype, batch size) may differ.
 PROBE_FIELDS = ("prompts_file", "prompts", "seeds", "steps", "guidance", "height", "width", "negative_prompt",
-                "max_sequence_length", "true_cfg_scale")
+                "max_sequence_length", "true_cfg_scale", "num_frames", "image")
 
 
 @dataclass(kw_only=True)
@@ -324,7 +324,8 @@ def probe_from_reference(reference: Reference, device: Device, dtype: DType, bat
         prompts=tuple(s["prompt"] for s in _unique_prompts(reference.meta["samples"])), seeds=tuple(stored["seeds"]),
         steps=stored["steps"], guidance=stored["guidance"], height=stored["height"], width=stored["width"],
         negative_prompt=stored["negative_prompt"], max_sequence_length=stored["max_sequence_length"],
-        true_cfg_scale=stored.get("true_cfg_scale"), device=device, dtype=dtype, batch_size=batch_size,
+        true_cfg_scale=stored.get("true_cfg_scale"), num_frames=stored.get("num_frames"), image=stored.get("image"),
+        device=device, dtype=dtype, batch_size=batch_size,
     )
 
 
