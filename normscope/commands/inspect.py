@@ -13,10 +13,32 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from normscope.errors import CheckpointError, InputError
-from normscope.load.formats import PICKLE_SUFFIXES, PIPELINE_INDEX, find_checkpoint, load_pickle, read_shapes
+from normscope.load.formats import (
+    PICKLE_SUFFIXES,
+    PIPELINE_INDEX,
+    find_checkpoint,
+    load_pickle,
+    read_shapes,
+    strip_prefixes,
+)
 from normscope.load.lora import read_lora
 
 SD3, FLUX, OTHER = "SD3", "FLUX", "other"
+# Transformer class -> the short architecture name the report shows.
+ARCHITECTURES = {
+    "SD3Transformer2DModel": SD3, "FluxTransformer2DModel": FLUX, "Flux2Transformer2DModel": "FLUX.2",
+    "QwenImageTransformer2DModel": "Qwen-Image", "ZImageTransformer2DModel": "Z-Image",
+    "WanTransformer3DModel": "Wan",
+}
+# Key fragments only one transformer class has, most specific first: names the class of a bare file.
+KEY_SIGNATURES = (
+    ("Flux2Transformer2DModel", ("double_stream_modulation_img.", "single_stream_modulation.")),
+    ("ZImageTransformer2DModel", ("all_final_layer.", "cap_embedder.", "noise_refiner.")),
+    ("QwenImageTransformer2DModel", ("img_in.", "txt_norm.", ".img_mod.", ".txt_mlp.")),
+    ("WanTransformer3DModel", ("condition_embedder.", "patch_embedding.")),
+    ("FluxTransformer2DModel", ("single_transformer_blocks.", "double_blocks", "single_blocks", "x_embedder.")),
+    ("SD3Transformer2DModel", ("pos_embed.", "context_embedder.", ".add_q_proj.")),
+)
 
 
 @dataclass(kw_only=True)
@@ -29,19 +51,19 @@ class InspectConfig:
     allow_pickle: bool = False
 
 
-def guess_architecture(keys, class_name: str | None = None) -> str:
-    """SD3, FLUX or other, from a transformer class name or from key names."""
-    if class_name:
-        if "SD3" in class_name:
-            return SD3
-        if "Flux" in class_name:
-            return FLUX
+def guess_transformer_class(keys) -> str | None:
+    """The diffusers transformer class a state dict belongs to, from key fragments only that class has."""
     keys = list(keys)
-    if any("double_blocks" in k or "single_blocks" in k or "single_transformer_blocks" in k for k in keys):
-        return FLUX
-    if any("context_embedder" in k or "pos_embed" in k or "add_q_proj" in k for k in keys):
-        return SD3
-    return OTHER
+    for class_name, fragments in KEY_SIGNATURES:
+        if any(fragment in key for key in keys for fragment in fragments):
+            return class_name
+    return None
+
+
+def guess_architecture(keys, class_name: str | None = None) -> str:
+    """SD3, FLUX, FLUX.2, Qwen-Image, Z-Image, Wan or other, from a transformer class name or from key names."""
+    class_name = class_name or guess_transformer_class(keys)
+    return ARCHITECTURES.get(class_name or "", OTHER)
 
 
 def _dtypes(files) -> Counter:
@@ -58,8 +80,8 @@ def _dtypes(files) -> Counter:
     return counts
 
 
-def _class_name(folder: Path) -> str | None:
-    config = folder / "config.json"
+def _class_name(folder: Path, config_name: str = "config.json") -> str | None:
+    config = folder / config_name
     if config.is_file():
         return json.loads(config.read_text()).get("_class_name")
     return None
@@ -99,6 +121,9 @@ def inspect_checkpoint(config: InspectConfig) -> dict:
     class_name = _class_name(ckpt.path / "transformer" if ckpt.kind == "pipeline" else ckpt.path) if ckpt.path.is_dir() else None
     report = {
         **ckpt.describe(),
+        # from the folder's config where there is one, else told from the key names
+        "transformer_class": class_name or guess_transformer_class(header),
+        "pipeline_class": _class_name(ckpt.path, PIPELINE_INDEX) if ckpt.kind == "pipeline" else None,
         "architecture": guess_architecture(header, class_name),
         "parameters": parameters,
         "tensors": len(header),
@@ -111,6 +136,7 @@ def inspect_checkpoint(config: InspectConfig) -> dict:
     model = pipeline_class = None
     if config.pipeline:
         model, pipeline_class = _meta_transformer(config.pipeline)
+        report["pipeline_class"] = getattr(pipeline_class, "__name__", None)
     if ckpt.is_lora:
         try:
             weights = read_lora(ckpt, pipeline_class, "PATH")
@@ -131,12 +157,19 @@ def inspect_checkpoint(config: InspectConfig) -> dict:
             "n_target_modules": len(weights.modules),
         }
         report["notes"] = report["notes"] + weights.notes
+        if weights.base_keys:
+            report["notes"].append(
+                f"holds the {len(weights.base_keys)} frozen weights too: compare and check refuse it unless they equal "
+                "the pipeline's own transformer"
+            )
         if model is not None:
             from normscope.load.lora import check_targets
 
             try:
                 check_targets(model, weights, "PATH", ckpt.path)
-                report["fits"] = True
+                frozen = {bare: header[strip_prefixes(stored)] for bare, stored in weights.base_keys.items()}
+                problems = fit_problems({k: tuple(v.shape) for k, v in model.state_dict().items()}, frozen) if frozen else []
+                report.update(fits=not problems, problems=problems)
             except CheckpointError as exc:
                 report.update(fits=False, problems=[str(exc)])
     elif model is not None:

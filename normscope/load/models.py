@@ -10,7 +10,7 @@ from pathlib import Path
 
 from normscope.errors import CheckpointError
 from normscope.load.formats import Checkpoint, find_checkpoint, load_pickle, read_shapes, strip_prefixes
-from normscope.load.lora import attach_lora, check_targets, read_lora
+from normscope.load.lora import attach_lora, check_base_weights, check_targets, read_lora
 
 
 class VelocityModel:
@@ -187,6 +187,7 @@ def load_tuned_only(pipe, tuned: str, adapter: str | None = None, allow_pickle: 
     if ckpt.is_lora:
         weights = read_lora(ckpt, type(pipe))
         check_targets(pipe.transformer, weights, "TUNED", ckpt.path)
+        check_base_weights(pipe.transformer, weights, "TUNED", ckpt.path)
         layers = attach_lora(pipe.transformer, weights)
         notes.extend(weights.notes)
         return AdapterModel("tuned", pipe.transformer, str(ckpt.path), ckpt.kind, layers, enabled=True), ckpt, notes
@@ -214,6 +215,7 @@ def load_models(
             notes.append("--offload has no effect for a LoRA: base and tuned already share one transformer")
         weights = read_lora(tuned_ckpt, type(pipe))
         check_targets(pipe.transformer, weights, "TUNED", tuned_ckpt.path)
+        check_base_weights(pipe.transformer, weights, "TUNED", tuned_ckpt.path)
         layers = attach_lora(pipe.transformer, weights)
         notes.extend(weights.notes)
         module = pipe.transformer

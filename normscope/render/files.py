@@ -106,8 +106,10 @@ def render_inspection(report: dict, console) -> None:
     table.add_column("value")
     rows = [
         ("kind", report["kind"]),
+        ("form", report["form"]),
         ("resolved", report["resolved"]),
         ("architecture", report["architecture"]),
+        ("transformer", report["transformer_class"] or "unknown"),
         ("parameters", f"{report['parameters']:,}"),
         ("tensors", str(report["tensors"])),
         ("dtypes", ", ".join(f"{k} x{v}" for k, v in report["dtypes"].items())),
@@ -124,6 +126,8 @@ def render_inspection(report: dict, console) -> None:
             ("target modules", f"{lora['n_target_modules']}: " + ", ".join(lora["target_modules"][:6])
              + (" ..." if lora["n_target_modules"] > 6 else "")),
         ]
+    if report["pipeline_class"]:
+        rows.append(("pipeline class", report["pipeline_class"]))
     if report["pipeline"]:
         rows.append(("fits pipeline", "yes" if report["fits"] else "NO: " + "; ".join(report["problems"])))
     for note in report["notes"]:
