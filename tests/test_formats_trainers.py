@@ -9,6 +9,7 @@ velocity norms as the same LoRA read from a peft folder; the norms are taken by 
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -61,6 +62,7 @@ def write_forms(root: Path, transformer, targets) -> dict[str, Path]:
     """The same LoRA in every form, each with the saver its trainer uses."""
     from peft.utils import get_peft_model_state_dict
 
+    plain = copy.deepcopy(transformer)
     model = wrapped(transformer, targets)
     made = {"peft": root / "peft"}
     model.save_pretrained(str(made["peft"]))  # the reference: adapter_config.json + adapter_model.safetensors
@@ -85,6 +87,16 @@ def write_forms(root: Path, transformer, targets) -> dict[str, Path]:
     (pref / "lora_config.json").write_text(json.dumps(
         {"step": 100, "lora_params": {"lora_rank": RANK, "lora_alpha": ALPHA, "target_modules": targets}}))
     made["pref"] = pref
+    # Pref-GRPO's own FastVideo code adds the LoRA with transformer.add_adapter: keys without base_model.model.
+    plain.add_adapter(lora_config(targets))
+    randomize(plain, 7)  # same sorted order of LoRA parameters -> the very same weights as `model`
+    fastvideo = root / "fastvideo-checkpoint"
+    fastvideo.mkdir()
+    save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(plain).items()},
+              str(fastvideo / "adapter_model.safetensors"))
+    (fastvideo / "lora_config.json").write_text(json.dumps(
+        {"step": 100, "lora_params": {"lora_rank": RANK, "lora_alpha": ALPHA, "target_modules": None}}))
+    made["pref_add_adapter"] = fastvideo
     bare = root / "bare"
     bare.mkdir()
     shutil.copy(pref / "adapter_model.safetensors", bare / "adapter_model.safetensors")
@@ -125,6 +137,7 @@ def test_each_form_is_named(qwen_forms):
         "fsdp_infixed": ("peft_wrapped", "flow_grpo FSDP"),
         "pref": ("peft", "lora_config.json (Pref-GRPO)"),
         "bare": ("peft", "without adapter_config.json"),
+        "pref_add_adapter": ("diffusers_lora", "bare adapter_model.safetensors + lora_config.json (Pref-GRPO)"),
     }
     for name, (kind, words) in expected.items():
         ckpt = find_checkpoint(qwen_forms[name], "TUNED")
@@ -137,9 +150,10 @@ def test_fsdp_and_pref_grpo_forms_give_the_peft_folders_norms(qwen_forms, family
     reference, _ = tuned_norms(folder, qwen_forms["peft"])
     base = oracle_norms(load_pipeline(str(folder), torch.float32, "cpu"), **qwen_call())
     assert not torch.allclose(flat(reference), flat(base), rtol=1e-3)  # the LoRA does something
-    norms, notes = tuned_norms(folder, qwen_forms["pref"])
-    assert torch.allclose(flat(norms), flat(reference), rtol=1e-5, atol=0)
-    assert any("alpha 8 from lora_config.json" in n for n in notes), notes
+    for name in ("pref", "pref_add_adapter"):
+        norms, notes = tuned_norms(folder, qwen_forms[name])
+        assert torch.allclose(flat(norms), flat(reference), rtol=1e-5, atol=0), name
+        assert any("alpha 8 from lora_config.json" in n for n in notes), notes
     # FSDP wrapper infixes in the keys change nothing
     plain, infixed = (flat(tuned_norms(folder, qwen_forms[name])[0]) for name in ("fsdp", "fsdp_infixed"))
     assert torch.equal(plain, infixed)
@@ -163,6 +177,22 @@ def test_fsdp_without_config_assumes_alpha_equal_rank_and_says_so(qwen_forms, fa
     full, notes = tuned_norms(folder, beside)
     assert any("from adapter_config.json beside it" in n for n in notes), notes
     assert torch.allclose(flat(full), flat(tuned_norms(folder, qwen_forms["peft"])[0]), rtol=1e-5, atol=0)
+
+
+def test_pref_grpo_config_with_empty_or_wrong_values(qwen_forms, tmp_path):
+    """Pref-GRPO writes getattr(transformer.config, "lora_alpha", None): often null. Null -> assumed, said;
+    a rank that contradicts the tensors -> refused."""
+    from normscope.load.lora import read_lora
+
+    folder = tmp_path / "pref"
+    shutil.copytree(qwen_forms["pref"], folder)
+    sidecar = folder / "lora_config.json"
+    sidecar.write_text(json.dumps({"step": 1, "lora_params": {"lora_rank": None, "lora_alpha": None}}))
+    weights = read_lora(find_checkpoint(folder, "TUNED"), None)
+    assert not weights.alpha_known and any("scale 1.0 assumed" in n for n in weights.notes)
+    sidecar.write_text(json.dumps({"step": 1, "lora_params": {"lora_rank": 16, "lora_alpha": 32}}))
+    with pytest.raises(CheckpointError, match="says rank 16 but the weights in adapter_model.safetensors have rank 4"):
+        read_lora(find_checkpoint(folder, "TUNED"), None)
 
 
 def test_fsdp_lora_from_another_base_is_refused(family_pipelines, tmp_path):
