@@ -299,6 +299,7 @@ def test_inspect_names_the_form_and_the_transformer_class(qwen_forms, family_pip
     report = inspect(qwen_forms["fsdp"], "--pipeline", family_pipelines(QWEN))
     assert report["kind"] == "peft_wrapped" and "flow_grpo FSDP" in report["form"]
     assert report["transformer_class"] == "QwenImageTransformer2DModel" and report["fits"] is True
+    assert report["families"] == ["qwen-image", "qwen-image-edit"] and report["family"] == "qwen-image"
     assert report["lora"]["rank"] == RANK and report["lora"]["alpha_known"] is False
     report = inspect(qwen_forms["pref"])
     assert "Pref-GRPO" in report["form"] and report["lora"]["alpha"] == ALPHA
@@ -310,3 +311,10 @@ def test_inspect_names_the_form_and_the_transformer_class(qwen_forms, family_pip
         assert from_keys["transformer_class"] == cls, key  # a bare file: told from its key names
     table = runner.invoke(app, ["inspect", str(qwen_forms["fsdp"])])
     assert table.exit_code == 0 and "form" in table.stdout and "QwenImageTransformer2DModel" in table.stdout
+    # a transformer of another family does not fit, and the report says whose it is
+    other = runner.invoke(app, ["inspect", str(family_pipelines("ZImagePipeline") / "transformer"), "--pipeline",
+                                str(family_pipelines(QWEN)), "--format", "json"])
+    report = json.loads(other.stdout)
+    assert other.exit_code == 2 and report["fits"] is False and report["families"] == ["z-image"]
+    assert report["problems"][-1] == ("it is a ZImageTransformer2DModel, the pipeline's transformer is a "
+                                      "QwenImageTransformer2DModel (family qwen-image)")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from normscope.errors import CheckpointError, InputError
+from normscope.load.families import FAMILIES, family_for
 from normscope.load.formats import (
     PICKLE_SUFFIXES,
     PIPELINE_INDEX,
@@ -105,6 +106,17 @@ def _meta_transformer(pipeline: str):
     return model, pipeline_class
 
 
+def _family_name(pipeline_class: str | None, notes: list[str]) -> str | None:
+    """The family-table row of a pipeline class; a class without a row is noted, not an error here."""
+    if not pipeline_class:
+        return None
+    try:
+        return family_for(pipeline_class).name
+    except InputError as exc:
+        notes.append(str(exc))
+        return None
+
+
 def inspect_checkpoint(config: InspectConfig) -> dict:
     """Kind, architecture, parameter count, dtypes, LoRA rank/alpha/targets, adapters, and the fit."""
     from normscope.load.models import fit_problems
@@ -119,11 +131,17 @@ def inspect_checkpoint(config: InspectConfig) -> dict:
             count *= dim
         parameters += count
     class_name = _class_name(ckpt.path / "transformer" if ckpt.kind == "pipeline" else ckpt.path) if ckpt.path.is_dir() else None
+    # The folder's config, else key names; a LoRA's keys name only its target modules, which several
+    # classes share (add_q_proj, to_q ...), so a LoRA's class is not guessed — its fit is checked instead.
+    guessable = not ckpt.is_lora or ckpt.kind in ("peft_wrapped", "kohya")
+    transformer_class = class_name or (guess_transformer_class(header) if guessable else None)
     report = {
         **ckpt.describe(),
-        # from the folder's config where there is one, else told from the key names
-        "transformer_class": class_name or guess_transformer_class(header),
+        "transformer_class": transformer_class,
+        # the family-table rows whose transformer this is (Kontext shares FLUX.1's class, Edit Qwen-Image's)
+        "families": [f.name for f in FAMILIES if f.transformer_class == transformer_class],
         "pipeline_class": _class_name(ckpt.path, PIPELINE_INDEX) if ckpt.kind == "pipeline" else None,
+        "family": None,
         "architecture": guess_architecture(header, class_name),
         "parameters": parameters,
         "tensors": len(header),
@@ -137,6 +155,7 @@ def inspect_checkpoint(config: InspectConfig) -> dict:
     if config.pipeline:
         model, pipeline_class = _meta_transformer(config.pipeline)
         report["pipeline_class"] = getattr(pipeline_class, "__name__", None)
+    report["family"] = _family_name(report["pipeline_class"], report["notes"])
     if ckpt.is_lora:
         try:
             weights = read_lora(ckpt, pipeline_class, "PATH")
@@ -175,4 +194,8 @@ def inspect_checkpoint(config: InspectConfig) -> dict:
     elif model is not None:
         problems = fit_problems({k: tuple(v.shape) for k, v in model.state_dict().items()}, header)
         report.update(fits=not problems, problems=problems)
+    if model is not None and transformer_class and transformer_class != type(model).__name__:
+        report["fits"] = False
+        report["problems"] = [*report["problems"], f"it is a {transformer_class}, the pipeline's transformer is a "
+                              f"{type(model).__name__} (family {report['family']})"]
     return report

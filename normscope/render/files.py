@@ -109,7 +109,8 @@ def render_inspection(report: dict, console) -> None:
         ("form", report["form"]),
         ("resolved", report["resolved"]),
         ("architecture", report["architecture"]),
-        ("transformer", report["transformer_class"] or "unknown"),
+        ("transformer", (report["transformer_class"] or "unknown")
+         + (f"  (families: {', '.join(report['families'])})" if report["families"] else "")),
         ("parameters", f"{report['parameters']:,}"),
         ("tensors", str(report["tensors"])),
         ("dtypes", ", ".join(f"{k} x{v}" for k, v in report["dtypes"].items())),
@@ -127,7 +128,7 @@ def render_inspection(report: dict, console) -> None:
              + (" ..." if lora["n_target_modules"] > 6 else "")),
         ]
     if report["pipeline_class"]:
-        rows.append(("pipeline class", report["pipeline_class"]))
+        rows.append(("pipeline class", report["pipeline_class"] + (f"  (family {report['family']})" if report["family"] else "")))
     if report["pipeline"]:
         rows.append(("fits pipeline", "yes" if report["fits"] else "NO: " + "; ".join(report["problems"])))
     for note in report["notes"]:
