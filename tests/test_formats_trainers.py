@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from normscope.builders.tiny_families import OUTPUT_PROJECTION, TINY_CALL, tiny_qwen_image_pipeline
 from normscope.cli import app
 from normscope.commands.compare import compare
+from normscope.config import CompareConfig
 from normscope.errors import CheckpointError
 from normscope.load import find_checkpoint, load_models, load_pipeline
 from tests.oracle import oracle_norms
@@ -252,7 +253,30 @@ def test_dancegrpo_single_file_and_flow_factory_sharded_bf16_folders(family_pipe
         assert torch.allclose(ratio, torch.full_like(ratio, 1.1), rtol=rtol), name
 
 
-# ---------------------------------------------------------------- through compare (SD3: runs today)
+def test_compare_rows_for_the_pref_grpo_form_equal_the_oracle_with_the_peft_folder(qwen_forms, family_pipelines):
+    """Row by row: compare (LoRA read from the Pref-GRPO form, normscope's capture) against the plain pipeline
+    call with the LoRA read from the peft folder and norms recorded by the oracle: two loadings, two captures."""
+    folder = family_pipelines(QWEN)
+    prompts = list(PROMPTS)
+    result = compare(CompareConfig(tuned=str(qwen_forms["pref"]), pipeline=str(folder), prompts=tuple(prompts),
+                                   seeds=(0,), steps=2, height=16, width=16, guidance=4.0, device="cpu",
+                                   dtype="float32", batch_size=3, drive="tuned"))
+    pipe = load_pipeline(str(folder), torch.float32, "cpu")
+    loaded = load_models(pipe, None, str(qwen_forms["peft"]), str(folder))
+    with loaded.tuned.active(pipe):
+        steps = oracle_norms(pipe, prompt=prompts, negative_prompt=[" "] * 3, true_cfg_scale=4.0, height=16,
+                             width=16, num_inference_steps=2, output_type="latent",
+                             generator=[torch.Generator("cpu").manual_seed(0) for _ in prompts])
+    frame = result.frame.set_index(["prompt_id", "step", "branch"])["norm_tuned"]
+    for step, record in enumerate(steps):
+        expected = {"cond": record["calls"][0], "uncond": record["calls"][1], "guided": record["scheduler"]}
+        for branch, norms in expected.items():
+            got = [frame[(p, step, branch)] for p in range(3)]
+            assert torch.allclose(torch.tensor(got, dtype=torch.float64), torch.tensor(norms, dtype=torch.float64),
+                                  rtol=1e-5, atol=0), (step, branch)
+
+
+# ---------------------------------------------------------------- through compare (SD3)
 
 
 @pytest.fixture(scope="module")
@@ -263,16 +287,16 @@ def sd3_forms(pipelines, tmp_path_factory):
     return write_forms(tmp_path_factory.mktemp("sd3_forms"), transformer, SD3_TARGETS)
 
 
-def test_compare_on_the_forms_matches_the_peft_folder_and_notes_the_assumed_alpha(sd3_forms, config_for):
-    reference = compare(config_for("sd3", sd3_forms["peft"], base=None))
-    pref = compare(config_for("sd3", sd3_forms["pref"], base=None))
-    assert abs(reference.inflation) > 0.01
-    for column in ("norm_base", "norm_tuned", "ratio"):
-        assert torch.allclose(torch.tensor(pref.frame[column].to_numpy()),
-                              torch.tensor(reference.frame[column].to_numpy()), rtol=1e-5, atol=0), column
-    fsdp = compare(config_for("sd3", sd3_forms["fsdp"], base=None))
-    assert any("scale 1.0 assumed" in n for n in fsdp.summary["notes"])
-    assert fsdp.summary["config"]["models"]["checkpoints"][0]["form"].startswith("whole peft-wrapped")
+def test_compare_says_the_form_and_the_assumed_alpha_in_summary_and_on_stderr(sd3_forms, pipelines):
+    result = runner.invoke(app, ["compare", str(sd3_forms["fsdp"]), "--pipeline", str(pipelines["sd3"]), "--steps", "2",
+                                 "--height", "16", "--width", "16", "--max-sequence-length", "24", "--seeds", "0",
+                                 "--prompt", "a fox", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert any("scale 1.0 assumed (alpha = rank 4)" in n for n in summary["notes"])
+    assert "scale 1.0 assumed" in result.stderr
+    assert summary["config"]["models"]["checkpoints"][0]["form"].startswith("whole peft-wrapped")
+    assert abs(summary["inflation"]) > 1e-3  # the LoRA was attached
 
 
 def test_cli_refuses_an_fsdp_lora_of_another_base_in_one_line(pipelines, tmp_path):
