@@ -10,7 +10,7 @@ from pathlib import Path
 
 from normscope.errors import CheckpointError
 from normscope.load.formats import EXPERT_ATTRS, Checkpoint, find_checkpoint, load_pickle, read_shapes, strip_prefixes
-from normscope.load.lora import attach_lora, check_targets, read_lora
+from normscope.load.lora import attach_lora, check_base_weights, check_targets, read_lora
 
 
 class VelocityModel:
@@ -238,6 +238,7 @@ def _apply_tuned(pipe, ckpt: Checkpoint, modules: dict, copy_full: bool, role: s
         if part.is_lora:
             weights = read_lora(part, type(pipe), role, expert=name)
             check_targets(modules[name], weights, role, part.path)
+            check_base_weights(modules[name], weights, role, part.path)
             layers.extend(attach_lora(modules[name], weights))
             notes.extend(weights.notes)
             continue

@@ -129,9 +129,12 @@ def render_inspection(report: dict, console) -> None:
     table.add_column("value")
     rows = [
         ("kind", report["kind"]),
+        ("form", report["form"]),
         ("resolved", report["resolved"]),
         ("experts", ", ".join(report.get("experts", ["transformer"]))),
         ("architecture", report["architecture"]),
+        ("transformer", (report["transformer_class"] or "unknown")
+         + (f"  (families: {', '.join(report['families'])})" if report["families"] else "")),
         ("parameters", f"{report['parameters']:,}"),
         ("tensors", str(report["tensors"])),
         ("dtypes", ", ".join(f"{k} x{v}" for k, v in report["dtypes"].items())),
@@ -148,6 +151,8 @@ def render_inspection(report: dict, console) -> None:
             ("target modules", f"{lora['n_target_modules']}: " + ", ".join(lora["target_modules"][:6])
              + (" ..." if lora["n_target_modules"] > 6 else "")),
         ]
+    if report["pipeline_class"]:
+        rows.append(("pipeline class", report["pipeline_class"] + (f"  (family {report['family']})" if report["family"] else "")))
     if report["pipeline"]:
         rows.append(("fits pipeline", "yes" if report["fits"] else "NO: " + "; ".join(report["problems"])))
     for note in report["notes"]:
