@@ -34,6 +34,11 @@ class VelocityModel:
 
     def expert(self, name: str):
         """A callable that evaluates this model's ``name`` expert (adapters set as this model needs them)."""
+        if name not in self.modules:
+            raise CheckpointError(
+                f"the {self.role} model has no module for the pipeline's {name}: build it with "
+                f"experts={{{name!r}: module}} (load_models does)"
+            )
         module = self.modules[name]
         return lambda *args, **kwargs: self._evaluate(module, *args, **kwargs)
 

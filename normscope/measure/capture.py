@@ -8,6 +8,11 @@ One path serves every family; what differs between pipelines is a row of the fam
 * a wrapper on ``scheduler.step`` receives the velocity the sampler actually applies ("guided") and
   closes the step. Only its first argument is read, so any scheduler works (Euler, UniPC, ...).
 
+Pipelines with several experts (Wan2.2-A14B: ``transformer`` for high noise, ``transformer_2`` for low
+noise) get one hook per expert; each step is labelled with the expert that ran it (no label when the pipeline
+holds only one of the row's experts), in paired mode the other model is evaluated with its own module for
+that expert, and the expert's own guidance argument (``guidance_scale_2``) is used and verified.
+
 At the close of a step the calls are sliced to the latent tokens (reference tokens off), put in the
 scheduler's convention (the family's ``output_sign``), split into ``cond`` / ``uncond`` (a batched call
 by the family's ``batch_order``; separate calls cond first), and combined with the family's rule
