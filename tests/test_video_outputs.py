@@ -100,3 +100,46 @@ def test_profile_stored_check_and_sweep_follow_wan(video_pipelines, tmp_path):
     table = sweep(SweepConfig(run_dir=run, pipeline=str(pipe), out=tmp_path / "sweep", **probe))
     assert list(table["step"]) == [10, 20]
     assert table["inflation"].iloc[0] == 0.0 and table["inflation"].iloc[1] > 0.05
+
+
+def test_interrupted_video_run_resumes_with_frames_and_experts(video_pipelines, tmp_path):
+    """The per-frame norms and the expert of each step are stored with every finished batch."""
+    from test_capture_and_resume import StopAfter
+
+    from normscope.commands.compare import compare
+    from normscope.config import CompareConfig
+
+    pipe = video_pipelines["wan22-unipc"]
+    tuned = flow_factory_checkpoint(pipe, tmp_path / "checkpoint-10", {"transformer_2": 1.1})
+    fields = dict(tuned=str(tuned), pipeline=str(pipe), prompts=("a red fox", "a blue car"), seeds=(0, 1), steps=4,
+                  height=16, width=16, num_frames=5, guidance=4.0, max_sequence_length=16, device="cpu",
+                  dtype="float32", batch_size=2, mode="both", figure=False)
+    compare(CompareConfig(out=tmp_path / "whole", **fields))
+    config = CompareConfig(out=tmp_path / "cut", **fields)
+    with pytest.raises(KeyboardInterrupt):
+        compare(config, StopAfter(steps=9))  # two paired batches of 4 steps finish, the third call dies
+    assert len(list((tmp_path / "cut" / ".partial").glob("*.safetensors"))) == 2
+    compare(config, StopAfter(steps=10**6))
+    for name in ("norms.csv", "frames.csv"):
+        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+
+
+def test_scheduler_step_is_wrapped_with_its_signature_and_restored(video_pipelines):
+    """UniPC's step keeps its signature inside capture (pipelines inspect it) and is the class's again after."""
+    import inspect
+
+    import torch
+
+    from normscope.load import load_models, load_pipeline
+    from normscope.measure.capture import capture
+
+    pipe = load_pipeline(str(video_pipelines["wan22-unipc"]), torch.float32, "cpu")
+    loaded = load_models(pipe, None, str(video_pipelines["wan22-unipc"]), str(video_pipelines["wan22-unipc"]))
+    before = inspect.signature(pipe.scheduler.step)
+    with capture(pipe, loaded.tuned, loaded.base):
+        assert "step" in vars(pipe.scheduler)
+        assert inspect.signature(pipe.scheduler.step) == before
+        assert pipe.transformer_2 is loaded.tuned.modules["transformer_2"]
+    assert "step" not in vars(pipe.scheduler)
+    assert pipe.transformer_2 is loaded.base.modules["transformer_2"]
+    assert not pipe.transformer._forward_hooks and not pipe.transformer_2._forward_hooks
