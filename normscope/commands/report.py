@@ -16,6 +16,7 @@ import pandas as pd
 
 from normscope.errors import InputError
 from normscope.render.files import IMAGES_DIR, NORMS_CSV, SUMMARY_JSON
+from normscope.render.numbers import pct
 
 FIGURES_DIR = "figures"
 REPORT_HTML = "report.html"
@@ -80,19 +81,19 @@ class Run:
         return pairs
 
 
-def _pct(value) -> str:
-    return "n/a" if value is None else f"{value * 100:+.2f} %"
-
-
 def _run_rows(runs: list[Run]) -> list[dict]:
     rows = []
     for run in runs:
         s = run.summary
+        # Run folders written before the sigma-integral headline hold the step mean as their only estimate.
+        estimate = s.get("headline", "step_mean")
+        step_mean = s.get("estimates", {}).get("step_mean", {}).get("inflation", s["inflation"])
         rows.append({
-            "run": run.name, "mode": run.mode, "inflation": _pct(s["inflation"]),
-            "95% CI": f"[{_pct(s['inflation_ci'][0])}, {_pct(s['inflation_ci'][1])}]",
-            "near noise": _pct(s["regions"]["near_noise"]), "middle": _pct(s["regions"]["middle"]),
-            "near data": _pct(s["regions"]["near_data"]), "samples": s["n_samples"], "steps": len(s["per_step"]),
+            "run": run.name, "mode": run.mode, "inflation": pct(s["inflation"]),
+            "95% CI": f"[{pct(s['inflation_ci'][0])}, {pct(s['inflation_ci'][1])}]",
+            "estimate": estimate.replace("_", " "), "step mean": pct(step_mean),
+            "near noise": pct(s["regions"]["near_noise"]), "middle": pct(s["regions"]["middle"]),
+            "near data": pct(s["regions"]["near_data"]), "samples": s["n_samples"], "steps": len(s["per_step"]),
             "non-finite": s["nonfinite"],
         })
     return rows
@@ -100,7 +101,8 @@ def _run_rows(runs: list[Run]) -> list[dict]:
 
 def report(config: ReportConfig) -> dict[str, Path]:
     """Write figures (PNG + SVG), report.html (self-contained) and report.md into ``config.out``."""
-    from normscope.render import report_figures as rf
+    from normscope.render import figures as rf
+    from normscope.render.video import save_strips
 
     runs = [Run(folder) for folder in config.runs]
     names = [r.name for r in runs]
@@ -131,7 +133,17 @@ def report(config: ReportConfig) -> dict[str, Path]:
             "Paired mode: where a NormGuard hinge would be active, and how far the two velocity fields point apart.")
         add(rf.image_grid(run), f"{prefix}_images", f"{run.name}: images, base vs tuned",
             "Final images of free-mode sampling from the same noise (compare --save-images).")
-        _video_sections(run, figures_dir, prefix, sections)
+        # video runs (Wan): inflation by latent frame and step, and the saved videos as frame strips
+        profile = _frame_profile(run)
+        if profile is not None:
+            add(rf.frames_figure(profile, run.summary.get("expert_boundary_step"),
+                                 f"{run.name}: inflation by latent frame and step ({run.mode}, guided)"),
+                f"{prefix}_frames", f"{run.name}: inflation by latent frame",
+                "Mean over samples of the per-frame ratio − 1; the dashed line marks the switch to the low-noise expert.")
+        strips = save_strips(run.folder / IMAGES_DIR, figures_dir / f"{prefix}_videos.png")
+        if strips is not None:
+            sections.append((f"{run.name}: videos, base vs tuned", "Each sample's decoded frames from the same noise "
+                             "(free mode, compare --save-images): base above, tuned below.", strips))
     rows = _run_rows(runs)
     config.out.mkdir(parents=True, exist_ok=True)
     (config.out / REPORT_HTML).write_text(_html(config.title, rows, sections, runs))
@@ -139,26 +151,16 @@ def report(config: ReportConfig) -> dict[str, Path]:
     return {"html": config.out / REPORT_HTML, "markdown": config.out / REPORT_MD, "figures": figures_dir}
 
 
-def _video_sections(run: Run, figures_dir: Path, prefix: str, sections: list) -> None:
-    """Video runs: inflation by latent frame and step (from frames.csv), and the saved videos as frame strips."""
+def _frame_profile(run: Run):
+    """(latent frame x step) mean ratio of the headline mode from the run's frames.csv; None for image runs."""
     from normscope.measure.frames import frame_profile
-    from normscope.render.figures import save_frames_figure
     from normscope.render.files import FRAMES_CSV
-    from normscope.render.video import save_strips
 
-    if (run.folder / FRAMES_CSV).is_file():
-        frames = pd.read_csv(run.folder / FRAMES_CSV, keep_default_na=False, na_values={"ratio": [""]})
-        profile = frame_profile(frames, run.mode)
-        if not profile.empty:
-            figures_dir.mkdir(parents=True, exist_ok=True)
-            png = save_frames_figure(profile, run.summary.get("expert_boundary_step"), figures_dir / f"{prefix}_frames.png",
-                                     f"{run.name}: inflation by latent frame and step ({run.mode}, guided)")
-            sections.append((f"{run.name}: inflation by latent frame", "Mean over samples of the per-frame ratio − 1; "
-                             "the dashed line marks the switch to the low-noise expert.", png))
-    strips = save_strips(run.folder / IMAGES_DIR, figures_dir / f"{prefix}_videos.png")
-    if strips is not None:
-        sections.append((f"{run.name}: videos, base vs tuned", "Each sample's decoded frames from the same noise "
-                         "(free mode, compare --save-images): base above, tuned below.", strips))
+    if not (run.folder / FRAMES_CSV).is_file():
+        return None
+    frames = pd.read_csv(run.folder / FRAMES_CSV, keep_default_na=False, na_values={"ratio": [""]})
+    profile = frame_profile(frames, run.mode)
+    return None if profile.empty else profile
 
 
 def _slug(name: str) -> str:
@@ -169,7 +171,9 @@ def _markdown(title: str, rows: list[dict], sections, out: Path) -> str:
     header = list(rows[0])
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
-    lines += ["", "Inflation = mean over steps of (mean over samples of ||v_tuned|| / ||v_base||) − 1, guided velocity.", ""]
+    lines += ["", "Inflation = integral over sigma (trapezoid, divided by the sigma span) of the per-step mean over samples of "
+              "||v_tuned|| / ||v_base||, minus 1, guided velocity (estimate: sigma integral; older run folders: the step "
+              "mean); step mean = the plain mean over steps. CIs: 95 % percentile bootstrap over prompts.", ""]
     for section_title, caption, png in sections:
         lines += [f"## {section_title}", "", f"![{section_title}]({png.relative_to(out).as_posix()})", "", caption, ""]
     return "\n".join(lines)
@@ -200,8 +204,10 @@ pre {{ background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.8em; 
 <body>
 <h1>{html.escape(title)}</h1>
 {table}
-<p>Inflation = mean over denoising steps of (mean over prompt/seed samples of ||v<sub>tuned</sub>|| / ||v<sub>base</sub>||) − 1,
-on the guided velocity; CIs are 95 % percentile bootstrap over samples.</p>
+<p>Inflation = integral over sigma (trapezoid, divided by the sigma span) of the per-step mean over prompt/seed samples
+of ||v<sub>tuned</sub>|| / ||v<sub>base</sub>||, minus 1, on the guided velocity (estimate: sigma integral; older run
+folders: the step mean); step mean = the plain mean over steps. CIs are 95 % percentile bootstrap over prompts
+(all seeds of a prompt together).</p>
 {''.join(body)}
 {configs}
 </body></html>
