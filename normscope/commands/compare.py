@@ -42,7 +42,16 @@ from normscope.measure.sampling import (
     sampling_kwargs,
     versions,
 )
-from normscope.measure.stats import DEFINITIONS, NONFINITE, ci_method, mode_summary, n_samples, select, step_profile
+from normscope.measure.stats import (
+    DEFINITIONS,
+    NONFINITE,
+    ci_method,
+    inflation_estimates,
+    mode_summary,
+    n_samples,
+    select,
+    step_profile,
+)
 from normscope.measure.store import BatchStore
 from normscope.measure.table import BRANCH, EXPERT, NORM_BASE, NORM_TUNED, RATIO, STEP, free_frame, paired_frame, tidy
 
@@ -115,7 +124,8 @@ def save_images(records: dict[str, CallRecord], samples: list[Sample], out: Path
 
 
 def expert_summary(frame: pd.DataFrame, mode: str) -> tuple[list[str], dict, int | None]:
-    """Per step the expert that ran; per expert the inflation over its own steps; the step where they switch.
+    """Per step the expert that ran; per expert the inflation over its own steps (the headline's estimate and
+    CI, and the other estimate); the step where the experts switch.
 
     Empty for one-transformer pipelines (every label "").
     """
@@ -123,12 +133,13 @@ def expert_summary(frame: pd.DataFrame, mode: str) -> tuple[list[str], dict, int
     labels = rows.groupby(STEP)[EXPERT].first().sort_index()
     if not any(labels):
         return [""] * len(labels), {}, None
-    per_step = rows.groupby(STEP)[RATIO].mean()
     by_expert = {}
     for label in dict.fromkeys(labels):
         steps = [int(s) for s in labels.index[labels == label]]
-        mean = per_step.loc[steps].mean()
-        by_expert[label] = {"steps": steps, "inflation": None if np.isnan(mean) else float(mean - 1)}
+        estimates = inflation_estimates(rows[rows[STEP].isin(steps)])
+        value, lo, hi = (None if np.isnan(x) else float(x) for x in estimates[HEADLINE_ESTIMATE])
+        by_expert[label] = {"steps": steps, "inflation": value, "inflation_ci": [lo, hi],
+                            "estimates": {name: None if np.isnan(v[0]) else float(v[0]) for name, v in estimates.items()}}
     switches = [int(s) for prev, s in zip(labels.index[:-1], labels.index[1:], strict=True) if labels[s] != labels[prev]]
     return list(labels), by_expert, (switches[0] if switches else None)
 

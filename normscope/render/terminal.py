@@ -64,8 +64,9 @@ def render_compare(summary: dict, console) -> None:
         + " · near data " + pct(regions["near_data"])
     )
     for label, part in (summary.get("by_expert") or {}).items():
+        lo, hi = part["inflation_ci"]
         console.print(f"{label.replace('_', '-')} expert (steps {part['steps'][0]}-{part['steps'][-1]}): "
-                      f"inflation {pct(part['inflation'])}")
+                      f"inflation {pct(part['inflation'])}  95% CI [{pct(lo)}, {pct(hi)}]")
     for mode, branches in summary["modes"].items():
         if mode != summary["headline_mode"]:
             g = branches["guided"]
