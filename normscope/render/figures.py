@@ -122,19 +122,16 @@ def profile_figure(summary: dict):
 
 
 def _mark_expert_switch(summary: dict, axes) -> None:
-    """Two-expert pipelines (Wan2.2-A14B): a dotted line where the low-noise expert takes over, each side named."""
+    """Two-expert pipelines (Wan2.2-A14B): a dotted line where the low-noise expert takes over (in the legend)."""
     boundary = summary.get("expert_boundary_step")
     if boundary is None:
         return
     sigmas = [row["sigma"] for row in summary["per_step"]]
     x = (sigmas[boundary - 1] + sigmas[boundary]) / 2
-    labels = summary.get("experts") or []
-    for ax in axes:
-        ax.axvline(x, color="0.2", linestyle=":", linewidth=1.0)
-    for text, left in ((labels[0] if labels else "", True), (labels[boundary] if labels else "", False)):
-        axes[0].annotate(f"{text.replace('_', '-')} expert", (x, 1.0), xycoords=("data", "axes fraction"),
-                         xytext=(-3 if left else 3, -2), textcoords="offset points",
-                         ha="right" if left else "left", va="top", fontsize=6, color="0.2")
+    labels = summary.get("experts") or ["", ""]
+    text = f"{labels[0].replace('_', '-')} -> {labels[boundary].replace('_', '-')} expert".strip()
+    for index, ax in enumerate(axes):
+        ax.axvline(x, color="0.2", linestyle=":", linewidth=1.0, label=text if index == len(axes) - 1 else None)
 
 
 @_styled
