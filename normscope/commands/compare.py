@@ -284,10 +284,21 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
     if config.out is not None:
         write_run(result, Path(config.out), figure=config.figure)
         store.clear()
+    # The API ends as the CLI does: the package's error, after the files (with the counts) are written.
     verdict = nonfinite_verdict(frame)
-    if verdict or result.inflation is None:  # the API ends as the CLI does: the package's error, after the files are written
-        raise NoMeasurementError(verdict or no_measurement_message(summary), summary)
+    if verdict:
+        raise NoMeasurementError(verdict, summary)
+    if result.inflation is None:
+        raise NoMeasurementError(no_measurement_message(summary), summary)
     return result
+
+
+def no_measurement_message(summary: dict) -> str:
+    """One line for a run with no finite ratio at all: what was counted, and what to check."""
+    rows = sum(row["n"] + row["nonfinite"] for row in summary["per_step"])
+    return (f"no finite ratio ||v_tuned|| / ||v_base|| was measured ({summary['nonfinite']} of {rows} guided "
+            "velocity evaluations were NaN/Inf or zero): check the checkpoints for NaN weights, or use --dtype float32"
+            + (" (summary.json holds the counts)" if summary["config"].get("out") else ""))
 
 
 def nonfinite_verdict(frame: pd.DataFrame) -> str | None:
@@ -308,11 +319,3 @@ def nonfinite_verdict(frame: pd.DataFrame) -> str | None:
     who = " and ".join(culprits)
     return (f"{who} produced NaN/Inf velocities at every step of every sample ({int(max(b.sum() for b in bad.values()))} "
             f"of {len(guided)} guided rows): check the checkpoint (summary.json holds the counts)")
-
-
-def no_measurement_message(summary: dict) -> str:
-    """One line for a run with no finite ratio at all: what was counted, and what to check."""
-    rows = sum(row["n"] + row["nonfinite"] for row in summary["per_step"])
-    return (f"no finite ratio ||v_tuned|| / ||v_base|| was measured ({summary['nonfinite']} of {rows} guided "
-            "velocity evaluations were NaN/Inf or zero): check the checkpoints for NaN weights, or use --dtype float32"
-            + (" (summary.json holds the counts)" if summary["config"].get("out") else ""))
