@@ -1,5 +1,5 @@
-"""Tiny real pipelines of the newer image families RL trainers tune: Qwen-Image (+Edit, Edit-Plus),
-Z-Image, FLUX.2-dev, FLUX.2-klein (distilled and base) and FLUX.1-Kontext.
+"""Tiny real pipelines of the newer image families RL trainers tune: Qwen-Image, Z-Image, FLUX.2-dev,
+FLUX.2-klein (distilled and base) and FLUX.1-Kontext.
 
 Each builder returns the real diffusers pipeline class with 1-layer models of width 16-32 and seeded
 random weights, built from configs with tokenizers made in memory, so nothing is fetched from a hub.
@@ -7,6 +7,10 @@ Save them with ``tiny.save_tiny``; ``DiffusionPipeline.from_pretrained(folder)``
 ``FAMILY_BUILDERS`` maps each pipeline class name to its builder, ``OUTPUT_PROJECTION`` names each
 transformer's final output projection (tests scale it by 1.1 for the +10 % known answer) and
 ``TINY_CALL`` gives call arguments that run each pipeline in well under a second.
+
+Qwen-Image-Edit(-Plus) has no builder: the pipeline encodes every prompt through a ``Qwen2VLProcessor``,
+which transformers 5 cannot construct without torchvision (its video-processor slot requires it), and it
+resizes the reference image to about 1024x1024 before the VAE whatever the output size (seconds a call).
 """
 
 from __future__ import annotations
@@ -46,14 +50,6 @@ QWEN_SPECIAL_TOKENS = (
 QWEN_IMAGE_TEMPLATE_TOKENS = 34
 QWEN_TEXT_WIDTH = 32
 QWEN_VOCAB = 1024
-
-
-def _byte_alphabet() -> list[str]:
-    """GPT-2's bytes_to_unicode: the 256 printable characters byte-level BPE uses for raw bytes."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    extra = [256 + i for i in range(256 - len(printable))]
-    return [chr(b) for b in printable] + [chr(b) for b in extra]
 
 
 def qwen_tokenizer(corpus: str = _TEMPLATE_WORDS + " " + _PROMPT_WORDS):
