@@ -80,6 +80,10 @@ def write_forms(root: Path, transformer, targets) -> dict[str, Path]:
     save_file({k.replace("transformer_blocks.0.", "transformer_blocks.0._fsdp_wrapped_module."): v
                for k, v in state.items()}, str(infixed / "model.safetensors"))
     made["fsdp_infixed"] = infixed / "model.safetensors"
+    # the LoRA entries of the wrapped model's state_dict() alone ({k: v for k in state if "lora" in k}), seen in
+    # hand-written trainer savers: adapter-named keys, no frozen weights
+    save_file({k: v for k, v in state.items() if "lora_" in k}, str(root / "lora_only.safetensors"))
+    made["lora_only"] = root / "lora_only.safetensors"
     # Pref-GRPO: save_file(get_peft_model_state_dict(...)) + its own lora_config.json, no adapter_config.json
     pref = root / "lora-checkpoint-100-1"
     pref.mkdir()
@@ -139,6 +143,7 @@ def test_each_form_is_named(qwen_forms):
         "pref": ("peft", "lora_config.json (Pref-GRPO)"),
         "bare": ("peft", "without adapter_config.json"),
         "pref_add_adapter": ("diffusers_lora", "bare adapter_model.safetensors + lora_config.json (Pref-GRPO)"),
+        "lora_only": ("peft_wrapped", "no frozen weights"),
     }
     for name, (kind, words) in expected.items():
         ckpt = find_checkpoint(qwen_forms[name], "TUNED")
@@ -155,9 +160,10 @@ def test_fsdp_and_pref_grpo_forms_give_the_peft_folders_norms(qwen_forms, family
         norms, notes = tuned_norms(folder, qwen_forms[name])
         assert torch.allclose(flat(norms), flat(reference), rtol=1e-5, atol=0), name
         assert any("alpha 8 from lora_config.json" in n for n in notes), notes
-    # FSDP wrapper infixes in the keys change nothing
-    plain, infixed = (flat(tuned_norms(folder, qwen_forms[name])[0]) for name in ("fsdp", "fsdp_infixed"))
-    assert torch.equal(plain, infixed)
+    # FSDP wrapper infixes in the keys, or the frozen weights left out, change nothing
+    plain, infixed, lora_only = (flat(tuned_norms(folder, qwen_forms[name])[0])
+                                 for name in ("fsdp", "fsdp_infixed", "lora_only"))
+    assert torch.equal(plain, infixed) and torch.equal(plain, lora_only)
 
 
 def test_fsdp_without_config_assumes_alpha_equal_rank_and_says_so(qwen_forms, family_pipelines, tmp_path):

@@ -19,6 +19,7 @@ expert in ``parts``; a diffusers LoRA file prefixes each expert's keys with its 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,8 @@ CHECKPOINT_MEMBERS = ("lora", "lora_ema", "lora_non_ema", "transformer")
 MAIN_ADAPTER_NAMES = ("default", "learner")
 
 LORA_KINDS = ("peft", "diffusers_lora", "kohya", "peft_wrapped")
+# ``<module>.lora_A.<adapter>.weight``: keys as a peft-wrapped module names them (saved files drop the adapter)
+ADAPTER_NAMED_LORA = re.compile(r"\.lora_[AB]\.[^.]+\.weight$")
 # The pipeline attributes that hold a denoiser, in pipeline order (Wan2.2-A14B has both).
 EXPERT_ATTRS = ("transformer", "transformer_2")
 PARTS_KIND = "experts"  # a folder with one checkpoint per expert
@@ -108,6 +111,8 @@ def describe_form(ckpt: Checkpoint) -> str:
             return f"diffusers transformer folder, {len(weights)} shards + index (Flow-Factory save_pretrained)"
         return "diffusers transformer folder, single file + config.json (DanceGRPO, Flow-Factory full)"
     if ckpt.kind == "peft_wrapped":
+        if not any(".base_layer." in k for k in read_shapes((ckpt.path,), "PATH")):
+            return "LoRA tensors of a peft-wrapped model's state_dict (lora_A.<adapter> keys, no frozen weights)"
         return "whole peft-wrapped model state dict, base_layer + lora_A/B keys (flow_grpo FSDP model.safetensors)"
     if ckpt.kind == "state_dict":
         if name == FSDP_MODEL_FILE:
@@ -220,7 +225,9 @@ def classify_keys(keys) -> str:
     keys = list(keys)
     if any(k.startswith("lora_unet_") or ".lora_down." in k for k in keys):
         return "kohya"
-    if any(".base_layer." in k for k in keys) and any(".lora_A." in k for k in keys):
+    # a peft-wrapped model's own state_dict(): adapter-named LoRA keys, usually with the base_layer weights too
+    if any(".lora_A." in k for k in keys) and (
+            any(".base_layer." in k for k in keys) or any(ADAPTER_NAMED_LORA.search(k) for k in keys)):
         return "peft_wrapped"
     if any(".lora_A." in k or ".lora_B." in k for k in keys):
         return "peft" if all(k.startswith("base_model.model.") for k in keys) else "diffusers_lora"
