@@ -34,3 +34,10 @@ class RunError(NormscopeError):
     """The run started but could not produce a valid measurement."""
 
     exit_code = EXIT_RUN
+
+
+class GuardInputError(InputError, ValueError):
+    """A tensor handed to ``normscope.guard`` or ``normscope.monitor`` with the wrong shape, range or kind.
+
+    It is also a ``ValueError``: a training loop that already catches those keeps working.
+    """
