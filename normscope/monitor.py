@@ -50,7 +50,7 @@ def _gate_value(gate: float | str | Path | None) -> tuple[float | None, str | No
     if gate is None:
         return None, None
     if isinstance(gate, (int, float)):
-        if not 0 <= gate < 10:
+        if not 0 <= gate < 1:
             raise ConfigError(f"gate {gate} is a fraction (0.05 = 5 %), not a percentage")
         return float(gate), "number"
     path = Path(gate)
