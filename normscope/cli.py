@@ -152,7 +152,8 @@ def cli_errors() -> Iterator[None]:
 
 def emit(result, fmt: OutputFormat) -> None:
     """Print a compare result on stdout in the chosen format; warnings to stderr."""
-    from normscope.render.files import per_step_csv, render, summary_json
+    from normscope.render.files import per_step_csv, summary_json
+    from normscope.render.terminal import render_compare
 
     summary = result.summary
     if summary["nonfinite"]:
@@ -162,7 +163,7 @@ def emit(result, fmt: OutputFormat) -> None:
     elif fmt is OutputFormat.csv:
         sys.stdout.write(per_step_csv(summary))
     else:
-        render(summary, stdout_console())
+        render_compare(summary, stdout_console())
     if summary["inflation"] is None:
         err.print("[red]error:[/red] no finite velocity was measured: check the checkpoints for NaN weights or use --dtype float32")
         raise typer.Exit(EXIT_RUN)
@@ -196,7 +197,8 @@ def compare(
 ) -> None:
     """Per-step velocity norms of BASE and TUNED on the same prompts and seeds, with 95% CIs.
 
-    Headline: inflation = mean over steps of the mean per-sample ratio ||v_tuned||/||v_base||, minus 1.
+    Headline: inflation = integral over sigma of the per-step mean ratio ||v_tuned||/||v_base||, minus 1
+    (the plain mean over steps is reported too); the 95% CIs resample prompts.
     """
     with cli_errors():
         from normscope.commands.compare import compare as run_compare
@@ -244,7 +246,7 @@ def profile(
     with cli_errors():
         from normscope.commands.profile import ProfileConfig
         from normscope.commands.profile import profile as run_profile
-        from normscope.render.files import render_reference
+        from normscope.render.terminal import render_reference
 
         config = ProfileConfig(
             base=base, out=out, pipeline=pipeline, dtype=dtype, device=device, batch_size=batch_size,
@@ -345,7 +347,7 @@ def sweep(
     with cli_errors():
         from normscope.commands.sweep import SweepConfig
         from normscope.commands.sweep import sweep as run_sweep
-        from normscope.render.files import render_sweep
+        from normscope.render.terminal import render_sweep
 
         config = SweepConfig(
             run_dir=run_dir, out=out, base=base, pipeline=pipeline, adapter=adapter, allow_pickle=allow_pickle,
@@ -394,7 +396,7 @@ def inspect(
     """Show what normscope sees in a checkpoint without running a model: kind, architecture, size, LoRA, fit."""
     with cli_errors():
         from normscope.commands.inspect import InspectConfig, inspect_checkpoint
-        from normscope.render.files import render_inspection
+        from normscope.render.terminal import render_inspection
 
         report = inspect_checkpoint(InspectConfig(path=path, pipeline=pipeline, adapter=adapter, allow_pickle=allow_pickle))
         if fmt is OutputFormat.json:
@@ -413,7 +415,7 @@ def demo(
     """The bundled digits model against its RL checkpoints (AWM, DiffusionNFT; with and without NormGuard)."""
     with cli_errors():
         from normscope.commands.demo import DemoConfig, run_demo
-        from normscope.render.files import render_demo
+        from normscope.render.terminal import render_demo
 
         with RichReporter("demo") as reporter:
             result = run_demo(DemoConfig(out=out), reporter)

@@ -72,7 +72,7 @@ def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> dict:
     """Compare the base with every bundled RL checkpoint; reward and quality next to inflation; the series."""
     from normscope.commands.compare import compare
     from normscope.commands.report import Run
-    from normscope.render.report_figures import inflation, save
+    from normscope.render.figures import inflation, save
 
     reporter = reporter or SilentReporter()
     classifier, real = load_classifier()

@@ -42,6 +42,7 @@ from normscope.measure.sampling import (
     run_model_batches,
     versions,
 )
+from normscope.measure.stats import sigma_integral
 
 REFERENCE_JSON = "reference.json"
 REFERENCE_TENSORS = "reference.safetensors"
@@ -123,17 +124,26 @@ def _percentiles(matrix: np.ndarray) -> dict[str, np.ndarray]:
     return {"mean": np.nanmean(finite, axis=0), "std": np.nanstd(finite, axis=0), "p5": p5, "p50": p50, "p95": p95}
 
 
-def subset_spread(norms: np.ndarray, splits: int = SUBSET_SPLITS, seed: int = 0) -> float:
-    """Std of the inflation you would read between two random halves of the probe (no model change at all)."""
-    n = norms.shape[0]
-    if n < 4:
+def subset_spread(norms: np.ndarray, sigma: np.ndarray, clusters: np.ndarray | None = None,
+                  splits: int = SUBSET_SPLITS, seed: int = 0) -> float:
+    """Std of the inflation you would read between two random halves of the probe (no model change at all).
+
+    Halves are made of whole prompts (``clusters``: each sample's prompt id) when there are at least 4
+    prompts, because seeds of one prompt are correlated; else of samples. The inflation between the halves
+    is the headline's sigma-integral of the ratio of their per-step mean norms.
+    """
+    clusters = np.arange(norms.shape[0]) if clusters is None else np.asarray(clusters)
+    ids = np.unique(clusters)
+    if len(ids) < 4:
+        clusters, ids = np.arange(norms.shape[0]), np.arange(norms.shape[0])
+    if len(ids) < 4:
         return float("nan")
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(splits):
-        order = rng.permutation(n)
-        a, b = norms[order[: n // 2]], norms[order[n // 2:]]
-        values.append(np.nanmean(np.nanmean(a, axis=0) / np.nanmean(b, axis=0)) - 1.0)
+        half = np.isin(clusters, rng.permutation(ids)[: len(ids) // 2])
+        ratio = np.nanmean(norms[half], axis=0) / np.nanmean(norms[~half], axis=0)
+        values.append(sigma_integral(ratio, sigma) - 1.0)
     return float(np.std(values))
 
 
@@ -246,6 +256,7 @@ def profile(config: ProfileConfig, reporter: Reporter | None = None) -> Referenc
     weights_files = list(base_ckpt.files) if base_ckpt else sorted((Path(source) / "transformer").glob("*")) if Path(source).is_dir() else []
 
     guided = _norm_matrix(record, GUIDED)
+    sigmas = record.sigmas.double().numpy()
     dtype_floor = None
     if check_samples:
         alt = "bfloat16" if dtype != _torch_dtype("bfloat16") else "float32"
@@ -254,8 +265,8 @@ def profile(config: ProfileConfig, reporter: Reporter | None = None) -> Referenc
         alt_record = _run(pipe, base, config, check_samples, reporter)
         main = guided[: len(check_samples)]
         ratio = _norm_matrix(alt_record, GUIDED) / main
-        dtype_floor = float(abs(np.nanmean(np.nanmean(ratio, axis=0)) - 1.0))
-    spread = subset_spread(guided)
+        dtype_floor = float(abs(sigma_integral(np.nanmean(ratio, axis=0), sigmas) - 1.0))
+    spread = subset_spread(guided, sigmas, [s.prompt_id for s in samples])
     gate = suggest_gate(spread, dtype_floor)
 
     warnings = []
@@ -306,9 +317,9 @@ def profile(config: ProfileConfig, reporter: Reporter | None = None) -> Referenc
         return reference
     reference.save(config.out)
     if config.figure:
-        from normscope.render.figures import save_reference_figure
+        from normscope.render.figures import reference_figure, save_png
 
-        save_reference_figure(meta, config.out / REFERENCE_PNG)
+        save_png(reference_figure(meta), config.out / REFERENCE_PNG)
     return reference
 
 

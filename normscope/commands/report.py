@@ -16,6 +16,7 @@ import pandas as pd
 
 from normscope.errors import InputError
 from normscope.render.files import IMAGES_DIR, NORMS_CSV, SUMMARY_JSON
+from normscope.render.numbers import pct
 
 FIGURES_DIR = "figures"
 REPORT_HTML = "report.html"
@@ -80,19 +81,15 @@ class Run:
         return pairs
 
 
-def _pct(value) -> str:
-    return "n/a" if value is None else f"{value * 100:+.2f} %"
-
-
 def _run_rows(runs: list[Run]) -> list[dict]:
     rows = []
     for run in runs:
         s = run.summary
         rows.append({
-            "run": run.name, "mode": run.mode, "inflation": _pct(s["inflation"]),
-            "95% CI": f"[{_pct(s['inflation_ci'][0])}, {_pct(s['inflation_ci'][1])}]",
-            "near noise": _pct(s["regions"]["near_noise"]), "middle": _pct(s["regions"]["middle"]),
-            "near data": _pct(s["regions"]["near_data"]), "samples": s["n_samples"], "steps": len(s["per_step"]),
+            "run": run.name, "mode": run.mode, "inflation": pct(s["inflation"]),
+            "95% CI": f"[{pct(s['inflation_ci'][0])}, {pct(s['inflation_ci'][1])}]",
+            "near noise": pct(s["regions"]["near_noise"]), "middle": pct(s["regions"]["middle"]),
+            "near data": pct(s["regions"]["near_data"]), "samples": s["n_samples"], "steps": len(s["per_step"]),
             "non-finite": s["nonfinite"],
         })
     return rows
@@ -100,7 +97,7 @@ def _run_rows(runs: list[Run]) -> list[dict]:
 
 def report(config: ReportConfig) -> dict[str, Path]:
     """Write figures (PNG + SVG), report.html (self-contained) and report.md into ``config.out``."""
-    from normscope.render import report_figures as rf
+    from normscope.render import figures as rf
 
     runs = [Run(folder) for folder in config.runs]
     names = [r.name for r in runs]

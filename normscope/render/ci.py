@@ -7,15 +7,12 @@ from pathlib import Path
 from xml.etree import ElementTree as ET
 
 from normscope.commands.check import ERROR, FAIL, CheckResult
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{value * 100:+.2f} %"
+from normscope.render.numbers import pct
 
 
 def verdict_line(result: CheckResult) -> str:
     word = {0: "PASS", 1: "FAIL", 3: "ERROR"}[result.exit_code]
-    parts = [f"{c.path}: {_pct(c.inflation)} ({c.verdict})" for c in result.checkpoints]
+    parts = [f"{c.path}: {pct(c.inflation)} ({c.verdict})" for c in result.checkpoints]
     return f"{word}: gate {result.max_inflation * 100:.2f} % from {result.gate_source}; " + "; ".join(parts)
 
 
@@ -29,10 +26,10 @@ def junit_xml(result: CheckResult) -> str:
                           time=f"{sum(c.seconds for c in result.checkpoints):.3f}")
     for c in result.checkpoints:
         case = ET.SubElement(suite, "testcase", classname="normscope.commands.check", name=c.path, time=f"{c.seconds:.3f}")
-        message = f"inflation {_pct(c.inflation)} vs gate {result.max_inflation * 100:.2f} % ({result.gate_source})"
+        message = f"inflation {pct(c.inflation)} vs gate {result.max_inflation * 100:.2f} % ({result.gate_source})"
         if c.verdict == FAIL:
             ET.SubElement(case, "failure", message=message, type="Inflated").text = (
-                f"{message}; 95% CI [{_pct(c.inflation_ci[0])}, {_pct(c.inflation_ci[1])}]")
+                f"{message}; 95% CI [{pct(c.inflation_ci[0])}, {pct(c.inflation_ci[1])}]")
         elif c.verdict == ERROR:
             ET.SubElement(case, "error", message=f"{c.nonfinite} non-finite velocities", type="RunFailed").text = message
         else:
@@ -46,7 +43,7 @@ def step_summary(result: CheckResult) -> str:
              f"Gate: max inflation {result.max_inflation * 100:.2f} % ({result.gate_source}); mode: {result.mode}.", "",
              "| checkpoint | inflation | 95% CI | verdict |", "|---|---|---|---|"]
     for c in result.checkpoints:
-        lines.append(f"| `{c.path}` | {_pct(c.inflation)} | [{_pct(c.inflation_ci[0])}, {_pct(c.inflation_ci[1])}] | {c.verdict} |")
+        lines.append(f"| `{c.path}` | {pct(c.inflation)} | [{pct(c.inflation_ci[0])}, {pct(c.inflation_ci[1])}] | {c.verdict} |")
     return "\n".join(lines) + "\n"
 
 
@@ -55,7 +52,7 @@ def annotations(result: CheckResult) -> list[str]:
     out = []
     for c in result.checkpoints:
         if c.verdict == FAIL:
-            out.append(f"::error title=normscope check::{c.path} is inflated: {_pct(c.inflation)} > gate {result.max_inflation * 100:.2f} %")
+            out.append(f"::error title=normscope check::{c.path} is inflated: {pct(c.inflation)} > gate {result.max_inflation * 100:.2f} %")
         elif c.verdict == ERROR:
             out.append(f"::error title=normscope check::{c.path}: {c.nonfinite} non-finite velocities, no valid measurement")
     return out
