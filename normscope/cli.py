@@ -370,17 +370,20 @@ def sweep(
 
 @app.command()
 def report(
-    runs: Annotated[list[Path], typer.Argument(help="Run folders written by normscope compare --out (several are overlaid).")],
     out: Annotated[Path, typer.Option("--out", help="Folder for report.html, report.md and figures/ (PNG + SVG).")],
+    runs: Annotated[list[Path] | None, typer.Argument(help="Run folders written by normscope compare --out (several are overlaid).")] = None,
     gate: Annotated[float | None, typer.Option("--gate", help="Draw this maximum inflation (a fraction, 0.05 = 5 %) on the inflation figures.")] = None,
     title: Annotated[str, typer.Option("--title", help="Title of the report.")] = "normscope report",
+    monitor: Annotated[list[Path] | None, typer.Option("--monitor", help="A training run folder (or its monitor.jsonl) written by normscope.monitor: plot its norm ratio per sigma bucket against training step. Repeatable.")] = None,
+    sweep: Annotated[list[Path] | None, typer.Option("--sweep", help="A normscope sweep --out folder of the same run: its checkpoints are drawn on the monitor figure. Repeatable; needs --monitor.")] = None,
 ) -> None:
     """Figures, a self-contained report.html and a report.md from saved run folders; no model is loaded."""
     with cli_errors():
         from normscope.commands.report import ReportConfig
         from normscope.commands.report import report as run_report
 
-        written = run_report(ReportConfig(runs=tuple(runs), out=out, gate=gate, title=title))
+        written = run_report(ReportConfig(runs=tuple(runs or ()), out=out, gate=gate, title=title,
+                                          monitors=tuple(monitor or ()), sweeps=tuple(sweep or ())))
         typer.echo(str(written["html"]))
         err.print(f"wrote {written['html']}, {written['markdown']} and {written['figures']}/ (PNG + SVG)")
 

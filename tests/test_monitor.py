@@ -103,22 +103,29 @@ def digits_rl_run(tmp_path_factory):
     return out
 
 
-def test_monitor_series_agrees_with_an_offline_sweep_of_the_saved_checkpoints(digits_rl_run, tmp_path):
-    """Monitor step N (the updates that start from checkpoint-N's weights, velocities the loss computed) against
-    ``normscope sweep --mode paired`` of checkpoint-N on the cond branch (the trained one), same sigma grid."""
+@pytest.fixture(scope="module")
+def digits_sweep(digits_rl_run, tmp_path_factory):
+    """``normscope sweep --mode paired`` of the run's checkpoints on the digits probe (10 prompts x 2 seeds)."""
     from normscope.builders.digits import SAMPLING, assets_dir, digit_prompt
     from normscope.commands.sweep import SweepConfig, sweep
 
+    out = tmp_path_factory.mktemp("digits-sweep")
     sweep(SweepConfig(
-        run_dir=digits_rl_run, out=tmp_path / "sweep", pipeline=str(assets_dir() / "pipeline"), mode="paired",
+        run_dir=digits_rl_run, out=out, pipeline=str(assets_dir() / "pipeline"), mode="paired",
         prompts=tuple(digit_prompt(d) for d in range(10)), seeds=(0, 1), steps=SAMPLING["steps"],
         guidance=SAMPLING["guidance"], height=SAMPLING["height"], width=SAMPLING["width"],
         max_sequence_length=SAMPLING["max_sequence_length"], device="cpu", dtype="float32", batch_size=20))
+    return out
+
+
+def test_monitor_series_agrees_with_an_offline_sweep_of_the_saved_checkpoints(digits_rl_run, digits_sweep):
+    """Monitor step N (the updates that start from checkpoint-N's weights, velocities the loss computed) against
+    ``normscope sweep --mode paired`` of checkpoint-N on the cond branch (the trained one), same sigma grid."""
     entries, _ = read_monitor_log(digits_rl_run)
     monitor = {e["step"]: e for e in entries}
     compared = []
     for step in (3, 6):
-        summary = json.loads((tmp_path / "sweep" / f"checkpoint-{step}" / "summary.json").read_text())
+        summary = json.loads((digits_sweep / f"checkpoint-{step}" / "summary.json").read_text())
         cond = summary["modes"]["paired"]["cond"]
         entry = monitor[step]
         for region in REGIONS:
@@ -141,3 +148,22 @@ def test_monitor_series_agrees_with_an_offline_sweep_of_the_saved_checkpoints(di
 
 def _region(sigma: float) -> str:
     return "near_noise" if sigma > 2 / 3 else "middle" if sigma > 1 / 3 else "near_data"
+
+
+def test_report_plots_the_monitor_log_next_to_the_sweep(digits_rl_run, digits_sweep, tmp_path):
+    from typer.testing import CliRunner
+
+    from normscope.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "report"
+    result = runner.invoke(app, ["report", "--monitor", str(digits_rl_run), "--sweep", str(digits_sweep), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    name = digits_rl_run.resolve().name
+    assert (out / "figures" / f"{name}_monitor.png").stat().st_size > 10_000
+    assert "norm ratio during training" in (out / "report.html").read_text()
+    assert f"figures/{name}_monitor.png" in (out / "report.md").read_text()
+    alone = runner.invoke(app, ["report", "--sweep", str(digits_sweep), "--out", str(out)])
+    assert alone.exit_code == 2 and "--monitor" in alone.stderr
+    wrong = runner.invoke(app, ["report", "--monitor", str(digits_rl_run), "--sweep", str(digits_rl_run), "--out", str(out)])
+    assert wrong.exit_code == 2 and "sweep.csv" in wrong.stderr

@@ -6,7 +6,8 @@ readable by colour-blind readers and in greyscale print), one style, and widths 
 (3.4 in one column, 7.0 in across both).
 
 * run folders: ``profile_figure`` (profile.png), ``reference_figure`` (reference.png), ``sweep_figure`` (sweep.png);
-* ``normscope report``: ``profiles``, ``inflation``, ``heatmap``, ``hinge_and_cosine``, ``image_grid``;
+* ``normscope report``: ``profiles``, ``inflation``, ``heatmap``, ``hinge_and_cosine``, ``image_grid``,
+  ``monitor_figure`` (a training run's monitor log next to sweeps);
 * ``save_png`` writes one PNG, ``save`` a PNG and an SVG.
 """
 
@@ -262,6 +263,43 @@ def image_grid(run, limit: int = 16):
 
 def _short(text: str, width: int = 34) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@_styled
+def monitor_figure(entries: list[dict], meta: dict, sweeps: list[tuple[str, object]], gate: float | None = None):
+    """A training run's monitor log: mean ratio − 1 (%) per sigma bucket against training step, the smoothed
+    overall ratio, the gate; offline sweeps of the same run's checkpoints drawn at their steps (same regions)."""
+    fig, axes = _figure(DOUBLE / 1.3, 2.6)
+    ax = axes[0][0]
+    steps = np.array([e["step"] for e in entries], dtype=float)
+    buckets = [b[0] for b in meta.get("buckets", [])] or sorted(k.split("/", 1)[1] for k in entries[0] if k.startswith("ratio/"))
+    colors = {name: OKABE_ITO[i % len(OKABE_ITO)] for i, name in enumerate(buckets)}
+    for name in buckets:
+        values = np.array([np.nan if e.get(f"ratio/{name}") is None else e[f"ratio/{name}"] for e in entries], dtype=float)
+        ax.plot(steps, (values - 1) * 100, "-", color=colors[name], alpha=0.8, linewidth=0.9, label=f"monitor {name}")
+    smoothed = np.array([e["smoothed"] for e in entries], dtype=float)
+    ax.plot(steps, (smoothed - 1) * 100, "-", color="0.1", linewidth=1.6, label=f"monitor all, smoothed ({meta.get('smoothing', '?')} steps)")
+    markers = ("s", "D", "^", "v")
+    for i, (label, table) in enumerate(sweeps):
+        marker = markers[i % len(markers)]
+        x = table["step"].to_numpy(dtype=float)
+        for name in buckets:
+            if name in table.columns:
+                ax.plot(x, table[name].to_numpy(dtype=float) * 100, marker, color=colors[name], markersize=5,
+                        fillstyle="none", linestyle="none")
+        value = table["inflation"].to_numpy(dtype=float) * 100
+        err = np.vstack([value - table["ci_lo"].to_numpy(dtype=float) * 100, table["ci_hi"].to_numpy(dtype=float) * 100 - value])
+        ax.errorbar(x, value, yerr=err, fmt=marker, color="0.1", markersize=5, capsize=2, fillstyle="none",
+                    label=f"sweep {label} (95% CI; open: regions)")
+    _gate_line(ax, gate)
+    crossing = (meta.get("first_crossing") or {}).get("step")
+    if crossing is not None:
+        ax.axvline(crossing, color="0.1", linestyle=":", linewidth=0.9, label=f"first crossing: step {crossing}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(r"$\|v_\theta\| / \|v_{ref}\| - 1$ (%)")
+    ax.set_title("velocity-norm ratio during training, per sigma bucket")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig
 
 
 # ---------------------------------------------------------------- saving
