@@ -199,6 +199,7 @@ def compare(
     out: OutOpt = None,
     offload: Annotated[bool, typer.Option("--offload", help="Full checkpoints: keep one transformer's weights on the GPU at a time (slower; see docs/scale.md).", rich_help_panel="Hardware")] = False,
     save_images: Annotated[bool, typer.Option("--save-images", help="Also decode and save both models' final images of free mode in DIR/images/ (needs --mode free or both).", rich_help_panel="Output")] = False,
+    rescale_to_base: Annotated[bool, typer.Option("--rescale-to-base", help="Also sample the tuned model with its velocity rescaled at every step to the base's norm on the same input (the inference-rescale ablation, mode 'rescaled'); with --save-images its images sit next to free mode's.", rich_help_panel="Measurement")] = False,
 ) -> None:
     """Per-step velocity norms of BASE and TUNED on the same prompts and seeds, with 95% CIs.
 
@@ -213,7 +214,7 @@ def compare(
             base, tuned = None, base
         config = CompareConfig(
             base=base, tuned=tuned, adapter=adapter, allow_pickle=allow_pickle, pipeline=pipeline, mode=mode, drive=drive,
-            dtype=dtype, device=device, batch_size=batch_size, out=out, save_images=save_images, offload=offload,
+            dtype=dtype, device=device, batch_size=batch_size, out=out, save_images=save_images, offload=offload, rescale_to_base=rescale_to_base,
             **probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, negative_prompt, max_sequence_length,
                            true_cfg_scale, preset),
         )

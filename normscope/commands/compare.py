@@ -40,12 +40,23 @@ from normscope.measure.sampling import (
     resolved_sampling,
     run_free,
     run_paired,
+    run_rescaled,
     sampling_kwargs,
     versions,
 )
 from normscope.measure.stats import DEFINITIONS, NONFINITE, ci_method, mode_summary, n_samples, select, step_profile
 from normscope.measure.store import BatchStore
-from normscope.measure.table import BRANCH, NORM_BASE, NORM_TUNED, RATIO, STEP, free_frame, paired_frame, tidy
+from normscope.measure.table import (
+    BRANCH,
+    NORM_BASE,
+    NORM_TUNED,
+    RATIO,
+    RESCALED,
+    STEP,
+    free_frame,
+    paired_frame,
+    tidy,
+)
 
 
 @dataclass
@@ -80,11 +91,13 @@ def _fingerprint(config: CompareConfig, identities: list) -> str:
 def _frame(mode: str, records: dict[str, CallRecord], samples: list[Sample], drive: str) -> pd.DataFrame:
     if mode == "paired":
         return paired_frame(records["paired"], samples, drive)
+    if mode == RESCALED:  # the tuned model drives, rescaled to the base's norm
+        return paired_frame(records[RESCALED], samples, "tuned", mode=RESCALED)
     return free_frame(records["base"], records["tuned"], samples)
 
 
 def save_images(records: dict[str, CallRecord], samples: list[Sample], out: Path) -> None:
-    """images/<prompt_id>-<seed>-<base|tuned>.png, written as each batch finishes."""
+    """images/<prompt_id>-<seed>-<base|tuned|rescaled>.png, written as each batch finishes."""
     from normscope.render.files import IMAGES_DIR
 
     folder = out / IMAGES_DIR
@@ -100,7 +113,7 @@ def summarize(frame: pd.DataFrame, config: CompareConfig, extra: dict) -> dict:
     The headline is the sigma-integral estimate on the guided velocity of the first mode run (see
     ``HEADLINE_ESTIMATE``); ``estimates`` holds it and the step mean, each with its CI.
     """
-    modes = {mode: mode_summary(frame, mode) for mode in config.mode.runs()}
+    modes = {mode: mode_summary(frame, mode) for mode in _runs(config)}
     headline_mode = config.mode.runs()[0]
     head = modes[headline_mode][GUIDED]
     guided = frame[frame["branch"] == GUIDED]
@@ -175,8 +188,8 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
             reporter.note(f"resuming: {store.finished()} finished batch(es) in {config.out} are reused")
 
     groups = list(batches(samples, config.batch_size))
-    runs = config.mode.runs()
-    calls_per_batch = {"paired": 1, "free": 2}
+    runs = _runs(config)
+    calls_per_batch = {"paired": 1, "free": 2, RESCALED: 1}
     reporter.begin(sum(calls_per_batch[m] for m in runs) * len(groups) * config.steps)
     def measure(mode: str, index: int) -> dict[str, CallRecord]:
         batch = groups[index]
@@ -186,13 +199,15 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
             reporter.advance(calls_per_batch[mode] * config.steps)
             return records
         kwargs = sampling_kwargs(pipe, config, batch, family)
-        if mode == "free" and config.save_images:
+        if mode in ("free", RESCALED) and config.save_images:
             kwargs["output_type"] = "pil"
         if mode == "paired":
             records = run_paired(pipe, driver, other, kwargs, reporter)
+        elif mode == RESCALED:
+            records = run_rescaled(pipe, tuned, base, kwargs, reporter)
         else:
             records = run_free(pipe, base, tuned, kwargs, reporter)
-        if mode == "free" and config.save_images:
+        if mode in ("free", RESCALED) and config.save_images:
             save_images(records, batch, Path(config.out))
             for record in records.values():
                 record.images = None
@@ -226,6 +241,11 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
     if verdict:
         raise RunError(verdict)
     return result
+
+
+def _runs(config: CompareConfig) -> tuple[str, ...]:
+    """The modes measured: the configured ones, then the inference-rescale ablation when asked for."""
+    return config.mode.runs() + ((RESCALED,) if config.rescale_to_base else ())
 
 
 def nonfinite_verdict(frame: pd.DataFrame) -> str | None:
