@@ -216,3 +216,22 @@ def test_torch_forward_hooks_compose_with_forward_wrappers_where_the_diffusers_r
     handle.remove()
     module(torch.zeros(1, 2))
     assert seen == ["offload", "normscope", "offload"]
+
+
+def test_capture_composes_with_diffusers_offloading(pipelines):
+    """Group offloading and enable_model_cpu_offload wrap forward; capture's numbers do not change (CPU devices)."""
+    def guided(pipe):
+        model = VelocityModel("base", pipe.transformer, "p", "pipeline")
+        with capture(pipe, model) as recorder:
+            pipe(**_sd3_call(pipe, guidance_scale=4.5))
+            return recorder.collect().stats["guided"]
+
+    plain = guided(load_pipeline(str(pipelines["sd3"]), torch.float32, "cpu"))
+    grouped = load_pipeline(str(pipelines["sd3"]), torch.float32, "cpu")
+    grouped.transformer.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                                             offload_type="block_level", num_blocks_per_group=1)
+    assert torch.equal(guided(grouped), plain)
+    offloaded = load_pipeline(str(pipelines["sd3"]), torch.float32, "cpu")
+    offloaded.enable_model_cpu_offload(device="cpu")
+    assert torch.equal(guided(offloaded), plain)
+    assert hasattr(offloaded.transformer, "_hf_hook") and not offloaded.transformer._forward_hooks
