@@ -36,6 +36,14 @@ class RunError(NormscopeError):
     exit_code = EXIT_RUN
 
 
+class NoMeasurementError(RunError):
+    """The run finished, but nothing finite was measured; ``summary`` (also in summary.json) holds the counts."""
+
+    def __init__(self, message: str, summary: dict | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
 class GuardInputError(InputError, ValueError):
     """A tensor handed to ``normscope.guard`` or ``normscope.monitor`` with the wrong shape, range or kind.
 

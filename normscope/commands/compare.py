@@ -9,17 +9,14 @@ Stages run one way: load -> capture -> table -> stats -> outputs.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from normscope import __version__
 from normscope.config import HEADLINE_ESTIMATE, CompareConfig
-from normscope.errors import RunError
+from normscope.errors import NoMeasurementError
 from normscope.load import (
     find_checkpoint,
     find_pipeline_source,
@@ -31,6 +28,7 @@ from normscope.load import (
 from normscope.load.families import family_for
 from normscope.load.pipeline import check_family_inputs
 from normscope.measure.capture import GUIDED, CallRecord
+from normscope.measure.fingerprint import run_fingerprint
 from normscope.measure.prompts import Sample, make_samples, resolve_prompts
 from normscope.measure.sampling import (
     Reporter,
@@ -67,7 +65,8 @@ class CompareResult:
     summary: dict
 
     @property
-    def inflation(self) -> float | None:
+    def inflation(self) -> float:
+        """The headline inflation (a fraction; never None: a run with nothing finite raises NoMeasurementError)."""
         return self.summary["inflation"]
 
     @property
@@ -82,10 +81,18 @@ class CompareResult:
 # ---------------------------------------------------------------- the job
 
 
-def _fingerprint(config: CompareConfig, identities: list) -> str:
-    stable = {k: v for k, v in config.to_dict().items() if k not in ("out", "figure", "save_images", "offload")}
-    text = json.dumps([stable, identities, __version__], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+# Options that change only what is written or where, not the numbers; the prompts enter as resolved texts.
+_NOT_IN_FINGERPRINT = ("out", "figure", "save_images", "offload", "prompts_file", "prompts")
+
+
+def _fingerprint(config: CompareConfig, prompts: list[str], source: str, checkpoints: list) -> str:
+    """Resume key: settings, resolved prompts, the pipeline folder (its transformer too), checkpoints, versions."""
+    import peft
+    import transformers
+
+    settings = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
+    library = {**versions(), "transformers": transformers.__version__, "peft": peft.__version__}
+    return run_fingerprint(settings, prompts, source, checkpoints, library)
 
 
 def _frame(mode: str, records: dict[str, CallRecord], samples: list[Sample], drive: str) -> pd.DataFrame:
@@ -142,6 +149,9 @@ def summarize(frame: pd.DataFrame, config: CompareConfig, extra: dict) -> dict:
 def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareResult | None:
     """Measure how much larger the tuned model's velocity is than the base's, step by step.
 
+    Raises ``NoMeasurementError`` (exit code 3 on the CLI) when no finite ratio was measured, after writing
+    the run folder; other bad input raises the ``normscope.errors`` classes with one-line messages.
+
     With ``config.out`` set, finished batches are kept there as the run goes, a rerun with the same
     options resumes, and norms.csv, summary.json and profile.png are written at the end.
 
@@ -152,7 +162,8 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
     from normscope.render.files import write_run
 
     reporter = reporter or SilentReporter()
-    samples = make_samples(resolve_prompts(config.prompts_file, config.prompts), config.seeds)
+    prompts = resolve_prompts(config.prompts_file, config.prompts)
+    samples = make_samples(prompts, config.seeds)
     device = resolve_device(config.device)
     procs = processes(cpu=device == "cpu")
     device = procs.device(device)
@@ -181,9 +192,9 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
 
     store = None
     if config.out is not None:
-        store = BatchStore(Path(config.out) / ".partial", _fingerprint(config, [c.identity() for c in checkpoints]))
+        store = BatchStore(Path(config.out) / ".partial", _fingerprint(config, prompts, source, checkpoints), procs)
         if store.reset:
-            reporter.note(f"options or checkpoints changed since the unfinished run in {config.out}: starting afresh")
+            reporter.note(f"options, prompts, pipeline or checkpoints changed since the unfinished run in {config.out}: starting afresh")
         elif store.finished():
             reporter.note(f"resuming: {store.finished()} finished batch(es) in {config.out} are reused")
 
@@ -237,15 +248,26 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
     if config.out is not None:
         write_run(result, Path(config.out), figure=config.figure)
         store.clear()
+    # The API ends as the CLI does: the package's error, after the files (with the counts) are written.
     verdict = nonfinite_verdict(frame)
     if verdict:
-        raise RunError(verdict)
+        raise NoMeasurementError(verdict, summary)
+    if result.inflation is None:
+        raise NoMeasurementError(no_measurement_message(summary), summary)
     return result
 
 
 def _runs(config: CompareConfig) -> tuple[str, ...]:
     """The modes measured: the configured ones, then the inference-rescale ablation when asked for."""
     return config.mode.runs() + ((RESCALED,) if config.rescale_to_base else ())
+
+
+def no_measurement_message(summary: dict) -> str:
+    """One line for a run with no finite ratio at all: what was counted, and what to check."""
+    rows = sum(row["n"] + row["nonfinite"] for row in summary["per_step"])
+    return (f"no finite ratio ||v_tuned|| / ||v_base|| was measured ({summary['nonfinite']} of {rows} guided "
+            "velocity evaluations were NaN/Inf or zero): check the checkpoints for NaN weights, or use --dtype float32"
+            + (" (summary.json holds the counts)" if summary["config"].get("out") else ""))
 
 
 def nonfinite_verdict(frame: pd.DataFrame) -> str | None:

@@ -13,7 +13,6 @@ per-(prompt, seed, step) norms, per-step statistics, and two suggestions:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from normscope.load import (
 from normscope.load.pipeline import check_family_inputs, quiet_loading
 from normscope.measure.capture import GUIDED, CallRecord
 from normscope.measure.distributed import current_processes
+from normscope.measure.fingerprint import fingerprint_files, pipeline_fingerprint, prompts_digest
 from normscope.measure.prompts import Sample, make_samples, resolve_prompts
 from normscope.measure.sampling import (
     Reporter,
@@ -76,43 +76,17 @@ class ProfileConfig(ProbeConfig):
         self.out = Path(self.out)
 
 
-# ---------------------------------------------------------------- fingerprints
-
-
-def _file_digest(path: Path, chunk: int = 8 << 20) -> str:
-    """sha256 of a file; for files over 64 MiB, of its size, first and last 8 MiB (fast on 20 GB weights)."""
-    digest = hashlib.sha256()
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        if size <= 8 * chunk:
-            digest.update(handle.read())
-        else:
-            digest.update(str(size).encode())
-            digest.update(handle.read(chunk))
-            handle.seek(size - chunk)
-            digest.update(handle.read(chunk))
-    return digest.hexdigest()
-
-
-def fingerprint_files(root: Path, files: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(files):
-        digest.update(str(path.relative_to(root) if path.is_relative_to(root) else path.name).encode())
-        digest.update(_file_digest(path).encode())
-    return digest.hexdigest()[:32]
-
-
-def pipeline_fingerprint(source: str) -> str:
-    """Every file of the pipeline except its transformer (which the checks replace); a hub id as is."""
-    root = Path(source)
-    if not root.is_dir():
-        return f"hub:{source}"
-    files = [p for p in root.rglob("*") if p.is_file() and "transformer" not in p.relative_to(root).parts[:1]]
-    return fingerprint_files(root, files)
-
-
-def prompts_digest(prompts: list[str]) -> str:
-    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:32]
+def base_weights_fingerprint(source: str, base_ckpt=None) -> str | None:
+    """Content fingerprint of the base's weights: BASE's own files, else the pipeline's transformer/ folder
+    (what a LoRA is attached to in a stored-reference check). None for a hub id (nothing local to read)."""
+    if base_ckpt is not None:
+        files = list(base_ckpt.files)
+    elif Path(source).is_dir():
+        files = sorted((Path(source) / "transformer").glob("*"))
+    else:
+        return None
+    files = [p for p in files if p.is_file()]
+    return fingerprint_files(Path(source), files) if files else None
 
 
 # ---------------------------------------------------------------- statistics
@@ -258,7 +232,6 @@ def profile(config: ProfileConfig, reporter: Reporter | None = None) -> Referenc
     defaults_note = default_settings_note(pipe, config)
     if defaults_note:
         reporter.note(defaults_note)
-    weights_files = list(base_ckpt.files) if base_ckpt else sorted((Path(source) / "transformer").glob("*")) if Path(source).is_dir() else []
 
     guided = _norm_matrix(record, GUIDED)
     sigmas = record.sigmas.double().numpy()
@@ -300,7 +273,7 @@ def profile(config: ProfileConfig, reporter: Reporter | None = None) -> Referenc
                    "batch_size": config.batch_size, "resolved": resolved},
         "hashes": {"prompts": prompts_digest(prompts), "seeds": list(config.seeds),
                    "pipeline": pipeline_fingerprint(source),
-                   "weights": fingerprint_files(Path(source), [p for p in weights_files if p.is_file()]) if weights_files else None},
+                   "weights": base_weights_fingerprint(source, base_ckpt)},
         "n_samples": len(samples),
         "latent_elements": latent.elements,
         "nonfinite": int((~np.isfinite(guided)).sum()),

@@ -95,9 +95,13 @@ def _run_rows(runs: list[Run]) -> list[dict]:
     rows = []
     for run in runs:
         s = run.summary
+        # Run folders written before the sigma-integral headline hold the step mean as their only estimate.
+        estimate = s.get("headline", "step_mean")
+        step_mean = s.get("estimates", {}).get("step_mean", {}).get("inflation", s["inflation"])
         rows.append({
             "run": run.name, "mode": run.mode, "inflation": pct(s["inflation"]),
             "95% CI": f"[{pct(s['inflation_ci'][0])}, {pct(s['inflation_ci'][1])}]",
+            "estimate": estimate.replace("_", " "), "step mean": pct(step_mean),
             "near noise": pct(s["regions"]["near_noise"]), "middle": pct(s["regions"]["middle"]),
             "near data": pct(s["regions"]["near_data"]), "samples": s["n_samples"], "steps": len(s["per_step"]),
             "non-finite": s["nonfinite"],
@@ -175,7 +179,9 @@ def _markdown(title: str, rows: list[dict], sections, out: Path) -> str:
     header = list(rows[0])
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
-    lines += ["", "Inflation = mean over steps of (mean over samples of ||v_tuned|| / ||v_base||) − 1, guided velocity.", ""]
+    lines += ["", "Inflation = integral over sigma (trapezoid, divided by the sigma span) of the per-step mean over samples of "
+              "||v_tuned|| / ||v_base||, minus 1, guided velocity (estimate: sigma integral; older run folders: the step "
+              "mean); step mean = the plain mean over steps. CIs: 95 % percentile bootstrap over prompts.", ""]
     for section_title, caption, png in sections:
         lines += [f"## {section_title}", "", f"![{section_title}]({png.relative_to(out).as_posix()})", "", caption, ""]
     return "\n".join(lines)
@@ -206,8 +212,10 @@ pre {{ background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.8em; 
 <body>
 <h1>{html.escape(title)}</h1>
 {table}
-<p>Inflation = mean over denoising steps of (mean over prompt/seed samples of ||v<sub>tuned</sub>|| / ||v<sub>base</sub>||) − 1,
-on the guided velocity; CIs are 95 % percentile bootstrap over samples.</p>
+<p>Inflation = integral over sigma (trapezoid, divided by the sigma span) of the per-step mean over prompt/seed samples
+of ||v<sub>tuned</sub>|| / ||v<sub>base</sub>||, minus 1, on the guided velocity (estimate: sigma integral; older run
+folders: the step mean); step mean = the plain mean over steps. CIs are 95 % percentile bootstrap over prompts
+(all seeds of a prompt together).</p>
 {''.join(body)}
 {configs}
 </body></html>

@@ -210,12 +210,14 @@ def inflation_estimates(rows: pd.DataFrame, by: str = BY_PROMPT) -> dict[str, tu
     sigma = _step_sigmas(rows)
     means = _nanmean(ratio, axis=0)
     boot = _boot_step_means(ratio, _weights(clusters, by))
-    points = {SIGMA_INTEGRAL: sigma_integral(means, sigma), STEP_MEAN: _nanmean(means)}
-    resampled = {SIGMA_INTEGRAL: sigma_integral(boot, sigma), STEP_MEAN: _nanmean(boot, axis=1)}
+    # Excesses (ratio - 1) are averaged, not ratios: weights that sum to 1 only to round-off then still give
+    # exactly 0 for a model against itself.
+    points = {SIGMA_INTEGRAL: sigma_integral(means - 1.0, sigma), STEP_MEAN: _nanmean(means - 1.0)}
+    resampled = {SIGMA_INTEGRAL: sigma_integral(boot - 1.0, sigma), STEP_MEAN: _nanmean(boot - 1.0, axis=1)}
     out = {}
     for name in ESTIMATES:
-        lo, hi = _interval(resampled[name] - 1.0)
-        out[name] = (float(points[name] - 1.0), float(lo), float(hi))
+        lo, hi = _interval(resampled[name])
+        out[name] = (float(points[name]), float(lo), float(hi))
     return out
 
 

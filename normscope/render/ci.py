@@ -40,7 +40,8 @@ def junit_xml(result: CheckResult) -> str:
 def step_summary(result: CheckResult) -> str:
     """Markdown for $GITHUB_STEP_SUMMARY."""
     lines = [f"### normscope check: {verdict_line(result).split(':')[0]}", "",
-             f"Gate: max inflation {result.max_inflation * 100:.2f} % ({result.gate_source}); mode: {result.mode}.", "",
+             f"Gate: max inflation {result.max_inflation * 100:.2f} % ({result.gate_source}); mode: {result.mode}; "
+             "inflation: the sigma-integral of the per-step mean ratio - 1, CI over prompts (normscope docs/compare.md).", "",
              "| checkpoint | inflation | 95% CI | verdict |", "|---|---|---|---|"]
     for c in result.checkpoints:
         lines.append(f"| `{c.path}` | {pct(c.inflation)} | [{pct(c.inflation_ci[0])}, {pct(c.inflation_ci[1])}] | {c.verdict} |")
