@@ -153,7 +153,7 @@ def report(config: ReportConfig) -> dict[str, Path]:
         add(rf.monitor_figure(entries, meta, sweeps, gate), f"{_slug(name)}_monitor", f"{name}: norm ratio during training",
             "Mean ||v_θ|| / ||v_ref|| − 1 per sigma bucket at each training step, from the velocities the loss computed "
             "(normscope.monitor); black: the smoothed ratio over all samples"
-            + ("; markers: offline sweeps of the saved checkpoints (filled: headline inflation with 95 % CI; open: regions)" if sweeps else "")
+            + ("; squares: offline sweeps of the saved checkpoints (black: headline inflation with 95 % CI; coloured: its sigma regions)" if sweeps else "")
             + ("; dashed: the gate." if gate is not None else "."))
     rows = _run_rows(runs) or [{"monitor log": str(m)} for m in config.monitors]
     config.out.mkdir(parents=True, exist_ok=True)

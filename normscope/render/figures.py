@@ -290,7 +290,7 @@ def monitor_figure(entries: list[dict], meta: dict, sweeps: list[tuple[str, obje
         value = table["inflation"].to_numpy(dtype=float) * 100
         err = np.vstack([value - table["ci_lo"].to_numpy(dtype=float) * 100, table["ci_hi"].to_numpy(dtype=float) * 100 - value])
         ax.errorbar(x, value, yerr=err, fmt=marker, color="0.1", markersize=5, capsize=2, fillstyle="none",
-                    label=f"sweep {label} (95% CI; open: regions)")
+                    label=f"sweep {label} (95% CI; coloured: regions)")
     _gate_line(ax, gate)
     crossing = (meta.get("first_crossing") or {}).get("step")
     if crossing is not None:
