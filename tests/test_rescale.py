@@ -50,6 +50,12 @@ def test_compare_reports_the_rescaled_run_and_saves_its_images(pipelines, scaled
     assert summary["headline_mode"] == "paired" and set(summary["modes"]) == {"paired", "free", "rescaled"}
     for role in ("base", "tuned", "rescaled"):
         assert len(list((out / "images").glob(f"*-{role}.png"))) == 2
+    from normscope.commands.report import Run
+    from normscope.render.figures import image_grid
+
+    grid = image_grid(Run(out))  # the report shows the rescaled run next to base and tuned
+    assert [ax.get_title() for ax in grid.axes if ax.images][1:3] == ["tuned", "tuned, rescaled"]
+    assert sum(1 for ax in grid.axes if ax.images) == 6
     result = CliRunner().invoke(app, ["compare", str(scaled("sd3", 1.1)), "--pipeline", str(pipelines["sd3"]),
                                       "--rescale-to-base", "--prompt", "a red fox", "--seeds", "0", "--steps", "2",
                                       "--height", "16", "--width", "16", "--max-sequence-length", "24",

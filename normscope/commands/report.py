@@ -142,7 +142,8 @@ def report(config: ReportConfig) -> dict[str, Path]:
         add(rf.hinge_and_cosine(run), f"{prefix}_hinge_cosine", f"{run.name}: hinge rate and cosine",
             "Paired mode: where a NormGuard hinge would be active, and how far the two velocity fields point apart.")
         add(rf.image_grid(run), f"{prefix}_images", f"{run.name}: images, base vs tuned",
-            "Final images of free-mode sampling from the same noise (compare --save-images).")
+            "Final images of free-mode sampling from the same noise (compare --save-images); with --rescale-to-base "
+            "also the tuned model's run with its velocity rescaled to the base's norm at every step.")
     sweeps = [_sweep_table(folder) for folder in config.sweeps]
     for folder in config.monitors:
         entries, meta = read_monitor_log(folder)

@@ -241,21 +241,27 @@ def hinge_and_cosine(run):
 
 @_styled
 def image_grid(run, limit: int = 16):
-    """Final images of base and tuned (free mode), side by side per prompt and seed; None without images."""
+    """Final images of base and tuned (free mode), side by side per prompt and seed; None without images.
+
+    With ``compare --rescale-to-base --save-images`` the rescaled tuned run's image joins each pair.
+    """
     pairs = run.image_pairs()[:limit]
     if not pairs:
         return None
     from PIL import Image
 
-    cols = 2 * min(4, len(pairs))
-    rows = -(-len(pairs) // (cols // 2))
+    rescaled = [base.with_name(base.name.replace("-base.png", "-rescaled.png")) for _, base, _ in pairs]
+    per = 3 if all(p.is_file() for p in rescaled) else 2
+    cols = per * min(4 if per == 2 else 3, len(pairs))
+    rows = -(-len(pairs) // (cols // per))
     fig, axes = _figure(DOUBLE, DOUBLE / cols * rows * 1.15, rows, cols)
     for ax in axes.flat:
         ax.axis("off")
-    for i, (label, base, tuned) in enumerate(pairs):
-        r, c = divmod(i, cols // 2)
-        for j, (path, who) in enumerate(((base, "base"), (tuned, "tuned"))):
-            ax = axes[r][2 * c + j]
+    for i, ((label, base, tuned), extra) in enumerate(zip(pairs, rescaled, strict=True)):
+        r, c = divmod(i, cols // per)
+        panels = ((base, "base"), (tuned, "tuned"), (extra, "tuned, rescaled"))[:per]
+        for j, (path, who) in enumerate(panels):
+            ax = axes[r][per * c + j]
             ax.imshow(np.asarray(Image.open(path).convert("RGB")), interpolation="nearest")
             ax.set_title(f"{label}: {who}" if who == "base" else who, fontsize=6)
     return fig
