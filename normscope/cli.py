@@ -240,6 +240,7 @@ def compare(
     out: OutOpt = None,
     offload: Annotated[bool, typer.Option("--offload", help="Full checkpoints: keep one transformer's weights on the GPU at a time (slower; see docs/scale.md).", rich_help_panel="Hardware")] = False,
     save_images: Annotated[bool, typer.Option("--save-images", help="Also decode and save both models' final images of free mode in DIR/images/ (needs --mode free or both).", rich_help_panel="Output")] = False,
+    rescale_to_base: Annotated[bool, typer.Option("--rescale-to-base", help="Also sample the tuned model with its velocity rescaled at every step to the base's norm on the same input (the inference-rescale ablation, mode 'rescaled'); with --save-images its images sit next to free mode's.", rich_help_panel="Measurement")] = False,
     probe: dict | None = None,  # the probe options, added by @probe_options
 ) -> None:
     """Per-step velocity norms of BASE and TUNED on the same prompts and seeds, with 95% CIs.
@@ -255,8 +256,8 @@ def compare(
             base, tuned = None, base
         config = CompareConfig(
             base=base, tuned=tuned, adapter=adapter, allow_pickle=allow_pickle, pipeline=pipeline, mode=mode, drive=drive,
-            dtype=dtype, device=device, batch_size=batch_size, out=out, save_images=save_images, offload=offload, image=image,
-            **probe,
+            dtype=dtype, device=device, batch_size=batch_size, out=out, save_images=save_images, offload=offload,
+            image=image, rescale_to_base=rescale_to_base, **probe,
         )
         if not is_main_process():  # launched on several processes: the main one reports
             run_compare(config)
@@ -421,17 +422,20 @@ def presets(
 
 @app.command()
 def report(
-    runs: Annotated[list[Path], typer.Argument(help="Run folders written by normscope compare --out (several are overlaid).")],
     out: Annotated[Path, typer.Option("--out", help="Folder for report.html, report.md and figures/ (PNG + SVG).")],
+    runs: Annotated[list[Path] | None, typer.Argument(help="Run folders written by normscope compare --out (several are overlaid).")] = None,
     gate: Annotated[float | None, typer.Option("--gate", help="Draw this maximum inflation (a fraction, 0.05 = 5 %) on the inflation figures.")] = None,
     title: Annotated[str, typer.Option("--title", help="Title of the report.")] = "normscope report",
+    monitor: Annotated[list[Path] | None, typer.Option("--monitor", help="A training run folder (or its monitor.jsonl) written by normscope.monitor: plot its norm ratio per sigma bucket against training step. Repeatable.")] = None,
+    sweep: Annotated[list[Path] | None, typer.Option("--sweep", help="A normscope sweep --out folder of the same run: its checkpoints are drawn on the monitor figure. Repeatable; needs --monitor.")] = None,
 ) -> None:
     """Figures, a self-contained report.html and a report.md from saved run folders; no model is loaded."""
     with cli_errors():
         from normscope.commands.report import ReportConfig
         from normscope.commands.report import report as run_report
 
-        written = run_report(ReportConfig(runs=tuple(runs), out=out, gate=gate, title=title))
+        written = run_report(ReportConfig(runs=tuple(runs or ()), out=out, gate=gate, title=title,
+                                          monitors=tuple(monitor or ()), sweeps=tuple(sweep or ())))
         typer.echo(str(written["html"]))
         err.print(f"wrote {written['html']}, {written['markdown']} and {written['figures']}/ (PNG + SVG)")
 

@@ -167,6 +167,8 @@ class CompareConfig(ProbeConfig):
     pipeline's own transformer. ``adapter`` picks one adapter of a folder holding several;
     ``allow_pickle`` lets ``.bin/.pt`` files load through ``torch.load(weights_only=True)``. ``out``, when set, receives norms.csv, summary.json and
     profile.png, and holds the finished batches of an interrupted run so a rerun resumes.
+    ``rescale_to_base`` adds the inference-rescale ablation (mode ``rescaled``): the tuned model samples with its
+    guided velocity rescaled at every step to the base's norm on the same input.
     """
 
     tuned: str
@@ -179,6 +181,7 @@ class CompareConfig(ProbeConfig):
     figure: bool = True
     save_images: bool = False
     offload: bool = False
+    rescale_to_base: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -39,6 +39,7 @@ from normscope.measure.sampling import (
     resolved_sampling,
     run_free,
     run_paired,
+    run_rescaled,
     sampling_kwargs,
     versions,
 )
@@ -53,7 +54,18 @@ from normscope.measure.stats import (
     step_profile,
 )
 from normscope.measure.store import BatchStore
-from normscope.measure.table import BRANCH, EXPERT, NORM_BASE, NORM_TUNED, RATIO, STEP, free_frame, paired_frame, tidy
+from normscope.measure.table import (
+    BRANCH,
+    EXPERT,
+    NORM_BASE,
+    NORM_TUNED,
+    RATIO,
+    RESCALED,
+    STEP,
+    free_frame,
+    paired_frame,
+    tidy,
+)
 
 
 @dataclass
@@ -98,17 +110,21 @@ def _fingerprint(config: CompareConfig, prompts: list[str], source: str, checkpo
 def _frame(mode: str, records: dict[str, CallRecord], samples: list[Sample], drive: str) -> pd.DataFrame:
     if mode == "paired":
         return paired_frame(records["paired"], samples, drive)
+    if mode == RESCALED:  # the tuned model drives, rescaled to the base's norm
+        return paired_frame(records[RESCALED], samples, "tuned", mode=RESCALED)
     return free_frame(records["base"], records["tuned"], samples)
 
 
 def _frames(mode: str, records: dict[str, CallRecord], samples: list[Sample], drive: str) -> pd.DataFrame:
     if mode == "paired":
         return paired_frames(records["paired"], samples, drive)
+    if mode == RESCALED:  # the tuned model drives, rescaled to the base's norm
+        return paired_frames(records[RESCALED], samples, "tuned", mode=RESCALED)
     return free_frames(records["base"], records["tuned"], samples)
 
 
 def save_images(records: dict[str, CallRecord], samples: list[Sample], out: Path) -> None:
-    """images/<prompt_id>-<seed>-<base|tuned>.png (a video: .webp, animated), written as each batch finishes."""
+    """images/<prompt_id>-<seed>-<base|tuned|rescaled>.png (a video: .webp, animated), written as each batch finishes."""
     from normscope.render.files import IMAGES_DIR
     from normscope.render.video import VIDEO_SUFFIX, save_video
 
@@ -150,7 +166,7 @@ def summarize(frame: pd.DataFrame, config: CompareConfig, extra: dict) -> dict:
     The headline is the sigma-integral estimate on the guided velocity of the first mode run (see
     ``HEADLINE_ESTIMATE``); ``estimates`` holds it and the step mean, each with its CI.
     """
-    modes = {mode: mode_summary(frame, mode) for mode in config.mode.runs()}
+    modes = {mode: mode_summary(frame, mode) for mode in _runs(config)}
     headline_mode = config.mode.runs()[0]
     head = modes[headline_mode][GUIDED]
     guided = frame[frame["branch"] == GUIDED]
@@ -233,8 +249,8 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
             reporter.note(f"resuming: {store.finished()} finished batch(es) in {config.out} are reused")
 
     groups = list(batches(samples, config.batch_size))
-    runs = config.mode.runs()
-    calls_per_batch = {"paired": 1, "free": 2}
+    runs = _runs(config)
+    calls_per_batch = {"paired": 1, "free": 2, RESCALED: 1}
     reporter.begin(sum(calls_per_batch[m] for m in runs) * len(groups) * config.steps)
     def measure(mode: str, index: int) -> dict[str, CallRecord]:
         batch = groups[index]
@@ -244,15 +260,17 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
             reporter.advance(calls_per_batch[mode] * config.steps)
             return records
         kwargs = sampling_kwargs(pipe, config, batch, family)
-        if mode == "free" and config.save_images:
+        if mode in ("free", RESCALED) and config.save_images:
             kwargs["output_type"] = "pil"
         # one observer serves every call: its per-call results land in each CallRecord (record.observed)
         observers = [FrameNorms()] if family.latent_layout == VIDEO_LAYOUT else []
         if mode == "paired":
             records = run_paired(pipe, driver, other, kwargs, reporter, observers)
+        elif mode == RESCALED:
+            records = run_rescaled(pipe, tuned, base, kwargs, reporter, observers)
         else:
             records = run_free(pipe, base, tuned, kwargs, reporter, observers)
-        if mode == "free" and config.save_images:
+        if mode in ("free", RESCALED) and config.save_images:
             save_images(records, batch, Path(config.out))
             for record in records.values():
                 record.images = None
@@ -291,6 +309,11 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
     if result.inflation is None:
         raise NoMeasurementError(no_measurement_message(summary), summary)
     return result
+
+
+def _runs(config: CompareConfig) -> tuple[str, ...]:
+    """The modes measured: the configured ones, then the inference-rescale ablation when asked for."""
+    return config.mode.runs() + ((RESCALED,) if config.rescale_to_base else ())
 
 
 def no_measurement_message(summary: dict) -> str:

@@ -178,6 +178,13 @@ def _paired_stats(driver: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return torch.stack([na, nb, cosine, mse])
 
 
+def _rescaled(guided: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``guided`` with each sample's L2 norm set to ``target``'s (the other model's guided velocity on the same
+    inputs, formed with the family's own rule); direction unchanged, in ``guided``'s dtype."""
+    factor = _norms(target) / _norms(guided)
+    return (guided.float() * factor.view(-1, *([1] * (guided.dim() - 1)))).to(guided.dtype)
+
+
 def _finite_rows(*tensors: torch.Tensor) -> torch.Tensor:
     ok = torch.ones(tensors[0].shape[0], dtype=torch.bool, device=tensors[0].device)
     for t in tensors:
@@ -216,8 +223,10 @@ class Recorder:
     """Collects the statistics of the steps of one pipeline call at a time."""
 
     def __init__(self, pipe, family: Family, paired: bool, on_step: Callable[[], None] | None,
-                 observers: Sequence[StepObserver] = (), call_kwargs: dict | None = None) -> None:
+                 observers: Sequence[StepObserver] = (), call_kwargs: dict | None = None,
+                 rescale_to_other: bool = False) -> None:
         self.pipe = pipe
+        self.rescale_to_other = rescale_to_other
         self.family = family
         self.paired = paired
         self.on_step = on_step
@@ -240,7 +249,8 @@ class Recorder:
         other = _sample(other_output) if other_output is not None else None
         self._calls.append(_Call(expert, _sample(driver_output), other, extra))
 
-    def record_step(self, guided: torch.Tensor) -> None:
+    def record_step(self, guided: torch.Tensor) -> torch.Tensor:
+        """Close one step; returns the velocity the scheduler is to apply (``guided``, or it rescaled)."""
         calls, self._calls = self._calls, []
         step = len(self._steps)
         if not calls:
@@ -271,6 +281,9 @@ class Recorder:
                     observer(step, sigma, name, expert, d, o, self.family)
         if self.on_step is not None:
             self.on_step()
+        if self.rescale_to_other:
+            return _rescaled(guided, branches_o[GUIDED])
+        return guided
 
     # -- one step ----------------------------------------------------------------------
 
@@ -420,6 +433,7 @@ def capture(
     family: Family | None = None,
     call_kwargs: dict | None = None,
     observers: Sequence[StepObserver] = (),
+    rescale_to_other: bool = False,
 ) -> Iterator[Recorder]:
     """Make ``driver`` sample in ``pipe`` and record velocity statistics of every step.
 
@@ -428,10 +442,16 @@ def capture(
     are the keyword arguments of the pipeline call (guidance values are read from them, else from the
     pipeline); ``observers`` see every branch of every step (``StepObserver``). Hooks and the scheduler
     wrapper are removed when the block exits, whatever happens inside it.
+
+    ``rescale_to_other`` (paired mode; the inference-rescale ablation): before the scheduler applies the
+    driver's guided velocity, each sample is rescaled to the norm of the other model's guided velocity on the
+    same inputs. The statistics recorded are those of the unscaled velocities.
     """
+    if rescale_to_other and other is None:
+        raise ValueError("rescale_to_other needs the other model (paired mode): pass other=")
     family = family or family_for(type(pipe).__name__)
     recorder = Recorder(pipe, family, paired=other is not None, on_step=on_step, observers=observers,
-                        call_kwargs=call_kwargs)
+                        call_kwargs=call_kwargs, rescale_to_other=rescale_to_other)
     scheduler = pipe.scheduler
     inside_other = False
 
@@ -459,7 +479,12 @@ def capture(
     @functools.wraps(original_step)
     def step(*args, **kwargs):
         model_output = args[0] if args else kwargs.get("model_output")
-        recorder.record_step(model_output)
+        applied = recorder.record_step(model_output)
+        if applied is not model_output:  # rescale_to_other: the scheduler applies the rescaled velocity
+            if args:
+                args = (applied, *args[1:])
+            else:
+                kwargs["model_output"] = applied
         return original_step(*args, **kwargs)
 
     def restore_step() -> None:

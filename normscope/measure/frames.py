@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 
 from normscope.measure.prompts import Sample
+from normscope.measure.table import MODE_ORDER
 
 FRAME = "frame"
 FRAME_AXIS = 2  # (B, C, F, H, W)
@@ -83,14 +84,15 @@ def _finish(parts: list[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(FRAME_COLUMNS))
 
 
-def paired_frames(record, samples: list[Sample], drive: str) -> pd.DataFrame:
-    """Per-frame rows of a paired-mode call (``record.observed["frames"]``: driver and other)."""
+def paired_frames(record, samples: list[Sample], drive: str, mode: str = "paired") -> pd.DataFrame:
+    """Per-frame rows of a paired-mode call (``record.observed["frames"]``: driver and other); ``mode`` labels
+    them (``rescaled`` for the inference-rescale ablation, also a driver with the base evaluated beside it)."""
     parts = []
     for branch, stats in record.observed.get(FrameNorms.name, {}).items():
         stats = stats.double().numpy()
         driver, other = stats[:, 0], stats[:, 1]
         base, tuned = (other, driver) if drive == "tuned" else (driver, other)
-        parts.append(_rows("paired", drive, samples, record, branch, base, tuned))
+        parts.append(_rows(mode, drive, samples, record, branch, base, tuned))
     return _finish(parts)
 
 
@@ -109,7 +111,7 @@ def tidy_frames(frames: list[pd.DataFrame]) -> pd.DataFrame:
     frame = _finish([f for f in frames if len(f)])
     if frame.empty:
         return frame
-    mode_rank = frame["mode"].map({"paired": 0, "free": 1})
+    mode_rank = frame["mode"].map({m: i for i, m in enumerate(MODE_ORDER)})
     branch_rank = frame["branch"].map({b: i for i, b in enumerate(("guided", "cond", "uncond", "combined"))})
     order = np.lexsort((frame[FRAME], branch_rank, frame["step"], frame["seed"], frame["prompt_id"], mode_rank))
     return frame.iloc[order].reset_index(drop=True)

@@ -19,6 +19,7 @@ from normscope.load import VelocityModel
 from normscope.load.families import TRUE_CFG_SCALE, Family, family_for
 from normscope.measure.capture import CallRecord, StepObserver, capture, cfg_argument
 from normscope.measure.prompts import Sample
+from normscope.measure.table import RESCALED
 
 
 class Reporter(Protocol):
@@ -176,6 +177,20 @@ def run_paired(pipe, driver: VelocityModel, other: VelocityModel, kwargs: dict, 
     with capture(pipe, driver, other, on_step=reporter.advance, call_kwargs=call, observers=observers) as recorder:
         pipe(**call)
         return {"paired": recorder.collect()}
+
+
+def run_rescaled(pipe, tuned: VelocityModel, base: VelocityModel, kwargs: dict, reporter: Reporter,
+                 observers: Sequence[StepObserver] = ()) -> dict[str, CallRecord]:
+    """One batch of the inference-rescale ablation: ``tuned`` samples with its guided velocity rescaled at every
+    step to ``base``'s norm on the same inputs; the record holds the unscaled paired statistics (and images)."""
+    call = dict(fresh_call(kwargs), generator=fresh_generators(kwargs["generator"]))
+    with capture(pipe, tuned, base, on_step=reporter.advance, call_kwargs=call, observers=observers,
+                 rescale_to_other=True) as recorder:
+        output = pipe(**call)
+        record = recorder.collect()
+    if call["output_type"] != "latent":
+        record.images = list(output.images if hasattr(output, "images") else output.frames)  # video: frames
+    return {RESCALED: record}
 
 
 def run_free(pipe, base: VelocityModel, tuned: VelocityModel, kwargs: dict, reporter: Reporter,

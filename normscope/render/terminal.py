@@ -178,10 +178,12 @@ def render_demo(result: dict, console) -> None:
     for row in result["rows"]:
         paired = row.get("paired")
         ci = f"{p1(paired)} [{p1(row['paired_ci'][0])}, {p1(row['paired_ci'][1])}]" if paired is not None else "0"
+        rescaled = "applied" in row  # the inference-rescale row: other drivers were not run for it
         table.add_row(
             row["model"], f"{row['reward']:.3f}", f"{row['fd']:.2f}", f"{row['diversity']:.2f}",
-            f"{row['out_of_range'] * 100:.1f}", ci, p1(row.get("paired_base_drives")) if paired is not None else "0",
-            p1(row.get("free")) if paired is not None else "0",
+            f"{row['out_of_range'] * 100:.1f}", ci,
+            "" if rescaled else p1(row.get("paired_base_drives")) if paired is not None else "0",
+            "" if rescaled else p1(row.get("free")) if paired is not None else "0",
         )
     console.print(table)
     regions = Table(title="paired inflation by region of the trajectory (tuned drives)", title_justify="left")
@@ -198,4 +200,7 @@ def render_demo(result: dict, console) -> None:
                   "of classifier features to real digits (lower is better). div: within-class diversity. sat: "
                   "out-of-range pixels. paired: tuned drives, base evaluated on the same inputs; base drv: the "
                   "base drives; free: each on its own trajectory. Inflation = sigma-integral of the "
-                  "per-step mean ||v_tuned|| / ||v_base||, minus 1 (docs/compare.md).")
+                  "per-step mean ||v_tuned|| / ||v_base||, minus 1 (docs/compare.md). '+ inference rescale': the "
+                  "same checkpoint sampled with its velocity rescaled at every step to the base's norm on the same "
+                  "input (compare --rescale-to-base); its paired value is the unscaled tuned model's inflation on "
+                  "that trajectory, the applied velocity's is 0 by construction.")
