@@ -143,3 +143,19 @@ def test_scheduler_step_is_wrapped_with_its_signature_and_restored(video_pipelin
     assert "step" not in vars(pipe.scheduler)
     assert pipe.transformer_2 is loaded.base.modules["transformer_2"]
     assert not pipe.transformer._forward_hooks and not pipe.transformer_2._forward_hooks
+
+
+def test_rescale_ablation_on_video_has_frames_and_its_video(video_pipelines, tmp_path):
+    """--rescale-to-base on Wan: the rescaled run is paired (tuned drives, rescaled), so +10 % on every frame."""
+    from normscope.commands.compare import compare
+    from normscope.config import CompareConfig
+
+    pipe = video_pipelines["wan22-unipc"]
+    tuned = flow_factory_checkpoint(pipe, tmp_path / "checkpoint-10", {"transformer": 1.1, "transformer_2": 1.1})
+    result = compare(CompareConfig(tuned=str(tuned), pipeline=str(pipe), prompts=("a red fox",), seeds=(0,), steps=4,
+                                   height=16, width=16, num_frames=5, guidance=4.0, max_sequence_length=16, device="cpu",
+                                   dtype="float32", rescale_to_base=True, save_images=True, mode="free", out=tmp_path / "run",
+                                   figure=False))
+    rescaled = result.frames[result.frames["mode"] == "rescaled"]
+    assert len(rescaled) and np.allclose(rescaled["ratio"], 1.1, rtol=1e-5, atol=0)
+    assert len(read_video(tmp_path / "run" / "images" / "000-0-rescaled.webp")) == 5
