@@ -31,6 +31,7 @@ from normscope.load.families import family_for
 from normscope.load.pipeline import check_family_inputs
 from normscope.measure.capture import GUIDED, CallRecord
 from normscope.measure.fingerprint import run_fingerprint
+from normscope.measure.frames import VIDEO_LAYOUT, FrameNorms, free_frames, paired_frames, tidy_frames
 from normscope.measure.prompt_cache import CACHE_DIR, prepare_prompts
 from normscope.measure.prompts import Sample, make_samples, resolve_prompts
 from normscope.measure.sampling import (
@@ -42,12 +43,33 @@ from normscope.measure.sampling import (
     resolved_sampling,
     run_free,
     run_paired,
+    run_rescaled,
     sampling_kwargs,
     versions,
 )
-from normscope.measure.stats import DEFINITIONS, NONFINITE, ci_method, mode_summary, n_samples, select, step_profile
+from normscope.measure.stats import (
+    DEFINITIONS,
+    NONFINITE,
+    ci_method,
+    inflation_estimates,
+    mode_summary,
+    n_samples,
+    select,
+    step_profile,
+)
 from normscope.measure.store import BatchStore
-from normscope.measure.table import BRANCH, NORM_BASE, NORM_TUNED, RATIO, STEP, free_frame, paired_frame, tidy
+from normscope.measure.table import (
+    BRANCH,
+    EXPERT,
+    NORM_BASE,
+    NORM_TUNED,
+    RATIO,
+    RESCALED,
+    STEP,
+    free_frame,
+    paired_frame,
+    tidy,
+)
 
 
 @dataclass
@@ -56,6 +78,7 @@ class CompareResult:
 
     frame: pd.DataFrame
     summary: dict
+    frames: pd.DataFrame | None = None  # video pipelines: one row per latent frame as well (frames.csv)
 
     @property
     def inflation(self) -> float:
@@ -92,18 +115,54 @@ def _fingerprint(config: CompareConfig, prompts: list[str], source: str, checkpo
 def _frame(mode: str, records: dict[str, CallRecord], samples: list[Sample], drive: str) -> pd.DataFrame:
     if mode == "paired":
         return paired_frame(records["paired"], samples, drive)
+    if mode == RESCALED:  # the tuned model drives, rescaled to the base's norm
+        return paired_frame(records[RESCALED], samples, "tuned", mode=RESCALED)
     return free_frame(records["base"], records["tuned"], samples)
 
 
+def _frames(mode: str, records: dict[str, CallRecord], samples: list[Sample], drive: str) -> pd.DataFrame:
+    if mode == "paired":
+        return paired_frames(records["paired"], samples, drive)
+    if mode == RESCALED:  # the tuned model drives, rescaled to the base's norm
+        return paired_frames(records[RESCALED], samples, "tuned", mode=RESCALED)
+    return free_frames(records["base"], records["tuned"], samples)
+
+
 def save_images(records: dict[str, CallRecord], samples: list[Sample], out: Path) -> None:
-    """images/<prompt_id>-<seed>-<base|tuned>.png, written as each batch finishes."""
+    """images/<prompt_id>-<seed>-<base|tuned|rescaled>.png (a video: .webp, animated), written as each batch finishes."""
     from normscope.render.files import IMAGES_DIR
+    from normscope.render.video import VIDEO_SUFFIX, save_video
 
     folder = out / IMAGES_DIR
     folder.mkdir(parents=True, exist_ok=True)
     for role, record in records.items():
         for sample, image in zip(samples, record.images or [], strict=True):
-            image.save(folder / f"{sample.prompt_id:03d}-{sample.seed}-{role}.png")
+            stem = f"{sample.prompt_id:03d}-{sample.seed}-{role}"
+            if isinstance(image, (list, tuple)):  # a video pipeline's frames
+                save_video(list(image), folder / f"{stem}{VIDEO_SUFFIX}")
+            else:
+                image.save(folder / f"{stem}.png")
+
+
+def expert_summary(frame: pd.DataFrame, mode: str) -> tuple[list[str], dict, int | None]:
+    """Per step the expert that ran; per expert the inflation over its own steps (the headline's estimate and
+    CI, and the other estimate); the step where the experts switch.
+
+    Empty for one-transformer pipelines (every label "").
+    """
+    rows = select(frame, mode, GUIDED)
+    labels = rows.groupby(STEP)[EXPERT].first().sort_index()
+    if not any(labels):
+        return [""] * len(labels), {}, None
+    by_expert = {}
+    for label in dict.fromkeys(labels):
+        steps = [int(s) for s in labels.index[labels == label]]
+        estimates = inflation_estimates(rows[rows[STEP].isin(steps)])
+        value, lo, hi = (None if np.isnan(x) else float(x) for x in estimates[HEADLINE_ESTIMATE])
+        by_expert[label] = {"steps": steps, "inflation": value, "inflation_ci": [lo, hi],
+                            "estimates": {name: None if np.isnan(v[0]) else float(v[0]) for name, v in estimates.items()}}
+    switches = [int(s) for prev, s in zip(labels.index[:-1], labels.index[1:], strict=True) if labels[s] != labels[prev]]
+    return list(labels), by_expert, (switches[0] if switches else None)
 
 
 def summarize(frame: pd.DataFrame, config: CompareConfig, extra: dict) -> dict:
@@ -112,10 +171,11 @@ def summarize(frame: pd.DataFrame, config: CompareConfig, extra: dict) -> dict:
     The headline is the sigma-integral estimate on the guided velocity of the first mode run (see
     ``HEADLINE_ESTIMATE``); ``estimates`` holds it and the step mean, each with its CI.
     """
-    modes = {mode: mode_summary(frame, mode) for mode in config.mode.runs()}
+    modes = {mode: mode_summary(frame, mode) for mode in _runs(config)}
     headline_mode = config.mode.runs()[0]
     head = modes[headline_mode][GUIDED]
     guided = frame[frame["branch"] == GUIDED]
+    experts, by_expert, boundary = expert_summary(frame, headline_mode)
     return {
         "inflation": head["inflation"],
         "inflation_ci": head["inflation_ci"],
@@ -132,6 +192,9 @@ def summarize(frame: pd.DataFrame, config: CompareConfig, extra: dict) -> dict:
         "hinge_rate": head["hinge_rate"],
         "regions": head["regions"],
         "per_step": head["per_step"],
+        "experts": experts,
+        "by_expert": by_expert,
+        "expert_boundary_step": boundary,
         "modes": modes,
         "config": {**config.to_dict(), **extra},
         "versions": versions(),
@@ -224,8 +287,8 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
         elif store.finished():
             reporter.note(f"resuming: {store.finished()} finished batch(es) in {config.out} are reused")
 
-    runs = config.mode.runs()
-    calls_per_batch = {"paired": 1, "free": 2}
+    runs = _runs(config)
+    calls_per_batch = {"paired": 1, "free": 2, RESCALED: 1}
     reporter.begin(sum(calls_per_batch[m] for m in runs) * len(groups) * config.steps)
     def measure(mode: str, index: int) -> dict[str, CallRecord]:
         batch = groups[index]
@@ -235,13 +298,17 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
             reporter.advance(calls_per_batch[mode] * config.steps)
             return records
         kwargs = sampling_kwargs(pipe, config, batch, family, embeddings)
-        if mode == "free" and config.save_images:
+        if mode in ("free", RESCALED) and config.save_images:
             kwargs["output_type"] = "pil"
+        # one observer serves every call: its per-call results land in each CallRecord (record.observed)
+        observers = [FrameNorms()] if family.latent_layout == VIDEO_LAYOUT else []
         if mode == "paired":
-            records = run_paired(pipe, driver, other, kwargs, reporter)
+            records = run_paired(pipe, driver, other, kwargs, reporter, observers)
+        elif mode == RESCALED:
+            records = run_rescaled(pipe, tuned, base, kwargs, reporter, observers)
         else:
-            records = run_free(pipe, base, tuned, kwargs, reporter, device=device)
-        if mode == "free" and config.save_images:
+            records = run_free(pipe, base, tuned, kwargs, reporter, observers, device=device)
+        if mode in ("free", RESCALED) and config.save_images:
             save_images(records, batch, Path(config.out))
             for record in records.values():
                 record.images = None
@@ -249,16 +316,18 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
             store.save(key, records)
         return records
 
-    frames = []
+    frames, per_frame = [], []
     kept = f" (the finished batches are kept in {config.out}: rerun with the new options to resume)" if store else ""
     with out_of_memory_as_error(device, fp, kept):
         for mode in runs:
             for index, records in enumerate(procs.map(len(groups), lambda i, mode=mode: measure(mode, i))):
                 frames.append(_frame(mode, records, groups[index], config.drive.value))
+                per_frame.append(_frames(mode, records, groups[index], config.drive.value))
     if not procs.is_main:
         return None
 
     frame = tidy(frames)
+    video = tidy_frames(per_frame)
     extra = {
         "resolved": resolved_sampling(pipe, config, family),
         "pipeline_source": source,
@@ -269,7 +338,7 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
     }
     summary = summarize(frame, config, extra)
     summary["notes"] = loaded.notes
-    result = CompareResult(frame, summary)
+    result = CompareResult(frame, summary, video if len(video) else None)
     if config.out is not None:
         write_run(result, Path(config.out), figure=config.figure)
         store.clear()
@@ -280,6 +349,11 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
     if result.inflation is None:
         raise NoMeasurementError(no_measurement_message(summary), summary)
     return result
+
+
+def _runs(config: CompareConfig) -> tuple[str, ...]:
+    """The modes measured: the configured ones, then the inference-rescale ablation when asked for."""
+    return config.mode.runs() + ((RESCALED,) if config.rescale_to_base else ())
 
 
 def no_measurement_message(summary: dict) -> str:
