@@ -111,17 +111,23 @@ class Footprint:
 
 def footprint(pipe, transformers: int, adapter_params: int, batch: int, guidance: float | None, height: int | None,
               width: int | None, max_sequence_length: int | None, offload_possible: bool) -> Footprint:
-    """The device footprint of a run on ``pipe`` (read from its transformer's parameters and config)."""
+    """The device footprint of a run on ``pipe`` (read from its transformers' parameters and configs).
+
+    Every expert counts (Wan2.2-A14B's ``transformer_2`` too). Video frames are not in the token count: for
+    video the activation term is a floor, not an estimate.
+    """
     transformer = pipe.transformer
     config = transformer.config
-    params = sum(p.numel() for p in transformer.parameters()) - adapter_params
+    experts = [m for m in (transformer, getattr(pipe, "transformer_2", None)) if m is not None]
+    params = sum(p.numel() for m in experts for p in m.parameters()) - adapter_params
     dtype = next(transformer.parameters()).dtype
-    scale = int(getattr(pipe, "vae_scale_factor", 8))
-    size = int(getattr(pipe, "default_sample_size", 128)) * scale
-    patch = int(config.get("patch_size", 1) or 1)
+    scale = int(getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", None) or 8)
+    size = int(getattr(pipe, "default_sample_size", None) or 128) * scale
+    patch = config.get("patch_size", 1) or 1
+    patch = int(patch[-1] if isinstance(patch, (list, tuple)) else patch)  # Wan: (frames, height, width)
     latent_h, latent_w = (height or size) // scale, (width or size) // scale
     tokens = max(1, latent_h // patch) * max(1, latent_w // patch)
-    if "patch_size" not in config or type(transformer).__name__.startswith("Flux"):
+    if type(transformer).__name__.startswith("Flux"):
         tokens = max(1, latent_h // 2) * max(1, latent_w // 2)  # FLUX packs 2x2 latent patches into one token
     tokens += max_sequence_length or 256
     heads, head_dim = config.get("num_attention_heads"), config.get("attention_head_dim")
