@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from normscope.load.families import PromptEncoding
+from normscope.load.families import PromptEncoding, family_for
 
 CACHE_DIR = ".prompt-embeddings"
 TEXT_ENCODER_PREFIX = "text_encoder"
@@ -35,8 +35,6 @@ TEXT_ENCODER_PREFIX = "text_encoder"
 
 def prompt_encoding(pipeline_class: str) -> PromptEncoding | None:
     """The family row's encoding for a pipeline class, or ``None`` when the pipeline encodes inside its call."""
-    from normscope.load.families import family_for
-
     return family_for(pipeline_class).prompt_encoding
 
 
