@@ -128,6 +128,9 @@ class Family:
       ``cfg_normalization``).
     * ``prompt_encoding``: how to encode prompts once outside the call; ``None``: the pipeline encodes
       them inside every call (the text encoders then stay loaded for the run).
+    * ``area_arg``: the pipeline argument that really sets the sampled size, where the pipeline rescales
+      ``height``/``width`` to that area (FLUX.1-Kontext's ``max_area``, 1024^2 by default, keeps only the
+      aspect ratio of the size it is given); normscope passes ``height * width`` to it.
     * ``call_requires``: Python packages the pipeline's ``__call__`` imports unconditionally, checked before
       any weight loads (diffusers' Wan I2V pipeline calls ``ftfy`` whether or not it is installed).
     """
@@ -154,6 +157,7 @@ class Family:
     extra_scale_arg: str | None = None
     cap_arg: str | None = None
     prompt_encoding: PromptEncoding | None = None
+    area_arg: str | None = None
     call_requires: tuple[str, ...] = ()
     presets: tuple[Preset, ...] = field(default=())
 
@@ -232,6 +236,7 @@ FAMILIES: tuple[Family, ...] = (
         pipeline_classes=("FluxKontextPipeline",), transformer_class="FluxTransformer2DModel",
         calls=DISTILLED, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, true_cfg_arg=TRUE_CFG_SCALE,
         needs_negative_prompt=True, reference_tokens=True, latent_layout="packed", patch_size=2,
+        area_arg="max_area",
         presets=(
             _p("flow_grpo-kontext", "flux-kontext", 28, 2.5, GUIDANCE_SCALE, None, FLOW_GRPO + " (Kontext)"),
             _p("flow-factory-kontext", "flux-kontext", 20, 2.5, GUIDANCE_SCALE, None, FLOW_FACTORY + " (Kontext)"),

@@ -120,6 +120,11 @@ def sampling_kwargs(pipe, probe: ProbeConfig, samples: list[Sample], family: Fam
         if name not in accepted:
             raise InputError(f"{type(pipe).__name__} does not take {name}: drop --{flag}")
         kwargs[name] = value
+    if family.area_arg is not None and (probe.height is not None or probe.width is not None):
+        if family.area_arg not in accepted:
+            raise InputError(f"{type(pipe).__name__} does not take {family.area_arg}: drop --height/--width")
+        height, width = _requested_size(pipe, probe)
+        kwargs[family.area_arg] = height * width  # else the pipeline resizes to its default area
     kwargs.update(_conditioning_image(pipe, probe))
     negative = negative_prompt_used(pipe, probe, family)
     if negative is not None and "negative_prompt" not in kwargs:
@@ -178,20 +183,47 @@ def default_settings_note(pipe, probe: ProbeConfig, family: Family | None = None
             "(set --guidance/--height/--width, or --preset NAME; `normscope presets` lists them)")
 
 
-def resolved_sampling(pipe, probe: ProbeConfig, family: Family | None = None) -> dict:
-    """The sampler settings actually used, pipeline defaults filled in, for summary.json."""
+def _requested_size(pipe, probe: ProbeConfig) -> tuple[int | None, int | None]:
+    """``--height``/``--width``, each filled in from the pipeline's default when unset."""
     defaults = _call_defaults(pipe)
     size = None
     if hasattr(pipe, "default_sample_size") and hasattr(pipe, "vae_scale_factor"):
         size = int(pipe.default_sample_size * pipe.vae_scale_factor)
+    return probe.height or defaults.get("height") or size, probe.width or defaults.get("width") or size
+
+
+def sampled_size(pipe, probe: ProbeConfig, family: Family | None = None) -> tuple[int | None, int | None]:
+    """The size the pipeline really samples at.
+
+    For a family with an ``area_arg`` (FLUX.1-Kontext) the pipeline keeps the aspect ratio of the size it is
+    given, rescales it to the area (``height * width`` when normscope passes a size, else the pipeline's
+    default ``max_area``) and rounds each side down to a multiple of one latent patch, as
+    ``FluxKontextPipeline.__call__`` does (diffusers 0.42).
+    """
+    family = family or family_for(type(pipe).__name__)
+    height, width = _requested_size(pipe, probe)
+    if family.area_arg is None or height is None or width is None:
+        return height, width
+    given = probe.height is not None or probe.width is not None
+    area = height * width if given else _call_defaults(pipe).get(family.area_arg, height * width)
+    aspect = width / height
+    multiple = int(pipe.vae_scale_factor) * family.patch_size
+    return (round((area / aspect) ** 0.5) // multiple * multiple,
+            round((area * aspect) ** 0.5) // multiple * multiple)
+
+
+def resolved_sampling(pipe, probe: ProbeConfig, family: Family | None = None) -> dict:
+    """The sampler settings actually used, pipeline defaults filled in, for summary.json."""
+    defaults = _call_defaults(pipe)
+    height, width = sampled_size(pipe, probe, family)
     return {
         "pipeline_class": type(pipe).__name__,
         "transformer_class": type(pipe.transformer).__name__,
         "scheduler_class": type(pipe.scheduler).__name__,
         **guidance_used(pipe, probe, family),
         "preset": probe.preset,
-        "height": probe.height or defaults.get("height") or size,
-        "width": probe.width or defaults.get("width") or size,
+        "height": height,
+        "width": width,
         "max_sequence_length": probe.max_sequence_length or defaults.get("max_sequence_length"),
         **({"num_frames": probe.num_frames or defaults.get("num_frames")} if "num_frames" in defaults else {}),
         "negative_prompt": probe.negative_prompt if probe.negative_prompt is not None else defaults.get("negative_prompt"),
