@@ -104,3 +104,45 @@ def test_cli_sweep_and_bad_run_dir(run_dir, pipelines, tmp_path):
     empty.mkdir()
     result = runner.invoke(app, ["sweep", str(empty), "--out", str(tmp_path / "o"), "--pipeline", str(pipelines["sd3"])])
     assert result.exit_code == 2 and "no checkpoint-N folders" in result.stderr
+
+
+class Counter:
+    """A Reporter that counts: the totals it was told and the steps it was advanced."""
+
+    def __init__(self) -> None:
+        self.totals, self.advanced = [], 0
+
+    def begin(self, total_steps):
+        self.totals.append(total_steps)
+
+    def advance(self, steps=1):
+        self.advanced += steps
+
+    def note(self, message):
+        pass
+
+
+@pytest.mark.parametrize("mode", ["free", "paired"])
+def test_sweep_progress_total_is_the_number_of_advances(run_dir, pipelines, tmp_path, mode):
+    counter = Counter()
+    sweep(SweepConfig(run_dir=run_dir, out=tmp_path, pipeline=str(pipelines["sd3"]), mode=mode, batch_size=4,
+                      **PROBE), counter)
+    # 6 samples in batches of 4 = 2 calls of 3 steps, per checkpoint (3) and, free, for the base profile
+    assert counter.totals == [2 * 3 * (3 + (mode == "free"))]
+    assert counter.advanced == counter.totals[0]
+
+
+@pytest.mark.parametrize("mode", ["free", "paired"])
+def test_wan_sweep_progress_counts_each_step_once(video_pipelines, tmp_path, mode):
+    """Two experts and UniPC: still one advance per denoising step of each call."""
+    from video_factory import VIDEO_PROBE, flow_factory_checkpoint
+
+    pipe_dir = video_pipelines["wan22-unipc"]
+    for step, factor in ((10, 1.05), (20, 1.1)):
+        flow_factory_checkpoint(pipe_dir, tmp_path / "run" / "checkpoints" / f"checkpoint-{step}",
+                                {"transformer": factor, "transformer_2": factor})
+    counter = Counter()
+    sweep(SweepConfig(run_dir=tmp_path / "run", out=tmp_path / "out", pipeline=str(pipe_dir), mode=mode,
+                      prompts=("a red fox",), seeds=(0,), device="cpu", dtype="float32", **VIDEO_PROBE), counter)
+    assert counter.totals == [VIDEO_PROBE["steps"] * (2 + (mode == "free"))]
+    assert counter.advanced == counter.totals[0]

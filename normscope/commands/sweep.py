@@ -160,6 +160,11 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame
         shared_pipe = load_pipeline(source, dtype, device, parts="denoiser" if prompts is not None else "all",
                                     place=config.mode is Mode.free)
         loads += 1
+        # One bar for the whole sweep: the base profile and every pending checkpoint, one advance per step of each
+        # pipeline call (free: the tuned model against the stored profile; paired: one call per batch).
+        calls = -(-len(samples) // config.batch_size)
+        reporter.begin(calls * config.steps * (len(pending) + int(needs_base)))
+    reporter = _OneBar(reporter)  # the profile and compares it runs are parts of this bar, not bars of their own
     reference = _base_reference(config, source, reporter, shared_pipe, cache_dir) if config.mode is Mode.free else None
     base_in_place = config.base is None  # does the shared transformer hold the base's weights (what a LoRA needs)?
     rows = []
@@ -203,6 +208,22 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame
     if not main:
         return None
     return _write_table(config, rows, loads)
+
+
+class _OneBar:
+    """The sweep's reporter as the runs it makes see it: their ``begin`` is ignored (the sweep set the total)."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+
+    def begin(self, total_steps: int) -> None:
+        pass
+
+    def advance(self, steps: int = 1) -> None:
+        self.reporter.advance(steps)
+
+    def note(self, message: str) -> None:
+        self.reporter.note(message)
 
 
 def _restore_base(pipe, config: SweepConfig, source: str, dtype, device: str):
