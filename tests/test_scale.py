@@ -229,3 +229,31 @@ def test_out_of_memory_during_a_run_is_one_line_and_keeps_finished_batches(confi
     message = str(failed.value)
     assert failed.value.exit_code == 3 and "--batch-size 1" in message and "kept in" in message
     assert len(list((tmp_path / ".partial").glob("paired-*.safetensors"))) == 1
+
+
+# The rows added after issue 12: each run on embeddings gives exactly the norms of the pipeline encoding inside its
+# call (CFG on where the family has it; klein base encodes its "" negatives per batch, Z-Image passes lists).
+MORE_ENCODINGS = {
+    "ZImagePipeline": dict(guidance=4.0, height=16, width=16),
+    "Flux2KleinPipeline": dict(guidance=1.0, height=16, width=16, max_sequence_length=64),
+    "Flux2KleinPipeline-base": dict(guidance=4.0, height=16, width=16, max_sequence_length=64),
+    "FluxKontextPipeline": dict(guidance=2.5, true_cfg_scale=2.0, height=16, width=16, max_sequence_length=24),
+    "wan22-unipc": None,  # VIDEO_PROBE: two experts, guidance_scale_2
+}
+
+
+@pytest.mark.parametrize("key", sorted(MORE_ENCODINGS))
+def test_encoding_once_is_bit_identical_for_wan_z_image_klein_and_kontext(family_pipelines, video_pipelines, key):
+    from video_factory import VIDEO_PROBE
+
+    probe = MORE_ENCODINGS[key]
+    folder = str(video_pipelines[key] if probe is None else family_pipelines(key))
+    fields = dict(tuned=folder, pipeline=folder, prompts=("a red fox in snow", "two green apples"), seeds=(0,),
+                  device="cpu", dtype="float32", batch_size=2, mode="both",
+                  **{**(probe if probe is not None else VIDEO_PROBE), "steps": 2})
+    inside = compare(CompareConfig(encode_once=False, **fields))
+    cached = compare(CompareConfig(**fields))
+    assert cached.frame.equals(inside.frame)
+    assert len(inside.frame) > 0
+    cache = prepare_prompts(folder, [list(fields["prompts"])], CompareConfig(**fields), torch.float32, "cpu")
+    assert cache is not None and cache.encoded == 1  # the cached run really ran on embeddings

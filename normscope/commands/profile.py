@@ -29,6 +29,7 @@ from normscope.load import (
     load_pipeline,
     resolve_dtype,
 )
+from normscope.load.families import family_for
 from normscope.load.pipeline import check_family_inputs, quiet_loading
 from normscope.measure.capture import GUIDED, CallRecord
 from normscope.measure.distributed import current_processes
@@ -247,18 +248,21 @@ def profile(config: ProfileConfig, reporter: Reporter | None = None, pipe=None, 
     sigmas = record.sigmas.double().numpy()
     dtype_floor = None
     if check_samples:
-        # Only the transformer is cast, on a few samples: the question is the transformer's precision, and the
-        # embeddings (cast to its dtype by the prompt cache) are the same for both runs. A pipeline that encodes
-        # its own prompts (no cache row for its class) is cast whole, so its encoders' output matches.
+        # Only the transformers (every expert) are cast, on a few samples: the question is their precision, and
+        # the embeddings (cast to their dtype by the prompt cache) are the same for both runs. A pipeline that
+        # encodes its own prompts (no cache row for its class) is cast whole, so its encoders' output matches.
         alt = "bfloat16" if dtype != _torch_dtype("bfloat16") else "float32"
-        cast = pipe.transformer if embeddings is not None else pipe
+        experts = [getattr(pipe, attr, None) for attr, _ in family_for(type(pipe).__name__).experts]
+        cast = [e for e in experts if e is not None] if embeddings is not None else [pipe]
         with quiet_loading():  # diffusers warns about casting with .to(); the cast is the point here
-            cast.to(dtype=_torch_dtype(alt))
+            for part in cast:
+                part.to(dtype=_torch_dtype(alt))
         try:
             alt_record = _run(pipe, base, config, check_samples, reporter, embeddings)
         finally:
             with quiet_loading():
-                cast.to(dtype=dtype)
+                for part in cast:
+                    part.to(dtype=dtype)
         main = guided[: len(check_samples)]
         ratio = _norm_matrix(alt_record, GUIDED) / main
         dtype_floor = float(abs(sigma_integral(np.nanmean(ratio, axis=0), sigmas) - 1.0))

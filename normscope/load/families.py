@@ -64,6 +64,9 @@ class PromptEncoding:
     tensor becomes (``None``: not passed). The negative prompt is either a keyword of the same call
     (``negative_keyword``, SD3) or encoded by a second call whose results become ``negative_outputs``
     (FLUX.1, whose encode function has no negative prompt). ``fixed``: constant keywords of the call.
+    ``fixed_negative``: the text a pipeline always encodes as its negative prompt, whatever the user asks
+    (FLUX.2-klein encodes ``""``); it is encoded by the second call for every batch. An output that is a
+    list of tensors (Z-Image's per-prompt embeddings of unpadded length) is passed back as a list.
     """
 
     method: str
@@ -71,6 +74,7 @@ class PromptEncoding:
     negative_keyword: str | None = None
     negative_outputs: tuple[str | None, ...] = ()
     fixed: tuple[tuple[str, object], ...] = ()
+    fixed_negative: str | None = None
 
 
 SD3_PROMPTS = PromptEncoding(
@@ -97,6 +101,28 @@ FLUX2_PROMPTS = PromptEncoding(
     method="encode_prompt",
     outputs=("prompt_embeds", None),  # text_ids: rebuilt by the call
     fixed=(("num_images_per_prompt", 1),),
+)
+# FLUX.2-klein's call encodes "" as the negative of every prompt when CFG is on (base models): given only
+# prompt_embeds it would encode one "" for the whole batch, so the cache passes the batch's negatives too.
+FLUX2_KLEIN_PROMPTS = PromptEncoding(
+    method="encode_prompt",
+    outputs=("prompt_embeds", None),  # text_ids: rebuilt by the call
+    negative_outputs=("negative_prompt_embeds", None),
+    fixed=(("num_images_per_prompt", 1),),
+    fixed_negative="",
+)
+# Wan (T2V) and Z-Image encode the negative in the same call ("" when none is given), as SD3 does.
+WAN_PROMPTS = PromptEncoding(
+    method="encode_prompt",
+    outputs=("prompt_embeds", "negative_prompt_embeds"),
+    negative_keyword="negative_prompt",
+    fixed=(("do_classifier_free_guidance", True), ("num_videos_per_prompt", 1)),
+)
+Z_IMAGE_PROMPTS = PromptEncoding(
+    method="encode_prompt",
+    outputs=("prompt_embeds", "negative_prompt_embeds"),  # lists: one (tokens, dim) tensor per prompt
+    negative_keyword="negative_prompt",
+    fixed=(("do_classifier_free_guidance", True),),
 )
 
 
@@ -236,7 +262,7 @@ FAMILIES: tuple[Family, ...] = (
         pipeline_classes=("FluxKontextPipeline",), transformer_class="FluxTransformer2DModel",
         calls=DISTILLED, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, true_cfg_arg=TRUE_CFG_SCALE,
         needs_negative_prompt=True, reference_tokens=True, latent_layout="packed", patch_size=2,
-        area_arg="max_area",
+        area_arg="max_area", prompt_encoding=FLUX_PROMPTS,
         presets=(
             _p("flow_grpo-kontext", "flux-kontext", 28, 2.5, GUIDANCE_SCALE, None, FLOW_GRPO + " (Kontext)"),
             _p("flow-factory-kontext", "flux-kontext", 20, 2.5, GUIDANCE_SCALE, None, FLOW_FACTORY + " (Kontext)"),
@@ -252,7 +278,7 @@ FAMILIES: tuple[Family, ...] = (
         name="flux2-klein", title="FLUX.2-klein (distilled and base)",
         pipeline_classes=("Flux2KleinPipeline",), transformer_class="Flux2Transformer2DModel",
         calls=SEPARATE, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, reference_tokens=True,
-        latent_layout="packed", patch_size=2,
+        latent_layout="packed", patch_size=2, prompt_encoding=FLUX2_KLEIN_PROMPTS,
         presets=(
             _p("flow-factory-klein", "flux2-klein", 10, 1.0, GUIDANCE_SCALE, None, FLOW_FACTORY + " (klein)"),
             _p("flow-factory-klein-base", "flux2-klein", 28, 4.0, GUIDANCE_SCALE, None, FLOW_FACTORY + " (klein-base)"),
@@ -288,6 +314,7 @@ FAMILIES: tuple[Family, ...] = (
         calls=BATCHED, combine=ZIMAGE, guidance_arg=GUIDANCE_SCALE, output_sign=-1,
         batch_order=("cond", "uncond"), input_form="list", latent_layout="list_c1hw",
         output_projection="all_final_layer.2-1.linear", cap_arg="cfg_normalization",
+        prompt_encoding=Z_IMAGE_PROMPTS,
         presets=(
             _p("flow-factory-z-image", "z-image", 40, 4.0, GUIDANCE_SCALE, None, FLOW_FACTORY + " (Z-Image)"),
             _p("flow-factory-z-image-turbo", "z-image", 10, 0.0, GUIDANCE_SCALE, None,
@@ -299,7 +326,7 @@ FAMILIES: tuple[Family, ...] = (
         name="wan", title="Wan2.1 T2V / Wan2.2 T2V-A14B (two experts) / Wan2.2 TI2V-5B",
         pipeline_classes=("WanPipeline",), transformer_class="WanTransformer3DModel",
         calls=SEPARATE, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, experts=WAN_EXPERTS,
-        expert_guidance=WAN_GUIDANCE, latent_layout="bcfhw", patch_size=2,
+        expert_guidance=WAN_GUIDANCE, latent_layout="bcfhw", patch_size=2, prompt_encoding=WAN_PROMPTS,
         presets=(
             _p("flow_grpo-wan2.1", "wan", 50, 4.5, GUIDANCE_SCALE, None, FLOW_GRPO + ": Wan2.1-T2V-1.3B 50 steps, CFG 4.5"),
             _p("flow-factory-wan2.1", "wan", 28, 5.0, GUIDANCE_SCALE, None, FLOW_FACTORY + ": Wan2.1 28 steps, CFG 5"),

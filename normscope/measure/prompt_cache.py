@@ -125,8 +125,9 @@ class PromptCache:
                 call[self.encoding.negative_keyword] = None if negative is None else [negative] * len(prompts)
             with torch.no_grad():
                 tensors.update(_named(self.encoding.outputs, encode(**call)))
-                if self.encoding.negative_outputs and negative is not None:
-                    call = dict(common, prompt=[negative] * len(prompts), device=device)
+                text = self.encoding.fixed_negative if self.encoding.fixed_negative is not None else negative
+                if self.encoding.negative_outputs and text is not None:
+                    call = dict(common, prompt=[text] * len(prompts), device=device)
                     tensors.update(_named(self.encoding.negative_outputs, encode(**call)))
             tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
             key = self.key(prompts)
@@ -141,17 +142,37 @@ class PromptCache:
                 save_file(tensors, str(tmp))
                 tmp.replace(path)
 
-    def kwargs(self, prompts: Sequence[str], dtype=None) -> dict[str, torch.Tensor]:
+    def kwargs(self, prompts: Sequence[str], dtype=None) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         """The pipeline-call keywords for this batch, on the execution device (in ``dtype`` when given)."""
         tensors = self._lookup(prompts)
         if tensors is None:
             raise RuntimeError(f"prompt batch {list(prompts)[:2]}... was not prepared: call prepare_prompts with every batch first")
-        return {k: v.to(self.device, dtype=dtype or v.dtype) for k, v in tensors.items()}
+        out: dict = {}
+        for key, tensor in tensors.items():
+            tensor = tensor.to(self.device, dtype=dtype or tensor.dtype)
+            name, _, index = key.partition(LIST_MARK)
+            if index:  # an item of a list output, stored in order: "name[0]", "name[1]", ...
+                out.setdefault(name, []).append((int(index.rstrip("]")), tensor))
+            else:
+                out[key] = tensor
+        return {k: [t for _, t in sorted(v, key=lambda item: item[0])] if isinstance(v, list) else v
+                for k, v in out.items()}
+
+
+LIST_MARK = "["  # safetensors holds flat tensors: a list output is stored as "name[0]", "name[1]", ...
 
 
 def _named(names: tuple[str | None, ...], outputs) -> dict[str, torch.Tensor]:
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    return {name: tensor for name, tensor in zip(names, outputs, strict=True) if name is not None and tensor is not None}
+    named = {}
+    for name, value in zip(names, outputs, strict=True):
+        if name is None or value is None:
+            continue
+        if isinstance(value, list):
+            named.update({f"{name}{LIST_MARK}{i}]": tensor for i, tensor in enumerate(value)})
+        else:
+            named[name] = value
+    return named
 
 
 def pipeline_class_name(source: str) -> str | None:
