@@ -65,6 +65,7 @@ NumFramesOpt = Annotated[int | None, typer.Option("--num-frames", help="Video pi
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Model dtype (norms are always reduced in float32). auto: bfloat16 on CUDA, float32 on CPU.", rich_help_panel="Hardware")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto: cuda when available, else cpu.", rich_help_panel="Hardware")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="(prompt, seed) samples per pipeline call. Results do not depend on it.", rich_help_panel="Hardware")]
+MemoryOpt = Annotated[str | None, typer.Option("--max-device-memory", help="Device memory the run may use, e.g. 40GiB; refused before it starts if the estimate exceeds it. Default: the GPU's free memory (no check on the CPU); also NORMSCOPE_MAX_DEVICE_MEMORY.", rich_help_panel="Hardware")]
 FormatOpt = Annotated[OutputFormat, typer.Option("--format", help="stdout: a rich table, the summary JSON, or the per-step CSV.", rich_help_panel="Output")]
 AdapterOpt = Annotated[str | None, typer.Option("--adapter", help="Which adapter of a folder holding several (lora_ema, lora_non_ema, old, ema, learner, ...). Default: the main one, named on stderr.", rich_help_panel="Checkpoints")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Read .bin/.pt/.pth/.ckpt weights with torch.load(weights_only=True). Off: pickles are refused.", rich_help_panel="Checkpoints")]
@@ -243,7 +244,7 @@ def compare(
     fmt: FormatOpt = OutputFormat.table,
     out: OutOpt = None,
     offload: Annotated[bool, typer.Option("--offload", help="Full checkpoints: at most one transformer's weights on the device at any moment; they take turns from host memory (slower; see docs/scale.md).", rich_help_panel="Hardware")] = False,
-    max_device_memory: Annotated[str | None, typer.Option("--max-device-memory", help="Device memory the run may use, e.g. 40GiB; refused before it starts if the estimate exceeds it. Default: the GPU's free memory (no check on the CPU); also NORMSCOPE_MAX_DEVICE_MEMORY.", rich_help_panel="Hardware")] = None,
+    max_device_memory: MemoryOpt = None,
     save_images: Annotated[bool, typer.Option("--save-images", help="Also decode and save both models' final images of free mode in DIR/images/ (needs --mode free or both).", rich_help_panel="Output")] = False,
     rescale_to_base: Annotated[bool, typer.Option("--rescale-to-base", help="Also sample the tuned model with its velocity rescaled at every step to the base's norm on the same input (the inference-rescale ablation, mode 'rescaled'); with --save-images its images sit next to free mode's.", rich_help_panel="Measurement")] = False,
     probe: dict | None = None,  # the probe options, added by @probe_options
@@ -284,6 +285,7 @@ def profile(
     dtype: DTypeOpt = DType.auto,
     device: DeviceOpt = Device.auto,
     batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
+    max_device_memory: MemoryOpt = None,
     allow_pickle: PickleOpt = False,
     dtype_check: Annotated[bool, typer.Option("--dtype-check/--no-dtype-check", help="Also run 4 samples in the other precision (bfloat16 vs float32) to measure that noise floor.")] = True,
     fmt: Annotated[OutputFormat, typer.Option("--format", help="table (default) or json (reference.json on stdout).")] = OutputFormat.table,
@@ -297,7 +299,7 @@ def profile(
 
         config = ProfileConfig(
             base=base, out=out, pipeline=pipeline, dtype=dtype, device=device, batch_size=batch_size,
-            allow_pickle=allow_pickle, dtype_check=dtype_check,
+            allow_pickle=allow_pickle, dtype_check=dtype_check, max_device_memory=max_device_memory,
             **probe,
         )
         if not is_main_process():  # launched on several processes: the main one reports
@@ -331,6 +333,7 @@ def check(
     dtype: DTypeOpt = DType.auto,
     device: DeviceOpt = Device.auto,
     batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
+    max_device_memory: MemoryOpt = None,
     fmt: Annotated[OutputFormat, typer.Option("--format", help="table (verdict and a line per checkpoint) or json.")] = OutputFormat.table,
     junit: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML here: one test case per checkpoint, a failure when inflated.")] = None,
     probe: dict | None = None,  # the probe options, added by @probe_options
@@ -343,7 +346,8 @@ def check(
 
         config = CheckConfig(
             paths=tuple(paths), reference=reference, max_inflation=max_inflation, pipeline=pipeline, adapter=adapter,
-            allow_pickle=allow_pickle, mode=mode, dtype=dtype, device=device, batch_size=batch_size, **probe,
+            allow_pickle=allow_pickle, mode=mode, dtype=dtype, device=device, batch_size=batch_size,
+            max_device_memory=max_device_memory, **probe,
         )
         if not is_main_process():  # launched on several processes: the main one reports
             run_check(config)
@@ -374,6 +378,7 @@ def sweep(
     dtype: DTypeOpt = DType.auto,
     device: DeviceOpt = Device.auto,
     batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
+    max_device_memory: MemoryOpt = None,
     fmt: Annotated[OutputFormat, typer.Option("--format", help="table, json or csv (the sweep table on stdout).")] = OutputFormat.table,
     probe: dict | None = None,  # the probe options, added by @probe_options
 ) -> None:
@@ -386,7 +391,7 @@ def sweep(
         config = SweepConfig(
             run_dir=run_dir, out=out, base=base, pipeline=pipeline, adapter=adapter, allow_pickle=allow_pickle,
             mode=mode, gate=gate, dtype=dtype, device=device, batch_size=batch_size,
-            **probe,
+            max_device_memory=max_device_memory, **probe,
         )
         if not is_main_process():  # launched on several processes: the main one reports
             run_sweep(config)

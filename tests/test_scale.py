@@ -257,3 +257,30 @@ def test_encoding_once_is_bit_identical_for_wan_z_image_klein_and_kontext(family
     assert len(inside.frame) > 0
     cache = prepare_prompts(folder, [list(fields["prompts"])], CompareConfig(**fields), torch.float32, "cpu")
     assert cache is not None and cache.encoded == 1  # the cached run really ran on embeddings
+
+
+def test_profile_stored_check_and_free_sweep_refuse_a_tiny_budget_in_one_line(pipelines, scaled, tmp_path):
+    """The same estimate as compare's guards the one-transformer jobs: refused before anything runs, exit 3."""
+    import shutil
+
+    base, tuned = str(pipelines["sd3"]), str(scaled("sd3", 1.1))
+    probe = ["--steps", "2", "--height", "16", "--width", "16", "--max-sequence-length", "24", "--device", "cpu",
+             "--seeds", "0", "--prompt", "a red fox"]
+    ref = tmp_path / "ref"
+    jobs = {
+        "profile": ["profile", base, "--out", str(ref), "--no-dtype-check", *probe],
+        "check": ["check", tuned, "--reference", str(ref), "--device", "cpu"],
+    }
+    result = runner.invoke(app, [*jobs["profile"], "--max-device-memory", "1KiB"])
+    assert result.exit_code == 3, result.output
+    assert not (ref / "reference.json").exists()  # refused before the run
+    assert runner.invoke(app, jobs["profile"]).exit_code == 0
+    shutil.copytree(pipelines["sd3"] / "transformer", tmp_path / "run" / "checkpoint-10" / "transformer")
+    jobs["sweep"] = ["sweep", str(tmp_path / "run"), "--out", str(tmp_path / "sweep"), "--pipeline", base, *probe]
+    for name, args in jobs.items():
+        result = runner.invoke(app, [*args, "--max-device-memory", "1KiB"])
+        assert result.exit_code == 3, (name, result.output)
+        lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "0.00 GiB available" in lines[0] and "Traceback" not in result.output, result.output
+        assert "larger device" in lines[0]
+    assert runner.invoke(app, jobs["check"]).exit_code in (0, 1)  # the same command runs with no budget set

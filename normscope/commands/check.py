@@ -28,7 +28,9 @@ from normscope.commands.profile import (
 from normscope.config import HEADLINE_ESTIMATE, CompareConfig, Device, DType, Mode
 from normscope.errors import EXIT_INFLATED, EXIT_OK, EXIT_RUN, ConfigError, InputError, NoMeasurementError
 from normscope.load import AdapterModel, find_checkpoint, load_pipeline, load_tuned_only, resolve_dtype
+from normscope.load.device_memory import check_run_fits, parse_size
 from normscope.load.lora import detach_lora
+from normscope.load.pipeline import place_denoiser
 from normscope.measure.fingerprint import pipeline_fingerprint
 from normscope.measure.prompt_cache import prepare_prompts
 from normscope.measure.sampling import Reporter, SilentReporter, prompt_batches, resolve_run_device, run_model_batches
@@ -67,8 +69,10 @@ class CheckConfig:
     dtype: DType = DType.auto
     device: Device = Device.auto
     batch_size: int = 8
+    max_device_memory: str | None = None  # e.g. "40GiB"; default: the device's free memory (no check on the CPU)
 
     def __post_init__(self) -> None:
+        parse_size(self.max_device_memory)  # a bad size fails here, before anything loads
         self.paths = tuple(str(p) for p in self.paths)
         self.prompts = tuple(self.prompts)
         self.mode = Mode(self.mode)
@@ -179,7 +183,8 @@ def _check_stored(config: CheckConfig, reporter: Reporter) -> tuple[list[Checked
     for path in config.paths:
         started = time.perf_counter()
         _, summary = measure_against_reference(source, path, reference, probe, dtype, device, reporter,
-                                               config.adapter, config.allow_pickle)
+                                               config.adapter, config.allow_pickle,
+                                               max_device_memory=config.max_device_memory)
         results.append(_checked(path, summary, gate, started))
     return results, gate, gate_source
 
@@ -202,20 +207,23 @@ def _refuse_other_base(ckpt, source: str, reference: Reference, config: CheckCon
 
 def measure_against_reference(source: str, tuned: str, reference: Reference, probe, dtype, device: str,
                               reporter: Reporter, adapter: str | None = None, allow_pickle: bool = False, pipe=None,
-                              cache_dir: Path | None = None):
+                              cache_dir: Path | None = None, max_device_memory: str | None = None):
     """Run ONLY the tuned model with the reference's probe; free-mode frame and summary against the stored base.
 
     The prompts are encoded first (or found in ``cache_dir``), then a pipeline without text encoders runs the
     tuned transformer. Pass ``pipe`` to reuse a pipeline across checkpoints (sweeps): full weights overwrite
-    its transformer, a LoRA is attached for this call and removed again.
+    its transformer, a LoRA is attached for this call and removed again. Before the transformer goes on the
+    device the run is checked against ``max_device_memory`` (one transformer: the base is not loaded).
     """
     samples = reference.samples()
     prompts = prepare_prompts(source, prompt_batches(samples, probe.batch_size), probe, dtype, device, cache_dir,
                               pipe=pipe)
     if pipe is None:
-        pipe = load_pipeline(source, dtype, device, parts="denoiser" if prompts is not None else "all")
+        pipe = load_pipeline(source, dtype, device, parts="denoiser" if prompts is not None else "all", place=False)
     tuned_model, ckpt, notes = load_tuned_only(pipe, tuned, adapter, allow_pickle)
     try:
+        check_run_fits(pipe, probe, device, max_device_memory, prompts)
+        place_denoiser(pipe, device)
         for note in notes:
             reporter.note(note)
         record = run_model_batches(pipe, tuned_model, probe, samples, reporter, prompts)
@@ -242,7 +250,8 @@ def _check_live(config: CheckConfig, reporter: Reporter) -> list[CheckedCheckpoi
         try:
             result: CompareResult = compare(CompareConfig(
                 base=base, tuned=path, pipeline=config.pipeline, adapter=config.adapter, allow_pickle=config.allow_pickle,
-                mode=config.mode, dtype=config.dtype, device=config.device, batch_size=config.batch_size, **probe,
+                mode=config.mode, dtype=config.dtype, device=config.device, batch_size=config.batch_size,
+                max_device_memory=config.max_device_memory, **probe,
             ), reporter)
         except NoMeasurementError as exc:  # one checkpoint measured nothing: an ERROR verdict, the others still run
             reporter.note(f"{path}: {exc}")

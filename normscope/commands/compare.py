@@ -26,7 +26,7 @@ from normscope.load import (
     resolve_device,
     resolve_dtype,
 )
-from normscope.load.device_memory import check_fits, device_budget, footprint, out_of_memory_as_error
+from normscope.load.device_memory import check_run_fits, out_of_memory_as_error
 from normscope.load.families import family_for
 from normscope.load.pipeline import check_family_inputs
 from normscope.measure.capture import GUIDED, CallRecord
@@ -268,13 +268,9 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
              groups, source, checkpoints, device: str, dtype, procs, reporter: Reporter) -> CompareResult | None:
     from normscope.render.files import write_run
 
-    fp = footprint(pipe, transformers=1 if loaded.shared or config.offload else 2,
-                   adapter_params=loaded.adapter_params, batch=config.batch_size, guidance=config.guidance,
-                   height=config.height, width=config.width,
-                   max_sequence_length=embeddings.settings["max_sequence_length"] if embeddings is not None
-                   else config.max_sequence_length,
-                   offload_possible=not loaded.shared and not config.offload)
-    check_fits(fp, device_budget(device, config.max_device_memory), device)
+    fp = check_run_fits(pipe, config, device, config.max_device_memory, embeddings,
+                        transformers=1 if loaded.shared or config.offload else 2,
+                        adapter_params=loaded.adapter_params, offload_possible=not loaded.shared and not config.offload)
     loaded.place(device)
     base, tuned = loaded.base, loaded.tuned
     driver, other = (tuned, base) if config.drive.value == "tuned" else (base, tuned)

@@ -29,8 +29,9 @@ from normscope.load import (
     load_pipeline,
     resolve_dtype,
 )
+from normscope.load.device_memory import check_run_fits, parse_size
 from normscope.load.families import family_for
-from normscope.load.pipeline import check_family_inputs, quiet_loading
+from normscope.load.pipeline import check_family_inputs, place_denoiser, quiet_loading
 from normscope.measure.capture import GUIDED, CallRecord
 from normscope.measure.distributed import current_processes
 from normscope.measure.fingerprint import fingerprint_files, pipeline_fingerprint, prompts_digest
@@ -73,10 +74,12 @@ class ProfileConfig(ProbeConfig):
     allow_pickle: bool = False
     dtype_check: bool = True
     figure: bool = True
+    max_device_memory: str | None = None  # e.g. "40GiB"; default: the device's free memory (no check on the CPU)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.out = Path(self.out)
+        parse_size(self.max_device_memory)  # a bad size fails here, before anything loads
 
 
 def base_weights_fingerprint(source: str, base_ckpt=None) -> str | None:
@@ -235,7 +238,9 @@ def profile(config: ProfileConfig, reporter: Reporter | None = None, pipe=None, 
     embeddings = prepare_prompts(source, batches, config, dtype, device,
                                  cache_dir if cache_dir is not None else config.out / CACHE_DIR, pipe=pipe)
     if pipe is None:
-        pipe = load_pipeline(source, dtype, device, parts="denoiser" if embeddings is not None else "all")
+        pipe = load_pipeline(source, dtype, device, parts="denoiser" if embeddings is not None else "all", place=False)
+    check_run_fits(pipe, config, device, config.max_device_memory, embeddings)  # one transformer: the base
+    place_denoiser(pipe, device)
     base, _ = load_base(pipe, config.base, source, config.allow_pickle)
     with _latent_size(base.module) as latent:
         record = _run(pipe, base, config, samples, reporter, embeddings)

@@ -31,7 +31,8 @@ from normscope.commands.profile import (
 from normscope.config import CompareConfig, Mode, ProbeConfig
 from normscope.errors import ConfigError, InputError
 from normscope.load import find_checkpoint, find_pipeline_source, load_pipeline, resolve_dtype
-from normscope.load.pipeline import check_family_inputs
+from normscope.load.device_memory import check_run_fits, parse_size
+from normscope.load.pipeline import check_family_inputs, place_denoiser
 from normscope.measure.distributed import current_processes
 from normscope.measure.prompt_cache import CACHE_DIR, prepare_prompts
 from normscope.measure.prompts import make_samples, resolve_prompts
@@ -58,9 +59,11 @@ class SweepConfig(ProbeConfig):
     allow_pickle: bool = False
     mode: Mode = Mode.free
     gate: float | None = None
+    max_device_memory: str | None = None  # e.g. "40GiB"; default: the device's free memory (no check on the CPU)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        parse_size(self.max_device_memory)  # a bad size fails here, before anything loads
         self.run_dir, self.out, self.mode = Path(self.run_dir), Path(self.out), Mode(self.mode)
         if self.mode is Mode.both:
             raise ConfigError("--mode both is not offered for sweeps: pick free (reuses the base) or paired")
@@ -129,7 +132,8 @@ def _base_reference(config: SweepConfig, source: str, reporter: Reporter, pipe=N
     fields = {k: getattr(config, k) for k in PROBE_FIELDS}
     return profile(ProfileConfig(base=config.base or source, out=folder, pipeline=source, dtype=config.dtype,
                                  device=config.device, batch_size=config.batch_size, allow_pickle=config.allow_pickle,
-                                 dtype_check=False, **fields), reporter, pipe=pipe, cache_dir=cache_dir)
+                                 dtype_check=False, max_device_memory=config.max_device_memory, **fields), reporter,
+                   pipe=pipe, cache_dir=cache_dir)
 
 
 def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame:
@@ -158,8 +162,11 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame
         prompts = prepare_prompts(source, prompt_batches(samples, config.batch_size), config, dtype, device,
                                   cache_dir)
         shared_pipe = load_pipeline(source, dtype, device, parts="denoiser" if prompts is not None else "all",
-                                    place=config.mode is Mode.free)
+                                    place=False)
         loads += 1
+        if config.mode is Mode.free:  # one transformer on the device (paired: each compare checks its own run)
+            check_run_fits(shared_pipe, config, device, config.max_device_memory, prompts)
+            place_denoiser(shared_pipe, device)
         # One bar for the whole sweep: the base profile and every pending checkpoint, one advance per step of each
         # pipeline call (free: the tuned model against the stored profile; paired: one call per batch).
         calls = -(-len(samples) // config.batch_size)
@@ -187,7 +194,7 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame
             base_in_place = not full
             frame, summary = measure_against_reference(source, str(path), reference, probe, dtype, device, reporter,
                                                        config.adapter, config.allow_pickle, pipe=shared_pipe,
-                                                       cache_dir=cache_dir)
+                                                       cache_dir=cache_dir, max_device_memory=config.max_device_memory)
             summary["config"]["sweep_fingerprint"] = fingerprint
             if main:
                 write_run(CompareResult(frame, summary), run_dir, figure=False)
@@ -195,7 +202,8 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame
             fields = {k: getattr(config, k) for k in PROBE_FIELDS}
             result = compare(CompareConfig(base=config.base, tuned=str(path), pipeline=source, adapter=config.adapter,
                                            allow_pickle=config.allow_pickle, mode=Mode.paired, dtype=config.dtype,
-                                           device=config.device, batch_size=config.batch_size, **fields), reporter,
+                                           device=config.device, batch_size=config.batch_size,
+                                           max_device_memory=config.max_device_memory, **fields), reporter,
                              pipe=shared_pipe, cache_dir=cache_dir)
             if result is None:  # not the main process: compare gathered the numbers on the main one
                 continue

@@ -142,9 +142,27 @@ def check_fits(fp: Footprint, budget: int | None, device: str) -> None:
     if budget is None or fp.total <= budget:
         return
     options = fp.alternatives(budget)
-    advice = ("try " + ", or ".join(options)) if options else \
-        "no option fits: use a larger device, or a stored reference (normscope profile, then check --reference)"
+    # a stored reference runs one transformer: worth naming only to a run that holds two
+    stored = ", or a stored reference (normscope profile, then check --reference)" if fp.transformers > 1 else ""
+    advice = ("try " + ", or ".join(options)) if options else f"no option fits: use a larger device{stored}"
     raise DeviceMemoryError(f"the run needs {fp.describe()} on {device}, {budget / GIB:.2f} GiB available: {advice}")
+
+
+def check_run_fits(pipe, probe, device: str, explicit: str | int | None, embeddings=None, transformers: int = 1,
+                   adapter_params: int = 0, offload_possible: bool = False) -> Footprint:
+    """Estimate what a run of ``probe`` on ``pipe`` puts on ``device`` and refuse it in one line if it exceeds the
+    budget (``explicit`` / ``NORMSCOPE_MAX_DEVICE_MEMORY``, else the GPU's free memory, else no check).
+
+    Every command runs this before its transformers go on the device: compare (two transformers, or one with
+    ``--offload`` or a LoRA), profile, a stored-reference check and a free sweep (one transformer each).
+    ``embeddings`` (a prompt cache) gives the sequence length the encoder settings resolved.
+    """
+    length = embeddings.settings["max_sequence_length"] if embeddings is not None else probe.max_sequence_length
+    fp = footprint(pipe, transformers=transformers, adapter_params=adapter_params, batch=probe.batch_size,
+                   guidance=probe.guidance, height=probe.height, width=probe.width, max_sequence_length=length,
+                   offload_possible=offload_possible)
+    check_fits(fp, device_budget(device, explicit), device)
+    return fp
 
 
 def advice_for(fp: Footprint | None) -> str:

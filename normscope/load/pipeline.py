@@ -144,8 +144,16 @@ def load_pipeline(source: str, dtype, device: str, parts: str = "all", place: bo
     if parts == "all":
         pipe.to(device)
     elif place:
-        pipe.transformer.to(device)
+        place_denoiser(pipe, device)
     return pipe
+
+
+def place_denoiser(pipe, device: str) -> None:
+    """Every transformer of the pipeline (each expert of its family row) on ``device``; the rest stays put."""
+    for attr, _ in family_for(type(pipe).__name__).experts:
+        module = getattr(pipe, attr, None)
+        if module is not None:
+            module.to(device)
 
 
 @contextlib.contextmanager
