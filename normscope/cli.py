@@ -162,7 +162,11 @@ def emit(result, fmt: OutputFormat) -> None:
     elif fmt is OutputFormat.csv:
         sys.stdout.write(per_step_csv(summary))
     else:
-        render(summary, stdout_console())
+        from normscope.render.maps_text import render_where
+
+        console = stdout_console()
+        render(summary, console)
+        render_where(summary, console)
     if summary["inflation"] is None:
         err.print("[red]error:[/red] no finite velocity was measured: check the checkpoints for NaN weights or use --dtype float32")
         raise typer.Exit(EXIT_RUN)
@@ -193,6 +197,8 @@ def compare(
     out: OutOpt = None,
     offload: Annotated[bool, typer.Option("--offload", help="Full checkpoints: keep one transformer's weights on the GPU at a time (slower; see docs/scale.md).", rich_help_panel="Hardware")] = False,
     save_images: Annotated[bool, typer.Option("--save-images", help="Also decode and save both models' final images of free mode in DIR/images/ (needs --mode free or both).", rich_help_panel="Output")] = False,
+    maps: Annotated[bool, typer.Option("--maps", help="Where inflation lives: spatial ratio maps, spectra and the grid score (paired mode; DIR/maps.safetensors) and image signals of the final images (free mode; DIR/image_signals.csv). See docs/maps.md.", rich_help_panel="Measurement")] = False,
+    scorer: Annotated[str | None, typer.Option("--scorer", help="module:function taking (PIL images, prompts) and returning one number per image; scores base and tuned final images of free mode (needs --mode free or both).", rich_help_panel="Measurement")] = None,
 ) -> None:
     """Per-step velocity norms of BASE and TUNED on the same prompts and seeds, with 95% CIs.
 
@@ -207,6 +213,7 @@ def compare(
         config = CompareConfig(
             base=base, tuned=tuned, adapter=adapter, allow_pickle=allow_pickle, pipeline=pipeline, mode=mode, drive=drive,
             dtype=dtype, device=device, batch_size=batch_size, out=out, save_images=save_images, offload=offload,
+            maps=maps, scorer=scorer,
             **probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, negative_prompt, max_sequence_length),
         )
         if not is_main_process():  # launched on several processes: the main one reports

@@ -126,7 +126,9 @@ class CompareConfig(ProbeConfig):
     state dict, or for ``tuned`` also a LoRA or a trainer's checkpoint folder). ``base=None`` means the
     pipeline's own transformer. ``adapter`` picks one adapter of a folder holding several;
     ``allow_pickle`` lets ``.bin/.pt`` files load through ``torch.load(weights_only=True)``. ``out``, when set, receives norms.csv, summary.json and
-    profile.png, and holds the finished batches of an interrupted run so a rerun resumes.
+    profile.png, and holds the finished batches of an interrupted run so a rerun resumes. ``maps`` adds spatial
+    maps, spectra and the grid score (paired mode) and image signals (free mode); ``scorer`` is a
+    ``module:function`` scoring the final images of free mode (see docs/maps.md).
     """
 
     tuned: str
@@ -139,10 +141,14 @@ class CompareConfig(ProbeConfig):
     figure: bool = True
     save_images: bool = False
     offload: bool = False
+    maps: bool = False
+    scorer: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.mode = Mode(self.mode)
+        if self.scorer is not None and "free" not in self.mode.runs():
+            raise ConfigError("--scorer scores the final images of free-mode sampling: add --mode free or --mode both")
         self.drive = Drive(self.drive)
         if self.out is not None:
             self.out = Path(self.out)

@@ -75,8 +75,9 @@ def _paired_stats(driver: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 class Recorder:
     """Collects the statistics of the steps of one pipeline call at a time."""
 
-    def __init__(self, pipe, paired: bool, on_step: Callable[[], None] | None) -> None:
+    def __init__(self, pipe, paired: bool, on_step: Callable[[], None] | None, observers=()) -> None:
         self.pipe = pipe
+        self.observers = tuple(observers)
         self.paired = paired
         self.on_step = on_step
         self.stat_names = PAIRED_STATS if paired else FREE_STATS
@@ -122,9 +123,12 @@ class Recorder:
                 f"the transformer returned a batch of {out.shape[0]} for a scheduler batch of {batch}: "
                 "normscope recognises no CFG layout here"
             )
+        step_index = len(self._steps.get(GUIDED, ()))
         for name, (d, o) in branches.items():
             stats = _paired_stats(d, o) if self.paired else _norms(d)[None]
             self._steps.setdefault(name, []).append(stats)
+            for observer in self.observers:
+                observer(step_index, float(self.pipe.scheduler.sigmas[step_index]), name, None, d, o, None)
         if self.on_step is not None:
             self.on_step()
 
@@ -166,6 +170,7 @@ def capture(
     driver: VelocityModel,
     other: VelocityModel | None = None,
     on_step: Callable[[], None] | None = None,
+    observers=(),
 ) -> Iterator[Recorder]:
     """Make ``driver`` sample in ``pipe`` and record velocity statistics of every step.
 
@@ -173,7 +178,7 @@ def capture(
     same inputs (paired mode). Hooks and the scheduler wrapper are removed when the block exits,
     whatever happens inside it.
     """
-    recorder = Recorder(pipe, paired=other is not None, on_step=on_step)
+    recorder = Recorder(pipe, paired=other is not None, on_step=on_step, observers=observers)
     scheduler = pipe.scheduler
     inside_other = False
 

@@ -164,15 +164,27 @@ class PreClipImages:
             for processor, method in wrapped:
                 processor.__dict__.pop(method, None)
 
-    def take(self) -> torch.Tensor | None:
-        """The images of the call just made (video: frames folded into the batch as (B*F, 3, H, W))."""
-        if not self.images:
-            return None
-        images = self.images[-1]
-        self.images = []
-        if images.ndim == 5:  # (B, C, F, H, W)
-            images = images.transpose(1, 2).flatten(0, 1)
-        return images
+    def take_all(self) -> list[torch.Tensor]:
+        """The images of every call made since the last take, in call order (video: (B, F, 3, H, W))."""
+        taken, self.images = self.images, []
+        return [images.transpose(1, 2) if images.ndim == 5 else images for images in taken]
+
+
+def batch_signals(samples, base: torch.Tensor, tuned: torch.Tensor, period: int,
+                  scorer: Callable | None = None, scorer_spec: str = "") -> pd.DataFrame:
+    """One row per sample of a free-mode batch: every signal of base and tuned, pixel grid score, scores."""
+    if base.ndim == 5:  # video (B, F, 3, H, W): signals per frame, averaged per sample
+        frames = base.shape[1]
+        flat = batch_signals([s for s in samples for _ in range(frames)],
+                             base.flatten(0, 1), tuned.flatten(0, 1), period, scorer, scorer_spec)
+        return flat.groupby(["prompt_id", "seed"], sort=False).mean(numeric_only=True).reset_index()
+    columns = {"prompt_id": [s.prompt_id for s in samples], "seed": [s.seed for s in samples]}
+    columns.update(paired_signals(base, tuned, period))
+    if scorer is not None:
+        prompts = [s.prompt for s in samples]
+        columns[f"{SCORE}_base"] = run_scorer(scorer, base, prompts, scorer_spec)
+        columns[f"{SCORE}_tuned"] = run_scorer(scorer, tuned, prompts, scorer_spec)
+    return pd.DataFrame(columns)
 
 
 # ------------------------------------------------------------------ the user's own scorer

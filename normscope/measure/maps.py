@@ -209,6 +209,24 @@ class Maps:
         out["frequencies"] = self.frequencies()
         return out
 
+    @classmethod
+    def merge(cls, parts: list[Maps]) -> Maps:
+        """The maps of several batches (in sample order) as if they had been accumulated in one."""
+        parts = [p for p in parts if p.tensors]
+        if not parts:
+            return cls({}, {})
+        tensors: dict[str, torch.Tensor] = {}
+        for key in (GRID_PEAK, GRID_NEIGHBOUR, PROMPT_IDS):
+            if key in parts[0].tensors:
+                tensors[key] = torch.cat([p.tensors[key] for p in parts])
+        for part in parts:
+            for key, value in part.tensors.items():
+                if key not in (GRID_PEAK, GRID_NEIGHBOUR, PROMPT_IDS):
+                    tensors[key] = tensors[key] + value if key in tensors else value.clone()
+        meta = dict(parts[0].meta)
+        meta["samples_steps"] = {r: sum(p.meta["samples_steps"][r] for p in parts) for r in REGION_NAMES}
+        return cls(tensors, meta)
+
     def save(self, path: Path) -> Path:
         from safetensors.torch import save_file
 
@@ -223,3 +241,100 @@ class Maps:
             meta = json.loads(handle.metadata()["normscope"])
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         return cls(tensors, meta)
+
+
+# ------------------------------------------------------------------ from captured velocities to (B, C, *spatial)
+
+
+def to_spatial(v, layout: str, packed_patch: int = 2, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """A velocity in the pipeline's latent layout -> ``(B, C, H, W)`` (video: ``(B, C, F, H, W)``).
+
+    ``layout`` is the family table's ``latent_layout``: "bchw", "bcfhw", "list_c1hw" (a list of
+    ``(C, 1, H, W)`` tensors) or "packed" (``(B, (H/p)(W/p), C p p)`` tokens, unpacked exactly as the
+    pipelines' ``_unpack_latents`` do, so each latent position lands where the VAE will see it).
+    ``grid`` is the latent (H, W) for packed tokens; without it a square grid is assumed.
+    """
+    if layout in ("bchw", "bcfhw"):
+        return v
+    if layout == "list_c1hw":
+        return torch.stack(list(v))[:, :, 0]
+    if layout != "packed":
+        raise ValueError(f"unknown latent layout {layout!r}")
+    p = packed_patch
+    batch, tokens, width = v.shape
+    if grid is None or (grid[0] // p) * (grid[1] // p) != tokens:
+        side = int(round(tokens**0.5))
+        if side * side != tokens:
+            from normscope.errors import RunError
+
+            raise RunError(f"cannot lay out {tokens} packed tokens on a latent grid: pass --height and --width")
+        grid = (side * p, side * p)
+    h, w = grid[0] // p, grid[1] // p
+    v = v.reshape(batch, h, w, width // (p * p), p, p).permute(0, 3, 1, 4, 2, 5)
+    return v.reshape(batch, width // (p * p), h * p, w * p)
+
+
+class MapsObserver:
+    """A capture observer: feeds the guided velocity of paired mode into a ``MapAccumulator``.
+
+    Called per step and branch with ``(step_index, sigma, branch, expert, v_driver, v_other, family)``;
+    only the guided branch of paired mode (``v_other`` present) is used, the velocity that moves the
+    latents. ``drive`` says which of the two is the tuned model.
+    """
+
+    def __init__(self, layout: str, period: int, drive: str = "tuned", packed_patch: int = 2,
+                 grid: tuple[int, int] | None = None) -> None:
+        self.layout = layout
+        self.packed_patch = packed_patch
+        self.grid = grid
+        self.drive = drive
+        self.accumulator = MapAccumulator(period)
+
+    def __call__(self, step_index, sigma, branch, expert, v_driver, v_other, family=None) -> None:
+        if branch != "guided" or v_other is None:
+            return
+        driver = to_spatial(v_driver, self.layout, self.packed_patch, self.grid)
+        other = to_spatial(v_other, self.layout, self.packed_patch, self.grid)
+        tuned, base = (driver, other) if self.drive == "tuned" else (other, driver)
+        self.accumulator.add(float(sigma), tuned, base)
+
+    def end_call(self) -> None:
+        self.accumulator.end_call()
+
+    def result(self, prompt_ids: list[int]) -> Maps:
+        return self.accumulator.result(prompt_ids)
+
+
+def latent_geometry(pipe) -> tuple[str, int]:
+    """(latent layout, patch period in latent pixels) of a pipeline, from its transformer's class and config.
+
+    The period is the side of the square of latent positions that one transformer token covers: SD3's
+    ``patch_size``; for packed latents (FLUX, Qwen-Image) the 2x2 packing times the transformer's own patch.
+    """
+    transformer = pipe.transformer
+    name = type(transformer).__name__
+    config = transformer.config
+    patch = getattr(config, "patch_size", None) or getattr(config, "all_patch_size", None) or 1
+    if isinstance(patch, (tuple, list)):
+        patch = patch[-1]
+    if name.startswith(("Flux", "QwenImage")):
+        return "packed", 2 * int(patch)
+    if name.startswith("ZImage"):
+        return "list_c1hw", int(patch)
+    if name.startswith("Wan"):
+        return "bcfhw", int(patch)
+    return "bchw", int(patch)
+
+
+def latent_grid(pipe, height: int | None, width: int | None) -> tuple[int, int] | None:
+    """The latent (H, W) for an image size, as the pipelines compute it (even sides for packed latents)."""
+    factor = getattr(pipe, "vae_scale_factor", None)
+    if not (factor and height and width):
+        return None
+    return 2 * (int(height) // (factor * 2)), 2 * (int(width) // (factor * 2))
+
+
+def maps_observer(pipe, height: int | None, width: int | None, drive: str) -> MapsObserver:
+    """The observer ``compare --maps`` attaches for one pipeline call."""
+    layout, period = latent_geometry(pipe)
+    return MapsObserver(layout, period, drive, packed_patch=2, grid=latent_grid(pipe, height, width))

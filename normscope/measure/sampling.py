@@ -99,9 +99,10 @@ def resolved_sampling(pipe, probe: ProbeConfig) -> dict:
     }
 
 
-def run_paired(pipe, driver: VelocityModel, other: VelocityModel, kwargs: dict, reporter: Reporter) -> dict[str, CallRecord]:
+def run_paired(pipe, driver: VelocityModel, other: VelocityModel, kwargs: dict, reporter: Reporter,
+               observers=()) -> dict[str, CallRecord]:
     """One batch in paired mode: ``driver`` samples, ``other`` is evaluated on the same inputs."""
-    with capture(pipe, driver, other, on_step=reporter.advance) as recorder:
+    with capture(pipe, driver, other, on_step=reporter.advance, observers=observers) as recorder:
         pipe(**kwargs)
         return {"paired": recorder.collect()}
 
