@@ -138,3 +138,16 @@ def test_scorer_through_the_cli(pipelines, scaled, tmp_path, monkeypatch):
     assert "score" in result.output and "grid score" in result.output
     bad = CliRunner().invoke(app, ["compare", str(pipelines["sd3"]), str(scaled("sd3", 1.1)), "--scorer", "my_judge:redness"])
     assert bad.exit_code == 2 and "--mode free" in bad.output
+
+
+def test_report_draws_maps_spectra_and_the_signal_table(pipelines, flux_checkerboard, config_for, tmp_path):
+    from normscope.commands.report import ReportConfig, report
+
+    run = tmp_path / "grid-run"
+    compare(config_for("flux", flux_checkerboard, mode="both", maps=True, out=run))
+    written = report(ReportConfig(runs=(run,), out=tmp_path / "report"))
+    figures = {p.name for p in written["figures"].glob("*.png")}
+    assert {"grid-run_maps.png", "grid-run_spectrum.png", "grid-run_channels.png"} <= figures
+    markdown = written["markdown"].read_text()
+    assert "grid score (latent" in markdown and "out of range (pre-clip)" in markdown
+    assert "Grid score and image signals" in written["html"].read_text()

@@ -163,7 +163,9 @@ class Maps:
         return spectra.ring_frequencies(h, w)
 
     def patch_frequencies(self) -> list[float]:
-        return spectra.patch_frequencies(self.meta["period"])
+        """Centres of the rings that hold the patch frequency and its harmonics (where a plot should mark them)."""
+        n = min(self.meta["shape"][-2:])
+        return sorted({round(f * n) / n for f in spectra.patch_frequencies(self.meta["period"])})
 
     def grid_score(self, region: str | None = None) -> tuple[float, float, float] | None:
         """Grid score (lattice power / neighbour power of v_tuned - v_base) with a CI resampling prompts."""

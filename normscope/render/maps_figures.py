@@ -54,6 +54,7 @@ def spectrum_ratio(maps) -> object | None:
     freqs = np.array(maps.frequencies())
     with style() as plt:
         fig, (left, right) = plt.subplots(1, 2, figsize=(DOUBLE, 2.4))
+        fig.subplots_adjust(wspace=0.4)
         for i, region in enumerate(regions):
             color = OKABE_ITO[i % len(OKABE_ITO)]
             left.plot(freqs[1:], maps.spectrum_ratio(region).numpy()[1:], color=color, marker=".", label=REGION_TITLES[region])
@@ -62,7 +63,7 @@ def spectrum_ratio(maps) -> object | None:
             right.semilogy(freqs[1:], diff / np.maximum(base, 1e-30), color=color, marker=".", label=REGION_TITLES[region])
         for ax in (left, right):
             for k, f in enumerate(maps.patch_frequencies()):
-                ax.axvline(f, color="0.2", linestyle="--", linewidth=0.8, label="patch frequency" if k == 0 else None)
+                ax.axvline(f, color="0.2", linestyle="--", linewidth=0.8, label="patch frequency (ring)" if k == 0 else None)
             ax.set_xlabel("spatial frequency (cycles per latent pixel)")
         left.axhline(1.0, color="0.5", linewidth=0.6)
         left.set_ylabel("power tuned / power base")

@@ -11,7 +11,7 @@ SIGNAL_LABELS = {
 }
 
 
-def _num(value, unit: str = "", signed: bool = False) -> str:
+def fmt(value, unit: str = "", signed: bool = False) -> str:
     if value is None:
         return "n/a"
     if unit == "%":
@@ -25,7 +25,7 @@ def grid_line(maps: dict) -> str:
         reason = "patch period 1: no patch frequency" if maps["patch_period"] < 2 else "v_tuned - v_base is zero"
         return f"grid score: n/a ({reason})"
     lo, hi = maps["grid_score_ci"]
-    return (f"grid score {maps['grid_score']:.3g}  95% CI [{_num(lo)}, {_num(hi)}]  (power of v_tuned - v_base at the "
+    return (f"grid score {maps['grid_score']:.3g}  95% CI [{fmt(lo)}, {fmt(hi)}]  (power of v_tuned - v_base at the "
             f"{maps['patch_period']}x{maps['patch_period']} patch lattice / its neighbours; ~1 = no grid)")
 
 
@@ -35,7 +35,7 @@ def render_where(summary: dict, console) -> None:
 
     maps = summary.get("maps")
     if maps:
-        parts = [f"{region.replace('_', ' ')} {_num(r['map_min'])}..{_num(r['map_max'])}"
+        parts = [f"{region.replace('_', ' ')} {fmt(r['map_min'])}..{fmt(r['map_max'])}"
                  for region, r in maps["regions"].items()]
         console.print("ratio map range by region: " + " · ".join(parts))
         console.print(grid_line(maps))
@@ -48,6 +48,6 @@ def render_where(summary: dict, console) -> None:
             label, unit = SIGNAL_LABELS.get(row["signal"], (row["signal"], ""))
             lo, hi = row["ci"]
             signed = row["signal"] != "grid_score"  # already a tuned-vs-base quantity, ~1 = nothing
-            table.add_row(label, _num(row["base"], unit), _num(row["tuned"], unit), _num(row["difference"], unit, signed),
-                          f"[{_num(lo, unit, signed)}, {_num(hi, unit, signed)}]")
+            table.add_row(label, fmt(row["base"], unit), fmt(row["tuned"], unit), fmt(row["difference"], unit, signed),
+                          f"[{fmt(lo, unit, signed)}, {fmt(hi, unit, signed)}]")
         console.print(table)
