@@ -68,14 +68,20 @@ class ProbeConfig:
     """What is sampled: pipeline, prompts, seeds and sampler settings shared by every job.
 
     ``None`` means "the pipeline's own default" (guidance, size, sequence length, negative prompt).
+    ``guidance`` goes to the family's guidance argument (``guidance_scale``, or ``true_cfg_scale`` for
+    Qwen-Image); ``true_cfg_scale`` is FLUX.1's true CFG (with a negative prompt: two calls per step).
+    ``preset`` fills every option left unset (``None``) from a trainer's evaluation setting
+    (``normscope presets``); explicit options win. ``steps`` left unset becomes the preset's or 28.
     """
 
     pipeline: str | None = None
     prompts_file: Path | None = None
     prompts: tuple[str, ...] = ()
     seeds: tuple[int, ...] = DEFAULT_SEEDS
-    steps: int = DEFAULT_STEPS
+    steps: int | None = None
     guidance: float | None = None
+    true_cfg_scale: float | None = None
+    preset: str | None = None
     height: int | None = None
     width: int | None = None
     negative_prompt: str | None = None
@@ -89,6 +95,7 @@ class ProbeConfig:
         self.seeds = tuple(int(s) for s in self.seeds)
         self.dtype = DType(self.dtype)
         self.device = Device(self.device)
+        self._apply_preset()
         if self.prompts_file is not None:
             self.prompts_file = Path(self.prompts_file)
         _positive("steps", self.steps, "use e.g. --steps 28")
@@ -102,6 +109,29 @@ class ProbeConfig:
             raise ConfigError(f"--seeds {list(self.seeds)} repeats a seed: each seed must appear once")
         if self.guidance is not None and self.guidance < 0:
             raise ConfigError(f"--guidance must be >= 0, got {self.guidance}")
+        if self.true_cfg_scale is not None and self.true_cfg_scale < 0:
+            raise ConfigError(f"--true-cfg-scale must be >= 0, got {self.true_cfg_scale}")
+
+    def _apply_preset(self) -> None:
+        if self.preset is not None:
+            from normscope.load.families import family_named, preset_named
+
+            preset = preset_named(self.preset)
+            family = family_named(preset.family)
+            if self.steps is None:
+                self.steps = preset.steps
+            if preset.argument == family.guidance_arg:
+                if self.guidance is None:
+                    self.guidance = preset.guidance
+            elif self.true_cfg_scale is None:
+                self.true_cfg_scale = preset.guidance
+            if preset.size is not None:
+                self.height = self.height or preset.size
+                self.width = self.width or preset.size
+            if preset.max_sequence_length is not None and self.max_sequence_length is None:
+                self.max_sequence_length = preset.max_sequence_length
+        if self.steps is None:
+            self.steps = DEFAULT_STEPS
 
     def to_dict(self) -> dict:
         """A JSON-ready dict of every field (enums as strings, paths as strings)."""

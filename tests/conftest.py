@@ -72,6 +72,25 @@ def config_for(pipelines):
     return make
 
 
+@pytest.fixture(scope="session")
+def family_pipelines(tmp_path_factory):
+    """family_pipelines(key) -> folder of a saved tiny pipeline of that family (keys: tiny_families.FAMILY_BUILDERS).
+
+    Built and saved on first use only, once per session, so a test run pays only for the families it uses.
+    """
+    from normscope.builders.tiny_families import FAMILY_BUILDERS
+
+    root = tmp_path_factory.mktemp("family_pipelines")
+    cache: dict[str, Path] = {}
+
+    def folder(key: str) -> Path:
+        if key not in cache:
+            cache[key] = save_tiny(FAMILY_BUILDERS[key](seed=0), root / key)
+        return cache[key]
+
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -29,15 +29,24 @@ def test_hooks_are_removed_even_when_the_call_fails(pipelines, scaled):
     assert "step" not in vars(pipe.scheduler)
 
 
-def test_nan_velocities_are_counted_not_averaged(pipelines, tmp_path, config_for):
+@pytest.mark.parametrize("drive", ["base", "tuned"])
+def test_nan_velocities_are_counted_and_end_the_run_in_one_line(drive, pipelines, tmp_path, config_for):
+    """Non-finite values are found before the CFG-rule check: a NaN checkpoint is named, not the pipeline."""
+    import json
+
+    from normscope.errors import RunError
+
     state = scaled_state_dict(pipelines["sd3"], 1.0)
     state["proj_out.bias"][0] = float("nan")
     path = tmp_path / "nan.safetensors"
     save_file(state, str(path))
-    result = compare(config_for("sd3", path, drive="base"))
-    guided_rows = len(result.frame[result.frame["branch"] == "guided"])
-    assert result.summary["nonfinite"] == guided_rows
-    assert result.inflation is None and result.inflation_ci == [None, None]
+    with pytest.raises(RunError, match=r"^TUNED produced NaN/Inf velocities at every step of every sample") as info:
+        compare(config_for("sd3", path, drive=drive, out=tmp_path / "run", figure=False))
+    assert "\n" not in str(info.value) and info.value.exit_code == 3
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    guided_rows = 3 * 2 * 4  # prompts x seeds x steps
+    assert summary["nonfinite"] == guided_rows
+    assert summary["inflation"] is None and summary["inflation_ci"] == [None, None]
 
 
 class StopAfter:

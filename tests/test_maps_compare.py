@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from normscope.cli import app
 from normscope.commands.compare import compare
 from normscope.load import VelocityModel, load_pipeline
+from normscope.load.families import family_for
 from normscope.measure.image_signals import IMAGE_SIGNALS_CSV, OUT_OF_RANGE
 from normscope.measure.maps import MAPS_FILE, Maps, maps_observer
 from normscope.measure.prompts import make_samples
@@ -80,7 +81,7 @@ def test_half_scaled_latent_shows_that_half(pipelines, config_for):
     module.proj_out.register_forward_hook(top_half)
     base, tuned = VelocityModel("base", pipe.transformer, "base", "pipeline"), VelocityModel("tuned", module, "hook", "full")
     samples = make_samples(list(config.prompts), config.seeds)
-    observer = maps_observer(pipe, 16, 16, "tuned")
+    observer = maps_observer(pipe, family_for(type(pipe).__name__), 16, 16, "tuned")
     run_paired(pipe, tuned, base, sampling_kwargs(pipe, config, samples), SilentReporter(), observers=[observer])
     observer.end_call()
     maps = observer.result([s.prompt_id for s in samples])

@@ -14,10 +14,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from normscope import __version__
 from normscope.config import CompareConfig
+from normscope.errors import RunError
 from normscope.load import (
     find_checkpoint,
     find_pipeline_source,
@@ -26,6 +28,8 @@ from normscope.load import (
     resolve_device,
     resolve_dtype,
 )
+from normscope.load.families import family_for
+from normscope.load.pipeline import check_family_inputs
 from normscope.measure.capture import GUIDED, CallRecord
 from normscope.measure.image_signals import IMAGE_SIGNALS_CSV, PreClipImages, batch_signals, load_scorer, signal_table
 from normscope.measure.maps import MAPS_FILE, Maps, latent_geometry, maps_observer
@@ -34,6 +38,7 @@ from normscope.measure.sampling import (
     Reporter,
     SilentReporter,
     batches,
+    default_settings_note,
     resolved_sampling,
     run_free,
     run_paired,
@@ -42,7 +47,7 @@ from normscope.measure.sampling import (
 )
 from normscope.measure.stats import NONFINITE, mode_summary, n_samples, select, step_profile
 from normscope.measure.store import BatchStore
-from normscope.measure.table import RATIO, free_frame, paired_frame, tidy
+from normscope.measure.table import BRANCH, NORM_BASE, NORM_TUNED, RATIO, STEP, free_frame, paired_frame, tidy
 
 INFLATION_DEFINITION = (
     "inflation = mean over denoising steps of (mean over prompt/seed samples of "
@@ -150,13 +155,19 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
     if config.base:
         checkpoints.append(find_checkpoint(config.base, "BASE", allow_pickle=config.allow_pickle))
 
+    check_family_inputs(source, [(config.tuned, "TUNED"), (config.base, "BASE")], config.preset)
+
     pipe = load_pipeline(source, dtype, device)
+    family = family_for(type(pipe).__name__)
     offload_to = device if config.offload and device != "cpu" else None
     loaded = load_models(pipe, config.base, config.tuned, source, config.adapter, config.allow_pickle, offload_to)
     if config.offload and offload_to is None:
         reporter.note("--offload has no effect on the CPU: the weights already live in host memory")
     for note in loaded.notes:
         reporter.note(note)
+    defaults_note = default_settings_note(pipe, config, family)
+    if defaults_note:
+        reporter.note(defaults_note)
     base, tuned = loaded.base, loaded.tuned
     driver, other = (tuned, base) if config.drive.value == "tuned" else (base, tuned)
 
@@ -174,8 +185,8 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
     reporter.begin(sum(calls_per_batch[m] for m in runs) * len(groups) * config.steps)
     scorer = load_scorer(config.scorer) if config.scorer else None
     want_signals = config.maps or scorer is not None
-    resolved = resolved_sampling(pipe, config)
-    pixel_period = latent_geometry(pipe)[1] * int(getattr(pipe, "vae_scale_factor", 1) or 1)
+    resolved = resolved_sampling(pipe, config, family)
+    pixel_period = latent_geometry(pipe, family)[2] * int(getattr(pipe, "vae_scale_factor", 1) or 1)
 
     def measure(mode: str, index: int) -> tuple[dict[str, CallRecord], Maps | pd.DataFrame | None]:
         batch = groups[index]
@@ -184,12 +195,12 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
         if records is not None:
             reporter.advance(calls_per_batch[mode] * config.steps)
             return records, _load_extra(store, key, mode, config, want_signals)
-        kwargs = sampling_kwargs(pipe, config, batch)
+        kwargs = sampling_kwargs(pipe, config, batch, family)
         extra = None
         if mode == "free" and (config.save_images or want_signals):
             kwargs["output_type"] = "pil"
         if mode == "paired":
-            observers = [maps_observer(pipe, resolved["height"], resolved["width"], config.drive.value)] if config.maps else []
+            observers = [maps_observer(pipe, family, resolved["height"], resolved["width"], config.drive.value)] if config.maps else []
             records = run_paired(pipe, driver, other, kwargs, reporter, observers=observers)
             for observer in observers:
                 observer.end_call()
@@ -243,6 +254,9 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
         write_run(result, Path(config.out), figure=config.figure)
         write_where(result, Path(config.out))
         store.clear()
+    verdict = nonfinite_verdict(frame)
+    if verdict:
+        raise RunError(verdict)
     return result
 
 
@@ -274,3 +288,23 @@ def _load_extra(store: BatchStore, key: str, mode: str, config: CompareConfig, w
         tensors, meta = store.load_extra(key, "signals")
         return pd.DataFrame({c: tensors[c].numpy() for c in meta["columns"]})
     return None
+
+
+def nonfinite_verdict(frame: pd.DataFrame) -> str | None:
+    """One line when a model's guided velocity was non-finite at every step of every sample, else None.
+
+    The run's files (summary.json with the counts) are written first; this line ends the run (exit 3).
+    """
+    guided = frame[frame[BRANCH] == GUIDED]
+    if guided.empty:
+        return None
+    bad = {role: ~np.isfinite(guided[column].to_numpy(dtype=float)) for role, column in (("TUNED", NORM_TUNED), ("BASE", NORM_BASE))}
+    if not any(b.all() for b in bad.values()):
+        return None
+    # Blame the model that was non-finite where the other was not (the other then runs on its NaN latents).
+    first = guided[STEP].min()
+    at_first = (guided[STEP] == first).to_numpy()
+    culprits = [role for role, b in bad.items() if b[at_first].any()] or [r for r, b in bad.items() if b.all()]
+    who = " and ".join(culprits)
+    return (f"{who} produced NaN/Inf velocities at every step of every sample ({int(max(b.sum() for b in bad.values()))} "
+            f"of {len(guided)} guided rows): check the checkpoint (summary.json holds the counts)")

@@ -9,6 +9,16 @@ from pathlib import Path
 
 from normscope.config import Device, DType
 from normscope.errors import InputError
+from normscope.load.families import (
+    Family,
+    check_checkpoint_config,
+    check_preset,
+    check_transformer_class,
+    family_for,
+    family_of_folder,
+    preset_named,
+    supported,
+)
 from normscope.load.formats import PIPELINE_INDEX
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -85,6 +95,7 @@ def load_pipeline(source: str, dtype, device: str):
         raise InputError(f"--pipeline {source} is neither a folder nor a hub id: pass a folder holding {PIPELINE_INDEX}")
     if local.exists() and not (local / PIPELINE_INDEX).is_file():
         raise InputError(f"--pipeline {source} has no {PIPELINE_INDEX}: pass the pipeline's top folder")
+    family_of_source(source)  # an unknown pipeline class is refused before any weight loads
     try:
         with quiet_loading():
             pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, use_safetensors=True)
@@ -102,15 +113,51 @@ def load_pipeline(source: str, dtype, device: str):
     return pipe
 
 
-def check_pipeline(pipe, source: str) -> None:
-    """normscope follows flow-matching pipelines with a ``transformer``; refuse others clearly."""
+def family_of_source(source: str) -> Family | None:
+    """The family of a pipeline folder or hub id, from ``model_index.json`` alone: checked before any weight loads.
+
+    A local folder's transformer config is checked against the row too. For a hub id the index is read
+    through diffusers' config loader (a few hundred bytes, from the cache when offline).
+    """
+    local = Path(source)
+    if local.exists():
+        if not (local / PIPELINE_INDEX).is_file():
+            raise InputError(f"--pipeline {source} has no {PIPELINE_INDEX}: pass the pipeline's top folder")
+        return family_of_folder(local)
+    from diffusers import DiffusionPipeline
+
+    try:
+        with quiet_loading():
+            index = DiffusionPipeline.load_config(source)
+    except Exception:  # unreachable hub id: load_pipeline explains it in one line
+        return None
+    return family_for(str(index.get("_class_name")))
+
+
+def check_family_inputs(source: str, checkpoints: list[tuple[str | None, str]], preset: str | None) -> Family | None:
+    """Before any weight loads: the pipeline's family, each checkpoint's transformer class, the preset."""
+    family = family_of_source(source)
+    if family is None:
+        return None
+    for path, role in checkpoints:
+        if path is not None and Path(path).exists() and Path(path).resolve() != Path(source).resolve():
+            check_checkpoint_config(family, path, role)
+    if preset is not None:
+        check_preset(preset_named(preset), family)
+    return family
+
+
+def check_pipeline(pipe, source: str) -> Family:
+    """The loaded pipeline's family row; its transformer checked against the row."""
+    family = family_for(type(pipe).__name__)
     transformer = getattr(pipe, "transformer", None)
     if transformer is None:
-        raise InputError(f"pipeline {source} ({type(pipe).__name__}) has no transformer: normscope measures DiT flow pipelines such as SD3 and FLUX")
-    scheduler = getattr(pipe, "scheduler", None)
-    if scheduler is None or "FlowMatch" not in type(scheduler).__name__:
-        raise InputError(
-            f"pipeline {source} samples with {type(scheduler).__name__}, not a FlowMatch scheduler: "
-            "normscope measures flow-matching velocities"
-        )
-    transformer.eval()
+        raise InputError(f"pipeline {source} ({type(pipe).__name__}) has no transformer: normscope measures {supported()}")
+    check_transformer_class(family, type(transformer).__name__, f"the transformer of {source}")
+    if getattr(pipe, "scheduler", None) is None:
+        raise InputError(f"pipeline {source} ({type(pipe).__name__}) has no scheduler: pass a complete pipeline folder")
+    for attr, _ in family.experts:
+        module = getattr(pipe, attr, None)
+        if module is not None:
+            module.eval()
+    return family

@@ -1,33 +1,51 @@
 """Capture stage: hooks that record per-step, per-sample velocity statistics during a pipeline call.
 
-Nothing here knows a pipeline class. Two hooks see everything that matters:
+One path serves every family; what differs between pipelines is a row of the family table
+(``normscope.load.families``), never a branch here. Two hooks see everything that matters:
 
-* a forward hook on the transformer records each model output of the step (and, in paired mode,
-  evaluates the second model on exactly the same positional and keyword inputs);
-* a wrapper on ``scheduler.step`` receives the velocity that the sampler actually applies
-  ("guided"), which closes the step.
+* a forward hook on each expert transformer records every call of the step (and, in paired mode,
+  evaluates the other model on exactly the same positional and keyword inputs);
+* a wrapper on ``scheduler.step`` receives the velocity the sampler actually applies ("guided") and
+  closes the step. Only its first argument is read, so any scheduler works (Euler, UniPC, ...).
 
-Classifier-free guidance is recognised from the shapes: one transformer call whose batch is twice
-the scheduler's is the concatenated ``[uncond, cond]`` batch of SD3-style pipelines; the second
-model's guided velocity is formed with the pipeline's own ``guidance_scale``, and the formula is
-checked against the driver's guided velocity on the first step.
+At the close of a step the calls are sliced to the latent tokens (reference tokens off), put in the
+scheduler's convention (the family's ``output_sign``), split into ``cond`` / ``uncond`` (a batched call
+by the family's ``batch_order``; separate calls cond first), and combined with the family's rule
+(``RULES``) into ``guided`` (and ``combined`` where the pipeline renormalises or caps afterwards). The
+driver's rule is verified against what the scheduler received, once per call layout; the other model's
+guided velocity is formed with the same rule. Non-finite values are detected before that check, so a
+NaN checkpoint is reported as such, not as a pipeline normscope cannot follow.
 
-Statistics stay on the model's device in float32 until the call ends; one transfer per call.
+Statistics stay on the model's device in float32 until the call ends; one transfer per call, plus one
+host sync per verified layout.
+
+Hook mechanism (decided by trying): plain ``torch.nn.Module.register_forward_hook`` rather than a named
+hook in diffusers' ``HookRegistry``. The registry rewrites ``module.forward`` and, on removal, writes the
+forward it wrapped back onto the module, so a wrapper installed after it (accelerate's
+``enable_model_cpu_offload`` / ``cpu_offload`` hooks also replace ``forward``) is silently dropped when
+normscope's hook is removed; torch's forward hooks live outside ``forward`` in the module's own hook
+dict, run after whatever offload/group-offload/cache wrapper computed the output, and are removed by
+their handle without touching any other wrapper (tests/test_families_capture.py shows both).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import functools
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from normscope.errors import RunError
 from normscope.load import VelocityModel
+from normscope.load.families import DISTILLED, LINEAR, QWEN_RENORM, ZIMAGE, Family, family_for
 
-GUIDED, COND, UNCOND = "guided", "cond", "uncond"
-BRANCHES = (GUIDED, COND, UNCOND)
+GUIDED, COND, UNCOND, COMBINED = "guided", "cond", "uncond", "combined"
+BRANCHES = (GUIDED, COND, UNCOND, COMBINED)
+EXTRA = "extra"  # the role of an extra guidance call (SD3 skip-layer); followed, not reported
 # Rows of the per-step statistics tensor.
 FREE_STATS = ("norm",)
 PAIRED_STATS = ("norm_driver", "norm_other", "cosine", "mse")
@@ -37,7 +55,9 @@ PAIRED_STATS = ("norm_driver", "norm_other", "cosine", "mse")
 class CallRecord:
     """Everything captured from one pipeline call (one batch of samples), on the CPU.
 
-    ``stats[branch]`` has shape (steps, len(stat_names), batch).
+    ``stats[branch]`` has shape (steps, len(stat_names), batch); a branch absent at a step (CFG turned
+    off by ``cfg_truncation``) is NaN there. ``experts[i]`` is the label of the transformer that ran step
+    ``i`` ("" for one-transformer families).
     """
 
     stats: dict[str, torch.Tensor]
@@ -45,17 +65,82 @@ class CallRecord:
     timesteps: torch.Tensor
     sigmas: torch.Tensor
     images: list | None = None  # decoded final images, when the call asked for them (not stored for resume)
+    experts: list[str] = field(default_factory=list)
 
     @property
     def steps(self) -> int:
         return int(self.timesteps.shape[0])
 
 
+class StepObserver(Protocol):
+    """Sees every branch of every step while the call runs (spatial maps, spectra, ...).
+
+    Called as ``observer(step, sigma, branch, expert, driver, other, family)``: ``driver`` and ``other``
+    are the velocities (batch first, the pipeline's latent layout, see ``family.latent_layout``) in the
+    scheduler's convention v = noise - x0, on the model's device, not synchronised; ``other`` is None in
+    free mode. ``sigma`` is a float. Observers must not modify the tensors.
+    """
+
+    def __call__(self, step: int, sigma: float, branch: str, expert: str, driver: torch.Tensor,
+                 other: torch.Tensor | None, family: Family) -> None: ...
+
+
+@dataclass
+class _Call:
+    expert: str
+    driver: torch.Tensor
+    other: torch.Tensor | None
+    extra: bool
+
+
+# ---------------------------------------------------------------- combination rules
+
+
+def _linear(parts: dict[str, torch.Tensor], s: dict[str, float]) -> dict[str, torch.Tensor]:
+    cond, uncond = parts[COND], parts[UNCOND]
+    guided = uncond + s["scale"] * (cond - uncond)
+    if EXTRA in parts:  # SD3 skip-layer guidance: v += s_slg (cond - v_skip)
+        guided = guided + (cond - parts[EXTRA]) * s["extra_scale"]
+    return {GUIDED: guided}
+
+
+def _qwen_renorm(parts: dict[str, torch.Tensor], s: dict[str, float]) -> dict[str, torch.Tensor]:
+    cond, uncond = parts[COND], parts[UNCOND]
+    combined = uncond + s["scale"] * (cond - uncond)
+    ratio = torch.linalg.vector_norm(cond, dim=-1, keepdim=True) / torch.linalg.vector_norm(combined, dim=-1, keepdim=True)
+    return {GUIDED: combined * ratio, COMBINED: combined}
+
+
+def _zimage(parts: dict[str, torch.Tensor], s: dict[str, float]) -> dict[str, torch.Tensor]:
+    cond, uncond = parts[COND], parts[UNCOND]
+    combined = cond + s["scale"] * (cond - uncond)
+    cap = s.get("cap") or 0.0
+    if cap <= 0:
+        return {GUIDED: combined}
+    # Per sample: ||pred|| capped at cap * ||cond|| (the sign convention does not change norms).
+    n_cond = torch.linalg.vector_norm(cond.flatten(1), dim=1)
+    n_comb = torch.linalg.vector_norm(combined.flatten(1), dim=1)
+    limit = n_cond * cap
+    factor = torch.where(n_comb > limit, limit / n_comb, torch.ones_like(n_comb))
+    return {GUIDED: combined * factor.view(-1, *([1] * (combined.dim() - 1))), COMBINED: combined}
+
+
+RULES: dict[str, Callable[[dict[str, torch.Tensor], dict[str, float]], dict[str, torch.Tensor]]] = {
+    LINEAR: _linear, QWEN_RENORM: _qwen_renorm, ZIMAGE: _zimage,
+}
+
+
+# ---------------------------------------------------------------- helpers
+
+
 def _sample(output):
-    """The velocity tensor from whatever the transformer returned (tuple or output dataclass)."""
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    return getattr(output, "sample", output)
+    """The velocity from whatever the transformer returned (tuple, output dataclass, list of tensors)."""
+    if isinstance(output, tuple):
+        output = output[0]
+    output = getattr(output, "sample", output)
+    if isinstance(output, (list, tuple)):  # Z-Image: a list of (C, 1, H, W), one per sample
+        output = torch.stack(list(output)).squeeze(2)
+    return output
 
 
 def _norms(v: torch.Tensor) -> torch.Tensor:
@@ -72,78 +157,201 @@ def _paired_stats(driver: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return torch.stack([na, nb, cosine, mse])
 
 
+def _finite_rows(*tensors: torch.Tensor) -> torch.Tensor:
+    ok = torch.ones(tensors[0].shape[0], dtype=torch.bool, device=tensors[0].device)
+    for t in tensors:
+        ok &= torch.isfinite(t.flatten(1)).all(dim=1)
+    return ok
+
+
+def _evaluate(model: VelocityModel, expert: str, args, kwargs):
+    """The other model on one call's inputs; multi-expert models pick the expert by label."""
+    per_expert = getattr(model, "evaluate_expert", None)
+    if expert and per_expert is not None:
+        return per_expert(expert, *args, **kwargs)
+    return model(*args, **kwargs)
+
+
+def call_setting(pipe, call_kwargs: dict, name: str):
+    """A pipeline argument's value in this call: passed, else stored by the pipeline, else its default."""
+    if name in call_kwargs:
+        return call_kwargs[name]
+    stored = getattr(pipe, f"_{name}", inspect.Parameter.empty)
+    if stored is not inspect.Parameter.empty:
+        return stored
+    param = inspect.signature(pipe.__call__).parameters.get(name)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def cfg_argument(family: Family) -> str:
+    """The argument whose value scales the two-branch combination (true CFG for distilled FLUX.1)."""
+    return family.true_cfg_arg if family.calls == DISTILLED and family.true_cfg_arg else family.guidance_arg
+
+
+# ---------------------------------------------------------------- the recorder
+
+
 class Recorder:
     """Collects the statistics of the steps of one pipeline call at a time."""
 
-    def __init__(self, pipe, paired: bool, on_step: Callable[[], None] | None, observers=()) -> None:
+    def __init__(self, pipe, family: Family, paired: bool, on_step: Callable[[], None] | None,
+                 observers: Sequence[StepObserver] = (), call_kwargs: dict | None = None) -> None:
         self.pipe = pipe
-        self.observers = tuple(observers)
+        self.family = family
         self.paired = paired
         self.on_step = on_step
+        self.observers = tuple(observers)
+        self.call_kwargs = dict(call_kwargs or {})
         self.stat_names = PAIRED_STATS if paired else FREE_STATS
-        self._driver_outputs: list[torch.Tensor] = []
-        self._other_outputs: list[torch.Tensor] = []
-        self._steps: dict[str, list[torch.Tensor]] = {}
-        self._checked = False
+        self._calls: list[_Call] = []
+        self._reset_call()
+
+    def _reset_call(self) -> None:
+        self._steps: list[dict[str, torch.Tensor]] = []
+        self._experts: list[str] = []
+        self._verified: set[tuple[str, ...]] = set()
+        self._settings: dict[str, float] | None = None
+        self._sigmas: torch.Tensor | None = None
 
     # -- hooks -------------------------------------------------------------------------
 
-    def record_forward(self, driver_output, other_output) -> None:
-        self._driver_outputs.append(_sample(driver_output))
-        if other_output is not None:
-            self._other_outputs.append(_sample(other_output))
+    def record_forward(self, expert: str, driver_output, other_output, extra: bool = False) -> None:
+        other = _sample(other_output) if other_output is not None else None
+        self._calls.append(_Call(expert, _sample(driver_output), other, extra))
 
     def record_step(self, guided: torch.Tensor) -> None:
-        driver = self._driver_outputs
-        other = self._other_outputs
-        self._driver_outputs, self._other_outputs = [], []
-        if len(driver) != 1:
-            raise RunError(
-                f"{type(self.pipe).__name__} called the transformer {len(driver)} times in one step "
-                "(true CFG or skip-layer guidance): normscope follows one call per step; turn that option off"
-            )
-        batch = guided.shape[0]
-        out = driver[0]
-        branches: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        if out.shape[0] == batch:
-            branches[GUIDED] = (guided, other[0] if self.paired else None)
-        elif out.shape[0] == 2 * batch:
-            scale = float(self.pipe.guidance_scale)
-            uncond, cond = out.chunk(2)
-            if not self._checked:
-                self._check_guidance(uncond, cond, guided, scale)
-            if self.paired:
-                o_uncond, o_cond = other[0].chunk(2)
-                o_guided = o_uncond + scale * (o_cond - o_uncond)
-            else:
-                o_uncond = o_cond = o_guided = None
-            branches = {GUIDED: (guided, o_guided), COND: (cond, o_cond), UNCOND: (uncond, o_uncond)}
-        else:
-            raise RunError(
-                f"the transformer returned a batch of {out.shape[0]} for a scheduler batch of {batch}: "
-                "normscope recognises no CFG layout here"
-            )
-        step_index = len(self._steps.get(GUIDED, ()))
-        for name, (d, o) in branches.items():
-            stats = _paired_stats(d, o) if self.paired else _norms(d)[None]
-            self._steps.setdefault(name, []).append(stats)
-            for observer in self.observers:
-                observer(step_index, float(self.pipe.scheduler.sigmas[step_index]), name, None, d, o, None)
+        calls, self._calls = self._calls, []
+        step = len(self._steps)
+        if not calls:
+            raise RunError(f"{type(self.pipe).__name__} stepped its scheduler without calling the transformer: "
+                           "normscope cannot follow this pipeline")
+        roles = self._roles(calls, guided.shape[0])
+        driver = self._parts(calls, roles, guided, "driver")
+        other = self._parts(calls, roles, guided, "other") if self.paired else None
+        settings = self._resolve_settings()
+        branches_d = self._branches(driver, settings)
+        branches_o = self._branches(other, settings) if other is not None else None
+        layout = tuple(sorted(driver))
+        if layout not in self._verified:
+            self._verify(layout, driver, branches_d[GUIDED], guided, step)
+        branches_d[GUIDED] = guided  # the scheduler's own input is what normscope reports for the driver
+        stats = {}
+        for name, d in branches_d.items():
+            o = branches_o[name] if branches_o is not None else None
+            stats[name] = _paired_stats(d, o) if o is not None else _norms(d)[None]
+        self._steps.append(stats)
+        expert = calls[0].expert
+        self._experts.append(expert)
+        if self.observers:
+            sigma = self._sigma(step)
+            for name, d in branches_d.items():
+                o = branches_o[name] if branches_o is not None else None
+                for observer in self.observers:
+                    observer(step, sigma, name, expert, d, o, self.family)
         if self.on_step is not None:
             self.on_step()
 
-    def _check_guidance(self, uncond, cond, guided, scale: float) -> None:
-        # One host sync per capture: proves the CFG formula normscope applies to the second model is the
-        # one the pipeline applied to the first.
-        expected = uncond.float() + scale * (cond.float() - uncond.float())
-        tol = 1e-4 if guided.dtype == torch.float32 else 2e-2
-        err = (expected - guided.float()).abs().max() / guided.float().abs().max().clamp_min(1e-12)
-        if not bool(err <= tol):
+    # -- one step ----------------------------------------------------------------------
+
+    def _roles(self, calls: list[_Call], batch: int) -> list[list[str]]:
+        """The branch of every batch slice of every call, read from the family row and the batch sizes."""
+        order = self.family.batch_order
+        roles, separate = [], [COND, UNCOND]
+        for call in calls:
+            n = call.driver.shape[0]
+            if call.extra and n == batch:
+                roles.append([EXTRA])
+            elif n == len(order) * batch:
+                roles.append(list(order))
+            elif n == batch and separate:
+                roles.append([separate.pop(0)])
+            else:
+                roles = None
+                break
+        flat = [r for rs in roles for r in rs] if roles is not None else []
+        if roles is None or len(flat) != len(set(flat)) or COND not in flat:
+            sizes = ", ".join(str(c.driver.shape[0]) for c in calls)
             raise RunError(
-                f"{type(self.pipe).__name__} combines the CFG batch differently from uncond + "
-                f"{scale} * (cond - uncond) (relative error {float(err):.2e}): normscope cannot follow this pipeline"
+                f"{type(self.pipe).__name__} called the transformer {len(calls)} time(s) in one step with batches of "
+                f"{sizes} for a scheduler batch of {batch}: that is not how the {self.family.name} family calls it "
+                f"({self.family.calls}); normscope cannot follow this pipeline"
             )
-        self._checked = True
+        return roles
+
+    def _parts(self, calls, roles, guided: torch.Tensor, side: str) -> dict[str, torch.Tensor]:
+        """Each role's velocity: reference tokens sliced off, in the scheduler's convention, float32."""
+        parts = {}
+        for call, names in zip(calls, roles, strict=True):
+            v = call.driver if side == "driver" else call.other
+            if self.family.reference_tokens and v.dim() > 2 and v.shape[1] > guided.shape[1]:
+                v = v[:, : guided.shape[1]]
+            v = v.float()
+            if self.family.output_sign < 0:
+                v = -v
+            for name, chunk in zip(names, v.chunk(len(names)), strict=True):
+                parts[name] = chunk
+        return parts
+
+    def _branches(self, parts: dict[str, torch.Tensor], settings: dict[str, float]) -> dict[str, torch.Tensor]:
+        if UNCOND not in parts:  # one call, no CFG: the scheduler receives the (sign-corrected) output
+            return {GUIDED: parts[COND]}
+        out = RULES[self.family.combine](parts, settings)
+        return {GUIDED: out[GUIDED], COND: parts[COND], UNCOND: parts[UNCOND],
+                **({COMBINED: out[COMBINED]} if COMBINED in out else {})}
+
+    def _resolve_settings(self) -> dict[str, float]:
+        if self._settings is None:
+            f = self.family
+
+            def value(name):
+                v = call_setting(self.pipe, self.call_kwargs, name) if name else None
+                return float(v) if v is not None else 0.0
+
+            self._settings = {"scale": value(cfg_argument(f)), "extra_scale": value(f.extra_scale_arg),
+                              "cap": value(f.cap_arg)}
+        return self._settings
+
+    def _verify(self, layout, parts, expected: torch.Tensor, guided: torch.Tensor, step: int) -> None:
+        # One host sync per layout: the rule normscope applies to the other model is the one the pipeline
+        # applied to the driver. Non-finite samples are left out first, so NaN is never blamed on the rule.
+        float32 = guided.dtype == torch.float32
+        guided = guided.float()
+        ok = _finite_rows(guided, expected, *parts.values())
+        if not bool(ok.any()):
+            return  # nothing finite to check yet: try again at the next step
+        exp, got = expected[ok], guided[ok]
+        if exp.shape != got.shape:
+            raise RunError(
+                f"{type(self.pipe).__name__} passed the scheduler a velocity of shape {tuple(guided.shape)} but the "
+                f"{self.family.name} row gives {tuple(expected.shape)}: normscope cannot follow this pipeline"
+            )
+        tol = 1e-4 if float32 and self._dtype_is_float32() else 2e-2  # bf16/fp16 models: the pipeline combined in low precision
+        err = (exp - got).abs().max() / got.abs().max().clamp_min(1e-12)
+        if not bool(err <= tol):
+            if UNCOND in parts:
+                rule = f"the {self.family.combine} rule (scale {self._settings['scale']})"
+                what = "combines its transformer calls differently from " + rule
+            else:
+                sign = "the negated" if self.family.output_sign < 0 else "the"
+                what = f"does not pass {sign} transformer output to its scheduler"
+            raise RunError(
+                f"{type(self.pipe).__name__} ({self.family.name} family) {what} (relative error {float(err):.2e} at step "
+                f"{step}): normscope cannot follow this pipeline"
+            )
+        self._verified.add(layout)
+
+    def _dtype_is_float32(self) -> bool:
+        for attr, _ in self.family.experts:
+            module = getattr(self.pipe, attr, None)
+            if module is not None:
+                return getattr(module, "dtype", torch.float32) == torch.float32
+        return True
+
+    def _sigma(self, step: int) -> float:
+        if self._sigmas is None:
+            sigmas = getattr(self.pipe.scheduler, "sigmas", None)
+            self._sigmas = sigmas.detach().float().cpu() if sigmas is not None else torch.empty(0)
+        return float(self._sigmas[step]) if step < self._sigmas.numel() else float("nan")
 
     # -- results -----------------------------------------------------------------------
 
@@ -151,16 +359,24 @@ class Recorder:
         """Close the pipeline call just made and bring its statistics to the CPU (one transfer)."""
         if not self._steps:
             raise RunError(f"{type(self.pipe).__name__} made no scheduler step: check --steps and the pipeline")
-        stats = {name: torch.stack(items).cpu() for name, items in self._steps.items()}
+        names = [b for b in BRANCHES if any(b in s for s in self._steps)]
+        template = self._steps[0][GUIDED]
+        stats = {}
+        for name in names:
+            items = [s.get(name, torch.full_like(template, float("nan"))) for s in self._steps]
+            stats[name] = torch.stack(items).cpu()
         scheduler = self.pipe.scheduler
-        steps = next(iter(stats.values())).shape[0]
+        steps = len(self._steps)
+        timesteps = getattr(scheduler, "timesteps", None)
+        sigmas = getattr(scheduler, "sigmas", None)
         record = CallRecord(
             stats=stats,
             stat_names=self.stat_names,
-            timesteps=scheduler.timesteps[:steps].detach().float().cpu(),
-            sigmas=scheduler.sigmas[:steps].detach().float().cpu(),
+            timesteps=timesteps[:steps].detach().float().cpu() if timesteps is not None else torch.arange(steps).float(),
+            sigmas=sigmas[:steps].detach().float().cpu() if sigmas is not None else torch.full((steps,), float("nan")),
+            experts=list(self._experts),
         )
-        self._steps = {}
+        self._reset_call()
         return record
 
 
@@ -170,42 +386,68 @@ def capture(
     driver: VelocityModel,
     other: VelocityModel | None = None,
     on_step: Callable[[], None] | None = None,
-    observers=(),
+    *,
+    family: Family | None = None,
+    call_kwargs: dict | None = None,
+    observers: Sequence[StepObserver] = (),
 ) -> Iterator[Recorder]:
     """Make ``driver`` sample in ``pipe`` and record velocity statistics of every step.
 
     With ``other``, each of the driver's transformer calls is repeated with the other model on the
-    same inputs (paired mode). Hooks and the scheduler wrapper are removed when the block exits,
-    whatever happens inside it.
+    same inputs (paired mode). ``family`` defaults to the row of the pipeline's class; ``call_kwargs``
+    are the keyword arguments of the pipeline call (guidance values are read from them, else from the
+    pipeline); ``observers`` see every branch of every step (``StepObserver``). Hooks and the scheduler
+    wrapper are removed when the block exits, whatever happens inside it.
     """
-    recorder = Recorder(pipe, paired=other is not None, on_step=on_step, observers=observers)
+    family = family or family_for(type(pipe).__name__)
+    recorder = Recorder(pipe, family, paired=other is not None, on_step=on_step, observers=observers,
+                        call_kwargs=call_kwargs)
     scheduler = pipe.scheduler
     inside_other = False
 
-    def forward_hook(module, args, kwargs, output):
-        nonlocal inside_other
-        if inside_other:  # the other model may be this very module (an adapter switched off)
+    def hook_for(expert: str):
+        def forward_hook(module, args, kwargs, output):
+            nonlocal inside_other
+            if inside_other:  # the other model may be this very module (an adapter switched off)
+                return None
+            other_output = None
+            if other is not None:
+                inside_other = True
+                try:
+                    other_output = _evaluate(other, expert, args, kwargs)
+                finally:
+                    inside_other = False
+            extra = bool(family.extra_call_kwarg) and kwargs.get(family.extra_call_kwarg) is not None
+            recorder.record_forward(expert, output, other_output, extra)
             return None
-        other_output = None
-        if other is not None:
-            inside_other = True
-            try:
-                other_output = other(*args, **kwargs)
-            finally:
-                inside_other = False
-        recorder.record_forward(output, other_output)
-        return None
+        return forward_hook
 
     original_step = scheduler.step
+    had_own_step = "step" in vars(scheduler)
+    own_step = vars(scheduler).get("step")
 
-    def step(model_output, *args, **kwargs):
+    @functools.wraps(original_step)
+    def step(*args, **kwargs):
+        model_output = args[0] if args else kwargs.get("model_output")
         recorder.record_step(model_output)
-        return original_step(model_output, *args, **kwargs)
+        return original_step(*args, **kwargs)
+
+    def restore_step() -> None:
+        if had_own_step:
+            scheduler.step = own_step
+        elif "step" in vars(scheduler):
+            del scheduler.step
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(driver.active(pipe))
-        handle = pipe.transformer.register_forward_hook(forward_hook, with_kwargs=True)
-        stack.callback(handle.remove)
+        hooked = set()
+        for attr, label in family.experts:
+            module = getattr(pipe, attr, None)
+            if module is None or id(module) in hooked:
+                continue
+            hooked.add(id(module))
+            handle = module.register_forward_hook(hook_for(label), with_kwargs=True)
+            stack.callback(handle.remove)
         scheduler.step = step
-        stack.callback(lambda: scheduler.__dict__.pop("step", None))
+        stack.callback(restore_step)
         yield recorder

@@ -258,8 +258,9 @@ def to_spatial(v, layout: str, packed_patch: int = 2, grid: tuple[int, int] | No
     """
     if layout in ("bchw", "bcfhw"):
         return v
-    if layout == "list_c1hw":
-        return torch.stack(list(v))[:, :, 0]
+    if layout == "list_c1hw":  # capture already stacks Z-Image's list; a raw list or (B, C, 1, H, W) is accepted too
+        v = torch.stack(list(v)) if isinstance(v, (list, tuple)) else v
+        return v[:, :, 0] if v.ndim == 5 else v
     if layout != "packed":
         raise ValueError(f"unknown latent layout {layout!r}")
     p = packed_patch
@@ -307,25 +308,20 @@ class MapsObserver:
         return self.accumulator.result(prompt_ids)
 
 
-def latent_geometry(pipe) -> tuple[str, int]:
-    """(latent layout, patch period in latent pixels) of a pipeline, from its transformer's class and config.
+def latent_geometry(pipe, family) -> tuple[str, int, int]:
+    """(latent layout, packing patch, patch period in latent pixels) from the family row and the transformer.
 
-    The period is the side of the square of latent positions that one transformer token covers: SD3's
-    ``patch_size``; for packed latents (FLUX, Qwen-Image) the 2x2 packing times the transformer's own patch.
+    The period is the side of the square of latent positions that one transformer token covers: the
+    transformer's own ``patch_size`` (SD3.5: 2; Z-Image: ``all_patch_size``), times the family's packing
+    patch for packed latents (FLUX, Qwen-Image: 2x2 positions per token).
     """
-    transformer = pipe.transformer
-    name = type(transformer).__name__
-    config = transformer.config
+    config = pipe.transformer.config
     patch = getattr(config, "patch_size", None) or getattr(config, "all_patch_size", None) or 1
     if isinstance(patch, (tuple, list)):
         patch = patch[-1]
-    if name.startswith(("Flux", "QwenImage")):
-        return "packed", 2 * int(patch)
-    if name.startswith("ZImage"):
-        return "list_c1hw", int(patch)
-    if name.startswith("Wan"):
-        return "bcfhw", int(patch)
-    return "bchw", int(patch)
+    if family.latent_layout == "packed":
+        return family.latent_layout, family.patch_size, family.patch_size * int(patch)
+    return family.latent_layout, 1, int(patch)
 
 
 def latent_grid(pipe, height: int | None, width: int | None) -> tuple[int, int] | None:
@@ -336,7 +332,7 @@ def latent_grid(pipe, height: int | None, width: int | None) -> tuple[int, int] 
     return 2 * (int(height) // (factor * 2)), 2 * (int(width) // (factor * 2))
 
 
-def maps_observer(pipe, height: int | None, width: int | None, drive: str) -> MapsObserver:
+def maps_observer(pipe, family, height: int | None, width: int | None, drive: str) -> MapsObserver:
     """The observer ``compare --maps`` attaches for one pipeline call."""
-    layout, period = latent_geometry(pipe)
-    return MapsObserver(layout, period, drive, packed_patch=2, grid=latent_grid(pipe, height, width))
+    layout, packed_patch, period = latent_geometry(pipe, family)
+    return MapsObserver(layout, period, drive, packed_patch=packed_patch, grid=latent_grid(pipe, height, width))

@@ -7,7 +7,7 @@ generator per sample) and attaches capture around it.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import torch
@@ -16,7 +16,8 @@ from normscope import __version__
 from normscope.config import ProbeConfig
 from normscope.errors import InputError
 from normscope.load import VelocityModel
-from normscope.measure.capture import CallRecord, capture
+from normscope.load.families import TRUE_CFG_SCALE, Family, family_for
+from normscope.measure.capture import CallRecord, StepObserver, capture, cfg_argument
 from normscope.measure.prompts import Sample
 
 
@@ -51,12 +52,19 @@ def _call_defaults(pipe) -> dict:
     }
 
 
-def sampling_kwargs(pipe, probe: ProbeConfig, samples: list[Sample]) -> dict:
+def sampling_kwargs(pipe, probe: ProbeConfig, samples: list[Sample], family: Family | None = None) -> dict:
     """The keyword arguments of the pipeline call for one batch; unset options stay the pipeline's.
+
+    The family row decides the names: ``--guidance`` goes to the family's guidance argument
+    (``true_cfg_scale`` for Qwen-Image), ``--true-cfg-scale`` to FLUX.1's true CFG, and a family whose
+    CFG runs only with a negative prompt gets " " when its CFG scale is above 1 and none was given (the
+    trainers' evaluation does the same). The prompt always goes by keyword (FLUX.2-klein's first
+    positional argument is ``image``).
 
     Each sample gets its own CPU generator, so its initial noise is exactly what the pipeline draws
     for that prompt alone with ``generator=torch.Generator("cpu").manual_seed(seed)``, whatever the batch.
     """
+    family = family or family_for(type(pipe).__name__)
     accepted = _call_defaults(pipe)
     kwargs = {
         "prompt": [s.prompt for s in samples],
@@ -64,24 +72,63 @@ def sampling_kwargs(pipe, probe: ProbeConfig, samples: list[Sample]) -> dict:
         "generator": [torch.Generator("cpu").manual_seed(s.seed) for s in samples],
         "output_type": "latent",
     }
+    if probe.true_cfg_scale is not None and family.true_cfg_arg is None and family.guidance_arg != TRUE_CFG_SCALE:
+        raise InputError(f"{type(pipe).__name__} ({family.name}) has no true CFG: drop --true-cfg-scale")
+    true_cfg = probe.true_cfg_scale if family.guidance_arg != TRUE_CFG_SCALE else None
+    if probe.true_cfg_scale is not None and family.guidance_arg == TRUE_CFG_SCALE:
+        raise InputError(f"{family.name} takes its true CFG scale from --guidance: use --guidance instead of --true-cfg-scale")
     optional = {
-        "guidance_scale": probe.guidance,
-        "height": probe.height,
-        "width": probe.width,
-        "max_sequence_length": probe.max_sequence_length,
-        "negative_prompt": None if probe.negative_prompt is None else [probe.negative_prompt] * len(samples),
+        family.guidance_arg: (probe.guidance, "guidance"),
+        "height": (probe.height, "height"),
+        "width": (probe.width, "width"),
+        "max_sequence_length": (probe.max_sequence_length, "max-sequence-length"),
+        "negative_prompt": (None if probe.negative_prompt is None else [probe.negative_prompt] * len(samples),
+                            "negative-prompt"),
     }
-    for name, value in optional.items():
+    if family.true_cfg_arg:
+        optional[family.true_cfg_arg] = (true_cfg, "true-cfg-scale")
+    for name, (value, flag) in optional.items():
         if value is None:
             continue
         if name not in accepted:
-            flag = {"guidance_scale": "guidance"}.get(name, name).replace("_", "-")
             raise InputError(f"{type(pipe).__name__} does not take {name}: drop --{flag}")
         kwargs[name] = value
+    if family.needs_negative_prompt and "negative_prompt" not in kwargs and "negative_prompt" in accepted:
+        scale = kwargs.get(cfg_argument(family), accepted.get(cfg_argument(family)))
+        if scale is not None and float(scale) > 1:
+            kwargs["negative_prompt"] = [" "] * len(samples)
     return kwargs
 
 
-def resolved_sampling(pipe, probe: ProbeConfig) -> dict:
+def guidance_used(pipe, probe: ProbeConfig, family: Family | None = None) -> dict:
+    """Which guidance argument the run used and its value (pipeline default filled in), for summary.json."""
+    family = family or family_for(type(pipe).__name__)
+    defaults = _call_defaults(pipe)
+    out = {
+        "family": family.name,
+        "guidance_argument": family.guidance_arg,
+        "guidance": probe.guidance if probe.guidance is not None else defaults.get(family.guidance_arg),
+    }
+    if family.true_cfg_arg:
+        out["true_cfg_scale"] = probe.true_cfg_scale if probe.true_cfg_scale is not None else defaults.get(family.true_cfg_arg)
+    return out
+
+
+def default_settings_note(pipe, probe: ProbeConfig, family: Family | None = None) -> str | None:
+    """One line naming the pipeline defaults used when guidance and size were left unset, else None."""
+    if probe.guidance is not None and probe.height is not None and probe.width is not None:
+        return None
+    resolved = resolved_sampling(pipe, probe, family)
+    parts = []
+    if probe.guidance is None:
+        parts.append(f"{resolved['guidance_argument']}={resolved['guidance']}")
+    if probe.height is None or probe.width is None:
+        parts.append(f"{resolved['height']}x{resolved['width']} px")
+    return (f"{resolved['family']}: using the pipeline's defaults {', '.join(parts)} "
+            "(set --guidance/--height/--width, or --preset NAME; `normscope presets` lists them)")
+
+
+def resolved_sampling(pipe, probe: ProbeConfig, family: Family | None = None) -> dict:
     """The sampler settings actually used, pipeline defaults filled in, for summary.json."""
     defaults = _call_defaults(pipe)
     size = None
@@ -91,7 +138,8 @@ def resolved_sampling(pipe, probe: ProbeConfig) -> dict:
         "pipeline_class": type(pipe).__name__,
         "transformer_class": type(pipe.transformer).__name__,
         "scheduler_class": type(pipe.scheduler).__name__,
-        "guidance": probe.guidance if probe.guidance is not None else defaults.get("guidance_scale"),
+        **guidance_used(pipe, probe, family),
+        "preset": probe.preset,
         "height": probe.height or defaults.get("height") or size,
         "width": probe.width or defaults.get("width") or size,
         "max_sequence_length": probe.max_sequence_length or defaults.get("max_sequence_length"),
@@ -100,16 +148,17 @@ def resolved_sampling(pipe, probe: ProbeConfig) -> dict:
 
 
 def run_paired(pipe, driver: VelocityModel, other: VelocityModel, kwargs: dict, reporter: Reporter,
-               observers=()) -> dict[str, CallRecord]:
+               observers: Sequence[StepObserver] = ()) -> dict[str, CallRecord]:
     """One batch in paired mode: ``driver`` samples, ``other`` is evaluated on the same inputs."""
-    with capture(pipe, driver, other, on_step=reporter.advance, observers=observers) as recorder:
+    with capture(pipe, driver, other, on_step=reporter.advance, call_kwargs=kwargs, observers=observers) as recorder:
         pipe(**kwargs)
         return {"paired": recorder.collect()}
 
 
-def run_free(pipe, base: VelocityModel, tuned: VelocityModel, kwargs: dict, reporter: Reporter) -> dict[str, CallRecord]:
+def run_free(pipe, base: VelocityModel, tuned: VelocityModel, kwargs: dict, reporter: Reporter,
+             observers: Sequence[StepObserver] = ()) -> dict[str, CallRecord]:
     """One batch in free mode: each model samples its own trajectory from the same noise."""
-    return {model.role: run_model(pipe, model, kwargs, reporter) for model in (base, tuned)}
+    return {model.role: run_model(pipe, model, kwargs, reporter, observers) for model in (base, tuned)}
 
 
 def fresh_generators(generators):
@@ -122,10 +171,11 @@ def fresh_generators(generators):
     return fresh
 
 
-def run_model(pipe, model: VelocityModel, kwargs: dict, reporter: Reporter) -> CallRecord:
+def run_model(pipe, model: VelocityModel, kwargs: dict, reporter: Reporter,
+              observers: Sequence[StepObserver] = ()) -> CallRecord:
     """One batch with one model on its own trajectory (profile, and reference checks)."""
     call = dict(kwargs, generator=fresh_generators(kwargs["generator"]))
-    with capture(pipe, model, on_step=reporter.advance) as recorder:
+    with capture(pipe, model, on_step=reporter.advance, call_kwargs=call, observers=observers) as recorder:
         output = pipe(**call)
         record = recorder.collect()
     if call["output_type"] != "latent":
@@ -155,7 +205,7 @@ def concat_records(records: list[CallRecord]) -> CallRecord:
     """Batches of the same run joined along the sample axis."""
     first = records[0]
     stats = {b: torch.cat([r.stats[b] for r in records], dim=-1) for b in first.stats}
-    return CallRecord(stats, first.stat_names, first.timesteps, first.sigmas)
+    return CallRecord(stats, first.stat_names, first.timesteps, first.sigmas, experts=list(first.experts))
 
 
 def versions() -> dict:

@@ -1,0 +1,327 @@
+"""The family table: what normscope must know about each diffusers pipeline it measures, as data.
+
+A family is one row, keyed by the pipeline class named in ``model_index.json`` (``_class_name``). The row
+says how the transformer is called per step, which rule combines the calls into the velocity the scheduler
+receives, the sign of the output, whether reference tokens are sliced off, which argument carries guidance,
+the input form, the experts (transformers) and the latent layout. Capture reads the row; it never branches
+on a pipeline class. Adding a family is adding a row (and, for a new combination rule, one function in
+``normscope.measure.capture.RULES``).
+
+The table is checked from ``model_index.json`` before any weight is loaded (``family_of_folder``), and the
+transformer class of every checkpoint config against the row (``check_transformer_class``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from normscope.errors import ConfigError, InputError
+
+# How the transformer is called per step when CFG is on.
+BATCHED = "batched"  # one call on the concatenated batch (order in Family.batch_order)
+SEPARATE = "separate"  # one call per branch: cond first, then uncond
+DISTILLED = "distilled"  # one call with a guidance embedding; no CFG batch (true CFG: SEPARATE calls)
+CALLS = (BATCHED, SEPARATE, DISTILLED)
+
+# Rules the pipelines use to combine cond and uncond (implemented in normscope.measure.capture.RULES).
+LINEAR = "linear"  # uncond + w (cond - uncond)
+QWEN_RENORM = "qwen_renorm"  # linear, then each token rescaled to ||cond|| (dim -1)
+ZIMAGE = "zimage"  # cond + w (cond - uncond), optionally capped at cfg_normalization * ||cond||
+COMBINES = (LINEAR, QWEN_RENORM, ZIMAGE)
+
+INPUT_FORMS = ("tensor", "list")
+LATENT_LAYOUTS = ("bchw", "packed", "list_c1hw", "bcfhw")
+
+GUIDANCE_SCALE = "guidance_scale"
+TRUE_CFG_SCALE = "true_cfg_scale"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A trainer's evaluation setting: ``normscope compare --preset NAME`` samples the way it evaluates.
+
+    ``None`` leaves a setting at the pipeline's default. ``argument`` is the pipeline argument that
+    ``guidance`` goes to (``guidance_scale`` or ``true_cfg_scale``).
+    """
+
+    name: str
+    family: str
+    steps: int
+    guidance: float
+    argument: str
+    size: int | None
+    source: str
+    max_sequence_length: int | None = None
+
+
+@dataclass(frozen=True)
+class Family:
+    """One family of pipelines: how capture follows its denoising loop. Pure data.
+
+    * ``calls``: how the transformer is called per step with CFG on (``batched``, ``separate``,
+      ``distilled``); ``batch_order`` is the order of the branches in a batched call.
+    * ``combine``: the pipeline's rule for the velocity the scheduler receives (``linear``,
+      ``qwen_renorm``, ``zimage``). ``combined`` is reported where the rule renormalises or caps.
+    * ``output_sign``: the scheduler receives ``output_sign * output`` (Z-Image negates).
+    * ``reference_tokens``: the output carries reference-image tokens after the latent tokens; the
+      pipeline slices ``[:, :latents.size(1)]``.
+    * ``guidance_arg``: the pipeline argument ``--guidance`` maps to; ``true_cfg_arg``: the argument of
+      ``--true-cfg-scale`` where the family has both (FLUX.1); ``needs_negative_prompt``: CFG runs only
+      with a negative prompt (normscope passes " " when none is given).
+    * ``input_form``: ``tensor`` or ``list`` (Z-Image passes lists of (C, 1, H, W) tensors).
+    * ``experts``: (pipeline attribute, label) per transformer; label "" for one-transformer families.
+    * ``latent_layout`` and ``patch_size``: how a velocity is laid out, so spatial maps can unpack it.
+    * ``output_projection``: the transformer's last linear layer (tests scale it by 1.1).
+    * ``extra_call_kwarg``: a transformer keyword that marks an extra guidance call of batch B (SD3's
+      ``skip_layers``); ``extra_scale_arg`` the pipeline argument scaling it (``v += s (cond - extra)``).
+    * ``cap_arg``: the pipeline argument of a norm cap applied after combining (Z-Image
+      ``cfg_normalization``).
+    """
+
+    name: str
+    title: str
+    pipeline_classes: tuple[str, ...]
+    transformer_class: str
+    calls: str
+    combine: str
+    guidance_arg: str
+    output_sign: int = 1
+    batch_order: tuple[str, ...] = ("uncond", "cond")
+    reference_tokens: bool = False
+    true_cfg_arg: str | None = None
+    needs_negative_prompt: bool = False
+    input_form: str = "tensor"
+    experts: tuple[tuple[str, str], ...] = (("transformer", ""),)
+    latent_layout: str = "bchw"
+    patch_size: int = 1
+    output_projection: str = "proj_out"
+    extra_call_kwarg: str | None = None
+    extra_scale_arg: str | None = None
+    cap_arg: str | None = None
+    presets: tuple[Preset, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        # The table is data typed by hand: a typo must fail at import, not in a user's run.
+        assert self.calls in CALLS, self.calls
+        assert self.combine in COMBINES, self.combine
+        assert self.output_sign in (1, -1), self.output_sign
+        assert self.input_form in INPUT_FORMS, self.input_form
+        assert self.latent_layout in LATENT_LAYOUTS, self.latent_layout
+        assert sorted(self.batch_order) == ["cond", "uncond"], self.batch_order
+        for preset in self.presets:
+            assert preset.family == self.name and preset.argument in self.guidance_arguments, preset
+
+    @property
+    def guidance_arguments(self) -> tuple[str, ...]:
+        """The pipeline arguments that carry a guidance scale for this family."""
+        return (self.guidance_arg,) + ((self.true_cfg_arg,) if self.true_cfg_arg else ())
+
+    @property
+    def expert_labels(self) -> tuple[str, ...]:
+        return tuple(label for _, label in self.experts)
+
+
+def _p(name: str, family: str, steps: int, guidance: float, argument: str, size: int | None, source: str) -> Preset:
+    return Preset(name=name, family=family, steps=steps, guidance=guidance, argument=argument, size=size, source=source)
+
+
+FLOW_GRPO = "flow_grpo eval config (ECOSYSTEM.md trainer table)"
+FLOW_FACTORY = "Flow-Factory eval config (ECOSYSTEM.md trainer table)"
+PREF_GRPO = "Pref-GRPO eval config (ECOSYSTEM.md trainer table)"
+TEMPFLOW = "TempFlow-GRPO eval config (ECOSYSTEM.md trainer table)"
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        name="sd3", title="Stable Diffusion 3 / 3.5",
+        pipeline_classes=("StableDiffusion3Pipeline",), transformer_class="SD3Transformer2DModel",
+        calls=BATCHED, combine=LINEAR, guidance_arg=GUIDANCE_SCALE,
+        extra_call_kwarg="skip_layers", extra_scale_arg="skip_layer_guidance_scale",
+        presets=(
+            _p("flow_grpo-sd3.5m", "sd3", 40, 4.5, GUIDANCE_SCALE, 512, FLOW_GRPO + ": SD3.5-M 40 steps, CFG 4.5, 512 px"),
+            _p("flow_grpo-sd3.5m-nocfg", "sd3", 40, 1.0, GUIDANCE_SCALE, 512, FLOW_GRPO + ": SD3.5-M 'nocfg' 40 steps, CFG 1.0"),
+            _p("diffusionnft-sd3.5m", "sd3", 40, 1.0, GUIDANCE_SCALE, 512,
+               "DiffusionNFT eval (ECOSYSTEM.md): SD3.5-M 40 steps, CFG 1.0 (trained without CFG), 512 px"),
+            _p("awm-sd3.5m", "sd3", 40, 1.0, GUIDANCE_SCALE, 512,
+               "AWM eval (ECOSYSTEM.md): SD3.5-M 40 steps, CFG 1.0 (trained without CFG), 512 px"),
+            _p("flow-factory-sd3.5", "sd3", 40, 4.5, GUIDANCE_SCALE, None, FLOW_FACTORY + ": SD3.5 40 steps, CFG 4.5"),
+            _p("tempflow-grpo-sd3.5m", "sd3", 40, 4.5, GUIDANCE_SCALE, None, TEMPFLOW + ": SD3.5-M 40 steps, CFG 4.5"),
+        ),
+    ),
+    Family(
+        name="flux", title="FLUX.1-dev / FLUX.1-schnell",
+        pipeline_classes=("FluxPipeline",), transformer_class="FluxTransformer2DModel",
+        calls=DISTILLED, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, true_cfg_arg=TRUE_CFG_SCALE,
+        needs_negative_prompt=True, latent_layout="packed", patch_size=2,
+        presets=(
+            _p("flow_grpo-flux1-dev", "flux", 28, 3.5, GUIDANCE_SCALE, None, FLOW_GRPO + ": FLUX.1-dev 28 steps, guidance 3.5"),
+            _p("flow-factory-flux1-dev", "flux", 20, 3.5, GUIDANCE_SCALE, None, FLOW_FACTORY + ": FLUX.1 20 steps, guidance 3.5"),
+            _p("pref-grpo-flux1-dev", "flux", 30, 3.5, GUIDANCE_SCALE, None, PREF_GRPO + ": FLUX 30 steps, guidance 3.5"),
+            _p("tempflow-grpo-flux1-dev", "flux", 50, 3.5, GUIDANCE_SCALE, None, TEMPFLOW + ": FLUX.1-dev 50 steps, guidance 3.5"),
+        ),
+    ),
+    Family(
+        name="flux-kontext", title="FLUX.1-Kontext",
+        pipeline_classes=("FluxKontextPipeline",), transformer_class="FluxTransformer2DModel",
+        calls=DISTILLED, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, true_cfg_arg=TRUE_CFG_SCALE,
+        needs_negative_prompt=True, reference_tokens=True, latent_layout="packed", patch_size=2,
+        presets=(
+            _p("flow_grpo-kontext", "flux-kontext", 28, 2.5, GUIDANCE_SCALE, None, FLOW_GRPO + ": Kontext 28 steps, guidance 2.5"),
+            _p("flow-factory-kontext", "flux-kontext", 20, 2.5, GUIDANCE_SCALE, None, FLOW_FACTORY + ": Kontext 20 steps, guidance 2.5"),
+        ),
+    ),
+    Family(
+        name="flux2", title="FLUX.2-dev",
+        pipeline_classes=("Flux2Pipeline",), transformer_class="Flux2Transformer2DModel",
+        calls=DISTILLED, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, reference_tokens=True,
+        latent_layout="packed", patch_size=2,
+    ),
+    Family(
+        name="flux2-klein", title="FLUX.2-klein (distilled and base)",
+        pipeline_classes=("Flux2KleinPipeline",), transformer_class="Flux2Transformer2DModel",
+        calls=SEPARATE, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, reference_tokens=True,
+        latent_layout="packed", patch_size=2,
+        presets=(
+            _p("flow-factory-klein", "flux2-klein", 10, 1.0, GUIDANCE_SCALE, None, FLOW_FACTORY + ": klein 10 steps, guidance 1"),
+            _p("flow-factory-klein-base", "flux2-klein", 28, 4.0, GUIDANCE_SCALE, None, FLOW_FACTORY + ": klein-base 28 steps, CFG 4"),
+            _p("pref-grpo-klein", "flux2-klein", 50, 4.0, GUIDANCE_SCALE, None, PREF_GRPO + ": klein 50 steps, CFG 4"),
+        ),
+    ),
+    Family(
+        name="qwen-image", title="Qwen-Image / Qwen-Image-2512",
+        pipeline_classes=("QwenImagePipeline",), transformer_class="QwenImageTransformer2DModel",
+        calls=SEPARATE, combine=QWEN_RENORM, guidance_arg=TRUE_CFG_SCALE, needs_negative_prompt=True,
+        latent_layout="packed", patch_size=2,
+        presets=(
+            _p("flow_grpo-qwen-image", "qwen-image", 50, 4.0, TRUE_CFG_SCALE, None, FLOW_GRPO + ": Qwen 50 steps, true CFG 4"),
+            _p("flow-factory-qwen-image", "qwen-image", 28, 4.0, TRUE_CFG_SCALE, None, FLOW_FACTORY + ": Qwen 28 steps, true CFG 4"),
+            _p("pref-grpo-qwen-image", "qwen-image", 50, 4.0, TRUE_CFG_SCALE, None, PREF_GRPO + ": Qwen 50 steps, true CFG 4"),
+            _p("tempflow-grpo-qwen-image", "qwen-image", 50, 4.0, TRUE_CFG_SCALE, None, TEMPFLOW + ": Qwen-Image 50 steps, CFG 4"),
+        ),
+    ),
+    Family(
+        name="qwen-image-edit", title="Qwen-Image-Edit / Edit-Plus (2509, 2511)",
+        pipeline_classes=("QwenImageEditPipeline", "QwenImageEditPlusPipeline"),
+        transformer_class="QwenImageTransformer2DModel",
+        calls=SEPARATE, combine=QWEN_RENORM, guidance_arg=TRUE_CFG_SCALE, needs_negative_prompt=True,
+        reference_tokens=True, latent_layout="packed", patch_size=2,
+        presets=(
+            _p("flow-factory-qwen-image-edit", "qwen-image-edit", 40, 4.0, TRUE_CFG_SCALE, None,
+               FLOW_FACTORY + ": Qwen-Edit 40 steps, true CFG 4"),
+        ),
+    ),
+    Family(
+        name="z-image", title="Z-Image / Z-Image-Turbo",
+        pipeline_classes=("ZImagePipeline",), transformer_class="ZImageTransformer2DModel",
+        calls=BATCHED, combine=ZIMAGE, guidance_arg=GUIDANCE_SCALE, output_sign=-1,
+        batch_order=("cond", "uncond"), input_form="list", latent_layout="list_c1hw",
+        output_projection="all_final_layer.2-1.linear", cap_arg="cfg_normalization",
+        presets=(
+            _p("flow-factory-z-image", "z-image", 40, 4.0, GUIDANCE_SCALE, None, FLOW_FACTORY + ": Z-Image 40 steps, CFG 4"),
+            _p("flow-factory-z-image-turbo", "z-image", 10, 0.0, GUIDANCE_SCALE, None,
+               FLOW_FACTORY + ": Z-Image-Turbo 10 steps, CFG 0"),
+            _p("pref-grpo-z-image", "z-image", 20, 3.0, GUIDANCE_SCALE, None, PREF_GRPO + ": Z-Image 20 steps, CFG 3"),
+        ),
+    ),
+)
+
+_BY_CLASS = {cls: family for family in FAMILIES for cls in family.pipeline_classes}
+_BY_NAME = {family.name: family for family in FAMILIES}
+PRESETS: dict[str, Preset] = {preset.name: preset for family in FAMILIES for preset in family.presets}
+
+
+def supported() -> str:
+    """The supported families and their pipeline classes, for error messages."""
+    return "; ".join(f"{f.name} ({', '.join(f.pipeline_classes)})" for f in FAMILIES)
+
+
+def family_named(name: str) -> Family:
+    if name not in _BY_NAME:
+        raise InputError(f"unknown family {name!r}: the families are {', '.join(_BY_NAME)}")
+    return _BY_NAME[name]
+
+
+def family_for(pipeline_class: str) -> Family:
+    """The row for a pipeline class name; unknown classes refused in one line listing the families."""
+    family = _BY_CLASS.get(pipeline_class)
+    if family is not None:
+        return family
+    import diffusers
+
+    if not hasattr(diffusers, pipeline_class):
+        raise InputError(
+            f"pipeline class {pipeline_class} is not in the installed diffusers {diffusers.__version__} "
+            f"(and normscope has no row for it): normscope measures {supported()}"
+        )
+    raise InputError(f"normscope has no family row for pipeline class {pipeline_class}: it measures {supported()}")
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read {what} {path}: {exc}") from None
+
+
+def family_of_folder(folder: str | Path) -> Family:
+    """The family of a local pipeline folder, from its ``model_index.json`` alone (no weight is read)."""
+    index = Path(folder) / "model_index.json"
+    name = _read_json(index, "pipeline index").get("_class_name")
+    if not isinstance(name, str):
+        raise InputError(f"{index} names no pipeline class (_class_name): pass a diffusers pipeline folder")
+    family = family_for(name)
+    for attr, _ in family.experts:
+        config = Path(folder) / attr / "config.json"
+        if config.is_file():
+            check_transformer_class(family, _read_json(config, "transformer config").get("_class_name"), str(config))
+    return family
+
+
+def check_transformer_class(family: Family, class_name: str | None, where: str) -> None:
+    """Refuse, before loading, a transformer config of another family's class (``_class_name``)."""
+    if class_name is None or class_name == family.transformer_class:
+        return
+    owners = sorted({f.name for f in FAMILIES if f.transformer_class == class_name})
+    owner = f" (a {', '.join(owners)} transformer)" if owners else ""
+    raise InputError(
+        f"{where} is a {class_name}{owner}, but the pipeline is {family.name}, whose transformer is "
+        f"{family.transformer_class}: pass a checkpoint of the same family or the --pipeline it was trained from"
+    )
+
+
+def check_checkpoint_config(family: Family, path: str | Path, role: str) -> None:
+    """Check the ``config.json`` that sits with a full checkpoint (folder or file), if any, against the row."""
+    path = Path(path)
+    candidates = [path / "config.json"] if path.is_dir() else [path.parent / "config.json"]
+    if path.is_dir():
+        candidates += [path / attr / "config.json" for attr, _ in family.experts]
+    for config in candidates:
+        if config.is_file():
+            data = _read_json(config, f"{role} config")
+            if "_class_name" in data and "Pipeline" not in str(data["_class_name"]):
+                check_transformer_class(family, data["_class_name"], f"{role} {config}")
+    index = path / "model_index.json" if path.is_dir() else None
+    if index is not None and index.is_file():
+        other = family_of_folder(path)
+        if other.name != family.name:
+            raise InputError(
+                f"{role} {path} is a {other.name} pipeline, but the pipeline is {family.name}: "
+                "pass a checkpoint of the same family"
+            )
+
+
+def preset_named(name: str) -> Preset:
+    """A preset by name; unknown names refused with the list of presets."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown --preset {name!r}: run `normscope presets` to list them ({', '.join(PRESETS)})")
+    return PRESETS[name]
+
+
+def check_preset(preset: Preset, family: Family) -> None:
+    """A preset of another family is refused before any weight loads."""
+    if preset.family != family.name:
+        raise ConfigError(
+            f"--preset {preset.name} is for {preset.family} pipelines, but the pipeline is {family.name}: "
+            f"use one of {', '.join(p.name for p in family.presets) or '(none for this family)'} or set the options"
+        )
