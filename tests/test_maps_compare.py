@@ -152,3 +152,31 @@ def test_report_draws_maps_spectra_and_the_signal_table(pipelines, flux_checkerb
     markdown = written["markdown"].read_text()
     assert "grid score (latent" in markdown and "out of range (pre-clip)" in markdown
     assert "Grid score and image signals" in written["html"].read_text()
+
+
+@pytest.mark.parametrize("key", ["QwenImagePipeline", "ZImagePipeline"])
+def test_maps_unpack_packed_and_list_latents(key, family_pipelines):
+    """Qwen-Image (packed tokens, per-token renormalised CFG) and Z-Image (lists, negated output): x1.1 is flat."""
+    from diffusers import DiffusionPipeline
+
+    from normscope.builders.tiny_families import OUTPUT_PROJECTION, TINY_CALL
+
+    pipe = DiffusionPipeline.from_pretrained(str(family_pipelines(key)), local_files_only=True)
+    module = copy.deepcopy(pipe.transformer)
+    names = OUTPUT_PROJECTION[type(module).__name__]
+    module.load_state_dict({k: v * 1.1 if k in names else v for k, v in module.state_dict().items()})
+    base, tuned = VelocityModel("base", pipe.transformer, "base", "pipeline"), VelocityModel("tuned", module, "x1.1", "full")
+    family = family_for(type(pipe).__name__)
+    observer = maps_observer(pipe, family, 16, 16, "tuned")
+    kwargs = dict(prompt=["a red fox", "two apples"], num_inference_steps=2, output_type="latent",
+                  generator=[torch.Generator().manual_seed(s) for s in (0, 1)], **TINY_CALL[key])
+    run_paired(pipe, tuned, base, kwargs, SilentReporter(), observers=[observer])
+    observer.end_call()
+    maps = observer.result([0, 1])
+    assert maps.regions
+    for region in maps.regions:
+        ratio = maps.ratio_map(region)
+        assert ratio.ndim == 2 and ratio.numel() > 1, ratio.shape
+        assert maps.meta["period"] == 2
+        assert torch.allclose(ratio, torch.full_like(ratio, 1.1), rtol=1e-4)
+        assert torch.allclose(maps.spectrum_ratio(region), torch.full_like(maps.spectrum_ratio(region), 1.21), rtol=1e-4)

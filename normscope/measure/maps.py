@@ -311,16 +311,17 @@ class MapsObserver:
 def latent_geometry(pipe, family) -> tuple[str, int, int]:
     """(latent layout, packing patch, patch period in latent pixels) from the family row and the transformer.
 
-    The period is the side of the square of latent positions that one transformer token covers: the
-    transformer's own ``patch_size`` (SD3.5: 2; Z-Image: ``all_patch_size``), times the family's packing
-    patch for packed latents (FLUX, Qwen-Image: 2x2 positions per token).
+    The period is the side of the square of latent positions that one transformer token covers: for
+    packed latents (FLUX, Qwen-Image) the family's packing patch (2x2 positions per token; Qwen-Image's
+    transformer config repeats it as ``patch_size``, it does not patchify again); otherwise the
+    transformer's own ``patch_size`` (SD3.5: 2; Z-Image: ``all_patch_size``).
     """
+    if family.latent_layout == "packed":
+        return family.latent_layout, family.patch_size, family.patch_size
     config = pipe.transformer.config
     patch = getattr(config, "patch_size", None) or getattr(config, "all_patch_size", None) or 1
     if isinstance(patch, (tuple, list)):
         patch = patch[-1]
-    if family.latent_layout == "packed":
-        return family.latent_layout, family.patch_size, family.patch_size * int(patch)
     return family.latent_layout, 1, int(patch)
 
 
