@@ -295,6 +295,7 @@ def check(
     batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
     fmt: Annotated[OutputFormat, typer.Option("--format", help="table (verdict and a line per checkpoint) or json.")] = OutputFormat.table,
     junit: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML here: one test case per checkpoint, a failure when inflated.")] = None,
+    max_grid_score: Annotated[float | None, typer.Option("--max-grid-score", help="Also fail a checkpoint whose grid score (power of v_tuned - v_base at the patch frequency over its neighbours; see docs/maps.md) exceeds this. Live paired check only; turns on compare --maps.")] = None,
 ) -> None:
     """CI gate: exit 0 within --max-inflation, 1 inflated beyond it, 2 bad input, 3 the run failed."""
     with cli_errors():
@@ -307,7 +308,7 @@ def check(
             allow_pickle=allow_pickle, prompts_file=prompts_file, prompts=tuple(prompt or ()),
             seeds=None if seeds is None else parse_seeds(seeds), steps=steps, guidance=guidance, height=height,
             width=width, negative_prompt=negative_prompt, max_sequence_length=max_sequence_length, mode=mode,
-            dtype=dtype, device=device, batch_size=batch_size,
+            dtype=dtype, device=device, batch_size=batch_size, max_grid_score=max_grid_score,
         )
         if not is_main_process():  # launched on several processes: the main one reports
             run_check(config)
@@ -343,6 +344,8 @@ def sweep(
     max_sequence_length: MaxSeqOpt = None,
     mode: Annotated[Mode, typer.Option("--mode", help="free (default): the base runs once for the whole sweep; paired: the base runs on every checkpoint's trajectory.", rich_help_panel="Measurement")] = Mode.free,
     gate: Annotated[float | None, typer.Option("--gate", help="Mark the first checkpoint whose inflation exceeds this fraction (0.05 = 5 %).")] = None,
+    maps: Annotated[bool, typer.Option("--maps", help="Also track the grid score and image signals per checkpoint (each runs compare --mode both --maps; needs --mode paired); sweep_where.png.", rich_help_panel="Measurement")] = False,
+    scorer: Annotated[str | None, typer.Option("--scorer", help="module:function scoring the final images (PIL images, prompts -> one number each) of base and every checkpoint; needs --mode paired.", rich_help_panel="Measurement")] = None,
     dtype: DTypeOpt = DType.auto,
     device: DeviceOpt = Device.auto,
     batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
@@ -356,7 +359,7 @@ def sweep(
 
         config = SweepConfig(
             run_dir=run_dir, out=out, base=base, pipeline=pipeline, adapter=adapter, allow_pickle=allow_pickle,
-            mode=mode, gate=gate, dtype=dtype, device=device, batch_size=batch_size,
+            mode=mode, gate=gate, dtype=dtype, device=device, batch_size=batch_size, maps=maps, scorer=scorer,
             **probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, negative_prompt, max_sequence_length),
         )
         if not is_main_process():  # launched on several processes: the main one reports
@@ -369,7 +372,11 @@ def sweep(
         elif fmt is OutputFormat.csv:
             sys.stdout.write((out / "sweep.csv").read_text())
         else:
-            render_sweep(table, gate, stdout_console())
+            from normscope.render.maps_text import render_sweep_where
+
+            console = stdout_console()
+            render_sweep(table, gate, console)
+            render_sweep_where(table, console)
         err.print(f"wrote {out}/sweep.csv, sweep.json, sweep.png and one run folder per checkpoint")
 
 
@@ -427,7 +434,11 @@ def demo(
         if fmt is OutputFormat.json:
             sys.stdout.write(json.dumps(result, indent=2) + "\n")
         else:
-            render_demo(result, stdout_console())
+            from normscope.render.maps_text import render_demo_where
+
+            console = stdout_console()
+            render_demo(result, console)
+            render_demo_where(result, console)
         err.print(f"wrote one run folder per checkpoint under {out}/ and {result['overlay']}")
 
 

@@ -180,3 +180,43 @@ def test_maps_unpack_packed_and_list_latents(key, family_pipelines):
         assert maps.meta["period"] == 2
         assert torch.allclose(ratio, torch.full_like(ratio, 1.1), rtol=1e-4)
         assert torch.allclose(maps.spectrum_ratio(region), torch.full_like(maps.spectrum_ratio(region), 1.21), rtol=1e-4)
+
+
+def test_check_gates_on_the_grid_score(pipelines, scaled, flux_checkerboard):
+    probe = ["--steps", "4", "--height", "16", "--width", "16", "--max-sequence-length", "24", "--seeds", "0,1",
+             "--prompt", "a red fox", "--prompt", "two apples", "--device", "cpu", "--dtype", "float32"]
+    runner = CliRunner()
+    ok = runner.invoke(app, ["check", str(pipelines["flux"]), str(scaled("flux", 1.1)), "--max-inflation", "0.5",
+                             "--max-grid-score", "30", "--format", "json", *probe])
+    assert ok.exit_code == 0, ok.output
+    grid = runner.invoke(app, ["check", str(pipelines["flux"]), str(flux_checkerboard), "--max-inflation", "0.5",
+                               "--max-grid-score", "30", *probe])
+    assert grid.exit_code == 1, grid.output
+    assert "grid score" in grid.output
+    refused = runner.invoke(app, ["check", str(pipelines["flux"]), str(flux_checkerboard), "--max-inflation", "0.5",
+                                  "--max-grid-score", "30", "--mode", "free", *probe])
+    assert refused.exit_code == 2
+
+
+def test_sweep_tracks_the_grid_score_and_image_signals(pipelines, tmp_path):
+    """Checkpoints with a growing checkerboard in proj_out's bias: the grid score rises with it."""
+    from normscope.builders.tiny import tiny_flux_pipeline
+    from normscope.commands.sweep import SWEEP_WHERE_PNG, SweepConfig, sweep
+
+    run = tmp_path / "run"
+    for step, amplitude in ((10, 0.0), (20, 0.05), (30, 0.1)):
+        pipe = tiny_flux_pipeline(seed=0)
+        with torch.no_grad():
+            pipe.transformer.proj_out.bias.add_(checkerboard_bias(pipe.transformer.proj_out.bias.numel(), amplitude))
+        pipe.transformer.save_pretrained(run / f"checkpoint-{step}" / "transformer")
+    config = SweepConfig(run_dir=run, out=tmp_path / "sweep", pipeline=str(pipelines["flux"]), mode="paired", maps=True,
+                         prompts=("a red fox", "two apples"), seeds=(0,), steps=3, height=16, width=16,
+                         max_sequence_length=24, device="cpu", dtype="float32")
+    table = sweep(config)
+    assert table["grid_score"].isna().tolist() == [True, False, False]  # checkpoint 10 is the base: nothing to score
+    assert table["grid_score"].iloc[2] > table["grid_score"].iloc[1] > 10
+    assert {"out_of_range_diff", "saturation_diff", "pixel_grid_score"} <= set(table.columns)
+    assert (tmp_path / "sweep" / SWEEP_WHERE_PNG).is_file()
+    assert (tmp_path / "sweep" / "checkpoint-30" / MAPS_FILE).is_file()
+    with pytest.raises(Exception, match="--mode paired"):
+        SweepConfig(run_dir=run, out=tmp_path / "x", maps=True)

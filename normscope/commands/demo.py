@@ -22,6 +22,8 @@ SERIES = ("awm", (10, 20, 30, 40))
 PROBE_SEEDS = (0, 1, 2, 3)
 IMAGE_SEEDS = tuple(range(100, 108))
 OVERLAY_PNG = "inflation_overlay.png"
+REPORT_DIR = "report"
+DEMO_SCORER = "normscope.builders.digits:digit_reward"  # the demo's reward, through compare --scorer
 
 
 @dataclass(kw_only=True)
@@ -71,7 +73,8 @@ def _image_metrics(lora: Path | None, classifier, real) -> dict:
 def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> dict:
     """Compare the base with every bundled RL checkpoint; reward and quality next to inflation; the series."""
     from normscope.commands.compare import compare
-    from normscope.commands.report import Run
+    from normscope.commands.report import ReportConfig, Run, report
+    from normscope.measure.maps import where_columns
     from normscope.render.report_figures import inflation, save
 
     reporter = reporter or SilentReporter()
@@ -79,13 +82,13 @@ def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> dict:
     rows = [{"model": "base", **_image_metrics(None, classifier, real)}]
     for name in MODELS:
         lora = lora_path(name)
-        both = compare(probe(lora, mode="both", out=config.out / name), reporter).summary
+        both = compare(probe(lora, mode="both", maps=True, scorer=DEMO_SCORER, out=config.out / name), reporter).summary
         base_drives = compare(probe(lora, mode="paired", drive="base"), reporter).summary
         rows.append({
             "model": name, **_image_metrics(lora, classifier, real),
             "paired": both["inflation"], "paired_ci": both["inflation_ci"],
             "paired_base_drives": base_drives["inflation"], "free": both["modes"]["free"]["guided"]["inflation"],
-            "regions": both["regions"], "folder": str(config.out / name),
+            "regions": both["regions"], "folder": str(config.out / name), **where_columns(both),
         })
     series_name, steps = SERIES
     series = []
@@ -94,4 +97,7 @@ def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> dict:
         series.append({"step": step, "inflation": summary["inflation"], "ci": summary["inflation_ci"]})
     fig = inflation([Run(config.out / name) for name in MODELS])
     save(fig, config.out, OVERLAY_PNG.removesuffix(".png"))
-    return {"rows": rows, "series": {"model": series_name, "checkpoints": series}, "overlay": str(config.out / OVERLAY_PNG)}
+    written = report(ReportConfig(runs=tuple(config.out / name for name in MODELS), out=config.out / REPORT_DIR,
+                                  title="normscope demo: digits model vs its RL checkpoints"))
+    return {"rows": rows, "series": {"model": series_name, "checkpoints": series}, "overlay": str(config.out / OVERLAY_PNG),
+            "report": str(written["html"])}

@@ -32,6 +32,7 @@ from normscope.config import CompareConfig, Mode, ProbeConfig
 from normscope.errors import ConfigError, InputError
 from normscope.load import find_checkpoint, find_pipeline_source, load_pipeline, resolve_dtype
 from normscope.measure.distributed import current_processes
+from normscope.measure.maps import where_columns
 from normscope.measure.sampling import Reporter, SilentReporter, resolve_run_device
 from normscope.render.files import write_run
 
@@ -39,6 +40,7 @@ CHECKPOINT_NAME = re.compile(r"^checkpoint[-_](\d+)$")
 SWEEP_CSV = "sweep.csv"
 SWEEP_JSON = "sweep.json"
 SWEEP_PNG = "sweep.png"
+SWEEP_WHERE_PNG = "sweep_where.png"
 BASE_DIR = "base"
 COLUMNS = ("step", "checkpoint", "inflation", "ci_lo", "ci_hi", "hinge_rate", "near_noise", "middle", "near_data",
            "nonfinite", "crosses_gate")
@@ -55,12 +57,22 @@ class SweepConfig(ProbeConfig):
     allow_pickle: bool = False
     mode: Mode = Mode.free
     gate: float | None = None
+    maps: bool = False
+    scorer: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.run_dir, self.out, self.mode = Path(self.run_dir), Path(self.out), Mode(self.mode)
         if self.mode is Mode.both:
             raise ConfigError("--mode both is not offered for sweeps: pick free (reuses the base) or paired")
+        if (self.maps or self.scorer) and self.mode is not Mode.paired:
+            raise ConfigError("--maps and --scorer need the base's velocities and images next to each checkpoint's: add "
+                              "--mode paired (each checkpoint then also samples free mode for the image signals)")
+
+    @property
+    def where(self) -> bool:
+        """Each checkpoint also gets maps, grid score and image signals (compare --mode both --maps)."""
+        return self.maps or self.scorer is not None
 
 
 def find_training_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -81,7 +93,7 @@ def find_training_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 def _fingerprint(config: SweepConfig, path: Path, extra) -> str:
     ckpt = find_checkpoint(path, "TUNED", config.adapter, config.allow_pickle)
-    stable = {k: v for k, v in config.to_dict().items() if k in PROBE_FIELDS or k in ("mode", "adapter", "base")}
+    stable = {k: v for k, v in config.to_dict().items() if k in PROBE_FIELDS or k in ("mode", "adapter", "base", "maps", "scorer")}
     text = json.dumps([stable, ckpt.identity(), extra], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -89,9 +101,10 @@ def _fingerprint(config: SweepConfig, path: Path, extra) -> str:
 def _row(step: int, path: Path, summary: dict, gate: float | None) -> dict:
     regions = summary["regions"]
     value = summary["inflation"]
-    return {"step": step, "checkpoint": str(path), "inflation": value, "ci_lo": summary["inflation_ci"][0],
-            "ci_hi": summary["inflation_ci"][1], "hinge_rate": summary["hinge_rate"], **regions,
-            "nonfinite": summary["nonfinite"], "crosses_gate": bool(gate is not None and value is not None and value > gate)}
+    row = {"step": step, "checkpoint": str(path), "inflation": value, "ci_lo": summary["inflation_ci"][0],
+           "ci_hi": summary["inflation_ci"][1], "hinge_rate": summary["hinge_rate"], **regions,
+           "nonfinite": summary["nonfinite"], "crosses_gate": bool(gate is not None and value is not None and value > gate)}
+    return {**row, **where_columns(summary)}
 
 
 def _base_reference(config: SweepConfig, source: str, reporter: Reporter):
@@ -113,7 +126,7 @@ def _base_reference(config: SweepConfig, source: str, reporter: Reporter):
 def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame:
     """Compare every checkpoint of ``config.run_dir`` with the base; returns (and writes) the sweep table."""
     from normscope.commands.check import measure_against_reference
-    from normscope.commands.compare import CompareResult, compare
+    from normscope.commands.compare import CompareResult, compare, write_where
 
     reporter = reporter or SilentReporter()
     checkpoints = find_training_checkpoints(config.run_dir)
@@ -151,12 +164,15 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame
         else:
             fields = {k: getattr(config, k) for k in PROBE_FIELDS}
             result = compare(CompareConfig(base=config.base, tuned=str(path), pipeline=source, adapter=config.adapter,
-                                           allow_pickle=config.allow_pickle, mode=Mode.paired, dtype=config.dtype,
+                                           allow_pickle=config.allow_pickle,
+                                           mode=Mode.both if config.where else Mode.paired, maps=config.maps,
+                                           scorer=config.scorer, dtype=config.dtype,
                                            device=config.device, batch_size=config.batch_size, **fields), reporter)
             if result is None:  # not the main process: compare gathered the numbers on the main one
                 continue
             result.summary["config"]["sweep_fingerprint"] = fingerprint
             write_run(result, run_dir, figure=False)
+            write_where(result, run_dir)
             summary = result.summary
         rows.append(_row(step, path, summary, config.gate))
         if main:
@@ -167,7 +183,8 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame
 
 
 def _write_table(config: SweepConfig, rows: list[dict]) -> pd.DataFrame:
-    table = pd.DataFrame(rows, columns=list(COLUMNS)).sort_values("step").reset_index(drop=True)
+    extra = [c for row in rows for c in row if c not in COLUMNS]
+    table = pd.DataFrame(rows, columns=list(dict.fromkeys([*COLUMNS, *extra]))).sort_values("step").reset_index(drop=True)
     table.to_csv(config.out / SWEEP_CSV, index=False, lineterminator="\n")
     crossing = table[table["crosses_gate"]]
     meta = {"run_dir": str(config.run_dir), "mode": config.mode.value, "gate": config.gate,
@@ -178,4 +195,8 @@ def _write_table(config: SweepConfig, rows: list[dict]) -> pd.DataFrame:
     from normscope.render.figures import save_sweep_figure
 
     save_sweep_figure(table, config.gate, config.out / SWEEP_PNG)
+    if "grid_score" in table or any(c.endswith("_diff") for c in table):
+        from normscope.render.maps_figures import save_sweep_where
+
+        save_sweep_where(table, config.out / SWEEP_WHERE_PNG)
     return table

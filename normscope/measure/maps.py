@@ -337,3 +337,16 @@ def maps_observer(pipe, family, height: int | None, width: int | None, drive: st
     """The observer ``compare --maps`` attaches for one pipeline call."""
     layout, packed_patch, period = latent_geometry(pipe, family)
     return MapsObserver(layout, period, drive, packed_patch=packed_patch, grid=latent_grid(pipe, height, width))
+
+
+def where_columns(summary: dict) -> dict:
+    """compare --maps numbers as sweep columns: grid score with CI, each image signal's tuned - base."""
+    out = {}
+    maps = summary.get("maps")
+    if maps:
+        ci = maps["grid_score_ci"] or [None, None]
+        out.update({"grid_score": maps["grid_score"], "grid_lo": ci[0], "grid_hi": ci[1]})
+    for row in (summary.get("image_signals") or {}).get("signals", []):
+        name = "pixel_grid_score" if row["signal"] == "grid_score" else f"{row['signal']}_diff"
+        out[name] = row["difference"]
+    return out

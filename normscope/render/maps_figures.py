@@ -97,3 +97,42 @@ def channel_ratio(maps) -> object | None:
         ax.set_title("per-channel ratio")
         ax.legend(frameon=False)
         return fig
+
+
+def save_sweep_where(table, path):
+    """sweep_where.png: inflation, grid score and image signals per checkpoint, to see which moves first.
+
+    Left: inflation (%) and, on its own axis, the grid score with its CI. Right: each image signal's
+    tuned - base divided by its largest magnitude over the sweep, so signals of different units share an axis.
+    """
+    steps = table["step"].to_numpy()
+    signals = [c for c in table.columns if c.endswith("_diff")]
+    with style() as plt:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(DOUBLE, 2.4))
+        fig.subplots_adjust(wspace=0.45)
+        left.plot(steps, table["inflation"].astype(float) * 100, color=OKABE_ITO[1], marker="o", label="inflation")
+        left.set_xlabel("training step")
+        left.set_ylabel("inflation (%)", color=OKABE_ITO[1])
+        if "grid_score" in table:
+            twin = left.twinx()
+            grid = table["grid_score"].astype(float).to_numpy()
+            twin.plot(steps, grid, color=OKABE_ITO[0], marker="s", label="grid score")
+            twin.fill_between(steps, table["grid_lo"].astype(float), table["grid_hi"].astype(float), color=OKABE_ITO[0],
+                              alpha=0.2, linewidth=0)
+            twin.set_ylabel("grid score (1 = no grid)", color=OKABE_ITO[0])
+            twin.spines["right"].set_visible(True)
+        left.set_title("inflation and grid score")
+        for i, column in enumerate(signals):
+            values = table[column].astype(float).to_numpy()
+            scale = np.nanmax(np.abs(values)) if np.isfinite(values).any() else 1.0
+            right.plot(steps, values / (scale or 1.0), color=OKABE_ITO[i % len(OKABE_ITO)], marker=".",
+                       label=column.removesuffix("_diff").replace("_", " "))
+        right.axhline(0, color="0.5", linewidth=0.6)
+        right.set_xlabel("training step")
+        right.set_ylabel("tuned − base / max |tuned − base|")
+        right.set_title("image signals")
+        if signals:
+            right.legend(frameon=False, fontsize=5, ncol=2)
+        fig.savefig(path, dpi=200, bbox_inches="tight", metadata={"Software": None})
+        plt.close(fig)
+    return path

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 SIGNAL_LABELS = {
     "out_of_range": ("out of range (pre-clip)", "%"), "saturation": ("saturation", ""),
     "colourfulness": ("colourfulness", ""), "brightness": ("brightness", ""),
@@ -51,3 +53,51 @@ def render_where(summary: dict, console) -> None:
             table.add_row(label, fmt(row["base"], unit), fmt(row["tuned"], unit), fmt(row["difference"], unit, signed),
                           f"[{fmt(lo, unit, signed)}, {fmt(hi, unit, signed)}]")
         console.print(table)
+
+
+def render_demo_where(result: dict, console) -> None:
+    """``normscope demo``: grid score and image signals of each RL checkpoint next to its inflation."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title="where it lives: grid score (latent) and image signals, tuned − base (free mode)",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    columns = (("grid score [95% CI]", None), ("reward", "score_diff"), ("out of range", "out_of_range_diff"),
+               ("saturation", "saturation_diff"), ("edges", "edge_density_diff"), ("high freq", "high_freq_energy_diff"),
+               ("pixel grid", "pixel_grid_score"))
+    table.add_column("model")
+    for name, _ in columns:
+        table.add_column(name, justify="right", no_wrap=True)
+    for row in result["rows"][1:]:
+        grid = "n/a" if row.get("grid_score") is None else f"{row['grid_score']:.2f} [{fmt(row['grid_lo'])}, {fmt(row['grid_hi'])}]"
+        cells = [grid]
+        for _, key in columns[1:]:
+            unit = "%" if key in ("out_of_range_diff", "edge_density_diff", "high_freq_energy_diff") else ""
+            cells.append(fmt(row.get(key), unit, signed=key != "pixel_grid_score"))
+        table.add_row(row["model"], *cells)
+    console.print(table)
+    console.print(f"maps, spectra and the image-signal table of every checkpoint: {result['report']}")
+
+
+def render_sweep_where(table, console) -> None:
+    """``sweep --maps``: grid score and image signals per checkpoint, next to inflation (which moves first?)."""
+    from rich.table import Table
+
+    signals = [c for c in table.columns if c.endswith("_diff") or c == "pixel_grid_score"]
+    if "grid_score" not in table and not signals:
+        return
+    view = Table(title="grid score and image signals over the training run (tuned − base)", title_justify="left")
+    for name in ("step", "inflation", "grid score", "95% CI", *(s.removesuffix("_diff").replace("_", " ") for s in signals)):
+        view.add_column(name, justify="right")
+    def cell(row, key, unit=""):
+        v = row.get(key)
+        return fmt(None if v is None or v != v else v, unit, signed=key.endswith("_diff") or key == "inflation")
+
+    for row in table.to_dict(orient="records"):
+        value = functools.partial(cell, row)
+        cells = [str(row["step"]), value("inflation", "%"), value("grid_score"),
+                 f"[{value('grid_lo')}, {value('grid_hi')}]"]
+        cells += [value(s, "%" if s.removesuffix("_diff") in ("out_of_range", "edge_density", "high_freq_energy") else "")
+                  for s in signals]
+        view.add_row(*cells)
+    console.print(view)
