@@ -32,7 +32,7 @@ from normscope.measure.distributed import is_main_process
 
 app = typer.Typer(
     name="normscope",
-    help="Measure velocity-norm inflation of RL-tuned flow-matching image generators (SD3, FLUX).",
+    help="Measure velocity-norm inflation of RL-tuned flow-matching image generators (SD3, FLUX.1/2, Qwen-Image, Z-Image; normscope presets lists trainers' settings).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -50,8 +50,10 @@ PipelineOpt = Annotated[str | None, typer.Option("--pipeline", help="Diffusers p
 PromptsFileOpt = Annotated[Path | None, typer.Option("--prompts", help="Prompt file: .txt (one per line), .jsonl or .csv with a 'prompt' field. Default: the shipped set of 40 prompts.", rich_help_panel="Probe")]
 PromptOpt = Annotated[list[str] | None, typer.Option("--prompt", help="A prompt; repeat for several (added to --prompts).", rich_help_panel="Probe")]
 SeedsOpt = Annotated[str, typer.Option("--seeds", help="Seeds, comma-separated or a range: 0,1,2,3 or 0-7.", rich_help_panel="Probe")]
-StepsOpt = Annotated[int, typer.Option("--steps", help="Denoising steps.", rich_help_panel="Probe")]
-GuidanceOpt = Annotated[float | None, typer.Option("--guidance", help="CFG scale (SD3) or guidance embedding (FLUX). Default: the pipeline's.", rich_help_panel="Probe")]
+StepsOpt = Annotated[int | None, typer.Option("--steps", help=f"Denoising steps. Default: the preset's, else {DEFAULT_STEPS}.", rich_help_panel="Probe")]
+GuidanceOpt = Annotated[float | None, typer.Option("--guidance", help="Guidance scale, sent to the family's guidance argument: CFG scale (SD3, Z-Image, FLUX.2-klein base), guidance embedding (FLUX.1, Kontext, FLUX.2), true_cfg_scale (Qwen-Image). Default: the preset's, else the pipeline's.", rich_help_panel="Probe")]
+TrueCfgOpt = Annotated[float | None, typer.Option("--true-cfg-scale", help="FLUX.1 / Kontext true CFG scale: above 1 it runs a negative-prompt call per step (negative prompt \" \" unless --negative-prompt). Default: off.", rich_help_panel="Probe")]
+PresetOpt = Annotated[str | None, typer.Option("--preset", help="A trainer's evaluation setting (steps, guidance, size); explicit options override it. List: normscope presets.", rich_help_panel="Probe")]
 HeightOpt = Annotated[int | None, typer.Option("--height", help="Image height in pixels. Default: the pipeline's.", rich_help_panel="Probe")]
 WidthOpt = Annotated[int | None, typer.Option("--width", help="Image width in pixels. Default: the pipeline's.", rich_help_panel="Probe")]
 NegativeOpt = Annotated[str | None, typer.Option("--negative-prompt", help="Negative prompt. Default: the pipeline's (\"\" for SD3).", rich_help_panel="Probe")]
@@ -82,11 +84,12 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return tuple(seeds)
 
 
-def probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, negative_prompt, max_sequence_length) -> dict:
+def probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, negative_prompt, max_sequence_length,
+                 true_cfg_scale=None, preset=None) -> dict:
     """The probe options shared by compare, profile and sweep, as ProbeConfig fields."""
     return dict(prompts_file=prompts_file, prompts=tuple(prompt or ()), seeds=parse_seeds(seeds), steps=steps,
                 guidance=guidance, height=height, width=width, negative_prompt=negative_prompt,
-                max_sequence_length=max_sequence_length)
+                max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale, preset=preset)
 
 
 class RichReporter:
@@ -182,8 +185,10 @@ def compare(
     prompts_file: PromptsFileOpt = None,
     prompt: PromptOpt = None,
     seeds: SeedsOpt = ",".join(map(str, DEFAULT_SEEDS)),
-    steps: StepsOpt = DEFAULT_STEPS,
+    preset: PresetOpt = None,
+    steps: StepsOpt = None,
     guidance: GuidanceOpt = None,
+    true_cfg_scale: TrueCfgOpt = None,
     height: HeightOpt = None,
     width: WidthOpt = None,
     negative_prompt: NegativeOpt = None,
@@ -214,7 +219,8 @@ def compare(
             base=base, tuned=tuned, adapter=adapter, allow_pickle=allow_pickle, pipeline=pipeline, mode=mode, drive=drive,
             dtype=dtype, device=device, batch_size=batch_size, out=out, save_images=save_images, offload=offload,
             maps=maps, scorer=scorer,
-            **probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, negative_prompt, max_sequence_length),
+            **probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, negative_prompt, max_sequence_length,
+                           true_cfg_scale, preset),
         )
         if not is_main_process():  # launched on several processes: the main one reports
             run_compare(config)
@@ -234,8 +240,10 @@ def profile(
     prompts_file: PromptsFileOpt = None,
     prompt: PromptOpt = None,
     seeds: SeedsOpt = ",".join(map(str, DEFAULT_SEEDS)),
-    steps: StepsOpt = DEFAULT_STEPS,
+    preset: PresetOpt = None,
+    steps: StepsOpt = None,
     guidance: GuidanceOpt = None,
+    true_cfg_scale: TrueCfgOpt = None,
     height: HeightOpt = None,
     width: WidthOpt = None,
     negative_prompt: NegativeOpt = None,
@@ -256,7 +264,8 @@ def profile(
         config = ProfileConfig(
             base=base, out=out, pipeline=pipeline, dtype=dtype, device=device, batch_size=batch_size,
             allow_pickle=allow_pickle, dtype_check=dtype_check,
-            **probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, negative_prompt, max_sequence_length),
+            **probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, negative_prompt, max_sequence_length,
+                           true_cfg_scale, preset),
         )
         if not is_main_process():  # launched on several processes: the main one reports
             run_profile(config)
@@ -283,8 +292,10 @@ def check(
     prompts_file: PromptsFileOpt = None,
     prompt: PromptOpt = None,
     seeds: Annotated[str | None, typer.Option("--seeds", help="Seeds (live default 0,1; with --reference: the stored ones, and others are refused).", rich_help_panel="Probe")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps (live default 28; with --reference: the stored value).", rich_help_panel="Probe")] = None,
+    preset: Annotated[str | None, typer.Option("--preset", help="Live check only: a trainer's evaluation setting (steps, guidance, size); explicit options override it. List: normscope presets.", rich_help_panel="Probe")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps (live default: the preset's, else 28; with --reference: the stored value).", rich_help_panel="Probe")] = None,
     guidance: GuidanceOpt = None,
+    true_cfg_scale: TrueCfgOpt = None,
     height: HeightOpt = None,
     width: WidthOpt = None,
     negative_prompt: NegativeOpt = None,
@@ -307,7 +318,8 @@ def check(
             paths=tuple(paths), reference=reference, max_inflation=max_inflation, pipeline=pipeline, adapter=adapter,
             allow_pickle=allow_pickle, prompts_file=prompts_file, prompts=tuple(prompt or ()),
             seeds=None if seeds is None else parse_seeds(seeds), steps=steps, guidance=guidance, height=height,
-            width=width, negative_prompt=negative_prompt, max_sequence_length=max_sequence_length, mode=mode,
+            width=width, negative_prompt=negative_prompt, max_sequence_length=max_sequence_length,
+            true_cfg_scale=true_cfg_scale, preset=preset, mode=mode,
             dtype=dtype, device=device, batch_size=batch_size, max_grid_score=max_grid_score,
         )
         if not is_main_process():  # launched on several processes: the main one reports
@@ -336,8 +348,10 @@ def sweep(
     prompts_file: PromptsFileOpt = None,
     prompt: PromptOpt = None,
     seeds: SeedsOpt = ",".join(map(str, DEFAULT_SEEDS)),
-    steps: StepsOpt = DEFAULT_STEPS,
+    preset: PresetOpt = None,
+    steps: StepsOpt = None,
     guidance: GuidanceOpt = None,
+    true_cfg_scale: TrueCfgOpt = None,
     height: HeightOpt = None,
     width: WidthOpt = None,
     negative_prompt: NegativeOpt = None,
@@ -360,7 +374,8 @@ def sweep(
         config = SweepConfig(
             run_dir=run_dir, out=out, base=base, pipeline=pipeline, adapter=adapter, allow_pickle=allow_pickle,
             mode=mode, gate=gate, dtype=dtype, device=device, batch_size=batch_size, maps=maps, scorer=scorer,
-            **probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, negative_prompt, max_sequence_length),
+            **probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, negative_prompt, max_sequence_length,
+                           true_cfg_scale, preset),
         )
         if not is_main_process():  # launched on several processes: the main one reports
             run_sweep(config)
@@ -378,6 +393,29 @@ def sweep(
             render_sweep(table, gate, console)
             render_sweep_where(table, console)
         err.print(f"wrote {out}/sweep.csv, sweep.json, sweep.png and one run folder per checkpoint")
+
+
+@app.command()
+def presets(
+    family: Annotated[str | None, typer.Option("--family", help="Only the presets of this family (sd3, flux, flux-kontext, flux2, flux2-klein, qwen-image, qwen-image-edit, z-image).")] = None,
+    fmt: Annotated[OutputFormat, typer.Option("--format", help="table (default), json or csv.")] = OutputFormat.table,
+) -> None:
+    """List the --preset settings (trainers' evaluation steps, guidance, size) with their sources."""
+    with cli_errors():
+        from normscope.commands.presets import PresetsConfig, list_presets
+        from normscope.render.presets import render_presets
+
+        rows = list_presets(PresetsConfig(family=family))
+        if fmt is OutputFormat.json:
+            sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        elif fmt is OutputFormat.csv:
+            import csv
+
+            writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else ["name"], lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+        else:
+            render_presets(rows, stdout_console())
 
 
 @app.command()

@@ -57,6 +57,8 @@ class CheckConfig:
     width: int | None = None
     negative_prompt: str | None = None
     max_sequence_length: int | None = None
+    true_cfg_scale: float | None = None
+    preset: str | None = None
     mode: Mode = Mode.paired
     dtype: DType = DType.auto
     device: Device = Device.auto
@@ -75,6 +77,8 @@ class CheckConfig:
             raise ConfigError("a live check needs --max-inflation (e.g. 0.05), or --reference DIR to use its suggested gate")
         if self.max_inflation is not None and not 0 <= self.max_inflation < 10:
             raise ConfigError(f"--max-inflation {self.max_inflation} is a fraction (0.05 = 5 %), not a percentage")
+        if self.reference is not None and self.preset is not None:
+            raise ConfigError("--preset does not apply with --reference: the stored probe settings are used")
         if self.reference is not None and self.mode is not Mode.paired:
             raise ConfigError("--mode does not apply with --reference: a stored-reference check is free mode by construction")
         if self.max_grid_score is not None:
@@ -88,7 +92,8 @@ class CheckConfig:
         """The probe options the user set explicitly."""
         values = {"prompts_file": self.prompts_file, "prompts": self.prompts or None, "seeds": self.seeds,
                   "steps": self.steps, "guidance": self.guidance, "height": self.height, "width": self.width,
-                  "negative_prompt": self.negative_prompt, "max_sequence_length": self.max_sequence_length}
+                  "negative_prompt": self.negative_prompt, "max_sequence_length": self.max_sequence_length,
+                  "true_cfg_scale": self.true_cfg_scale, "preset": self.preset}
         return {k: v for k, v in values.items() if v is not None}
 
 
@@ -152,7 +157,7 @@ def _contradictions(reference: Reference, config: CheckConfig) -> list[str]:
     for name, value in config.set_probe().items():
         if name in ("prompts_file", "prompts"):
             continue
-        stored_value = stored[name]
+        stored_value = stored.get(name)
         if isinstance(value, tuple):
             value = list(value)
         if value != stored_value:

@@ -155,7 +155,7 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
     if config.base:
         checkpoints.append(find_checkpoint(config.base, "BASE", allow_pickle=config.allow_pickle))
 
-    check_family_inputs(source, [(config.tuned, "TUNED"), (config.base, "BASE")], config.preset)
+    check_family_inputs(source, [(config.tuned, "TUNED"), (config.base, "BASE")], config)
 
     pipe = load_pipeline(source, dtype, device)
     family = family_for(type(pipe).__name__)

@@ -29,13 +29,14 @@ from normscope.load import (
     load_pipeline,
     resolve_dtype,
 )
-from normscope.load.pipeline import quiet_loading
+from normscope.load.pipeline import check_family_inputs, quiet_loading
 from normscope.measure.capture import GUIDED, CallRecord
 from normscope.measure.distributed import current_processes
 from normscope.measure.prompts import Sample, make_samples, resolve_prompts
 from normscope.measure.sampling import (
     Reporter,
     SilentReporter,
+    default_settings_note,
     resolve_run_device,
     resolved_sampling,
     run_model_batches,
@@ -55,7 +56,7 @@ MIN_SAMPLES = 16
 TAU_PERCENTILE = 95
 # Probe fields a check must not contradict; hardware fields (device, dtype, batch size) may differ.
 PROBE_FIELDS = ("prompts_file", "prompts", "seeds", "steps", "guidance", "height", "width", "negative_prompt",
-                "max_sequence_length")
+                "max_sequence_length", "true_cfg_scale")
 
 
 @dataclass(kw_only=True)
@@ -230,6 +231,7 @@ def profile(config: ProfileConfig, reporter: Reporter | None = None) -> Referenc
     device, kind = resolve_run_device(config.device)
     dtype = resolve_dtype(config.dtype, kind)
     source = find_pipeline_source(config.base, None, config.pipeline)
+    check_family_inputs(source, [(config.base, "BASE")], config)
     base_ckpt = None if Path(config.base).resolve() == Path(source).resolve() else find_checkpoint(config.base, "BASE", allow_pickle=config.allow_pickle)
     if base_ckpt is not None and base_ckpt.is_lora:
         raise InputError(f"BASE {config.base} is a LoRA: profile the model a LoRA was trained from (the pipeline)")
@@ -241,6 +243,9 @@ def profile(config: ProfileConfig, reporter: Reporter | None = None) -> Referenc
     base, _ = load_base(pipe, config.base, source, config.allow_pickle)
     record = _run(pipe, base, config, samples, reporter)
     resolved = resolved_sampling(pipe, config)
+    defaults_note = default_settings_note(pipe, config)
+    if defaults_note:
+        reporter.note(defaults_note)
     weights_files = list(base_ckpt.files) if base_ckpt else sorted((Path(source) / "transformer").glob("*")) if Path(source).is_dir() else []
 
     guided = _norm_matrix(record, GUIDED)
@@ -319,7 +324,7 @@ def probe_from_reference(reference: Reference, device: Device, dtype: DType, bat
         prompts=tuple(s["prompt"] for s in _unique_prompts(reference.meta["samples"])), seeds=tuple(stored["seeds"]),
         steps=stored["steps"], guidance=stored["guidance"], height=stored["height"], width=stored["width"],
         negative_prompt=stored["negative_prompt"], max_sequence_length=stored["max_sequence_length"],
-        device=device, dtype=dtype, batch_size=batch_size,
+        true_cfg_scale=stored.get("true_cfg_scale"), device=device, dtype=dtype, batch_size=batch_size,
     )
 
 

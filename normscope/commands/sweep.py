@@ -31,6 +31,7 @@ from normscope.commands.profile import (
 from normscope.config import CompareConfig, Mode, ProbeConfig
 from normscope.errors import ConfigError, InputError
 from normscope.load import find_checkpoint, find_pipeline_source, load_pipeline, resolve_dtype
+from normscope.load.pipeline import check_family_inputs
 from normscope.measure.distributed import current_processes
 from normscope.measure.maps import where_columns
 from normscope.measure.sampling import Reporter, SilentReporter, resolve_run_device
@@ -133,6 +134,7 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame
     for _, path in checkpoints:  # bad checkpoints fail now, not after an hour
         find_checkpoint(path, "TUNED", config.adapter, config.allow_pickle)
     source = find_pipeline_source(config.base, str(config.run_dir), config.pipeline)
+    check_family_inputs(source, [(config.base, "BASE")] + [(str(p), "TUNED") for _, p in checkpoints], config)
     config.out.mkdir(parents=True, exist_ok=True)
     reference = _base_reference(config, source, reporter) if config.mode is Mode.free else None
     device, kind = resolve_run_device(config.device)

@@ -127,10 +127,11 @@ def _p(name: str, family: str, steps: int, guidance: float, argument: str, size:
     return Preset(name=name, family=family, steps=steps, guidance=guidance, argument=argument, size=size, source=source)
 
 
-FLOW_GRPO = "flow_grpo eval config (ECOSYSTEM.md trainer table)"
-FLOW_FACTORY = "Flow-Factory eval config (ECOSYSTEM.md trainer table)"
-PREF_GRPO = "Pref-GRPO eval config (ECOSYSTEM.md trainer table)"
-TEMPFLOW = "TempFlow-GRPO eval config (ECOSYSTEM.md trainer table)"
+# Sources: the trainers' evaluation configs as gathered in ECOSYSTEM.md ("Model families the RL trainers tune").
+FLOW_GRPO = "flow_grpo eval config"
+FLOW_FACTORY = "Flow-Factory eval config"
+PREF_GRPO = "Pref-GRPO eval config"
+TEMPFLOW = "TempFlow-GRPO eval config"
 
 FAMILIES: tuple[Family, ...] = (
     Family(
@@ -139,14 +140,14 @@ FAMILIES: tuple[Family, ...] = (
         calls=BATCHED, combine=LINEAR, guidance_arg=GUIDANCE_SCALE,
         extra_call_kwarg="skip_layers", extra_scale_arg="skip_layer_guidance_scale",
         presets=(
-            _p("flow_grpo-sd3.5m", "sd3", 40, 4.5, GUIDANCE_SCALE, 512, FLOW_GRPO + ": SD3.5-M 40 steps, CFG 4.5, 512 px"),
-            _p("flow_grpo-sd3.5m-nocfg", "sd3", 40, 1.0, GUIDANCE_SCALE, 512, FLOW_GRPO + ": SD3.5-M 'nocfg' 40 steps, CFG 1.0"),
+            _p("flow_grpo-sd3.5m", "sd3", 40, 4.5, GUIDANCE_SCALE, 512, FLOW_GRPO + " (SD3.5-M)"),
+            _p("flow_grpo-sd3.5m-nocfg", "sd3", 40, 1.0, GUIDANCE_SCALE, 512, FLOW_GRPO + " (SD3.5-M 'nocfg')"),
             _p("diffusionnft-sd3.5m", "sd3", 40, 1.0, GUIDANCE_SCALE, 512,
-               "DiffusionNFT eval (ECOSYSTEM.md): SD3.5-M 40 steps, CFG 1.0 (trained without CFG), 512 px"),
+               "DiffusionNFT eval config (SD3.5-M, trained without CFG)"),
             _p("awm-sd3.5m", "sd3", 40, 1.0, GUIDANCE_SCALE, 512,
-               "AWM eval (ECOSYSTEM.md): SD3.5-M 40 steps, CFG 1.0 (trained without CFG), 512 px"),
-            _p("flow-factory-sd3.5", "sd3", 40, 4.5, GUIDANCE_SCALE, None, FLOW_FACTORY + ": SD3.5 40 steps, CFG 4.5"),
-            _p("tempflow-grpo-sd3.5m", "sd3", 40, 4.5, GUIDANCE_SCALE, None, TEMPFLOW + ": SD3.5-M 40 steps, CFG 4.5"),
+               "AWM eval config (SD3.5-M, trained without CFG)"),
+            _p("flow-factory-sd3.5", "sd3", 40, 4.5, GUIDANCE_SCALE, None, FLOW_FACTORY + " (SD3.5)"),
+            _p("tempflow-grpo-sd3.5m", "sd3", 40, 4.5, GUIDANCE_SCALE, None, TEMPFLOW + " (SD3.5-M)"),
         ),
     ),
     Family(
@@ -155,10 +156,10 @@ FAMILIES: tuple[Family, ...] = (
         calls=DISTILLED, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, true_cfg_arg=TRUE_CFG_SCALE,
         needs_negative_prompt=True, latent_layout="packed", patch_size=2,
         presets=(
-            _p("flow_grpo-flux1-dev", "flux", 28, 3.5, GUIDANCE_SCALE, None, FLOW_GRPO + ": FLUX.1-dev 28 steps, guidance 3.5"),
-            _p("flow-factory-flux1-dev", "flux", 20, 3.5, GUIDANCE_SCALE, None, FLOW_FACTORY + ": FLUX.1 20 steps, guidance 3.5"),
-            _p("pref-grpo-flux1-dev", "flux", 30, 3.5, GUIDANCE_SCALE, None, PREF_GRPO + ": FLUX 30 steps, guidance 3.5"),
-            _p("tempflow-grpo-flux1-dev", "flux", 50, 3.5, GUIDANCE_SCALE, None, TEMPFLOW + ": FLUX.1-dev 50 steps, guidance 3.5"),
+            _p("flow_grpo-flux1-dev", "flux", 28, 3.5, GUIDANCE_SCALE, None, FLOW_GRPO + " (FLUX.1-dev)"),
+            _p("flow-factory-flux1-dev", "flux", 20, 3.5, GUIDANCE_SCALE, None, FLOW_FACTORY + " (FLUX.1)"),
+            _p("pref-grpo-flux1-dev", "flux", 30, 3.5, GUIDANCE_SCALE, None, PREF_GRPO + " (FLUX)"),
+            _p("tempflow-grpo-flux1-dev", "flux", 50, 3.5, GUIDANCE_SCALE, None, TEMPFLOW + " (FLUX.1-dev)"),
         ),
     ),
     Family(
@@ -167,8 +168,8 @@ FAMILIES: tuple[Family, ...] = (
         calls=DISTILLED, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, true_cfg_arg=TRUE_CFG_SCALE,
         needs_negative_prompt=True, reference_tokens=True, latent_layout="packed", patch_size=2,
         presets=(
-            _p("flow_grpo-kontext", "flux-kontext", 28, 2.5, GUIDANCE_SCALE, None, FLOW_GRPO + ": Kontext 28 steps, guidance 2.5"),
-            _p("flow-factory-kontext", "flux-kontext", 20, 2.5, GUIDANCE_SCALE, None, FLOW_FACTORY + ": Kontext 20 steps, guidance 2.5"),
+            _p("flow_grpo-kontext", "flux-kontext", 28, 2.5, GUIDANCE_SCALE, None, FLOW_GRPO + " (Kontext)"),
+            _p("flow-factory-kontext", "flux-kontext", 20, 2.5, GUIDANCE_SCALE, None, FLOW_FACTORY + " (Kontext)"),
         ),
     ),
     Family(
@@ -183,9 +184,9 @@ FAMILIES: tuple[Family, ...] = (
         calls=SEPARATE, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, reference_tokens=True,
         latent_layout="packed", patch_size=2,
         presets=(
-            _p("flow-factory-klein", "flux2-klein", 10, 1.0, GUIDANCE_SCALE, None, FLOW_FACTORY + ": klein 10 steps, guidance 1"),
-            _p("flow-factory-klein-base", "flux2-klein", 28, 4.0, GUIDANCE_SCALE, None, FLOW_FACTORY + ": klein-base 28 steps, CFG 4"),
-            _p("pref-grpo-klein", "flux2-klein", 50, 4.0, GUIDANCE_SCALE, None, PREF_GRPO + ": klein 50 steps, CFG 4"),
+            _p("flow-factory-klein", "flux2-klein", 10, 1.0, GUIDANCE_SCALE, None, FLOW_FACTORY + " (klein)"),
+            _p("flow-factory-klein-base", "flux2-klein", 28, 4.0, GUIDANCE_SCALE, None, FLOW_FACTORY + " (klein-base)"),
+            _p("pref-grpo-klein", "flux2-klein", 50, 4.0, GUIDANCE_SCALE, None, PREF_GRPO + " (klein)"),
         ),
     ),
     Family(
@@ -194,10 +195,10 @@ FAMILIES: tuple[Family, ...] = (
         calls=SEPARATE, combine=QWEN_RENORM, guidance_arg=TRUE_CFG_SCALE, needs_negative_prompt=True,
         latent_layout="packed", patch_size=2,
         presets=(
-            _p("flow_grpo-qwen-image", "qwen-image", 50, 4.0, TRUE_CFG_SCALE, None, FLOW_GRPO + ": Qwen 50 steps, true CFG 4"),
-            _p("flow-factory-qwen-image", "qwen-image", 28, 4.0, TRUE_CFG_SCALE, None, FLOW_FACTORY + ": Qwen 28 steps, true CFG 4"),
-            _p("pref-grpo-qwen-image", "qwen-image", 50, 4.0, TRUE_CFG_SCALE, None, PREF_GRPO + ": Qwen 50 steps, true CFG 4"),
-            _p("tempflow-grpo-qwen-image", "qwen-image", 50, 4.0, TRUE_CFG_SCALE, None, TEMPFLOW + ": Qwen-Image 50 steps, CFG 4"),
+            _p("flow_grpo-qwen-image", "qwen-image", 50, 4.0, TRUE_CFG_SCALE, None, FLOW_GRPO + " (Qwen)"),
+            _p("flow-factory-qwen-image", "qwen-image", 28, 4.0, TRUE_CFG_SCALE, None, FLOW_FACTORY + " (Qwen)"),
+            _p("pref-grpo-qwen-image", "qwen-image", 50, 4.0, TRUE_CFG_SCALE, None, PREF_GRPO + " (Qwen)"),
+            _p("tempflow-grpo-qwen-image", "qwen-image", 50, 4.0, TRUE_CFG_SCALE, None, TEMPFLOW + " (Qwen-Image)"),
         ),
     ),
     Family(
@@ -208,7 +209,7 @@ FAMILIES: tuple[Family, ...] = (
         reference_tokens=True, latent_layout="packed", patch_size=2,
         presets=(
             _p("flow-factory-qwen-image-edit", "qwen-image-edit", 40, 4.0, TRUE_CFG_SCALE, None,
-               FLOW_FACTORY + ": Qwen-Edit 40 steps, true CFG 4"),
+               FLOW_FACTORY + " (Qwen-Edit)"),
         ),
     ),
     Family(
@@ -218,10 +219,10 @@ FAMILIES: tuple[Family, ...] = (
         batch_order=("cond", "uncond"), input_form="list", latent_layout="list_c1hw",
         output_projection="all_final_layer.2-1.linear", cap_arg="cfg_normalization",
         presets=(
-            _p("flow-factory-z-image", "z-image", 40, 4.0, GUIDANCE_SCALE, None, FLOW_FACTORY + ": Z-Image 40 steps, CFG 4"),
+            _p("flow-factory-z-image", "z-image", 40, 4.0, GUIDANCE_SCALE, None, FLOW_FACTORY + " (Z-Image)"),
             _p("flow-factory-z-image-turbo", "z-image", 10, 0.0, GUIDANCE_SCALE, None,
-               FLOW_FACTORY + ": Z-Image-Turbo 10 steps, CFG 0"),
-            _p("pref-grpo-z-image", "z-image", 20, 3.0, GUIDANCE_SCALE, None, PREF_GRPO + ": Z-Image 20 steps, CFG 3"),
+               FLOW_FACTORY + " (Z-Image-Turbo)"),
+            _p("pref-grpo-z-image", "z-image", 20, 3.0, GUIDANCE_SCALE, None, PREF_GRPO + " (Z-Image)"),
         ),
     ),
 )

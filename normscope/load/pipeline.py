@@ -10,6 +10,7 @@ from pathlib import Path
 from normscope.config import Device, DType
 from normscope.errors import InputError
 from normscope.load.families import (
+    TRUE_CFG_SCALE,
     Family,
     check_checkpoint_config,
     check_preset,
@@ -134,16 +135,26 @@ def family_of_source(source: str) -> Family | None:
     return family_for(str(index.get("_class_name")))
 
 
-def check_family_inputs(source: str, checkpoints: list[tuple[str | None, str]], preset: str | None) -> Family | None:
-    """Before any weight loads: the pipeline's family, each checkpoint's transformer class, the preset."""
+def check_family_inputs(source: str, checkpoints: list[tuple[str | None, str]], probe=None) -> Family | None:
+    """Before any weight loads: the pipeline's family, each checkpoint's transformer class, the probe options.
+
+    ``probe`` (a ``ProbeConfig``): its preset must be of this family, and ``true_cfg_scale`` needs a family
+    with a separate true-CFG argument (FLUX.1, Kontext); Qwen-Image's true CFG scale is ``--guidance``.
+    """
     family = family_of_source(source)
     if family is None:
         return None
     for path, role in checkpoints:
         if path is not None and Path(path).exists() and Path(path).resolve() != Path(source).resolve():
             check_checkpoint_config(family, path, role)
-    if preset is not None:
-        check_preset(preset_named(preset), family)
+    if probe is None:
+        return family
+    if getattr(probe, "preset", None) is not None:
+        check_preset(preset_named(probe.preset), family)
+    if getattr(probe, "true_cfg_scale", None) is not None and family.true_cfg_arg is None:
+        fix = ("its true CFG scale is --guidance" if family.guidance_arg == TRUE_CFG_SCALE
+               else "drop --true-cfg-scale")
+        raise InputError(f"the {family.name} family has no separate true CFG option: {fix}")
     return family
 
 

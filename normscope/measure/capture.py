@@ -25,7 +25,10 @@ forward it wrapped back onto the module, so a wrapper installed after it (accele
 ``enable_model_cpu_offload`` / ``cpu_offload`` hooks also replace ``forward``) is silently dropped when
 normscope's hook is removed; torch's forward hooks live outside ``forward`` in the module's own hook
 dict, run after whatever offload/group-offload/cache wrapper computed the output, and are removed by
-their handle without touching any other wrapper (tests/test_families_capture.py shows both).
+their handle without touching any other wrapper (tests/test_families_refusals.py shows both, and that
+capture gives identical numbers under ``enable_group_offload`` and ``enable_model_cpu_offload``). Caching
+hooks (FirstBlockCache, MagCache) would see the second model's call in paired mode inside the same cache
+context; run paired mode without them.
 """
 
 from __future__ import annotations
@@ -55,8 +58,8 @@ PAIRED_STATS = ("norm_driver", "norm_other", "cosine", "mse")
 class CallRecord:
     """Everything captured from one pipeline call (one batch of samples), on the CPU.
 
-    ``stats[branch]`` has shape (steps, len(stat_names), batch); a branch absent at a step (CFG turned
-    off by ``cfg_truncation``) is NaN there. ``experts[i]`` is the label of the transformer that ran step
+    ``stats[branch]`` has shape (steps, len(stat_names), batch). On a step where a CFG run made one call
+    (Z-Image past ``cfg_truncation``) ``cond`` is that call's velocity and ``uncond``/``combined`` are NaN. ``experts[i]`` is the label of the transformer that ran step
     ``i`` ("" for one-transformer families).
     """
 
@@ -363,7 +366,9 @@ class Recorder:
         template = self._steps[0][GUIDED]
         stats = {}
         for name in names:
-            items = [s.get(name, torch.full_like(template, float("nan"))) for s in self._steps]
+            # A step without CFG (Z-Image past cfg_truncation) made one call: its velocity is the cond one.
+            items = [s.get(name, s[GUIDED] if name == COND and UNCOND not in s else torch.full_like(template, float("nan")))
+                     for s in self._steps]
             stats[name] = torch.stack(items).cpu()
         scheduler = self.pipe.scheduler
         steps = len(self._steps)

@@ -150,8 +150,9 @@ def resolved_sampling(pipe, probe: ProbeConfig, family: Family | None = None) ->
 def run_paired(pipe, driver: VelocityModel, other: VelocityModel, kwargs: dict, reporter: Reporter,
                observers: Sequence[StepObserver] = ()) -> dict[str, CallRecord]:
     """One batch in paired mode: ``driver`` samples, ``other`` is evaluated on the same inputs."""
-    with capture(pipe, driver, other, on_step=reporter.advance, call_kwargs=kwargs, observers=observers) as recorder:
-        pipe(**kwargs)
+    call = fresh_call(kwargs)
+    with capture(pipe, driver, other, on_step=reporter.advance, call_kwargs=call, observers=observers) as recorder:
+        pipe(**call)
         return {"paired": recorder.collect()}
 
 
@@ -159,6 +160,16 @@ def run_free(pipe, base: VelocityModel, tuned: VelocityModel, kwargs: dict, repo
              observers: Sequence[StepObserver] = ()) -> dict[str, CallRecord]:
     """One batch in free mode: each model samples its own trajectory from the same noise."""
     return {model.role: run_model(pipe, model, kwargs, reporter, observers) for model in (base, tuned)}
+
+
+def fresh_call(kwargs: dict) -> dict:
+    """The call's arguments with new list objects, so that no call sees another's edits.
+
+    ZImagePipeline.encode_prompt writes the chat-templated prompt back into the caller's list
+    (``prompt[i] = ...``, diffusers 0.42): a list shared between calls gets templated again on each
+    call, and the second model of free mode would sample from different text.
+    """
+    return {k: list(v) if isinstance(v, list) else v for k, v in kwargs.items()}
 
 
 def fresh_generators(generators):
@@ -174,7 +185,7 @@ def fresh_generators(generators):
 def run_model(pipe, model: VelocityModel, kwargs: dict, reporter: Reporter,
               observers: Sequence[StepObserver] = ()) -> CallRecord:
     """One batch with one model on its own trajectory (profile, and reference checks)."""
-    call = dict(kwargs, generator=fresh_generators(kwargs["generator"]))
+    call = dict(fresh_call(kwargs), generator=fresh_generators(kwargs["generator"]))
     with capture(pipe, model, on_step=reporter.advance, call_kwargs=call, observers=observers) as recorder:
         output = pipe(**call)
         record = recorder.collect()
