@@ -461,6 +461,7 @@ def inspect(
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for one compare run folder per bundled RL checkpoint and the overlay figure.")] = Path("normscope-demo"),
     fmt: Annotated[OutputFormat, typer.Option("--format", help="table (default) or json.")] = OutputFormat.table,
+    with_report: Annotated[bool, typer.Option("--report/--no-report", help="Also write DIR/report/ (report.html: maps, spectra and image signals of every checkpoint).")] = True,
 ) -> None:
     """The bundled digits model against its RL checkpoints (AWM, DiffusionNFT; with and without NormGuard)."""
     with cli_errors():
@@ -468,7 +469,7 @@ def demo(
         from normscope.render.files import render_demo
 
         with RichReporter("demo") as reporter:
-            result = run_demo(DemoConfig(out=out), reporter)
+            result = run_demo(DemoConfig(out=out, report=with_report), reporter)
         if fmt is OutputFormat.json:
             sys.stdout.write(json.dumps(result, indent=2) + "\n")
         else:

@@ -28,9 +28,13 @@ DEMO_SCORER = "normscope.builders.digits:digit_reward"  # the demo's reward, thr
 
 @dataclass(kw_only=True)
 class DemoConfig:
-    """``normscope demo --out DIR``: one compare run folder per bundled RL checkpoint, under DIR."""
+    """``normscope demo --out DIR``: one compare run folder per bundled RL checkpoint, under DIR.
+
+    ``report`` also writes DIR/report/ (report.html with the maps and spectra of every checkpoint).
+    """
 
     out: Path = Path("normscope-demo")
+    report: bool = True
 
 
 def pipeline_dir() -> Path:
@@ -97,7 +101,9 @@ def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> dict:
         series.append({"step": step, "inflation": summary["inflation"], "ci": summary["inflation_ci"]})
     fig = inflation([Run(config.out / name) for name in MODELS])
     save(fig, config.out, OVERLAY_PNG.removesuffix(".png"))
-    written = report(ReportConfig(runs=tuple(config.out / name for name in MODELS), out=config.out / REPORT_DIR,
-                                  title="normscope demo: digits model vs its RL checkpoints"))
+    html = None
+    if config.report:
+        html = str(report(ReportConfig(runs=tuple(config.out / name for name in MODELS), out=config.out / REPORT_DIR,
+                                       title="normscope demo: digits model vs its RL checkpoints"))["html"])
     return {"rows": rows, "series": {"model": series_name, "checkpoints": series}, "overlay": str(config.out / OVERLAY_PNG),
-            "report": str(written["html"])}
+            "report": html}

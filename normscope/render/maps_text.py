@@ -76,7 +76,8 @@ def render_demo_where(result: dict, console) -> None:
             cells.append(fmt(row.get(key), unit, signed=key != "pixel_grid_score"))
         table.add_row(row["model"], *cells)
     console.print(table)
-    console.print(f"maps, spectra and the image-signal table of every checkpoint: {result['report']}")
+    if result["report"]:
+        console.print(f"maps, spectra and the image-signal table of every checkpoint: {result['report']}")
 
 
 def render_sweep_where(table, console) -> None:
