@@ -220,3 +220,35 @@ def test_sweep_tracks_the_grid_score_and_image_signals(pipelines, tmp_path):
     assert (tmp_path / "sweep" / "checkpoint-30" / MAPS_FILE).is_file()
     with pytest.raises(Exception, match="--mode paired"):
         SweepConfig(run_dir=run, out=tmp_path / "x", maps=True)
+
+
+class StopAfter:
+    """A reporter that interrupts the run after ``steps`` denoising steps (as Ctrl-C would)."""
+
+    def __init__(self, steps: float) -> None:
+        self.left = steps
+        self.notes = []
+
+    def begin(self, total):
+        pass
+
+    def note(self, message):
+        self.notes.append(message)
+
+    def advance(self, steps=1):
+        self.left -= steps
+        if self.left < 0:
+            raise KeyboardInterrupt
+
+
+def test_an_interrupted_maps_run_resumes_to_the_same_numbers(scaled, flux_checkerboard, config_for, tmp_path):
+    config = config_for("flux", flux_checkerboard, mode="both", maps=True, batch_size=3, out=tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        compare(config, StopAfter(4 + 4 + 2))  # both paired batches finish, free mode is cut short
+    watcher = StopAfter(float("inf"))
+    resumed = compare(config, watcher)
+    assert any(note.startswith("resuming: 2 finished") for note in watcher.notes), watcher.notes
+    fresh = compare(config_for("flux", flux_checkerboard, mode="both", maps=True, batch_size=3, out=tmp_path / "fresh"))
+    assert resumed.summary["maps"] == fresh.summary["maps"]
+    assert resumed.summary["image_signals"] == fresh.summary["image_signals"]
+    pd.testing.assert_frame_equal(resumed.signals, fresh.signals)
