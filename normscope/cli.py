@@ -229,7 +229,9 @@ def compare(
             result = run_compare(config, reporter)
         emit(result, fmt)
         if out is not None:
-            err.print(f"wrote {out}/norms.csv, summary.json, profile.png")
+            where = "".join(f", {name}" for name, made in (("maps.safetensors", result.maps is not None),
+                                                           ("image_signals.csv", result.signals is not None)) if made)
+            err.print(f"wrote {out}/norms.csv, summary.json, profile.png{where}")
 
 
 @app.command()
