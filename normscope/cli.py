@@ -119,7 +119,7 @@ class RichReporter:
         self.progress.advance(self.task, steps)
 
     def note(self, message: str) -> None:
-        self.progress.console.print(f"[cyan]note:[/cyan] {message}")
+        self.progress.console.print(f"[cyan]note:[/cyan] {message}", highlight=False, soft_wrap=True)  # one line each
 
     def __enter__(self) -> RichReporter:
         self.progress.start()

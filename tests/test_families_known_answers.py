@@ -170,3 +170,19 @@ def test_summary_records_the_guidance_argument_and_the_preset(folders, scaled_fa
     assert resolved["family"] == "qwen-image" and resolved["guidance_argument"] == "true_cfg_scale"
     assert resolved["guidance"] == 4.0 and resolved["preset"] == "flow_grpo-qwen-image"
     assert result.summary["config"]["steps"] == 2  # explicit options override the preset's 50
+
+
+@pytest.mark.parametrize("key", ["QwenImagePipeline", "ZImagePipeline"])
+def test_batch_size_does_not_change_the_numbers(key, folders, scaled_family):
+    """Same noise and inputs per sample whatever the batch (two calls per step; list inputs)."""
+    folder = folders(key)
+
+    def frame(batch_size):
+        return compare(CompareConfig(base=str(folder), tuned=str(scaled_family(key)), pipeline=str(folder),
+                                     prompts=PROMPTS, seeds=(0,), device="cpu", dtype="float32", guidance=4.0,
+                                     batch_size=batch_size, mode="both", **SIZE)).frame
+
+    one, three = frame(1), frame(3)
+    assert one[[MODE, "prompt_id", STEP, BRANCH]].equals(three[[MODE, "prompt_id", STEP, BRANCH]])
+    for column in ("norm_base", "norm_tuned", "cosine"):
+        assert np.allclose(one[column], three[column], rtol=2e-5, atol=0, equal_nan=True), column
