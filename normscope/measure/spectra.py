@@ -17,6 +17,7 @@ own device (no host sync).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -36,10 +37,19 @@ def power_2d(v: torch.Tensor) -> torch.Tensor:
 
 def radial_bins(h: int, w: int, device=None) -> tuple[torch.Tensor, int]:
     """(H, W) ring index of each FFT frequency, and the number of rings (``round(radius * min(H, W))``)."""
-    fy = torch.fft.fftfreq(h, device=device)[:, None]
-    fx = torch.fft.fftfreq(w, device=device)[None, :]
+    index, n, _ = _radial_bins(h, w, str(torch.device(device or "cpu")))
+    return index, n
+
+
+@functools.lru_cache(maxsize=32)
+def _radial_bins(h: int, w: int, device: str) -> tuple[torch.Tensor, int, torch.Tensor]:
+    # Cached per shape and device: built once per run, not per step (no per-step host work, copies or syncs).
+    fy = torch.fft.fftfreq(h)[:, None]
+    fx = torch.fft.fftfreq(w)[None, :]
     index = torch.round(torch.sqrt(fy.square() + fx.square()) * min(h, w)).long()
-    return index, int(index.max()) + 1
+    n = int(index.max()) + 1
+    count = torch.bincount(index.flatten(), minlength=n).float()
+    return index.to(device), n, count.to(device)
 
 
 def ring_frequencies(h: int, w: int) -> list[float]:
@@ -51,12 +61,10 @@ def ring_frequencies(h: int, w: int) -> list[float]:
 def radial_power(power: torch.Tensor) -> torch.Tensor:
     """(B, H, W) power -> (B, rings) mean power per ring."""
     h, w = power.shape[-2:]
-    index, n = radial_bins(h, w, power.device)
-    flat = index.flatten()
+    index, n, count = _radial_bins(h, w, str(power.device))
     total = torch.zeros(power.shape[0], n, device=power.device, dtype=power.dtype)
-    total.index_add_(1, flat, power.flatten(1))
-    count = torch.bincount(flat, minlength=n).to(power.dtype)
-    return total / count
+    total.index_add_(1, index.flatten(), power.flatten(1))
+    return total / count.to(power.dtype)
 
 
 def radial_spectrum(v: torch.Tensor) -> torch.Tensor:
@@ -69,6 +77,11 @@ def grid_masks(h: int, w: int, period: int, device=None) -> tuple[torch.Tensor, 
 
     ``None`` when ``period`` < 2 (a 1x1 patch has no patch frequency) or the field is too small to hold one.
     """
+    return _grid_masks(h, w, period, str(torch.device(device or "cpu")))
+
+
+@functools.lru_cache(maxsize=32)
+def _grid_masks(h: int, w: int, period: int, device: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     if period < 2 or h < period or w < period:
         return None
     rows = sorted({round(j * h / period) % h for j in range(period)})
@@ -91,12 +104,21 @@ def grid_masks(h: int, w: int, period: int, device=None) -> tuple[torch.Tensor, 
 
 def grid_energies(power: torch.Tensor, period: int) -> torch.Tensor | None:
     """(B, 2): mean power at the patch lattice and mean power of its neighbours, per sample."""
-    masks = grid_masks(*power.shape[-2:], period, power.device)
+    index = _grid_index(*power.shape[-2:], period, str(power.device))
+    if index is None:
+        return None
+    peaks, neighbours = index
+    flat = power.flatten(1)
+    # Integer indices, not boolean masks: masked indexing would sync the device at every step.
+    return torch.stack([flat.index_select(1, peaks).mean(dim=1), flat.index_select(1, neighbours).mean(dim=1)], dim=1)
+
+
+@functools.lru_cache(maxsize=32)
+def _grid_index(h: int, w: int, period: int, device: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    masks = _grid_masks(h, w, period, "cpu")
     if masks is None:
         return None
-    peaks, neighbours = masks
-    flat = power.flatten(1)
-    return torch.stack([flat[:, peaks.flatten()].mean(dim=1), flat[:, neighbours.flatten()].mean(dim=1)], dim=1)
+    return tuple(m.flatten().nonzero()[:, 0].to(device) for m in masks)
 
 
 def grid_score(field: torch.Tensor, period: int) -> torch.Tensor | None:
