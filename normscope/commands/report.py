@@ -172,7 +172,8 @@ def _signal_rows(runs: list[Run]) -> list[dict]:
         for row in (run.summary.get("image_signals") or {}).get("signals", []):
             label, unit = SIGNAL_LABELS.get(row["signal"], (row["signal"], ""))
             signed = row["signal"] != "grid_score"
-            rows.append({"run": run.name, "signal": label, "base": fmt(row["base"], unit), "tuned": fmt(row["tuned"], unit),
+            rows.append({"run": run.name, "signal": label, "base": fmt(row["base"], unit) if signed else "",
+                         "tuned": fmt(row["tuned"], unit) if signed else "",
                          "tuned − base": fmt(row["difference"], unit, signed),
                          "95% CI": f"[{fmt(row['ci'][0], unit, signed)}, {fmt(row['ci'][1], unit, signed)}]"})
     return rows

@@ -50,7 +50,8 @@ def render_where(summary: dict, console) -> None:
             label, unit = SIGNAL_LABELS.get(row["signal"], (row["signal"], ""))
             lo, hi = row["ci"]
             signed = row["signal"] != "grid_score"  # already a tuned-vs-base quantity, ~1 = nothing
-            table.add_row(label, fmt(row["base"], unit), fmt(row["tuned"], unit), fmt(row["difference"], unit, signed),
+            table.add_row(label, fmt(row["base"], unit) if signed else "", fmt(row["tuned"], unit) if signed else "",
+                          fmt(row["difference"], unit, signed),
                           f"[{fmt(lo, unit, signed)}, {fmt(hi, unit, signed)}]")
         console.print(table)
 
