@@ -6,11 +6,13 @@ Results go to stdout; progress, notes and errors go to stderr.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from inspect import Parameter, signature
 from pathlib import Path
 from typing import Annotated
 
@@ -64,6 +66,9 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", help="(prompt, seed) samp
 FormatOpt = Annotated[OutputFormat, typer.Option("--format", help="stdout: a rich table, the summary JSON, or the per-step CSV.", rich_help_panel="Output")]
 AdapterOpt = Annotated[str | None, typer.Option("--adapter", help="Which adapter of a folder holding several (lora_ema, lora_non_ema, old, ema, learner, ...). Default: the main one, named on stderr.", rich_help_panel="Checkpoints")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Read .bin/.pt/.pth/.ckpt weights with torch.load(weights_only=True). Off: pickles are refused.", rich_help_panel="Checkpoints")]
+CheckSeedsOpt = Annotated[str | None, typer.Option("--seeds", help="Seeds (live default 0,1; with --reference: the stored ones, and others are refused).", rich_help_panel="Probe")]
+CheckStepsOpt = Annotated[int | None, typer.Option("--steps", help="Denoising steps (live default: the preset's, else 28; with --reference: the stored value).", rich_help_panel="Probe")]
+CheckPresetOpt = Annotated[str | None, typer.Option("--preset", help="Live check only: a trainer's evaluation setting (steps, guidance, size); explicit options override it. List: normscope presets.", rich_help_panel="Probe")]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Run folder for norms.csv, summary.json, profile.png; an interrupted run resumes from it.", rich_help_panel="Output")]
 
 
@@ -84,11 +89,55 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return tuple(seeds)
 
 
+# The probe options compare, profile, check and sweep share: (parameter, annotation, default), declared once.
+PROBE_OPTIONS = (
+    ("prompts_file", PromptsFileOpt, None),
+    ("prompt", PromptOpt, None),
+    ("seeds", SeedsOpt, ",".join(map(str, DEFAULT_SEEDS))),
+    ("preset", PresetOpt, None),
+    ("steps", StepsOpt, None),  # None: the preset's, else DEFAULT_STEPS (resolved in ProbeConfig)
+    ("guidance", GuidanceOpt, None),
+    ("true_cfg_scale", TrueCfgOpt, None),
+    ("height", HeightOpt, None),
+    ("width", WidthOpt, None),
+    ("negative_prompt", NegativeOpt, None),
+    ("max_sequence_length", MaxSeqOpt, None),
+)
+
+
+def probe_options(**overrides):
+    """Give a command the shared probe options; it receives them as one ``probe`` dict of ProbeConfig fields.
+
+    Typer reads a command's parameters from its signature, so the decorator extends the signature with
+    ``PROBE_OPTIONS`` (``overrides`` maps a name to another ``(annotation, default)`` for one command) and
+    folds the values back into ``probe``. ``--help``, the docs test and CliRunner see ordinary options.
+    """
+
+    def decorate(command):
+        declared = signature(command, eval_str=True)
+        options = {name: (annotation, default) for name, annotation, default in PROBE_OPTIONS} | overrides
+        added = [Parameter(name, Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+                 for name, (annotation, default) in options.items()]
+        own = [p for p in declared.parameters.values() if p.name != "probe"]
+
+        @functools.wraps(command)
+        def with_probe(*args, **kwargs):
+            values = {name: kwargs.pop(name) for name in options}
+            with cli_errors():  # a bad --seeds is one line and exit 2, as inside the command
+                probe = probe_fields(**values)
+            return command(*args, probe=probe, **kwargs)
+
+        with_probe.__signature__ = declared.replace(parameters=own + added)
+        return with_probe
+
+    return decorate
+
+
 def probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, negative_prompt, max_sequence_length,
                  true_cfg_scale=None, preset=None) -> dict:
-    """The probe options shared by compare, profile and sweep, as ProbeConfig fields."""
-    return dict(prompts_file=prompts_file, prompts=tuple(prompt or ()), seeds=parse_seeds(seeds), steps=steps,
-                guidance=guidance, height=height, width=width, negative_prompt=negative_prompt,
+    """The probe options as ProbeConfig fields (``seeds`` parsed; None stays None where a command allows it)."""
+    return dict(prompts_file=prompts_file, prompts=tuple(prompt or ()), seeds=None if seeds is None else parse_seeds(seeds),
+                steps=steps, guidance=guidance, height=height, width=width, negative_prompt=negative_prompt,
                 max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale, preset=preset)
 
 
@@ -119,7 +168,7 @@ class RichReporter:
         self.progress.advance(self.task, steps)
 
     def note(self, message: str) -> None:
-        self.progress.console.print(f"[cyan]note:[/cyan] {message}", highlight=False, soft_wrap=True)  # one line each
+        self.progress.console.print(f"[cyan]note:[/cyan] {message}", highlight=False, soft_wrap=True)  # one line: greppable logs
 
     def __enter__(self) -> RichReporter:
         self.progress.start()
@@ -155,7 +204,8 @@ def cli_errors() -> Iterator[None]:
 
 def emit(result, fmt: OutputFormat) -> None:
     """Print a compare result on stdout in the chosen format; warnings to stderr."""
-    from normscope.render.files import per_step_csv, render, summary_json
+    from normscope.render.files import per_step_csv, summary_json
+    from normscope.render.terminal import render_compare
 
     summary = result.summary
     if summary["nonfinite"]:
@@ -168,31 +218,18 @@ def emit(result, fmt: OutputFormat) -> None:
         from normscope.render.maps_text import render_where
 
         console = stdout_console()
-        render(summary, console)
+        render_compare(summary, console)
         render_where(summary, console)
-    if summary["inflation"] is None:
-        err.print("[red]error:[/red] no finite velocity was measured: check the checkpoints for NaN weights or use --dtype float32")
-        raise typer.Exit(EXIT_RUN)
 
 
 @app.command()
+@probe_options()
 def compare(
     base: Annotated[str, typer.Argument(help="Base (reference) checkpoint: pipeline folder, transformer folder or .safetensors state dict. With one path only, that path is TUNED and the base is the pipeline's own transformer.")],
     tuned: Annotated[str | None, typer.Argument(help="RL-tuned checkpoint: any of the same forms, a LoRA (peft folder, diffusers or kohya file) or a trainer's checkpoint-N/ folder.")] = None,
     pipeline: PipelineOpt = None,
     adapter: AdapterOpt = None,
     allow_pickle: PickleOpt = False,
-    prompts_file: PromptsFileOpt = None,
-    prompt: PromptOpt = None,
-    seeds: SeedsOpt = ",".join(map(str, DEFAULT_SEEDS)),
-    preset: PresetOpt = None,
-    steps: StepsOpt = None,
-    guidance: GuidanceOpt = None,
-    true_cfg_scale: TrueCfgOpt = None,
-    height: HeightOpt = None,
-    width: WidthOpt = None,
-    negative_prompt: NegativeOpt = None,
-    max_sequence_length: MaxSeqOpt = None,
     mode: Annotated[Mode, typer.Option("--mode", help="paired: one model drives, the other is evaluated on the same inputs; free: each on its own trajectory; both.", rich_help_panel="Measurement")] = Mode.paired,
     drive: Annotated[Drive, typer.Option("--drive", help="In paired mode, whose velocity moves the latents.", rich_help_panel="Measurement")] = Drive.tuned,
     dtype: DTypeOpt = DType.auto,
@@ -204,10 +241,12 @@ def compare(
     save_images: Annotated[bool, typer.Option("--save-images", help="Also decode and save both models' final images of free mode in DIR/images/ (needs --mode free or both).", rich_help_panel="Output")] = False,
     maps: Annotated[bool, typer.Option("--maps", help="Where inflation lives: spatial ratio maps, spectra and the grid score (paired mode; DIR/maps.safetensors) and image signals of the final images (free mode; DIR/image_signals.csv). See docs/maps.md.", rich_help_panel="Measurement")] = False,
     scorer: Annotated[str | None, typer.Option("--scorer", help="module:function taking (PIL images, prompts) and returning one number per image; scores base and tuned final images of free mode (needs --mode free or both).", rich_help_panel="Measurement")] = None,
+    probe: dict | None = None,  # the probe options, added by @probe_options
 ) -> None:
     """Per-step velocity norms of BASE and TUNED on the same prompts and seeds, with 95% CIs.
 
-    Headline: inflation = mean over steps of the mean per-sample ratio ||v_tuned||/||v_base||, minus 1.
+    Headline: inflation = integral over sigma of the per-step mean ratio ||v_tuned||/||v_base||, minus 1
+    (the plain mean over steps is reported too); the 95% CIs resample prompts.
     """
     with cli_errors():
         from normscope.commands.compare import compare as run_compare
@@ -218,9 +257,7 @@ def compare(
         config = CompareConfig(
             base=base, tuned=tuned, adapter=adapter, allow_pickle=allow_pickle, pipeline=pipeline, mode=mode, drive=drive,
             dtype=dtype, device=device, batch_size=batch_size, out=out, save_images=save_images, offload=offload,
-            maps=maps, scorer=scorer,
-            **probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, negative_prompt, max_sequence_length,
-                           true_cfg_scale, preset),
+            maps=maps, scorer=scorer, **probe,
         )
         if not is_main_process():  # launched on several processes: the main one reports
             run_compare(config)
@@ -235,39 +272,29 @@ def compare(
 
 
 @app.command()
+@probe_options()
 def profile(
     base: Annotated[str, typer.Argument(help="The base (reference) model: pipeline folder, transformer folder or .safetensors state dict.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for reference.json, reference.safetensors, thresholds.csv, reference.png.")],
     pipeline: PipelineOpt = None,
-    prompts_file: PromptsFileOpt = None,
-    prompt: PromptOpt = None,
-    seeds: SeedsOpt = ",".join(map(str, DEFAULT_SEEDS)),
-    preset: PresetOpt = None,
-    steps: StepsOpt = None,
-    guidance: GuidanceOpt = None,
-    true_cfg_scale: TrueCfgOpt = None,
-    height: HeightOpt = None,
-    width: WidthOpt = None,
-    negative_prompt: NegativeOpt = None,
-    max_sequence_length: MaxSeqOpt = None,
     dtype: DTypeOpt = DType.auto,
     device: DeviceOpt = Device.auto,
     batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
     allow_pickle: PickleOpt = False,
     dtype_check: Annotated[bool, typer.Option("--dtype-check/--no-dtype-check", help="Also run 4 samples in the other precision (bfloat16 vs float32) to measure that noise floor.")] = True,
     fmt: Annotated[OutputFormat, typer.Option("--format", help="table (default) or json (reference.json on stdout).")] = OutputFormat.table,
+    probe: dict | None = None,  # the probe options, added by @probe_options
 ) -> None:
     """Profile BASE alone and store a reference: per-step norms, suggested tau(sigma) and a CI gate."""
     with cli_errors():
         from normscope.commands.profile import ProfileConfig
         from normscope.commands.profile import profile as run_profile
-        from normscope.render.files import render_reference
+        from normscope.render.terminal import render_reference
 
         config = ProfileConfig(
             base=base, out=out, pipeline=pipeline, dtype=dtype, device=device, batch_size=batch_size,
             allow_pickle=allow_pickle, dtype_check=dtype_check,
-            **probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, negative_prompt, max_sequence_length,
-                           true_cfg_scale, preset),
+            **probe,
         )
         if not is_main_process():  # launched on several processes: the main one reports
             run_profile(config)
@@ -284,6 +311,11 @@ def profile(
 
 
 @app.command()
+@probe_options(
+    seeds=(CheckSeedsOpt, None),  # None: the live default or the reference's own
+    steps=(CheckStepsOpt, None),
+    preset=(CheckPresetOpt, None),
+)
 def check(
     paths: Annotated[list[str], typer.Argument(help="BASE TUNED [TUNED ...] for a live check, or TUNED [TUNED ...] with --reference.")],
     max_inflation: Annotated[float | None, typer.Option("--max-inflation", help="The gate, as a fraction: 0.05 fails a checkpoint whose inflation exceeds +5 %. Default with --reference: its suggested gate.")] = None,
@@ -291,17 +323,6 @@ def check(
     pipeline: PipelineOpt = None,
     adapter: AdapterOpt = None,
     allow_pickle: PickleOpt = False,
-    prompts_file: PromptsFileOpt = None,
-    prompt: PromptOpt = None,
-    seeds: Annotated[str | None, typer.Option("--seeds", help="Seeds (live default 0,1; with --reference: the stored ones, and others are refused).", rich_help_panel="Probe")] = None,
-    preset: Annotated[str | None, typer.Option("--preset", help="Live check only: a trainer's evaluation setting (steps, guidance, size); explicit options override it. List: normscope presets.", rich_help_panel="Probe")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps (live default: the preset's, else 28; with --reference: the stored value).", rich_help_panel="Probe")] = None,
-    guidance: GuidanceOpt = None,
-    true_cfg_scale: TrueCfgOpt = None,
-    height: HeightOpt = None,
-    width: WidthOpt = None,
-    negative_prompt: NegativeOpt = None,
-    max_sequence_length: MaxSeqOpt = None,
     mode: Annotated[Mode, typer.Option("--mode", help="Live check only: paired (default), free or both (the gate applies to the first).", rich_help_panel="Measurement")] = Mode.paired,
     dtype: DTypeOpt = DType.auto,
     device: DeviceOpt = Device.auto,
@@ -309,6 +330,7 @@ def check(
     fmt: Annotated[OutputFormat, typer.Option("--format", help="table (verdict and a line per checkpoint) or json.")] = OutputFormat.table,
     junit: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML here: one test case per checkpoint, a failure when inflated.")] = None,
     max_grid_score: Annotated[float | None, typer.Option("--max-grid-score", help="Also fail a checkpoint whose grid score (power of v_tuned - v_base at the patch frequency over its neighbours; see docs/maps.md) exceeds this. Live paired check only; turns on compare --maps.")] = None,
+    probe: dict | None = None,  # the probe options, added by @probe_options
 ) -> None:
     """CI gate: exit 0 within --max-inflation, 1 inflated beyond it, 2 bad input, 3 the run failed."""
     with cli_errors():
@@ -318,11 +340,8 @@ def check(
 
         config = CheckConfig(
             paths=tuple(paths), reference=reference, max_inflation=max_inflation, pipeline=pipeline, adapter=adapter,
-            allow_pickle=allow_pickle, prompts_file=prompts_file, prompts=tuple(prompt or ()),
-            seeds=None if seeds is None else parse_seeds(seeds), steps=steps, guidance=guidance, height=height,
-            width=width, negative_prompt=negative_prompt, max_sequence_length=max_sequence_length,
-            true_cfg_scale=true_cfg_scale, preset=preset, mode=mode,
-            dtype=dtype, device=device, batch_size=batch_size, max_grid_score=max_grid_score,
+            allow_pickle=allow_pickle, mode=mode, dtype=dtype, device=device, batch_size=batch_size,
+            max_grid_score=max_grid_score, **probe,
         )
         if not is_main_process():  # launched on several processes: the main one reports
             run_check(config)
@@ -340,6 +359,7 @@ def check(
 
 
 @app.command()
+@probe_options()
 def sweep(
     run_dir: Annotated[Path, typer.Argument(help="A training run's output folder holding checkpoint-N/ folders (or checkpoints/checkpoint-N/).")],
     out: Annotated[Path, typer.Option("--out", help="Folder for sweep.csv, sweep.json, sweep.png, base/ and one run folder per checkpoint; a rerun resumes.")],
@@ -347,17 +367,6 @@ def sweep(
     pipeline: PipelineOpt = None,
     adapter: AdapterOpt = None,
     allow_pickle: PickleOpt = False,
-    prompts_file: PromptsFileOpt = None,
-    prompt: PromptOpt = None,
-    seeds: SeedsOpt = ",".join(map(str, DEFAULT_SEEDS)),
-    preset: PresetOpt = None,
-    steps: StepsOpt = None,
-    guidance: GuidanceOpt = None,
-    true_cfg_scale: TrueCfgOpt = None,
-    height: HeightOpt = None,
-    width: WidthOpt = None,
-    negative_prompt: NegativeOpt = None,
-    max_sequence_length: MaxSeqOpt = None,
     mode: Annotated[Mode, typer.Option("--mode", help="free (default): the base runs once for the whole sweep; paired: the base runs on every checkpoint's trajectory.", rich_help_panel="Measurement")] = Mode.free,
     gate: Annotated[float | None, typer.Option("--gate", help="Mark the first checkpoint whose inflation exceeds this fraction (0.05 = 5 %).")] = None,
     maps: Annotated[bool, typer.Option("--maps", help="Also track the grid score and image signals per checkpoint (each runs compare --mode both --maps; needs --mode paired); sweep_where.png.", rich_help_panel="Measurement")] = False,
@@ -366,18 +375,18 @@ def sweep(
     device: DeviceOpt = Device.auto,
     batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
     fmt: Annotated[OutputFormat, typer.Option("--format", help="table, json or csv (the sweep table on stdout).")] = OutputFormat.table,
+    probe: dict | None = None,  # the probe options, added by @probe_options
 ) -> None:
     """Compare every checkpoint of a training run with the base, in training order; resumable."""
     with cli_errors():
         from normscope.commands.sweep import SweepConfig
         from normscope.commands.sweep import sweep as run_sweep
-        from normscope.render.files import render_sweep
+        from normscope.render.terminal import render_sweep
 
         config = SweepConfig(
             run_dir=run_dir, out=out, base=base, pipeline=pipeline, adapter=adapter, allow_pickle=allow_pickle,
             mode=mode, gate=gate, dtype=dtype, device=device, batch_size=batch_size, maps=maps, scorer=scorer,
-            **probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, negative_prompt, max_sequence_length,
-                           true_cfg_scale, preset),
+            **probe,
         )
         if not is_main_process():  # launched on several processes: the main one reports
             run_sweep(config)
@@ -448,7 +457,7 @@ def inspect(
     """Show what normscope sees in a checkpoint without running a model: kind, architecture, size, LoRA, fit."""
     with cli_errors():
         from normscope.commands.inspect import InspectConfig, inspect_checkpoint
-        from normscope.render.files import render_inspection
+        from normscope.render.terminal import render_inspection
 
         report = inspect_checkpoint(InspectConfig(path=path, pipeline=pipeline, adapter=adapter, allow_pickle=allow_pickle))
         if fmt is OutputFormat.json:
@@ -468,7 +477,7 @@ def demo(
     """The bundled digits model against its RL checkpoints (AWM, DiffusionNFT; with and without NormGuard)."""
     with cli_errors():
         from normscope.commands.demo import DemoConfig, run_demo
-        from normscope.render.files import render_demo
+        from normscope.render.terminal import render_demo
 
         with RichReporter("demo") as reporter:
             result = run_demo(DemoConfig(out=out, report=with_report), reporter)

@@ -19,6 +19,9 @@ DEFAULT_BATCH_SIZE = 8
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
 CI_LEVEL = 0.95
+# The headline estimate of inflation (see docs/compare.md): the sigma-integral does not depend on --steps or
+# the scheduler's shift, the step mean does. Both are always in summary.json.
+HEADLINE_ESTIMATE = "sigma_integral"
 
 
 class Mode(str, Enum):
@@ -189,6 +192,6 @@ class CompareConfig(ProbeConfig):
 
 
 __all__ = [
-    "BOOTSTRAP_RESAMPLES", "CI_LEVEL", "CompareConfig", "DType", "Device", "Drive", "Mode",
+    "BOOTSTRAP_RESAMPLES", "CI_LEVEL", "HEADLINE_ESTIMATE", "CompareConfig", "DType", "Device", "Drive", "Mode",
     "OutputFormat", "ProbeConfig",
 ]

@@ -34,3 +34,11 @@ class RunError(NormscopeError):
     """The run started but could not produce a valid measurement."""
 
     exit_code = EXIT_RUN
+
+
+class NoMeasurementError(RunError):
+    """The run finished, but nothing finite was measured; ``summary`` (also in summary.json) holds the counts."""
+
+    def __init__(self, message: str, summary: dict | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary

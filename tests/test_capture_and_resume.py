@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from conftest import scaled_state_dict
@@ -31,21 +33,22 @@ def test_hooks_are_removed_even_when_the_call_fails(pipelines, scaled):
 
 @pytest.mark.parametrize("drive", ["base", "tuned"])
 def test_nan_velocities_are_counted_and_end_the_run_in_one_line(drive, pipelines, tmp_path, config_for):
-    """Non-finite values are found before the CFG-rule check: a NaN checkpoint is named, not the pipeline."""
+    """Non-finite values are found before the CFG-rule check: a NaN checkpoint is named, not the pipeline; the
+    API raises the package's error (a notebook gets the CLI's message, not inflation=None) after writing the counts."""
     import json
 
-    from normscope.errors import RunError
+    from normscope.errors import NoMeasurementError
 
     state = scaled_state_dict(pipelines["sd3"], 1.0)
     state["proj_out.bias"][0] = float("nan")
     path = tmp_path / "nan.safetensors"
     save_file(state, str(path))
-    with pytest.raises(RunError, match=r"^TUNED produced NaN/Inf velocities at every step of every sample") as info:
+    with pytest.raises(NoMeasurementError, match=r"^TUNED produced NaN/Inf velocities at every step of every sample") as info:
         compare(config_for("sd3", path, drive=drive, out=tmp_path / "run", figure=False))
     assert "\n" not in str(info.value) and info.value.exit_code == 3
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    guided_rows = 3 * 2 * 4  # prompts x seeds x steps
-    assert summary["nonfinite"] == guided_rows
+    assert summary == info.value.summary
+    assert summary["nonfinite"] == 3 * 2 * 4  # prompts x seeds x steps, all counted
     assert summary["inflation"] is None and summary["inflation_ci"] == [None, None]
 
 
@@ -90,12 +93,51 @@ def test_changed_options_start_afresh(scaled, config_for, tmp_path):
     assert any("starting afresh" in n for n in reporter.notes)
 
 
-def test_offload_keeps_the_numbers_and_says_it_does_nothing_on_cpu(scaled, config_for):
-    plain = compare(config_for("sd3", scaled("sd3", 1.1), mode="both"))
+def _interrupt_after_one_batch(config) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        compare(config, StopAfter(steps=5))  # batch 1 (4 steps) is saved, batch 2 dies
+    assert len(list((config.out / ".partial").glob("*.safetensors"))) == 1
+
+
+def test_prompts_file_edited_in_place_does_not_reuse_old_batches(scaled, config_for, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox in snow\ntwo green apples\n")
+    tuned = scaled("sd3", 1.1)
+    config = config_for("sd3", tuned, prompts=(), prompts_file=prompts, batch_size=2, out=tmp_path / "run")
+    _interrupt_after_one_batch(config)
+    prompts.write_text("a sign that says OPEN\na blue car\n")  # same file, same length, other prompts
     reporter = StopAfter(steps=10**6)
-    offloaded = compare(config_for("sd3", scaled("sd3", 1.1), mode="both", offload=True), reporter)
-    assert offloaded.frame.equals(plain.frame)
-    assert any("no effect on the CPU" in n for n in reporter.notes)
+    resumed = compare(config, reporter)
+    assert any("starting afresh" in n for n in reporter.notes)
+    fresh = compare(config_for("sd3", tuned, prompts=("a sign that says OPEN", "a blue car"), batch_size=2))
+    assert resumed.frame.equals(fresh.frame)
+
+
+def test_pipeline_transformer_rewritten_does_not_reuse_old_batches(pipelines, scaled, config_for, tmp_path):
+    pipe_dir = tmp_path / "pipe"
+    shutil.copytree(pipelines["sd3"], pipe_dir)
+    tuned = scaled("sd3", 1.1)
+    config = config_for("sd3", tuned, base=None, pipeline=str(pipe_dir), batch_size=2, out=tmp_path / "run")
+    _interrupt_after_one_batch(config)
+    # BASE omitted: the pipeline's own transformer is the base; a new base under the same path
+    save_file(scaled_state_dict(pipelines["sd3"], 1.05), str(pipe_dir / "transformer" / "diffusion_pytorch_model.safetensors"))
+    reporter = StopAfter(steps=10**6)
+    resumed = compare(config, reporter)
+    assert any("starting afresh" in n for n in reporter.notes)
+    fresh = compare(config_for("sd3", tuned, base=None, pipeline=str(pipe_dir), batch_size=2))
+    assert resumed.frame.equals(fresh.frame)
+    assert resumed.inflation == pytest.approx(1.1 / 1.05 - 1, abs=1e-4)
+
+
+def test_unchanged_inputs_resume(scaled, config_for, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox in snow\ntwo green apples\n")
+    config = config_for("sd3", scaled("sd3", 1.1), prompts=(), prompts_file=prompts, batch_size=2, out=tmp_path / "run")
+    _interrupt_after_one_batch(config)
+    prompts.write_text("a red fox in snow\ntwo green apples\n")  # rewritten with the same text: still valid
+    reporter = StopAfter(steps=10**6)
+    compare(config, reporter)
+    assert any("resuming: 1 finished" in n for n in reporter.notes)
 
 
 def test_offloaded_model_returns_its_weights_to_the_host(pipelines, scaled):
@@ -108,3 +150,27 @@ def test_offloaded_model_returns_its_weights_to_the_host(pipelines, scaled):
         assert pipe.transformer is loaded.tuned.module
     assert pipe.transformer is loaded.base.module
     assert next(loaded.tuned.module.parameters()).device.type == "cpu"
+
+
+def test_only_the_main_process_resets_a_stale_store(tmp_path):
+    from normscope.measure.distributed import Processes
+    from normscope.measure.store import BatchStore
+
+    barriers = []
+
+    class Rank(Processes):
+        def barrier(self) -> None:
+            barriers.append(self.index)
+
+    folder = tmp_path / ".partial"
+    folder.mkdir()
+    (folder / "meta.json").write_text('{"fingerprint": "old"}')
+    batch = folder / "paired-00000.safetensors"
+    batch.write_bytes(b"a batch of the old run")
+    with pytest.raises(RuntimeError, match="main process"):  # rank 1 before rank 0 reset: it refuses, deletes nothing
+        BatchStore(folder, "new", Rank(index=1, count=2))
+    assert batch.exists()
+    assert BatchStore(folder, "new", Rank(index=0, count=2)).reset and not batch.exists()
+    batch.write_bytes(b"a batch rank 0 saved for the new run")
+    assert not BatchStore(folder, "new", Rank(index=1, count=2)).reset and batch.exists()
+    assert barriers == [1, 0, 1]  # every rank passes the barrier

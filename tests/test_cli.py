@@ -25,6 +25,9 @@ def test_compare_writes_the_run_folder_and_a_table(pipelines, scaled, tmp_path):
     result = run("compare", pipelines["sd3"], scaled("sd3", 1.1), *PROBE, "--out", tmp_path)
     assert result.exit_code == 0, result.output
     assert "inflation +10.00 %" in result.stdout
+    stdout = " ".join(result.stdout.split())
+    assert "(sigma-integral;" in stdout and "CI resamples prompts" in stdout  # the headline says what it is
+    assert "other estimate: step mean +10.00 %" in stdout
     for name in ("norms.csv", "summary.json", "profile.png"):
         assert (tmp_path / name).stat().st_size > 0
     header = (tmp_path / "norms.csv").read_text().splitlines()[0].split(",")
@@ -35,6 +38,8 @@ def test_compare_writes_the_run_folder_and_a_table(pipelines, scaled, tmp_path):
     assert summary["inflation"] == pytest.approx(0.1, abs=1e-4)
     for key in ("inflation_ci", "nonfinite", "per_step", "config", "versions"):
         assert key in summary
+    assert summary["headline"] == "sigma_integral" and set(summary["estimates"]) == {"sigma_integral", "step_mean"}
+    assert summary["ci"]["unit"] == "prompt" and summary["ci"]["clusters"] == 2  # two --prompt in PROBE
     for key in ("step", "sigma", "ratio", "ratio_ci", "hinge_rate", "norm_base", "norm_tuned"):
         assert key in summary["per_step"][0]
 
@@ -150,6 +155,13 @@ def test_bad_seeds():
 
 def test_help_is_instant_and_imports_no_torch():
     code = "import sys; from normscope.cli import app; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    # the top-level API: every job's config and function, imported only when first used
+    code = ("import sys, normscope; assert 'torch' not in sys.modules; "
+            "from normscope import CompareConfig, compare, ProfileConfig, profile, CheckConfig, check, SweepConfig, sweep, "
+            "ReportConfig, report, InspectConfig, inspect_checkpoint, DemoConfig, run_demo; "
+            "import normscope.commands.compare as c, normscope.commands.check as k; "
+            "assert compare is c.compare and check is k.check and callable(run_demo)")
     subprocess.run([sys.executable, "-c", code], check=True)
     result = run("--help")
     assert result.exit_code == 0 and "compare" in result.stdout

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from normscope.commands.compare import compare
-from normscope.config import CompareConfig
 from normscope.measure.prompts import make_samples
 from normscope.measure.sampling import sampling_kwargs
 from normscope.measure.table import BRANCH, MODE, RATIO
@@ -19,9 +18,12 @@ ARCHS = ("sd3", "flux")
 @pytest.mark.parametrize("factor", [1.1, 0.9])
 def test_scaled_proj_out_gives_exact_inflation(arch, factor, scaled, config_for):
     result = compare(config_for(arch, scaled(arch, factor)))
-    assert result.inflation == pytest.approx(factor - 1, abs=1e-4)
-    lo, hi = result.inflation_ci
-    assert lo == pytest.approx(factor - 1, abs=1e-4) and hi == pytest.approx(factor - 1, abs=1e-4)
+    assert result.summary["headline"] == "sigma_integral"
+    for estimate in result.summary["estimates"].values():  # the sigma-integral and the step mean
+        assert estimate["inflation"] == pytest.approx(factor - 1, abs=1e-4)
+        lo, hi = estimate["inflation_ci"]
+        assert lo == pytest.approx(factor - 1, abs=1e-4) and hi == pytest.approx(factor - 1, abs=1e-4)
+    assert result.inflation == result.summary["estimates"]["sigma_integral"]["inflation"]
     # Every step, every sample, every branch: the velocity field itself is scaled.
     assert np.allclose(result.frame[RATIO], factor, rtol=1e-5)
     for row in result.summary["per_step"]:
@@ -45,7 +47,7 @@ def test_flux_has_no_cfg_batch(scaled, config_for):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_base_against_itself_is_exactly_zero(arch, pipelines, config_for):
     result = compare(config_for(arch, pipelines[arch], mode="both"))
-    assert result.inflation == 0.0
+    assert result.inflation == 0.0 and result.summary["estimates"]["step_mean"]["inflation"] == 0.0
     assert result.summary["modes"]["free"]["guided"]["inflation"] == 0.0
     assert (result.frame[RATIO] == 1.0).all()
 
@@ -122,4 +124,3 @@ def test_config_records_every_option_resolved(scaled, config_for):
     assert config["resolved"]["pipeline_class"] == "FluxPipeline"
     assert config["resolved"]["guidance"] == 3.5
     assert set(summary["versions"]) == {"normscope", "torch", "diffusers"}
-    assert isinstance(CompareConfig, type)

@@ -9,7 +9,6 @@ accelerate gives each process one thread, so the single-process reference runs w
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,15 +34,28 @@ def _launched(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([*LAUNCH, *args], env=_env(), capture_output=True, text=True, timeout=600)
 
 
+def _stale_store(out: Path) -> None:
+    """An unfinished run with other options: every batch key of the new run holds junk under a stale fingerprint."""
+    partial = out / ".partial"
+    partial.mkdir(parents=True)
+    (partial / "meta.json").write_text('{"fingerprint": "stale"}')
+    for mode in ("paired", "free"):
+        for index in range(5):
+            (partial / f"{mode}-{index:05d}.safetensors").write_bytes(b"not a batch of this run")
+
+
 @pytest.mark.slow
 def test_two_processes_compare_is_identical_to_one(pipelines, scaled, tmp_path):
     args = ["compare", str(pipelines["sd3"]), str(scaled("sd3", 1.1)), *PROBE, "--mode", "both"]
     one = _single([*args, "--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-3000:]
+    _stale_store(tmp_path / "two")  # rank 0 resets it, then the others open it; none reuses or deletes
     two = _launched([*args, "--out", str(tmp_path / "two")])
     assert two.returncode == 0, two.stderr[-3000:]
     assert '"processes": 2' in two.stdout
+    assert " ".join(two.stderr.split()).count("starting afresh") == 1  # said once, by the main process
     assert (tmp_path / "one" / "norms.csv").read_bytes() == (tmp_path / "two" / "norms.csv").read_bytes()
+    assert not (tmp_path / "two" / ".partial").exists()
 
 
 @pytest.mark.slow
@@ -68,7 +80,3 @@ def test_two_processes_sweep_is_identical_to_one(pipelines, tmp_path):
     for step in (10, 20):
         assert (tmp_path / "one" / f"checkpoint-{step}" / "norms.csv").read_bytes() == \
             (tmp_path / "two" / f"checkpoint-{step}" / "norms.csv").read_bytes()
-
-
-def test_launcher_is_available():
-    assert shutil.which("accelerate") or Path(sys.executable).parent.joinpath("accelerate").exists()

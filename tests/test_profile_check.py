@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -116,3 +117,19 @@ def test_non_finite_run_is_exit_3(pipelines, tmp_path):
 def test_live_check_needs_a_gate(pipelines, scaled):
     result = run("check", pipelines["sd3"], scaled("sd3", 1.1), *PROBE)
     assert result.exit_code == 2 and "--max-inflation" in result.stderr
+
+
+def test_lora_attached_to_another_base_is_refused(pipelines, reference, tmp_path):
+    from lora_factory import save_diffusers_lora
+
+    other = tmp_path / "other-base"  # same pipeline files, other transformer weights
+    shutil.copytree(pipelines["sd3"], other)
+    save_file(scaled_state_dict(pipelines["sd3"], 1.05), str(other / "transformer" / "diffusion_pytorch_model.safetensors"))
+    lora = save_diffusers_lora(tmp_path / "lora", with_metadata=True)
+    result = run("check", lora, "--reference", reference, "--pipeline", other, "--device", "cpu", "--dtype", "float32")
+    assert result.exit_code == 2, result.output
+    assert "other base weights" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    # the same LoRA on the base the reference was made with runs
+    result = run("check", lora, "--reference", reference, "--device", "cpu", "--dtype", "float32", "--format", "json")
+    assert result.exit_code in (0, 1), result.output
+    assert json.loads(result.stdout)["checkpoints"][0]["inflation"] is not None

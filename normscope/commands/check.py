@@ -21,13 +21,14 @@ from normscope.commands.compare import CompareResult, compare, summarize
 from normscope.commands.profile import (
     PROBE_FIELDS,
     Reference,
+    base_weights_fingerprint,
     load_reference,
-    pipeline_fingerprint,
     probe_from_reference,
 )
-from normscope.config import CompareConfig, Device, DType, Mode
-from normscope.errors import EXIT_INFLATED, EXIT_OK, EXIT_RUN, ConfigError, InputError
+from normscope.config import HEADLINE_ESTIMATE, CompareConfig, Device, DType, Mode
+from normscope.errors import EXIT_INFLATED, EXIT_OK, EXIT_RUN, ConfigError, InputError, NoMeasurementError
 from normscope.load import find_checkpoint, load_pipeline, load_tuned_only, resolve_dtype
+from normscope.measure.fingerprint import pipeline_fingerprint
 from normscope.measure.sampling import Reporter, SilentReporter, resolve_run_device, run_model_batches
 from normscope.measure.table import free_frame, tidy
 
@@ -136,7 +137,8 @@ class CheckResult:
     def to_dict(self) -> dict:
         return {"verdict": {EXIT_OK: PASS, EXIT_INFLATED: FAIL, EXIT_RUN: ERROR}[self.exit_code],
                 "exit_code": self.exit_code, "max_inflation": self.max_inflation, "gate_source": self.gate_source,
-                "max_grid_score": self.max_grid_score, "mode": self.mode, "checkpoints": [c.to_dict() for c in self.checkpoints]}
+                "estimate": HEADLINE_ESTIMATE, "max_grid_score": self.max_grid_score,
+                "mode": self.mode, "checkpoints": [c.to_dict() for c in self.checkpoints]}
 
 
 def verdict(summary: dict, gate: float, max_grid_score: float | None = None) -> str:
@@ -163,7 +165,7 @@ def _contradictions(reference: Reference, config: CheckConfig) -> list[str]:
         if value != stored_value:
             problems.append(f"--{name.replace('_', '-')} {value} (reference: {stored_value})")
     if config.prompts_file is not None or config.prompts:
-        from normscope.commands.profile import prompts_digest
+        from normscope.measure.fingerprint import prompts_digest
 
         if prompts_digest(resolve_prompts(config.prompts_file, config.prompts)) != reference.meta["hashes"]["prompts"]:
             problems.append("the prompts (they differ from the reference's)")
@@ -179,7 +181,7 @@ def _check_stored(config: CheckConfig, reporter: Reporter) -> tuple[list[Checked
     if pipeline_fingerprint(source) != reference.meta["hashes"]["pipeline"]:
         raise InputError(f"pipeline {source} is not the one the reference in {config.reference} was made with (fingerprints differ): pass that pipeline with --pipeline")
     for path in config.paths:
-        find_checkpoint(path, "TUNED", config.adapter, config.allow_pickle)
+        _refuse_other_base(find_checkpoint(path, "TUNED", config.adapter, config.allow_pickle), source, reference, config)
     gate, gate_source = (config.max_inflation, "--max-inflation") if config.max_inflation is not None else (
         reference.gate, f"the reference's suggested gate ({config.reference})")
     device, kind = resolve_run_device(config.device)
@@ -196,6 +198,22 @@ def _check_stored(config: CheckConfig, reporter: Reporter) -> tuple[list[Checked
                                                config.adapter, config.allow_pickle)
         results.append(_checked(path, summary, gate, started))
     return results, gate, gate_source
+
+
+def _refuse_other_base(ckpt, source: str, reference: Reference, config: CheckConfig) -> None:
+    """A LoRA is attached to the pipeline's own transformer: that must be the base the reference measured.
+
+    Full checkpoints replace every weight of the transformer, so the pipeline's base does not enter.
+    """
+    recorded = reference.meta["hashes"].get("weights")
+    if not ckpt.is_lora or recorded is None:
+        return
+    used = base_weights_fingerprint(source)
+    if used != recorded:
+        raise InputError(
+            f"TUNED {ckpt.given} is a LoRA attached to the transformer of {source}, but the reference in "
+            f"{config.reference} was made with other base weights (fingerprints differ): pass the base's pipeline "
+            "with --pipeline, or make a reference of this base with normscope profile")
 
 
 def measure_against_reference(source: str, tuned: str, reference: Reference, probe, dtype, device: str,
@@ -228,11 +246,16 @@ def _check_live(config: CheckConfig, reporter: Reporter) -> list[CheckedCheckpoi
     results = []
     for path in tuned_paths:
         started = time.perf_counter()
-        result: CompareResult = compare(CompareConfig(
-            base=base, tuned=path, pipeline=config.pipeline, adapter=config.adapter, allow_pickle=config.allow_pickle,
-            mode=config.mode, dtype=config.dtype, device=config.device, batch_size=config.batch_size,
-            maps=config.max_grid_score is not None, **probe,
-        ), reporter)
+        try:
+            result: CompareResult = compare(CompareConfig(
+                base=base, tuned=path, pipeline=config.pipeline, adapter=config.adapter, allow_pickle=config.allow_pickle,
+                mode=config.mode, dtype=config.dtype, device=config.device, batch_size=config.batch_size,
+                maps=config.max_grid_score is not None, **probe,
+            ), reporter)
+        except NoMeasurementError as exc:  # one checkpoint measured nothing: an ERROR verdict, the others still run
+            reporter.note(f"{path}: {exc}")
+            results.append(_checked(path, exc.summary, config.max_inflation, started, config.max_grid_score))
+            continue
         if result is None:  # not the main process of a launched run: the main one holds the numbers
             continue
         results.append(_checked(path, result.summary, config.max_inflation, started, config.max_grid_score))

@@ -9,17 +9,14 @@ Stages run one way: load -> capture -> table -> stats -> outputs.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from normscope import __version__
-from normscope.config import CompareConfig
-from normscope.errors import RunError
+from normscope.config import HEADLINE_ESTIMATE, CompareConfig
+from normscope.errors import NoMeasurementError
 from normscope.load import (
     find_checkpoint,
     find_pipeline_source,
@@ -31,6 +28,7 @@ from normscope.load import (
 from normscope.load.families import family_for
 from normscope.load.pipeline import check_family_inputs
 from normscope.measure.capture import GUIDED, CallRecord
+from normscope.measure.fingerprint import run_fingerprint
 from normscope.measure.image_signals import IMAGE_SIGNALS_CSV, PreClipImages, batch_signals, load_scorer, signal_table
 from normscope.measure.maps import MAPS_FILE, Maps, latent_geometry, maps_observer
 from normscope.measure.prompts import Sample, make_samples, resolve_prompts
@@ -45,14 +43,9 @@ from normscope.measure.sampling import (
     sampling_kwargs,
     versions,
 )
-from normscope.measure.stats import NONFINITE, mode_summary, n_samples, select, step_profile
+from normscope.measure.stats import DEFINITIONS, NONFINITE, ci_method, mode_summary, n_samples, select, step_profile
 from normscope.measure.store import BatchStore
 from normscope.measure.table import BRANCH, NORM_BASE, NORM_TUNED, RATIO, STEP, free_frame, paired_frame, tidy
-
-INFLATION_DEFINITION = (
-    "inflation = mean over denoising steps of (mean over prompt/seed samples of "
-    "||v_tuned|| / ||v_base||) - 1, on the guided velocity of the first mode run"
-)
 
 
 @dataclass
@@ -69,7 +62,8 @@ class CompareResult:
     signals: pd.DataFrame | None = None
 
     @property
-    def inflation(self) -> float | None:
+    def inflation(self) -> float:
+        """The headline inflation (a fraction; never None: a run with nothing finite raises NoMeasurementError)."""
         return self.summary["inflation"]
 
     @property
@@ -84,10 +78,18 @@ class CompareResult:
 # ---------------------------------------------------------------- the job
 
 
-def _fingerprint(config: CompareConfig, identities: list) -> str:
-    stable = {k: v for k, v in config.to_dict().items() if k not in ("out", "figure", "save_images", "offload")}
-    text = json.dumps([stable, identities, __version__], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+# Options that change only what is written or where, not the numbers; the prompts enter as resolved texts.
+_NOT_IN_FINGERPRINT = ("out", "figure", "save_images", "offload", "prompts_file", "prompts")
+
+
+def _fingerprint(config: CompareConfig, prompts: list[str], source: str, checkpoints: list) -> str:
+    """Resume key: settings, resolved prompts, the pipeline folder (its transformer too), checkpoints, versions."""
+    import peft
+    import transformers
+
+    settings = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
+    library = {**versions(), "transformers": transformers.__version__, "peft": peft.__version__}
+    return run_fingerprint(settings, prompts, source, checkpoints, library)
 
 
 def _frame(mode: str, records: dict[str, CallRecord], samples: list[Sample], drive: str) -> pd.DataFrame:
@@ -108,7 +110,11 @@ def save_images(records: dict[str, CallRecord], samples: list[Sample], out: Path
 
 
 def summarize(frame: pd.DataFrame, config: CompareConfig, extra: dict) -> dict:
-    """summary.json: headline, per-step profile, every mode and branch, the resolved config, versions."""
+    """summary.json: headline (and both estimates), per-step profile, every mode and branch, config, versions.
+
+    The headline is the sigma-integral estimate on the guided velocity of the first mode run (see
+    ``HEADLINE_ESTIMATE``); ``estimates`` holds it and the step mean, each with its CI.
+    """
     modes = {mode: mode_summary(frame, mode) for mode in config.mode.runs()}
     headline_mode = config.mode.runs()[0]
     head = modes[headline_mode][GUIDED]
@@ -116,7 +122,11 @@ def summarize(frame: pd.DataFrame, config: CompareConfig, extra: dict) -> dict:
     return {
         "inflation": head["inflation"],
         "inflation_ci": head["inflation_ci"],
-        "definition": INFLATION_DEFINITION,
+        "headline": HEADLINE_ESTIMATE,
+        "definition": DEFINITIONS[HEADLINE_ESTIMATE] + ", on the guided velocity of the first mode run",
+        "estimates": head["estimates"],
+        "definitions": DEFINITIONS,
+        "ci": ci_method(frame),
         "headline_mode": headline_mode,
         "drive": config.drive.value,
         "branch": GUIDED,
@@ -134,6 +144,9 @@ def summarize(frame: pd.DataFrame, config: CompareConfig, extra: dict) -> dict:
 def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareResult | None:
     """Measure how much larger the tuned model's velocity is than the base's, step by step.
 
+    Raises ``NoMeasurementError`` (exit code 3 on the CLI) when no finite ratio was measured, after writing
+    the run folder; other bad input raises the ``normscope.errors`` classes with one-line messages.
+
     With ``config.out`` set, finished batches are kept there as the run goes, a rerun with the same
     options resumes, and norms.csv, summary.json and profile.png are written at the end.
 
@@ -144,7 +157,8 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
     from normscope.render.files import write_run
 
     reporter = reporter or SilentReporter()
-    samples = make_samples(resolve_prompts(config.prompts_file, config.prompts), config.seeds)
+    prompts = resolve_prompts(config.prompts_file, config.prompts)
+    samples = make_samples(prompts, config.seeds)
     device = resolve_device(config.device)
     procs = processes(cpu=device == "cpu")
     device = procs.device(device)
@@ -173,9 +187,9 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
 
     store = None
     if config.out is not None:
-        store = BatchStore(Path(config.out) / ".partial", _fingerprint(config, [c.identity() for c in checkpoints]))
+        store = BatchStore(Path(config.out) / ".partial", _fingerprint(config, prompts, source, checkpoints), procs)
         if store.reset:
-            reporter.note(f"options or checkpoints changed since the unfinished run in {config.out}: starting afresh")
+            reporter.note(f"options, prompts, pipeline or checkpoints changed since the unfinished run in {config.out}: starting afresh")
         elif store.finished():
             reporter.note(f"resuming: {store.finished()} finished batch(es) in {config.out} are reused")
 
@@ -254,9 +268,13 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
         write_run(result, Path(config.out), figure=config.figure)
         write_where(result, Path(config.out))
         store.clear()
+    # The API ends as the CLI does: the package's error, after the files are written. A model that was
+    # non-finite everywhere is named; otherwise the counts say what was lost.
     verdict = nonfinite_verdict(frame)
     if verdict:
-        raise RunError(verdict)
+        raise NoMeasurementError(verdict, summary)
+    if result.inflation is None:
+        raise NoMeasurementError(no_measurement_message(summary), summary)
     return result
 
 
@@ -308,3 +326,11 @@ def nonfinite_verdict(frame: pd.DataFrame) -> str | None:
     who = " and ".join(culprits)
     return (f"{who} produced NaN/Inf velocities at every step of every sample ({int(max(b.sum() for b in bad.values()))} "
             f"of {len(guided)} guided rows): check the checkpoint (summary.json holds the counts)")
+
+
+def no_measurement_message(summary: dict) -> str:
+    """One line for a run with no finite ratio at all: what was counted, and what to check."""
+    rows = sum(row["n"] + row["nonfinite"] for row in summary["per_step"])
+    return (f"no finite ratio ||v_tuned|| / ||v_base|| was measured ({summary['nonfinite']} of {rows} guided "
+            "velocity evaluations were NaN/Inf or zero): check the checkpoints for NaN weights, or use --dtype float32"
+            + (" (summary.json holds the counts)" if summary["config"].get("out") else ""))

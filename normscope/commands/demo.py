@@ -79,7 +79,7 @@ def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> dict:
     from normscope.commands.compare import compare
     from normscope.commands.report import ReportConfig, Run, report
     from normscope.measure.maps import where_columns
-    from normscope.render.report_figures import inflation, save
+    from normscope.render.figures import inflation, save
 
     reporter = reporter or SilentReporter()
     classifier, real = load_classifier()

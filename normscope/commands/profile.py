@@ -12,7 +12,6 @@ per-(prompt, seed, step) norms, per-step statistics, and two suggestions:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from normscope.load import (
 from normscope.load.pipeline import check_family_inputs, quiet_loading
 from normscope.measure.capture import GUIDED, CallRecord
 from normscope.measure.distributed import current_processes
+from normscope.measure.fingerprint import fingerprint_files, pipeline_fingerprint, prompts_digest
 from normscope.measure.prompts import Sample, make_samples, resolve_prompts
 from normscope.measure.sampling import (
     Reporter,
@@ -42,6 +42,7 @@ from normscope.measure.sampling import (
     run_model_batches,
     versions,
 )
+from normscope.measure.stats import sigma_integral
 
 REFERENCE_JSON = "reference.json"
 REFERENCE_TENSORS = "reference.safetensors"
@@ -74,43 +75,17 @@ class ProfileConfig(ProbeConfig):
         self.out = Path(self.out)
 
 
-# ---------------------------------------------------------------- fingerprints
-
-
-def _file_digest(path: Path, chunk: int = 8 << 20) -> str:
-    """sha256 of a file; for files over 64 MiB, of its size, first and last 8 MiB (fast on 20 GB weights)."""
-    digest = hashlib.sha256()
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        if size <= 8 * chunk:
-            digest.update(handle.read())
-        else:
-            digest.update(str(size).encode())
-            digest.update(handle.read(chunk))
-            handle.seek(size - chunk)
-            digest.update(handle.read(chunk))
-    return digest.hexdigest()
-
-
-def fingerprint_files(root: Path, files: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(files):
-        digest.update(str(path.relative_to(root) if path.is_relative_to(root) else path.name).encode())
-        digest.update(_file_digest(path).encode())
-    return digest.hexdigest()[:32]
-
-
-def pipeline_fingerprint(source: str) -> str:
-    """Every file of the pipeline except its transformer (which the checks replace); a hub id as is."""
-    root = Path(source)
-    if not root.is_dir():
-        return f"hub:{source}"
-    files = [p for p in root.rglob("*") if p.is_file() and "transformer" not in p.relative_to(root).parts[:1]]
-    return fingerprint_files(root, files)
-
-
-def prompts_digest(prompts: list[str]) -> str:
-    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:32]
+def base_weights_fingerprint(source: str, base_ckpt=None) -> str | None:
+    """Content fingerprint of the base's weights: BASE's own files, else the pipeline's transformer/ folder
+    (what a LoRA is attached to in a stored-reference check). None for a hub id (nothing local to read)."""
+    if base_ckpt is not None:
+        files = list(base_ckpt.files)
+    elif Path(source).is_dir():
+        files = sorted((Path(source) / "transformer").glob("*"))
+    else:
+        return None
+    files = [p for p in files if p.is_file()]
+    return fingerprint_files(Path(source), files) if files else None
 
 
 # ---------------------------------------------------------------- statistics
@@ -123,17 +98,26 @@ def _percentiles(matrix: np.ndarray) -> dict[str, np.ndarray]:
     return {"mean": np.nanmean(finite, axis=0), "std": np.nanstd(finite, axis=0), "p5": p5, "p50": p50, "p95": p95}
 
 
-def subset_spread(norms: np.ndarray, splits: int = SUBSET_SPLITS, seed: int = 0) -> float:
-    """Std of the inflation you would read between two random halves of the probe (no model change at all)."""
-    n = norms.shape[0]
-    if n < 4:
+def subset_spread(norms: np.ndarray, sigma: np.ndarray, clusters: np.ndarray | None = None,
+                  splits: int = SUBSET_SPLITS, seed: int = 0) -> float:
+    """Std of the inflation you would read between two random halves of the probe (no model change at all).
+
+    Halves are made of whole prompts (``clusters``: each sample's prompt id) when there are at least 4
+    prompts, because seeds of one prompt are correlated; else of samples. The inflation between the halves
+    is the headline's sigma-integral of the ratio of their per-step mean norms.
+    """
+    clusters = np.arange(norms.shape[0]) if clusters is None else np.asarray(clusters)
+    ids = np.unique(clusters)
+    if len(ids) < 4:
+        clusters, ids = np.arange(norms.shape[0]), np.arange(norms.shape[0])
+    if len(ids) < 4:
         return float("nan")
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(splits):
-        order = rng.permutation(n)
-        a, b = norms[order[: n // 2]], norms[order[n // 2:]]
-        values.append(np.nanmean(np.nanmean(a, axis=0) / np.nanmean(b, axis=0)) - 1.0)
+        half = np.isin(clusters, rng.permutation(ids)[: len(ids) // 2])
+        ratio = np.nanmean(norms[half], axis=0) / np.nanmean(norms[~half], axis=0)
+        values.append(sigma_integral(ratio, sigma) - 1.0)
     return float(np.std(values))
 
 
@@ -246,9 +230,9 @@ def profile(config: ProfileConfig, reporter: Reporter | None = None) -> Referenc
     defaults_note = default_settings_note(pipe, config)
     if defaults_note:
         reporter.note(defaults_note)
-    weights_files = list(base_ckpt.files) if base_ckpt else sorted((Path(source) / "transformer").glob("*")) if Path(source).is_dir() else []
 
     guided = _norm_matrix(record, GUIDED)
+    sigmas = record.sigmas.double().numpy()
     dtype_floor = None
     if check_samples:
         alt = "bfloat16" if dtype != _torch_dtype("bfloat16") else "float32"
@@ -257,8 +241,8 @@ def profile(config: ProfileConfig, reporter: Reporter | None = None) -> Referenc
         alt_record = _run(pipe, base, config, check_samples, reporter)
         main = guided[: len(check_samples)]
         ratio = _norm_matrix(alt_record, GUIDED) / main
-        dtype_floor = float(abs(np.nanmean(np.nanmean(ratio, axis=0)) - 1.0))
-    spread = subset_spread(guided)
+        dtype_floor = float(abs(sigma_integral(np.nanmean(ratio, axis=0), sigmas) - 1.0))
+    spread = subset_spread(guided, sigmas, [s.prompt_id for s in samples])
     gate = suggest_gate(spread, dtype_floor)
 
     warnings = []
@@ -286,7 +270,7 @@ def profile(config: ProfileConfig, reporter: Reporter | None = None) -> Referenc
                    "batch_size": config.batch_size, "resolved": resolved},
         "hashes": {"prompts": prompts_digest(prompts), "seeds": list(config.seeds),
                    "pipeline": pipeline_fingerprint(source),
-                   "weights": fingerprint_files(Path(source), [p for p in weights_files if p.is_file()]) if weights_files else None},
+                   "weights": base_weights_fingerprint(source, base_ckpt)},
         "n_samples": len(samples),
         "nonfinite": int((~np.isfinite(guided)).sum()),
         "samples": [{"prompt_id": s.prompt_id, "prompt": s.prompt, "seed": s.seed} for s in samples],
@@ -305,9 +289,9 @@ def profile(config: ProfileConfig, reporter: Reporter | None = None) -> Referenc
         return reference
     reference.save(config.out)
     if config.figure:
-        from normscope.render.figures import save_reference_figure
+        from normscope.render.figures import reference_figure, save_png
 
-        save_reference_figure(meta, config.out / REFERENCE_PNG)
+        save_png(reference_figure(meta), config.out / REFERENCE_PNG)
     return reference
 
 

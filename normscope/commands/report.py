@@ -16,6 +16,7 @@ import pandas as pd
 
 from normscope.errors import InputError
 from normscope.render.files import IMAGES_DIR, NORMS_CSV, SUMMARY_JSON
+from normscope.render.numbers import pct
 
 FIGURES_DIR = "figures"
 REPORT_HTML = "report.html"
@@ -88,19 +89,19 @@ class Run:
         return pairs
 
 
-def _pct(value) -> str:
-    return "n/a" if value is None else f"{value * 100:+.2f} %"
-
-
 def _run_rows(runs: list[Run]) -> list[dict]:
     rows = []
     for run in runs:
         s = run.summary
+        # Run folders written before the sigma-integral headline hold the step mean as their only estimate.
+        estimate = s.get("headline", "step_mean")
+        step_mean = s.get("estimates", {}).get("step_mean", {}).get("inflation", s["inflation"])
         rows.append({
-            "run": run.name, "mode": run.mode, "inflation": _pct(s["inflation"]),
-            "95% CI": f"[{_pct(s['inflation_ci'][0])}, {_pct(s['inflation_ci'][1])}]",
-            "near noise": _pct(s["regions"]["near_noise"]), "middle": _pct(s["regions"]["middle"]),
-            "near data": _pct(s["regions"]["near_data"]), "samples": s["n_samples"], "steps": len(s["per_step"]),
+            "run": run.name, "mode": run.mode, "inflation": pct(s["inflation"]),
+            "95% CI": f"[{pct(s['inflation_ci'][0])}, {pct(s['inflation_ci'][1])}]",
+            "estimate": estimate.replace("_", " "), "step mean": pct(step_mean),
+            "near noise": pct(s["regions"]["near_noise"]), "middle": pct(s["regions"]["middle"]),
+            "near data": pct(s["regions"]["near_data"]), "samples": s["n_samples"], "steps": len(s["per_step"]),
             "non-finite": s["nonfinite"],
         })
     return rows
@@ -108,8 +109,8 @@ def _run_rows(runs: list[Run]) -> list[dict]:
 
 def report(config: ReportConfig) -> dict[str, Path]:
     """Write figures (PNG + SVG), report.html (self-contained) and report.md into ``config.out``."""
+    from normscope.render import figures as rf
     from normscope.render import maps_figures as mf
-    from normscope.render import report_figures as rf
 
     runs = [Run(folder) for folder in config.runs]
     names = [r.name for r in runs]
@@ -198,7 +199,9 @@ def _slug(name: str) -> str:
 
 def _markdown(title: str, rows: list[dict], sections, out: Path, signals: list[dict] = ()) -> str:
     lines = [f"# {title}", "", *_table_md(rows)]
-    lines += ["", "Inflation = mean over steps of (mean over samples of ||v_tuned|| / ||v_base||) − 1, guided velocity.", ""]
+    lines += ["", "Inflation = integral over sigma (trapezoid, divided by the sigma span) of the per-step mean over samples of "
+              "||v_tuned|| / ||v_base||, minus 1, guided velocity (estimate: sigma integral; older run folders: the step "
+              "mean); step mean = the plain mean over steps. CIs: 95 % percentile bootstrap over prompts.", ""]
     if signals:
         lines += ["## Grid score and image signals", "", *_table_md(signals), "",
                   "Image signals of the final images of free mode (same noise), tuned − base, 95 % CI resampling "
@@ -234,8 +237,10 @@ pre {{ background: #f7f7f7; padding: 0.8em; overflow-x: auto; font-size: 0.8em; 
 <body>
 <h1>{html.escape(title)}</h1>
 {table}
-<p>Inflation = mean over denoising steps of (mean over prompt/seed samples of ||v<sub>tuned</sub>|| / ||v<sub>base</sub>||) − 1,
-on the guided velocity; CIs are 95 % percentile bootstrap over samples.</p>
+<p>Inflation = integral over sigma (trapezoid, divided by the sigma span) of the per-step mean over prompt/seed samples
+of ||v<sub>tuned</sub>|| / ||v<sub>base</sub>||, minus 1, on the guided velocity (estimate: sigma integral; older run
+folders: the step mean); step mean = the plain mean over steps. CIs are 95 % percentile bootstrap over prompts
+(all seeds of a prompt together).</p>
 {''.join(body)}
 {configs}
 </body></html>

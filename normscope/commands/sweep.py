@@ -194,11 +194,11 @@ def _write_table(config: SweepConfig, rows: list[dict]) -> pd.DataFrame:
                                                           "checkpoint": crossing.iloc[0]["checkpoint"]},
             "checkpoints": json.loads(table.to_json(orient="records"))}
     (config.out / SWEEP_JSON).write_text(json.dumps(meta, indent=2) + "\n")
-    from normscope.render.figures import save_sweep_figure
+    from normscope.render.figures import save_png, sweep_figure
 
-    save_sweep_figure(table, config.gate, config.out / SWEEP_PNG)
+    save_png(sweep_figure(table, config.gate), config.out / SWEEP_PNG)
     if "grid_score" in table or any(c.endswith("_diff") for c in table):
-        from normscope.render.maps_figures import save_sweep_where
+        from normscope.render.maps_figures import sweep_where
 
-        save_sweep_where(table, config.out / SWEEP_WHERE_PNG)
+        save_png(sweep_where(table), config.out / SWEEP_WHERE_PNG)
     return table

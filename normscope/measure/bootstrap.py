@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from normscope.config import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CI_LEVEL
+from normscope.config import CI_LEVEL
 
 
-def cluster_weights(clusters, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
-    """(resamples, samples): how often each sample is drawn when whole clusters are resampled, fixed seed."""
-    labels, index = np.unique(np.asarray(clusters), return_inverse=True)
-    rng = np.random.default_rng(seed)
-    counts = rng.multinomial(len(labels), np.full(len(labels), 1.0 / len(labels)), size=resamples)
-    return counts[:, index].astype(np.float64)
+def cluster_weights(clusters) -> np.ndarray:
+    """(resamples, samples) draw counts when whole prompts are resampled: the headline's own bootstrap
+    (``stats.bootstrap_weights``, fixed seed; one prompt only: its samples are resampled)."""
+    from normscope.measure.stats import bootstrap_weights
+
+    return bootstrap_weights(np.asarray(clusters))
 
 
 def _interval(values: np.ndarray) -> tuple[float, float]:

@@ -30,6 +30,13 @@ class Processes:
         """Each process takes its own GPU; CPU processes share the CPU."""
         return f"cuda:{self.local_index}" if device == "cuda" and self.count > 1 else device
 
+    def barrier(self) -> None:
+        """Wait until every process has got here (returns at once in a single process)."""
+        if self.count > 1:
+            from accelerate.utils import wait_for_everyone
+
+            wait_for_everyone()
+
     def map(self, count: int, compute: Callable[[int], T]) -> list[T]:
         """``[compute(i) for i in range(count)]``, the i's dealt round-robin to the processes, gathered in order."""
         mine = [(i, compute(i)) for i in range(self.index, count, self.count)]

@@ -2,8 +2,8 @@
 
 Each batch is one safetensors file holding the raw captured statistics (not pickles); the tidy
 table is rebuilt from them by the same code as for a fresh batch, so a resumed run writes the same
-bytes as an uninterrupted one. A run with a different fingerprint (other options or checkpoints)
-starts afresh.
+bytes as an uninterrupted one. A run with a different fingerprint (other options, prompts, pipeline,
+checkpoints or versions: ``normscope.measure.fingerprint``) starts afresh.
 """
 
 from __future__ import annotations
@@ -14,26 +14,42 @@ import shutil
 from pathlib import Path
 
 from normscope.measure.capture import CallRecord
+from normscope.measure.distributed import Processes
 
 META = "meta.json"
 
 
 class BatchStore:
-    def __init__(self, folder: Path, fingerprint: str) -> None:
+    """``OUT/.partial``: one safetensors file per finished batch, valid for one fingerprint.
+
+    Under several processes only the main one (rank 0) checks the fingerprint and resets a stale store;
+    the others wait at a barrier and open the store after that, so no rank can delete a batch that
+    another has already saved. Every process must construct the store (the barrier needs them all).
+    """
+
+    def __init__(self, folder: Path, fingerprint: str, processes: Processes | None = None) -> None:
         self.folder = Path(folder)
         self.fingerprint = fingerprint
-        self.reset = False
-        meta = self.folder / META
-        if meta.is_file():
-            try:
-                stored = json.loads(meta.read_text()).get("fingerprint")
-            except (OSError, json.JSONDecodeError):
-                stored = None
-            if stored != fingerprint:
-                shutil.rmtree(self.folder)
-                self.reset = True
+        processes = processes or Processes()
+        self.reset = self._reset_if_stale() if processes.is_main else False
+        processes.barrier()
+        if not processes.is_main and self._stored_fingerprint() != fingerprint:
+            raise RuntimeError(f"{self.folder}: the main process did not prepare the batch store (fingerprints differ)")
+
+    def _stored_fingerprint(self) -> str | None:
+        try:
+            return json.loads((self.folder / META).read_text()).get("fingerprint")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            return None
+
+    def _reset_if_stale(self) -> bool:
+        """Delete a store made for another fingerprint; make the folder and record ours. True if reset."""
+        stale = (self.folder / META).is_file() and self._stored_fingerprint() != self.fingerprint
+        if stale:
+            shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        meta.write_text(json.dumps({"fingerprint": fingerprint}))
+        (self.folder / META).write_text(json.dumps({"fingerprint": self.fingerprint}))
+        return stale
 
     def _path(self, key: str) -> Path:
         return self.folder / f"{key}.safetensors"

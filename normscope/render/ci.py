@@ -7,10 +7,7 @@ from pathlib import Path
 from xml.etree import ElementTree as ET
 
 from normscope.commands.check import ERROR, FAIL, CheckResult
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{value * 100:+.2f} %"
+from normscope.render.numbers import pct
 
 
 def _grid(c, result: CheckResult) -> str:
@@ -21,7 +18,7 @@ def _grid(c, result: CheckResult) -> str:
 
 def verdict_line(result: CheckResult) -> str:
     word = {0: "PASS", 1: "FAIL", 3: "ERROR"}[result.exit_code]
-    parts = [f"{c.path}: {_pct(c.inflation)}{_grid(c, result)} ({c.verdict})" for c in result.checkpoints]
+    parts = [f"{c.path}: {pct(c.inflation)}{_grid(c, result)} ({c.verdict})" for c in result.checkpoints]
     grid = "" if result.max_grid_score is None else f", grid score gate {result.max_grid_score:g}"
     return f"{word}: gate {result.max_inflation * 100:.2f} % from {result.gate_source}{grid}; " + "; ".join(parts)
 
@@ -36,12 +33,12 @@ def junit_xml(result: CheckResult) -> str:
                           time=f"{sum(c.seconds for c in result.checkpoints):.3f}")
     for c in result.checkpoints:
         case = ET.SubElement(suite, "testcase", classname="normscope.commands.check", name=c.path, time=f"{c.seconds:.3f}")
-        message = f"inflation {_pct(c.inflation)} vs gate {result.max_inflation * 100:.2f} % ({result.gate_source})"
+        message = f"inflation {pct(c.inflation)} vs gate {result.max_inflation * 100:.2f} % ({result.gate_source})"
         if result.max_grid_score is not None:
             message += f"; grid score {_grid(c, result).removeprefix(', grid score ')} vs gate {result.max_grid_score:g}"
         if c.verdict == FAIL:
             ET.SubElement(case, "failure", message=message, type="Inflated").text = (
-                f"{message}; 95% CI [{_pct(c.inflation_ci[0])}, {_pct(c.inflation_ci[1])}]")
+                f"{message}; 95% CI [{pct(c.inflation_ci[0])}, {pct(c.inflation_ci[1])}]")
         elif c.verdict == ERROR:
             ET.SubElement(case, "error", message=f"{c.nonfinite} non-finite velocities", type="RunFailed").text = message
         else:
@@ -52,10 +49,11 @@ def junit_xml(result: CheckResult) -> str:
 def step_summary(result: CheckResult) -> str:
     """Markdown for $GITHUB_STEP_SUMMARY."""
     lines = [f"### normscope check: {verdict_line(result).split(':')[0]}", "",
-             f"Gate: max inflation {result.max_inflation * 100:.2f} % ({result.gate_source}); mode: {result.mode}.", "",
+             f"Gate: max inflation {result.max_inflation * 100:.2f} % ({result.gate_source}); mode: {result.mode}; "
+             "inflation: the sigma-integral of the per-step mean ratio - 1, CI over prompts (normscope docs/compare.md).", "",
              "| checkpoint | inflation | 95% CI | verdict |", "|---|---|---|---|"]
     for c in result.checkpoints:
-        lines.append(f"| `{c.path}` | {_pct(c.inflation)} | [{_pct(c.inflation_ci[0])}, {_pct(c.inflation_ci[1])}] | {c.verdict} |")
+        lines.append(f"| `{c.path}` | {pct(c.inflation)} | [{pct(c.inflation_ci[0])}, {pct(c.inflation_ci[1])}] | {c.verdict} |")
     return "\n".join(lines) + "\n"
 
 
@@ -64,8 +62,11 @@ def annotations(result: CheckResult) -> list[str]:
     out = []
     for c in result.checkpoints:
         if c.verdict == FAIL:
-            out.append(f"::error title=normscope check::{c.path} failed the gate: inflation {_pct(c.inflation)} "
-                       f"(gate {result.max_inflation * 100:.2f} %){_grid(c, result)}")
+            if result.max_grid_score is None:
+                out.append(f"::error title=normscope check::{c.path} is inflated: {pct(c.inflation)} > gate {result.max_inflation * 100:.2f} %")
+            else:
+                out.append(f"::error title=normscope check::{c.path} failed the gate: inflation {pct(c.inflation)} "
+                           f"(gate {result.max_inflation * 100:.2f} %){_grid(c, result)}")
         elif c.verdict == ERROR:
             out.append(f"::error title=normscope check::{c.path}: {c.nonfinite} non-finite velocities, no valid measurement")
     return out
