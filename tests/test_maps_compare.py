@@ -252,3 +252,14 @@ def test_an_interrupted_maps_run_resumes_to_the_same_numbers(scaled, flux_checke
     assert resumed.summary["maps"] == fresh.summary["maps"]
     assert resumed.summary["image_signals"] == fresh.summary["image_signals"]
     pd.testing.assert_frame_equal(resumed.signals, fresh.signals)
+
+
+def test_pixel_grid_score_sees_the_checkerboard_through_the_vae(scaled, flux_checkerboard, config_for):
+    """Free mode, final images: the latent checkerboard still shows at the pixel period (patch x VAE factor)."""
+    def pixel_grid(tuned):
+        signals = compare(config_for("flux", tuned, mode="free", maps=True)).summary["image_signals"]
+        return next(row for row in signals["signals"] if row["signal"] == "grid_score"), signals["pixel_period"]
+
+    (flat, period), (grid, _) = pixel_grid(scaled("flux", 1.1)), pixel_grid(flux_checkerboard)
+    assert period == 2  # 2x2 packing, a VAE without downsampling
+    assert grid["ci"][0] > flat["ci"][1]
