@@ -95,7 +95,7 @@ PROBE_OPTIONS = (
     ("prompt", PromptOpt, None),
     ("seeds", SeedsOpt, ",".join(map(str, DEFAULT_SEEDS))),
     ("preset", PresetOpt, None),
-    ("steps", StepsOpt, None),  # None: the preset's, else DEFAULT_STEPS (resolved in ProbeConfig)
+    ("steps", StepsOpt, None),
     ("guidance", GuidanceOpt, None),
     ("true_cfg_scale", TrueCfgOpt, None),
     ("height", HeightOpt, None),
@@ -168,7 +168,7 @@ class RichReporter:
         self.progress.advance(self.task, steps)
 
     def note(self, message: str) -> None:
-        self.progress.console.print(f"[cyan]note:[/cyan] {message}", highlight=False, soft_wrap=True)  # one line: greppable logs
+        self.progress.console.print(f"[cyan]note:[/cyan] {message}", highlight=False, soft_wrap=True)  # one line each
 
     def __enter__(self) -> RichReporter:
         self.progress.start()

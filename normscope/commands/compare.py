@@ -268,8 +268,7 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
         write_run(result, Path(config.out), figure=config.figure)
         write_where(result, Path(config.out))
         store.clear()
-    # The API ends as the CLI does: the package's error, after the files are written. A model that was
-    # non-finite everywhere is named; otherwise the counts say what was lost.
+    # The API ends as the CLI does: the package's error, after the files (with the counts) are written.
     verdict = nonfinite_verdict(frame)
     if verdict:
         raise NoMeasurementError(verdict, summary)
@@ -308,6 +307,14 @@ def _load_extra(store: BatchStore, key: str, mode: str, config: CompareConfig, w
     return None
 
 
+def no_measurement_message(summary: dict) -> str:
+    """One line for a run with no finite ratio at all: what was counted, and what to check."""
+    rows = sum(row["n"] + row["nonfinite"] for row in summary["per_step"])
+    return (f"no finite ratio ||v_tuned|| / ||v_base|| was measured ({summary['nonfinite']} of {rows} guided "
+            "velocity evaluations were NaN/Inf or zero): check the checkpoints for NaN weights, or use --dtype float32"
+            + (" (summary.json holds the counts)" if summary["config"].get("out") else ""))
+
+
 def nonfinite_verdict(frame: pd.DataFrame) -> str | None:
     """One line when a model's guided velocity was non-finite at every step of every sample, else None.
 
@@ -326,11 +333,3 @@ def nonfinite_verdict(frame: pd.DataFrame) -> str | None:
     who = " and ".join(culprits)
     return (f"{who} produced NaN/Inf velocities at every step of every sample ({int(max(b.sum() for b in bad.values()))} "
             f"of {len(guided)} guided rows): check the checkpoint (summary.json holds the counts)")
-
-
-def no_measurement_message(summary: dict) -> str:
-    """One line for a run with no finite ratio at all: what was counted, and what to check."""
-    rows = sum(row["n"] + row["nonfinite"] for row in summary["per_step"])
-    return (f"no finite ratio ||v_tuned|| / ||v_base|| was measured ({summary['nonfinite']} of {rows} guided "
-            "velocity evaluations were NaN/Inf or zero): check the checkpoints for NaN weights, or use --dtype float32"
-            + (" (summary.json holds the counts)" if summary["config"].get("out") else ""))
