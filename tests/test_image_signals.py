@@ -84,3 +84,25 @@ def test_user_scorer_gets_pil_images_and_prompts(monkeypatch):
         sig.load_scorer("surely_not_a_module_xyz:f")
     with pytest.raises(InputError, match="one per image"):
         sig.run_scorer(lambda im, p: [1.0], flat(0, batch=2), ["a", "b"], "x:y")
+
+
+def test_video_frames_are_taken_before_clipping_and_averaged_per_sample():
+    """diffusers' own VideoProcessor (what Wan pipelines call): frames per sample, pre-clip, one row per sample."""
+    from types import SimpleNamespace
+
+    from diffusers.video_processor import VideoProcessor
+
+    from normscope.measure.prompts import Sample
+
+    pipe = SimpleNamespace(video_processor=VideoProcessor(vae_scale_factor=8))
+    video = torch.zeros(2, 3, 4, 8, 8)  # (B, C, F, H, W), as the VAE decodes it
+    video[0, :, :2] = 1.5  # half of sample 0's frames out of range
+    with sig.PreClipImages().attached(pipe) as decoded:
+        frames = pipe.video_processor.postprocess_video(video, output_type="pil")
+    assert len(frames) == 2 and len(frames[0]) == 4  # the pipeline's own output is untouched
+    assert "postprocess_video" not in vars(pipe.video_processor)  # unwrapped on exit
+    (taken,) = decoded.take_all()
+    assert taken.shape == (2, 4, 3, 8, 8)
+    samples = [Sample(prompt_id=0, prompt="a", seed=0), Sample(prompt_id=1, prompt="b", seed=0)]
+    rows = sig.batch_signals(samples, torch.zeros_like(taken), taken, period=2)
+    assert rows[f"{sig.OUT_OF_RANGE}_tuned"].tolist() == [0.5, 0.0]
