@@ -60,6 +60,8 @@ HeightOpt = Annotated[int | None, typer.Option("--height", help="Image height in
 WidthOpt = Annotated[int | None, typer.Option("--width", help="Image width in pixels. Default: the pipeline's.", rich_help_panel="Probe")]
 NegativeOpt = Annotated[str | None, typer.Option("--negative-prompt", help="Negative prompt. Default: the pipeline's (\"\" for SD3).", rich_help_panel="Probe")]
 MaxSeqOpt = Annotated[int | None, typer.Option("--max-sequence-length", help="T5 sequence length. Default: the pipeline's.", rich_help_panel="Probe")]
+ImageOpt = Annotated[Path | None, typer.Option("--image", help="Image-to-video pipelines (Wan I2V): the conditioning image (first frame), the same for every sample.", rich_help_panel="Probe")]
+NumFramesOpt = Annotated[int | None, typer.Option("--num-frames", help="Video pipelines (Wan): frames of the video, 4k + 1 (e.g. 81). Default: the pipeline's.", rich_help_panel="Probe")]
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Model dtype (norms are always reduced in float32). auto: bfloat16 on CUDA, float32 on CPU.", rich_help_panel="Hardware")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto: cuda when available, else cpu.", rich_help_panel="Hardware")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="(prompt, seed) samples per pipeline call. Results do not depend on it.", rich_help_panel="Hardware")]
@@ -102,6 +104,7 @@ PROBE_OPTIONS = (
     ("width", WidthOpt, None),
     ("negative_prompt", NegativeOpt, None),
     ("max_sequence_length", MaxSeqOpt, None),
+    ("num_frames", NumFramesOpt, None),
 )
 
 
@@ -134,11 +137,12 @@ def probe_options(**overrides):
 
 
 def probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, negative_prompt, max_sequence_length,
-                 true_cfg_scale=None, preset=None) -> dict:
+                 preset=None, true_cfg_scale=None, num_frames=None) -> dict:
     """The probe options as ProbeConfig fields (``seeds`` parsed; None stays None where a command allows it)."""
     return dict(prompts_file=prompts_file, prompts=tuple(prompt or ()), seeds=None if seeds is None else parse_seeds(seeds),
                 steps=steps, guidance=guidance, height=height, width=width, negative_prompt=negative_prompt,
-                max_sequence_length=max_sequence_length, true_cfg_scale=true_cfg_scale, preset=preset)
+                max_sequence_length=max_sequence_length, preset=preset, true_cfg_scale=true_cfg_scale,
+                num_frames=num_frames)
 
 
 class RichReporter:
@@ -230,6 +234,7 @@ def compare(
     pipeline: PipelineOpt = None,
     adapter: AdapterOpt = None,
     allow_pickle: PickleOpt = False,
+    image: ImageOpt = None,
     mode: Annotated[Mode, typer.Option("--mode", help="paired: one model drives, the other is evaluated on the same inputs; free: each on its own trajectory; both.", rich_help_panel="Measurement")] = Mode.paired,
     drive: Annotated[Drive, typer.Option("--drive", help="In paired mode, whose velocity moves the latents.", rich_help_panel="Measurement")] = Drive.tuned,
     dtype: DTypeOpt = DType.auto,
@@ -239,6 +244,7 @@ def compare(
     out: OutOpt = None,
     offload: Annotated[bool, typer.Option("--offload", help="Full checkpoints: keep one transformer's weights on the GPU at a time (slower; see docs/scale.md).", rich_help_panel="Hardware")] = False,
     save_images: Annotated[bool, typer.Option("--save-images", help="Also decode and save both models' final images of free mode in DIR/images/ (needs --mode free or both).", rich_help_panel="Output")] = False,
+    rescale_to_base: Annotated[bool, typer.Option("--rescale-to-base", help="Also sample the tuned model with its velocity rescaled at every step to the base's norm on the same input (the inference-rescale ablation, mode 'rescaled'); with --save-images its images sit next to free mode's.", rich_help_panel="Measurement")] = False,
     maps: Annotated[bool, typer.Option("--maps", help="Where inflation lives: spatial ratio maps, spectra and the grid score (paired mode; DIR/maps.safetensors) and image signals of the final images (free mode; DIR/image_signals.csv). See docs/maps.md.", rich_help_panel="Measurement")] = False,
     scorer: Annotated[str | None, typer.Option("--scorer", help="module:function taking (PIL images, prompts) and returning one number per image; scores base and tuned final images of free mode (needs --mode free or both).", rich_help_panel="Measurement")] = None,
     probe: dict | None = None,  # the probe options, added by @probe_options
@@ -257,7 +263,7 @@ def compare(
         config = CompareConfig(
             base=base, tuned=tuned, adapter=adapter, allow_pickle=allow_pickle, pipeline=pipeline, mode=mode, drive=drive,
             dtype=dtype, device=device, batch_size=batch_size, out=out, save_images=save_images, offload=offload,
-            maps=maps, scorer=scorer, **probe,
+            image=image, rescale_to_base=rescale_to_base, maps=maps, scorer=scorer, **probe,
         )
         if not is_main_process():  # launched on several processes: the main one reports
             run_compare(config)
@@ -266,9 +272,10 @@ def compare(
             result = run_compare(config, reporter)
         emit(result, fmt)
         if out is not None:
+            video = ", frames.csv, frames.png" if result.frames is not None else ""
             where = "".join(f", {name}" for name, made in (("maps.safetensors", result.maps is not None),
                                                            ("image_signals.csv", result.signals is not None)) if made)
-            err.print(f"wrote {out}/norms.csv, summary.json, profile.png{where}")
+            err.print(f"wrote {out}/norms.csv, summary.json, profile.png{video}{where}")
 
 
 @app.command()
@@ -431,17 +438,20 @@ def presets(
 
 @app.command()
 def report(
-    runs: Annotated[list[Path], typer.Argument(help="Run folders written by normscope compare --out (several are overlaid).")],
     out: Annotated[Path, typer.Option("--out", help="Folder for report.html, report.md and figures/ (PNG + SVG).")],
+    runs: Annotated[list[Path] | None, typer.Argument(help="Run folders written by normscope compare --out (several are overlaid).")] = None,
     gate: Annotated[float | None, typer.Option("--gate", help="Draw this maximum inflation (a fraction, 0.05 = 5 %) on the inflation figures.")] = None,
     title: Annotated[str, typer.Option("--title", help="Title of the report.")] = "normscope report",
+    monitor: Annotated[list[Path] | None, typer.Option("--monitor", help="A training run folder (or its monitor.jsonl) written by normscope.monitor: plot its norm ratio per sigma bucket against training step. Repeatable.")] = None,
+    sweep: Annotated[list[Path] | None, typer.Option("--sweep", help="A normscope sweep --out folder of the same run: its checkpoints are drawn on the monitor figure. Repeatable; needs --monitor.")] = None,
 ) -> None:
     """Figures, a self-contained report.html and a report.md from saved run folders; no model is loaded."""
     with cli_errors():
         from normscope.commands.report import ReportConfig
         from normscope.commands.report import report as run_report
 
-        written = run_report(ReportConfig(runs=tuple(runs), out=out, gate=gate, title=title))
+        written = run_report(ReportConfig(runs=tuple(runs or ()), out=out, gate=gate, title=title,
+                                          monitors=tuple(monitor or ()), sweeps=tuple(sweep or ())))
         typer.echo(str(written["html"]))
         err.print(f"wrote {written['html']}, {written['markdown']} and {written['figures']}/ (PNG + SVG)")
 

@@ -89,6 +89,8 @@ class ProbeConfig:
     width: int | None = None
     negative_prompt: str | None = None
     max_sequence_length: int | None = None
+    num_frames: int | None = None  # video pipelines (Wan): frames of the generated video
+    image: Path | None = None  # image-to-video pipelines (Wan I2V): the conditioning image, for every sample
     dtype: DType = DType.auto
     device: Device = Device.auto
     batch_size: int = DEFAULT_BATCH_SIZE
@@ -101,11 +103,16 @@ class ProbeConfig:
         self._apply_preset()
         if self.prompts_file is not None:
             self.prompts_file = Path(self.prompts_file)
+        if self.image is not None:
+            self.image = Path(self.image)
+            if not self.image.is_file():
+                raise ConfigError(f"--image {self.image} does not exist: pass the conditioning image file (PNG, JPEG, ...)")
         _positive("steps", self.steps, "use e.g. --steps 28")
         _positive("batch_size", self.batch_size, "use e.g. --batch-size 8")
         _positive("height", self.height, "use a multiple of 16, e.g. --height 512")
         _positive("width", self.width, "use a multiple of 16, e.g. --width 512")
         _positive("max_sequence_length", self.max_sequence_length, "leave it unset for the pipeline's own")
+        _positive("num_frames", self.num_frames, "use 4k + 1 frames, e.g. --num-frames 81 (Wan)")
         if not self.seeds:
             raise ConfigError("--seeds is empty: give at least one seed, e.g. --seeds 0,1")
         if len(set(self.seeds)) != len(self.seeds):
@@ -159,7 +166,9 @@ class CompareConfig(ProbeConfig):
     state dict, or for ``tuned`` also a LoRA or a trainer's checkpoint folder). ``base=None`` means the
     pipeline's own transformer. ``adapter`` picks one adapter of a folder holding several;
     ``allow_pickle`` lets ``.bin/.pt`` files load through ``torch.load(weights_only=True)``. ``out``, when set, receives norms.csv, summary.json and
-    profile.png, and holds the finished batches of an interrupted run so a rerun resumes. ``maps`` adds spatial
+    profile.png, and holds the finished batches of an interrupted run so a rerun resumes.
+    ``rescale_to_base`` adds the inference-rescale ablation (mode ``rescaled``): the tuned model samples with its
+    guided velocity rescaled at every step to the base's norm on the same input. ``maps`` adds spatial
     maps, spectra and the grid score (paired mode) and image signals (free mode); ``scorer`` is a
     ``module:function`` scoring the final images of free mode (see docs/maps.md).
     """
@@ -174,6 +183,7 @@ class CompareConfig(ProbeConfig):
     figure: bool = True
     save_images: bool = False
     offload: bool = False
+    rescale_to_base: bool = False
     maps: bool = False
     scorer: str | None = None
 

@@ -42,3 +42,10 @@ class NoMeasurementError(RunError):
     def __init__(self, message: str, summary: dict | None = None) -> None:
         super().__init__(message)
         self.summary = summary
+
+
+class GuardInputError(InputError, ValueError):
+    """A tensor handed to ``normscope.guard`` or ``normscope.monitor`` with the wrong shape, range or kind.
+
+    It is also a ``ValueError``: a training loop that already catches those keeps working.
+    """

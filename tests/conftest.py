@@ -95,3 +95,12 @@ def family_pipelines(tmp_path_factory):
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def video_pipelines(tmp_path_factory) -> dict[str, Path]:
+    """Tiny Wan 2.1 / 2.2 (two experts) pipelines on disk, each with FlowMatchEuler and with UniPC flow."""
+    from video_factory import VIDEO_ARCHS, build_pipeline
+
+    root = tmp_path_factory.mktemp("video")
+    return {arch: build_pipeline(arch, root / arch) for arch in VIDEO_ARCHS}

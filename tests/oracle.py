@@ -106,6 +106,9 @@ def oracle_norms(pipe, keep_outputs: bool = False, **call) -> list[dict]:
       ``scheduler``    the per-sample norms of the velocity ``scheduler.step`` received,
       ``timestep``     the step's timestep;
     with ``keep_outputs`` also ``outputs`` (the raw float32 outputs) and ``scheduler_input``.
+
+    ``ZImagePipeline`` writes the chat-templated prompt back into the list it is given: pass a fresh list
+    per call, as normscope's own sampling does.
     """
     with torch.no_grad(), _recording(pipe, keep_outputs) as steps:
         pipe(**call)

@@ -172,11 +172,13 @@ def test_demo_runs_on_the_bundled_digits_model(tmp_path):
     assert result.exit_code == 0, result.output
     demo = json.loads(result.stdout)
     rows = {row["model"]: row for row in demo["rows"]}
-    assert set(rows) == {"base", "awm", "awm-normguard", "nft", "nft-normguard"}
+    assert set(rows) == {"base", "awm", "awm-normguard", "nft", "nft-normguard", "awm + inference rescale"}
     for name in ("awm", "awm-normguard", "nft", "nft-normguard"):
         for file in ("summary.json", "norms.csv", "profile.png"):
             assert (tmp_path / name / file).is_file()
         assert rows[name]["paired_ci"][0] <= rows[name]["paired"] <= rows[name]["paired_ci"][1]
+    rescaled = rows["awm + inference rescale"]  # same weights, other samples; the model stays inflated
+    assert rescaled["applied"] == 0.0 and rescaled["paired"] > 0.02 and rescaled["reward"] != rows["awm"]["reward"]
     assert [c["step"] for c in demo["series"]["checkpoints"]] == [10, 20, 30, 40]
     assert (tmp_path / "inflation_overlay.png").is_file()
     assert (tmp_path / "report" / "report.html").is_file() and (tmp_path / "report" / "figures" / "nft_maps.png").is_file()

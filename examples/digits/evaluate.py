@@ -1,12 +1,15 @@
 """Stage 3: reward, quality and normscope's inflation for the base and every RL run; the tables of README.md.
 
-    python examples/digits/evaluate.py       # after train_base.py and run_all.sh; also ships the seed-0 runs
+    python examples/digits/evaluate.py             # after train_base.py and run_all.sh; also ships the seed-0 runs
+    python examples/digits/evaluate.py --rescale   # only the rows "RL + inference rescale" (needs awm/nft runs)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,16 +38,29 @@ def probe(**overrides) -> CompareConfig:
     return CompareConfig(**fields)
 
 
-def sample_metrics(lora: Path | None, classifier, real) -> dict:
+def sample_metrics(lora: Path | None, classifier, real, rescale: bool = False) -> dict:
+    """Reward and quality of 160 images; ``rescale``: the tuned velocity rescaled at every step to the base's norm
+    on the same input (normscope's capture, the same hook ``compare --rescale-to-base`` uses)."""
     from diffusers import StableDiffusion3Pipeline
     from peft import PeftModel
 
+    from normscope.guard import adapter_layers
+    from normscope.load import AdapterModel
+    from normscope.measure.capture import capture
+
     pipe = StableDiffusion3Pipeline.from_pretrained(str(ASSETS / "pipeline"))
     pipe.set_progress_bar_config(disable=True)
+    sampling = contextlib.nullcontext()
     if lora is not None:
         pipe.transformer = PeftModel.from_pretrained(pipe.transformer, str(lora)).eval()
+        if rescale:  # one module, the adapter on for the tuned model and off for the base
+            layers = adapter_layers(pipe.transformer)
+            tuned = AdapterModel("tuned", pipe.transformer, str(lora), "lora", layers, enabled=True)
+            base = AdapterModel("base", pipe.transformer, "pipeline", "pipeline", layers, enabled=False)
+            sampling = capture(pipe, tuned, base, rescale_to_other=True)
     digits = [d for d in range(10) for _ in EVAL_SEEDS]
-    images = generate(pipe, digits, EVAL_SEEDS * 10)
+    with sampling:
+        images = generate(pipe, digits, EVAL_SEEDS * 10)
     labels = torch.tensor(digits)
     return {"reward": float(reward(images, labels, classifier).mean()), **quality(images, labels, classifier, real)}
 
@@ -57,6 +73,29 @@ def inflation(lora: Path) -> dict:
         out[key] = {"inflation": summary["inflation"], "ci": summary["inflation_ci"], "regions": summary["regions"],
                     "hinge_rate": summary["hinge_rate"]}
     return out
+
+
+def rescale_rows() -> None:
+    """The rows "RL + inference rescale": the plain RL runs' final checkpoints sampled with the rescale, added to
+    results.json (the other rows are left as they are)."""
+    classifier, real = load_classifier(ASSETS)
+    results = json.loads((ASSETS / "results.json").read_text())
+    timings: dict = {}
+    with timed("rescale", timings):
+        for name in ("awm", "nft"):
+            for seed in RL_SEEDS:
+                lora = checkpoint(name, seed)
+                summary = compare(probe(tuned=str(lora), mode="paired", rescale_to_base=True)).summary
+                row = {"plain": sample_metrics(lora, classifier, real), **sample_metrics(lora, classifier, real, rescale=True)}
+                for mode in ("paired", "rescaled"):
+                    g = summary["modes"][mode]["guided"]
+                    row[mode] = {"inflation": g["inflation"], "ci": g["inflation_ci"], "estimates": g["estimates"],
+                                 "regions": g["regions"]}
+                results.setdefault("rescaled", {})[f"{name}-s{seed}"] = row
+                print(name, seed, {k: row[k] for k in ("reward", "fd", "diversity")}, flush=True)
+    results.setdefault("timings", {}).update(timings)
+    write_json(WORK / "results.json", results)
+    write_json(ASSETS / "results.json", results)
 
 
 def checkpoint(name: str, seed: int, step: int = FINAL) -> Path:
@@ -120,9 +159,19 @@ def summarize_table(results: dict) -> str:
             f"{ms([r['paired_base_drives']['inflation'] for r in runs], 100, '+.1f', ' %')} | "
             f"{ms([r['free']['inflation'] for r in runs], 100, '+.1f', ' %')} |"
         )
+        if name in ("awm", "nft") and "rescaled" in results:
+            runs = [results["rescaled"][f"{name}-s{s}"] for s in RL_SEEDS]
+            rows.append(
+                f"| {name} + inference rescale | {ms([r['reward'] for r in runs])} | {ms([r['fd'] for r in runs], fmt='.2f')} | "
+                f"{ms([r['diversity'] for r in runs], fmt='.2f')} | {ms([r['out_of_range'] for r in runs], 100, '.1f', ' %')} | "
+                f"{ms([r['rescaled']['estimates']['step_mean']['inflation'] for r in runs], 100, '+.1f', ' %')} (applied: 0) | – | – |"
+            )
     return "\n".join(rows)
 
 
 if __name__ == "__main__":
-    main()
+    if "--rescale" in sys.argv[1:]:
+        rescale_rows()
+    else:
+        main()
     print(summarize_table(json.loads((WORK / "results.json").read_text())))

@@ -60,6 +60,7 @@ class CheckConfig:
     max_sequence_length: int | None = None
     true_cfg_scale: float | None = None
     preset: str | None = None
+    num_frames: int | None = None
     mode: Mode = Mode.paired
     dtype: DType = DType.auto
     device: Device = Device.auto
@@ -70,6 +71,7 @@ class CheckConfig:
         self.paths = tuple(str(p) for p in self.paths)
         self.prompts = tuple(self.prompts)
         self.mode = Mode(self.mode)
+        self.dtype, self.device = DType(self.dtype), Device(self.device)  # the API takes strings, like every config
         if self.reference is None and len(self.paths) < 2:
             raise ConfigError("normscope check needs BASE and TUNED, or TUNED with --reference DIR")
         if self.reference is not None and not self.paths:
@@ -94,7 +96,7 @@ class CheckConfig:
         values = {"prompts_file": self.prompts_file, "prompts": self.prompts or None, "seeds": self.seeds,
                   "steps": self.steps, "guidance": self.guidance, "height": self.height, "width": self.width,
                   "negative_prompt": self.negative_prompt, "max_sequence_length": self.max_sequence_length,
-                  "true_cfg_scale": self.true_cfg_scale, "preset": self.preset}
+                  "true_cfg_scale": self.true_cfg_scale, "preset": self.preset, "num_frames": self.num_frames}
         return {k: v for k, v in values.items() if v is not None}
 
 

@@ -29,6 +29,7 @@ from normscope.load.families import family_for
 from normscope.load.pipeline import check_family_inputs
 from normscope.measure.capture import GUIDED, CallRecord
 from normscope.measure.fingerprint import run_fingerprint
+from normscope.measure.frames import VIDEO_LAYOUT, FrameNorms, free_frames, paired_frames, tidy_frames
 from normscope.measure.image_signals import IMAGE_SIGNALS_CSV, PreClipImages, batch_signals, load_scorer, signal_table
 from normscope.measure.maps import MAPS_FILE, Maps, latent_geometry, maps_observer
 from normscope.measure.prompts import Sample, make_samples, resolve_prompts
@@ -40,12 +41,33 @@ from normscope.measure.sampling import (
     resolved_sampling,
     run_free,
     run_paired,
+    run_rescaled,
     sampling_kwargs,
     versions,
 )
-from normscope.measure.stats import DEFINITIONS, NONFINITE, ci_method, mode_summary, n_samples, select, step_profile
+from normscope.measure.stats import (
+    DEFINITIONS,
+    NONFINITE,
+    ci_method,
+    inflation_estimates,
+    mode_summary,
+    n_samples,
+    select,
+    step_profile,
+)
 from normscope.measure.store import BatchStore
-from normscope.measure.table import BRANCH, NORM_BASE, NORM_TUNED, RATIO, STEP, free_frame, paired_frame, tidy
+from normscope.measure.table import (
+    BRANCH,
+    EXPERT,
+    NORM_BASE,
+    NORM_TUNED,
+    RATIO,
+    RESCALED,
+    STEP,
+    free_frame,
+    paired_frame,
+    tidy,
+)
 
 
 @dataclass
@@ -58,6 +80,7 @@ class CompareResult:
 
     frame: pd.DataFrame
     summary: dict
+    frames: pd.DataFrame | None = None  # video pipelines: one row per latent frame as well (frames.csv)
     maps: Maps | None = None
     signals: pd.DataFrame | None = None
 
@@ -95,18 +118,54 @@ def _fingerprint(config: CompareConfig, prompts: list[str], source: str, checkpo
 def _frame(mode: str, records: dict[str, CallRecord], samples: list[Sample], drive: str) -> pd.DataFrame:
     if mode == "paired":
         return paired_frame(records["paired"], samples, drive)
+    if mode == RESCALED:  # the tuned model drives, rescaled to the base's norm
+        return paired_frame(records[RESCALED], samples, "tuned", mode=RESCALED)
     return free_frame(records["base"], records["tuned"], samples)
 
 
+def _frames(mode: str, records: dict[str, CallRecord], samples: list[Sample], drive: str) -> pd.DataFrame:
+    if mode == "paired":
+        return paired_frames(records["paired"], samples, drive)
+    if mode == RESCALED:  # the tuned model drives, rescaled to the base's norm
+        return paired_frames(records[RESCALED], samples, "tuned", mode=RESCALED)
+    return free_frames(records["base"], records["tuned"], samples)
+
+
 def save_images(records: dict[str, CallRecord], samples: list[Sample], out: Path) -> None:
-    """images/<prompt_id>-<seed>-<base|tuned>.png, written as each batch finishes."""
+    """images/<prompt_id>-<seed>-<base|tuned|rescaled>.png (a video: .webp, animated), written as each batch finishes."""
     from normscope.render.files import IMAGES_DIR
+    from normscope.render.video import VIDEO_SUFFIX, save_video
 
     folder = out / IMAGES_DIR
     folder.mkdir(parents=True, exist_ok=True)
     for role, record in records.items():
         for sample, image in zip(samples, record.images or [], strict=True):
-            image.save(folder / f"{sample.prompt_id:03d}-{sample.seed}-{role}.png")
+            stem = f"{sample.prompt_id:03d}-{sample.seed}-{role}"
+            if isinstance(image, (list, tuple)):  # a video pipeline's frames
+                save_video(list(image), folder / f"{stem}{VIDEO_SUFFIX}")
+            else:
+                image.save(folder / f"{stem}.png")
+
+
+def expert_summary(frame: pd.DataFrame, mode: str) -> tuple[list[str], dict, int | None]:
+    """Per step the expert that ran; per expert the inflation over its own steps (the headline's estimate and
+    CI, and the other estimate); the step where the experts switch.
+
+    Empty for one-transformer pipelines (every label "").
+    """
+    rows = select(frame, mode, GUIDED)
+    labels = rows.groupby(STEP)[EXPERT].first().sort_index()
+    if not any(labels):
+        return [""] * len(labels), {}, None
+    by_expert = {}
+    for label in dict.fromkeys(labels):
+        steps = [int(s) for s in labels.index[labels == label]]
+        estimates = inflation_estimates(rows[rows[STEP].isin(steps)])
+        value, lo, hi = (None if np.isnan(x) else float(x) for x in estimates[HEADLINE_ESTIMATE])
+        by_expert[label] = {"steps": steps, "inflation": value, "inflation_ci": [lo, hi],
+                            "estimates": {name: None if np.isnan(v[0]) else float(v[0]) for name, v in estimates.items()}}
+    switches = [int(s) for prev, s in zip(labels.index[:-1], labels.index[1:], strict=True) if labels[s] != labels[prev]]
+    return list(labels), by_expert, (switches[0] if switches else None)
 
 
 def summarize(frame: pd.DataFrame, config: CompareConfig, extra: dict) -> dict:
@@ -115,10 +174,11 @@ def summarize(frame: pd.DataFrame, config: CompareConfig, extra: dict) -> dict:
     The headline is the sigma-integral estimate on the guided velocity of the first mode run (see
     ``HEADLINE_ESTIMATE``); ``estimates`` holds it and the step mean, each with its CI.
     """
-    modes = {mode: mode_summary(frame, mode) for mode in config.mode.runs()}
+    modes = {mode: mode_summary(frame, mode) for mode in _runs(config)}
     headline_mode = config.mode.runs()[0]
     head = modes[headline_mode][GUIDED]
     guided = frame[frame["branch"] == GUIDED]
+    experts, by_expert, boundary = expert_summary(frame, headline_mode)
     return {
         "inflation": head["inflation"],
         "inflation_ci": head["inflation_ci"],
@@ -135,6 +195,9 @@ def summarize(frame: pd.DataFrame, config: CompareConfig, extra: dict) -> dict:
         "hinge_rate": head["hinge_rate"],
         "regions": head["regions"],
         "per_step": head["per_step"],
+        "experts": experts,
+        "by_expert": by_expert,
+        "expert_boundary_step": boundary,
         "modes": modes,
         "config": {**config.to_dict(), **extra},
         "versions": versions(),
@@ -194,8 +257,8 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
             reporter.note(f"resuming: {store.finished()} finished batch(es) in {config.out} are reused")
 
     groups = list(batches(samples, config.batch_size))
-    runs = config.mode.runs()
-    calls_per_batch = {"paired": 1, "free": 2}
+    runs = _runs(config)
+    calls_per_batch = {"paired": 1, "free": 2, RESCALED: 1}
     reporter.begin(sum(calls_per_batch[m] for m in runs) * len(groups) * config.steps)
     scorer = load_scorer(config.scorer) if config.scorer else None
     want_signals = config.maps or scorer is not None
@@ -211,22 +274,26 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
             return records, _load_extra(store, key, mode, config, want_signals)
         kwargs = sampling_kwargs(pipe, config, batch, family)
         extra = None
-        if mode == "free" and (config.save_images or want_signals):
+        if (mode in ("free", RESCALED) and config.save_images) or (mode == "free" and want_signals):
             kwargs["output_type"] = "pil"
+        # one observer serves every call: its per-call results land in each CallRecord (record.observed)
+        observers = [FrameNorms()] if family.latent_layout == VIDEO_LAYOUT else []
         if mode == "paired":
-            observers = [maps_observer(pipe, family, resolved["height"], resolved["width"], config.drive.value)] if config.maps else []
-            records = run_paired(pipe, driver, other, kwargs, reporter, observers=observers)
-            for observer in observers:
-                observer.end_call()
-                extra = observer.result([s.prompt_id for s in batch])
+            spatial = maps_observer(pipe, family, resolved["height"], resolved["width"], config.drive.value) if config.maps else None
+            records = run_paired(pipe, driver, other, kwargs, reporter, observers + ([spatial] if spatial else []))
+            if spatial is not None:
+                spatial.end_call()
+                extra = spatial.result([s.prompt_id for s in batch])
+        elif mode == RESCALED:
+            records = run_rescaled(pipe, tuned, base, kwargs, reporter, observers)
         elif want_signals:
             with PreClipImages().attached(pipe) as decoded:
-                records = run_free(pipe, base, tuned, kwargs, reporter)
+                records = run_free(pipe, base, tuned, kwargs, reporter, observers)
             base_images, tuned_images = decoded.take_all()
             extra = batch_signals(batch, base_images, tuned_images, pixel_period, scorer, config.scorer or "")
         else:
-            records = run_free(pipe, base, tuned, kwargs, reporter)
-        if mode == "free" and config.save_images:
+            records = run_free(pipe, base, tuned, kwargs, reporter, observers)
+        if mode in ("free", RESCALED) and config.save_images:
             save_images(records, batch, Path(config.out))
         for record in records.values():
             record.images = None
@@ -235,10 +302,11 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
             store.save(key, records)
         return records, extra
 
-    frames, map_parts, signal_parts = [], [], []
+    frames, per_frame, map_parts, signal_parts = [], [], [], []
     for mode in runs:
         for index, (records, extra) in enumerate(procs.map(len(groups), lambda i, mode=mode: measure(mode, i))):
             frames.append(_frame(mode, records, groups[index], config.drive.value))
+            per_frame.append(_frames(mode, records, groups[index], config.drive.value))
             if isinstance(extra, Maps):
                 map_parts.append(extra)
             elif extra is not None:
@@ -247,6 +315,7 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
         return None
 
     frame = tidy(frames)
+    video = tidy_frames(per_frame)
     extra = {
         "resolved": resolved,
         "pipeline_source": source,
@@ -263,7 +332,7 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
         summary["maps"] = maps.summary()
     if signals is not None:
         summary["image_signals"] = {"pixel_period": pixel_period, "scorer": config.scorer, "signals": signal_table(signals)}
-    result = CompareResult(frame, summary, maps, signals)
+    result = CompareResult(frame, summary, video if len(video) else None, maps, signals)
     if config.out is not None:
         write_run(result, Path(config.out), figure=config.figure)
         write_where(result, Path(config.out))
@@ -305,6 +374,11 @@ def _load_extra(store: BatchStore, key: str, mode: str, config: CompareConfig, w
         tensors, meta = store.load_extra(key, "signals")
         return pd.DataFrame({c: tensors[c].numpy() for c in meta["columns"]})
     return None
+
+
+def _runs(config: CompareConfig) -> tuple[str, ...]:
+    """The modes measured: the configured ones, then the inference-rescale ablation when asked for."""
+    return config.mode.runs() + ((RESCALED,) if config.rescale_to_base else ())
 
 
 def no_measurement_message(summary: dict) -> str:

@@ -17,6 +17,10 @@ from normscope.errors import InputError
 from normscope.measure.sampling import Reporter, SilentReporter
 
 MODELS = ("awm", "awm-normguard", "nft", "nft-normguard")
+# The plain AWM run sampled with its velocity rescaled to the base's norm (NFT's row, and both over 3 RL seeds,
+# are in examples/digits/README.md; one row keeps the demo quick).
+RESCALED_MODELS = ("awm",)
+RESCALE_SUFFIX = " + inference rescale"
 FINAL_STEP = 40
 SERIES = ("awm", (10, 20, 30, 40))
 PROBE_SEEDS = (0, 1, 2, 3)
@@ -59,17 +63,26 @@ def probe(tuned: Path, **overrides) -> CompareConfig:
     return CompareConfig(**fields)
 
 
-def _image_metrics(lora: Path | None, classifier, real) -> dict:
+def _image_metrics(lora: Path | None, classifier, real, rescale: bool = False) -> dict:
+    """Reward and quality of 80 images; ``rescale``: the tuned velocity rescaled to the base's norm at every step."""
+    import contextlib
+
     import torch
 
-    from normscope.load import load_pipeline, load_tuned_only
+    from normscope.load import load_models, load_pipeline, load_tuned_only
+    from normscope.measure.capture import capture
 
     pipe = load_pipeline(str(pipeline_dir()), torch.float32, "cpu")
-    if lora is not None:
+    sampling = contextlib.nullcontext()
+    if lora is not None and rescale:
+        loaded = load_models(pipe, None, str(lora), str(pipeline_dir()))
+        sampling = capture(pipe, loaded.tuned, loaded.base, rescale_to_other=True)
+    elif lora is not None:
         model, _, _ = load_tuned_only(pipe, str(lora))
         pipe.transformer = model.module
     digits = [d for d in range(10) for _ in IMAGE_SEEDS]
-    images = generate(pipe, digits, list(IMAGE_SEEDS) * 10)
+    with sampling:
+        images = generate(pipe, digits, list(IMAGE_SEEDS) * 10)
     labels = torch.tensor(digits)
     return {"reward": float(reward(images, labels, classifier).mean()), **quality(images, labels, classifier, real)}
 
@@ -86,7 +99,9 @@ def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> dict:
     rows = [{"model": "base", **_image_metrics(None, classifier, real)}]
     for name in MODELS:
         lora = lora_path(name)
-        both = compare(probe(lora, mode="both", maps=True, scorer=DEMO_SCORER, out=config.out / name), reporter).summary
+        rescale = name in RESCALED_MODELS
+        both = compare(probe(lora, mode="both", out=config.out / name, rescale_to_base=rescale, maps=True,
+                                 scorer=DEMO_SCORER), reporter).summary
         base_drives = compare(probe(lora, mode="paired", drive="base"), reporter).summary
         rows.append({
             "model": name, **_image_metrics(lora, classifier, real),
@@ -94,12 +109,20 @@ def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> dict:
             "paired_base_drives": base_drives["inflation"], "free": both["modes"]["free"]["guided"]["inflation"],
             "regions": both["regions"], "folder": str(config.out / name), **where_columns(both),
         })
+        if rescale:  # the paper's ablation: same weights, the velocity's norm put back to the base's at inference
+            rescaled = both["modes"]["rescaled"]["guided"]
+            rows.append({
+                "model": name + RESCALE_SUFFIX, **_image_metrics(lora, classifier, real, rescale=True),
+                "paired": rescaled["inflation"], "paired_ci": rescaled["inflation_ci"], "applied": 0.0,
+                "paired_base_drives": None, "free": None, "regions": rescaled["regions"],
+                "folder": str(config.out / name),
+            })
     series_name, steps = SERIES
     series = []
     for step in steps:
         summary = compare(probe(lora_path(series_name, step)), reporter).summary
         series.append({"step": step, "inflation": summary["inflation"], "ci": summary["inflation_ci"]})
-    fig = inflation([Run(config.out / name) for name in MODELS])
+    fig = inflation([Run(config.out / name) for name in MODELS])  # headline (paired) curves of the four runs
     save(fig, config.out, OVERLAY_PNG.removesuffix(".png"))
     html = None
     if config.report:

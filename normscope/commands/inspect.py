@@ -13,10 +13,33 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from normscope.errors import CheckpointError, InputError
-from normscope.load.formats import PICKLE_SUFFIXES, PIPELINE_INDEX, find_checkpoint, load_pickle, read_shapes
+from normscope.load.families import FAMILIES, family_for
+from normscope.load.formats import (
+    PICKLE_SUFFIXES,
+    PIPELINE_INDEX,
+    find_checkpoint,
+    load_pickle,
+    read_shapes,
+    strip_prefixes,
+)
 from normscope.load.lora import read_lora
 
 SD3, FLUX, OTHER = "SD3", "FLUX", "other"
+# Transformer class -> the short architecture name the report shows.
+ARCHITECTURES = {
+    "SD3Transformer2DModel": SD3, "FluxTransformer2DModel": FLUX, "Flux2Transformer2DModel": "FLUX.2",
+    "QwenImageTransformer2DModel": "Qwen-Image", "ZImageTransformer2DModel": "Z-Image",
+    "WanTransformer3DModel": "Wan",
+}
+# Key fragments only one transformer class has, most specific first: names the class of a bare file.
+KEY_SIGNATURES = (
+    ("Flux2Transformer2DModel", ("double_stream_modulation_img.", "single_stream_modulation.")),
+    ("ZImageTransformer2DModel", ("all_final_layer.", "cap_embedder.", "noise_refiner.")),
+    ("QwenImageTransformer2DModel", ("img_in.", "txt_norm.", ".img_mod.", ".txt_mlp.")),
+    ("WanTransformer3DModel", ("condition_embedder.", "patch_embedding.")),
+    ("FluxTransformer2DModel", ("single_transformer_blocks.", "double_blocks", "single_blocks", "x_embedder.")),
+    ("SD3Transformer2DModel", ("pos_embed.", "context_embedder.", ".add_q_proj.")),
+)
 
 
 @dataclass(kw_only=True)
@@ -29,19 +52,19 @@ class InspectConfig:
     allow_pickle: bool = False
 
 
-def guess_architecture(keys, class_name: str | None = None) -> str:
-    """SD3, FLUX or other, from a transformer class name or from key names."""
-    if class_name:
-        if "SD3" in class_name:
-            return SD3
-        if "Flux" in class_name:
-            return FLUX
+def guess_transformer_class(keys) -> str | None:
+    """The diffusers transformer class a state dict belongs to, from key fragments only that class has."""
     keys = list(keys)
-    if any("double_blocks" in k or "single_blocks" in k or "single_transformer_blocks" in k for k in keys):
-        return FLUX
-    if any("context_embedder" in k or "pos_embed" in k or "add_q_proj" in k for k in keys):
-        return SD3
-    return OTHER
+    for class_name, fragments in KEY_SIGNATURES:
+        if any(fragment in key for key in keys for fragment in fragments):
+            return class_name
+    return None
+
+
+def guess_architecture(keys, class_name: str | None = None) -> str:
+    """SD3, FLUX, FLUX.2, Qwen-Image, Z-Image, Wan or other, from a transformer class name or from key names."""
+    class_name = class_name or guess_transformer_class(keys)
+    return ARCHITECTURES.get(class_name or "", OTHER)
 
 
 def _dtypes(files) -> Counter:
@@ -58,8 +81,8 @@ def _dtypes(files) -> Counter:
     return counts
 
 
-def _class_name(folder: Path) -> str | None:
-    config = folder / "config.json"
+def _class_name(folder: Path, config_name: str = "config.json") -> str | None:
+    config = folder / config_name
     if config.is_file():
         return json.loads(config.read_text()).get("_class_name")
     return None
@@ -83,37 +106,70 @@ def _meta_transformer(pipeline: str):
     return model, pipeline_class
 
 
+def _family_name(pipeline_class: str | None, notes: list[str]) -> str | None:
+    """The family-table row of a pipeline class; a class without a row is noted, not an error here."""
+    if not pipeline_class:
+        return None
+    try:
+        return family_for(pipeline_class).name
+    except InputError as exc:
+        notes.append(str(exc))
+        return None
+
+
 def inspect_checkpoint(config: InspectConfig) -> dict:
     """Kind, architecture, parameter count, dtypes, LoRA rank/alpha/targets, adapters, and the fit."""
     from normscope.load.models import fit_problems
 
     ckpt = find_checkpoint(config.path, "PATH", config.adapter, config.allow_pickle)
+    parts = ckpt.parts or (ckpt,)
+    header: dict = {}
+    parameters = tensors = 0
+    for part in parts:  # experts' key names coincide: count each part's tensors on its own
+        part_header = read_shapes(tuple(f for f in part.files if f.suffix != ".json"), "PATH")
+        header.update(part_header)
+        tensors += len(part_header)
+        for _, _, shape in part_header.values():
+            count = 1
+            for dim in shape:
+                count *= dim
+            parameters += count
     weight_files = tuple(f for f in ckpt.files if f.suffix != ".json")
-    header = read_shapes(weight_files, "PATH")
-    parameters = 0
-    for _, _, shape in header.values():
-        count = 1
-        for dim in shape:
-            count *= dim
-        parameters += count
-    class_name = _class_name(ckpt.path / "transformer" if ckpt.kind == "pipeline" else ckpt.path) if ckpt.path.is_dir() else None
+    first = parts[0]
+    class_name = _class_name(first.path / "transformer" if first.kind == "pipeline" else first.path) if first.path.is_dir() else None
+    # The folder's config, else key names; a LoRA's keys name only its target modules, which several
+    # classes share (add_q_proj, to_q ...), so a LoRA's class is not guessed — its fit is checked instead.
+    guessable = not ckpt.is_lora or ckpt.kind in ("peft_wrapped", "kohya")
+    transformer_class = class_name or (guess_transformer_class(header) if guessable else None)
     report = {
         **ckpt.describe(),
+        "transformer_class": transformer_class,
+        # the family-table rows whose transformer this is (Kontext shares FLUX.1's class, Edit Qwen-Image's)
+        "families": [f.name for f in FAMILIES if f.transformer_class == transformer_class],
+        "pipeline_class": _class_name(ckpt.path, PIPELINE_INDEX) if ckpt.kind == "pipeline" else None,
+        "family": None,
         "architecture": guess_architecture(header, class_name),
         "parameters": parameters,
-        "tensors": len(header),
+        "tensors": tensors,
         "dtypes": dict(sorted(_dtypes(weight_files).items())),
         "lora": None,
         "pipeline": config.pipeline,
         "fits": None,
         "problems": [],
     }
+    if len(parts) > 1 or ckpt.experts != ("transformer",):
+        report["notes"] = report["notes"] + [
+            f"changes {', '.join(ckpt.experts)}; a two-expert pipeline (Wan2.2-A14B) runs the others with the base's weights"
+        ]
+    ckpt = next((p for p in parts if p.is_lora), first)
     model = pipeline_class = None
     if config.pipeline:
         model, pipeline_class = _meta_transformer(config.pipeline)
+        report["pipeline_class"] = getattr(pipeline_class, "__name__", None)
+    report["family"] = _family_name(report["pipeline_class"], report["notes"])
     if ckpt.is_lora:
         try:
-            weights = read_lora(ckpt, pipeline_class, "PATH")
+            weights = read_lora(ckpt, pipeline_class, "PATH", expert=ckpt.experts[0])
         except CheckpointError as exc:
             if model is None:
                 raise
@@ -131,15 +187,26 @@ def inspect_checkpoint(config: InspectConfig) -> dict:
             "n_target_modules": len(weights.modules),
         }
         report["notes"] = report["notes"] + weights.notes
+        if weights.base_keys:
+            report["notes"].append(
+                f"holds the {len(weights.base_keys)} frozen weights too: compare and check refuse it unless they equal "
+                "the pipeline's own transformer"
+            )
         if model is not None:
             from normscope.load.lora import check_targets
 
             try:
                 check_targets(model, weights, "PATH", ckpt.path)
-                report["fits"] = True
+                frozen = {bare: header[strip_prefixes(stored)] for bare, stored in weights.base_keys.items()}
+                problems = fit_problems({k: tuple(v.shape) for k, v in model.state_dict().items()}, frozen) if frozen else []
+                report.update(fits=not problems, problems=problems)
             except CheckpointError as exc:
                 report.update(fits=False, problems=[str(exc)])
     elif model is not None:
         problems = fit_problems({k: tuple(v.shape) for k, v in model.state_dict().items()}, header)
         report.update(fits=not problems, problems=problems)
+    if model is not None and transformer_class and transformer_class != type(model).__name__:
+        report["fits"] = False
+        report["problems"] = [*report["problems"], f"it is a {transformer_class}, the pipeline's transformer is a "
+                              f"{type(model).__name__} (family {report['family']})"]
     return report

@@ -12,6 +12,7 @@ per-(prompt, seed, step) norms, per-step statistics, and two suggestions:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ MIN_SAMPLES = 16
 TAU_PERCENTILE = 95
 # Probe fields a check must not contradict; hardware fields (device, dtype, batch size) may differ.
 PROBE_FIELDS = ("prompts_file", "prompts", "seeds", "steps", "guidance", "height", "width", "negative_prompt",
-                "max_sequence_length", "true_cfg_scale")
+                "max_sequence_length", "true_cfg_scale", "num_frames", "image")
 
 
 @dataclass(kw_only=True)
@@ -178,8 +179,8 @@ class Reference:
         save_file(tensors, str(out / REFERENCE_TENSORS))
         (out / REFERENCE_JSON).write_text(json.dumps(self.meta, indent=2) + "\n")
         rows = self.meta["per_step"][GUIDED]
-        columns = ["step", "timestep", "sigma", "mean", "std", "p5", "p50", "p95", "tau"]
-        lines = [",".join(columns)] + [",".join("" if r[c] is None else repr(r[c]) for c in columns) for r in rows]
+        columns = ["step", "timestep", "sigma", "mean", "std", "p5", "p50", "p95", "tau", "tau_rms"]
+        lines = [",".join(columns)] + [",".join("" if r.get(c) is None else repr(r[c]) for c in columns) for r in rows]
         (out / THRESHOLDS_CSV).write_text("\n".join(lines) + "\n")
         return [out / REFERENCE_JSON, out / REFERENCE_TENSORS, out / THRESHOLDS_CSV]
 
@@ -225,7 +226,8 @@ def profile(config: ProfileConfig, reporter: Reporter | None = None) -> Referenc
 
     pipe = load_pipeline(source, dtype, device)
     base, _ = load_base(pipe, config.base, source, config.allow_pickle)
-    record = _run(pipe, base, config, samples, reporter)
+    with _latent_size(base.module) as latent:
+        record = _run(pipe, base, config, samples, reporter)
     resolved = resolved_sampling(pipe, config)
     defaults_note = default_settings_note(pipe, config)
     if defaults_note:
@@ -261,6 +263,7 @@ def profile(config: ProfileConfig, reporter: Reporter | None = None) -> Referenc
             row = {"step": i, "timestep": float(record.timesteps[i]), "sigma": float(record.sigmas[i])}
             row.update({k: _clean([v[i]])[0] for k, v in stats.items()})
             row["tau"] = row["p95"]
+            row["tau_rms"] = None if row["tau"] is None or not latent.elements else row["tau"] / math.sqrt(latent.elements)
             rows.append(row)
         per_step[branch] = rows
     meta = {
@@ -272,12 +275,15 @@ def profile(config: ProfileConfig, reporter: Reporter | None = None) -> Referenc
                    "pipeline": pipeline_fingerprint(source),
                    "weights": base_weights_fingerprint(source, base_ckpt)},
         "n_samples": len(samples),
+        "latent_elements": latent.elements,
         "nonfinite": int((~np.isfinite(guided)).sum()),
         "samples": [{"prompt_id": s.prompt_id, "prompt": s.prompt, "seed": s.seed} for s in samples],
         "per_step": per_step,
         "suggestions": {
             "tau": {"column": "tau", "rule": f"p{TAU_PERCENTILE} of the base's own norms at each step (thresholds.csv)",
-                    "use": "static hinge relu(||v_theta|| - tau(sigma)) when no reference forward is affordable"},
+                    "per_element": "tau_rms = tau / sqrt(latent_elements): the same threshold at any resolution",
+                    "use": "static hinge relu(||v_theta|| - tau(sigma)) when no reference forward is affordable; "
+                           "normscope.guard.load_tau(DIR, branch) reads it per branch"},
             "gate": {**gate, "noise_floor": {"prompt_subset_spread": None if not math.isfinite(spread) else spread,
                                              "dtype_difference": dtype_floor}},
         },
@@ -295,6 +301,29 @@ def profile(config: ProfileConfig, reporter: Reporter | None = None) -> Referenc
     return reference
 
 
+class _LatentSize:
+    elements: int | None = None
+
+
+@contextlib.contextmanager
+def _latent_size(module):
+    """Record the latent elements per sample of the velocities ``module`` returns (for per-element thresholds)."""
+    size = _LatentSize()
+
+    def hook(_module, _args, output):
+        v = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
+        if isinstance(v, (tuple, list)):  # list-of-samples models (Z-Image)
+            v = v[0][None]
+        if size.elements is None and hasattr(v, "numel") and v.ndim > 0:
+            size.elements = int(v[0].numel())
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield size
+    finally:
+        handle.remove()
+
+
 def _torch_dtype(name: str):
     import torch
 
@@ -308,7 +337,8 @@ def probe_from_reference(reference: Reference, device: Device, dtype: DType, bat
         prompts=tuple(s["prompt"] for s in _unique_prompts(reference.meta["samples"])), seeds=tuple(stored["seeds"]),
         steps=stored["steps"], guidance=stored["guidance"], height=stored["height"], width=stored["width"],
         negative_prompt=stored["negative_prompt"], max_sequence_length=stored["max_sequence_length"],
-        true_cfg_scale=stored.get("true_cfg_scale"), device=device, dtype=dtype, batch_size=batch_size,
+        true_cfg_scale=stored.get("true_cfg_scale"), num_frames=stored.get("num_frames"), image=stored.get("image"),
+        device=device, dtype=dtype, batch_size=batch_size,
     )
 
 

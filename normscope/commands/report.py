@@ -25,18 +25,28 @@ REPORT_MD = "report.md"
 
 @dataclass(kw_only=True)
 class ReportConfig:
-    """``normscope report RUN_DIR... --out DIR``; ``gate`` draws a threshold line (fraction, 0.05 = 5 %)."""
+    """``normscope report RUN_DIR... --out DIR``; ``gate`` draws a threshold line (fraction, 0.05 = 5 %).
 
-    runs: tuple[Path, ...]
+    ``monitors`` are training-run folders (or their monitor.jsonl) written by ``normscope.monitor``; ``sweeps``
+    are ``normscope sweep --out`` folders, drawn on each monitor figure at their checkpoints' steps.
+    """
+
+    runs: tuple[Path, ...] = ()
     out: Path
     gate: float | None = None
     title: str = "normscope report"
+    monitors: tuple[Path, ...] = ()
+    sweeps: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         self.runs = tuple(Path(r) for r in self.runs)
+        self.monitors = tuple(Path(m) for m in self.monitors)
+        self.sweeps = tuple(Path(s) for s in self.sweeps)
         self.out = Path(self.out)
-        if not self.runs:
-            raise InputError("normscope report needs at least one run folder (written by compare --out)")
+        if not self.runs and not self.monitors:
+            raise InputError("normscope report needs at least one run folder (written by compare --out) or a --monitor log")
+        if self.sweeps and not self.monitors:
+            raise InputError("--sweep is drawn next to a training run's monitor log: add --monitor RUN_DIR")
 
 
 class Run:
@@ -109,8 +119,10 @@ def _run_rows(runs: list[Run]) -> list[dict]:
 
 def report(config: ReportConfig) -> dict[str, Path]:
     """Write figures (PNG + SVG), report.html (self-contained) and report.md into ``config.out``."""
+    from normscope.monitor import read_monitor_log
     from normscope.render import figures as rf
     from normscope.render import maps_figures as mf
+    from normscope.render.video import save_strips
 
     runs = [Run(folder) for folder in config.runs]
     names = [r.name for r in runs]
@@ -140,7 +152,19 @@ def report(config: ReportConfig) -> dict[str, Path]:
         add(rf.hinge_and_cosine(run), f"{prefix}_hinge_cosine", f"{run.name}: hinge rate and cosine",
             "Paired mode: where a NormGuard hinge would be active, and how far the two velocity fields point apart.")
         add(rf.image_grid(run), f"{prefix}_images", f"{run.name}: images, base vs tuned",
-            "Final images of free-mode sampling from the same noise (compare --save-images).")
+            "Final images of free-mode sampling from the same noise (compare --save-images); with --rescale-to-base "
+            "also the tuned model's run with its velocity rescaled to the base's norm at every step.")
+        # video runs (Wan): inflation by latent frame and step, and the saved videos as frame strips
+        profile = _frame_profile(run)
+        if profile is not None:
+            add(rf.frames_figure(profile, run.summary.get("expert_boundary_step"),
+                                 f"{run.name}: inflation by latent frame and step ({run.mode}, guided)"),
+                f"{prefix}_frames", f"{run.name}: inflation by latent frame",
+                "Mean over samples of the per-frame ratio − 1; the dashed line marks the switch to the low-noise expert.")
+        strips = save_strips(run.folder / IMAGES_DIR, figures_dir / f"{prefix}_videos.png")
+        if strips is not None:
+            sections.append((f"{run.name}: videos, base vs tuned", "Each sample's decoded frames from the same noise "
+                             "(free mode, compare --save-images): base above, tuned below.", strips))
         if run.maps is not None:
             add(mf.ratio_maps(run.maps), f"{prefix}_maps", f"{run.name}: where the velocity inflates",
                 "Mean ||v_tuned|| / ||v_base|| per latent position (norm over channels) per sigma region, paired mode, "
@@ -151,7 +175,19 @@ def report(config: ReportConfig) -> dict[str, Path]:
                 "harmonics. Grid score: power of v_tuned − v_base at the patch lattice over its neighbours, 95 % CI over prompts.")
             add(mf.channel_ratio(run.maps), f"{prefix}_channels", f"{run.name}: per-channel ratio",
                 "||v_tuned|| / ||v_base|| of each latent channel (norm over positions) per sigma region.")
-    rows = _run_rows(runs)
+    sweeps = [_sweep_table(folder) for folder in config.sweeps]
+    for folder in config.monitors:
+        entries, meta = read_monitor_log(folder)
+        if not entries:
+            raise InputError(f"{folder}: the monitor log is empty (no training step was logged)")
+        name = (folder if folder.is_dir() else folder.parent).resolve().name
+        gate = config.gate if config.gate is not None else meta.get("gate")
+        add(rf.monitor_figure(entries, meta, sweeps, gate), f"{_slug(name)}_monitor", f"{name}: norm ratio during training",
+            "Mean ||v_θ|| / ||v_ref|| − 1 per sigma bucket at each training step, from the velocities the loss computed "
+            "(normscope.monitor); black: the smoothed ratio over all samples"
+            + ("; squares: offline sweeps of the saved checkpoints (black: headline inflation with 95 % CI; coloured: its sigma regions)" if sweeps else "")
+            + ("; dashed: the gate." if gate is not None else "."))
+    rows = _run_rows(runs) or [{"monitor log": str(m)} for m in config.monitors]
     signals = _signal_rows(runs)
     config.out.mkdir(parents=True, exist_ok=True)
     (config.out / REPORT_HTML).write_text(_html(config.title, rows, sections, runs, signals))
@@ -191,6 +227,27 @@ def _table_html(rows: list[dict]) -> str:
     table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
     table += "".join("<tr>" + "".join(f"<td>{html.escape(str(r[h]))}</td>" for h in header) + "</tr>" for r in rows)
     return table + "</table>"
+
+
+def _frame_profile(run: Run):
+    """(latent frame x step) mean ratio of the headline mode from the run's frames.csv; None for image runs."""
+    from normscope.measure.frames import frame_profile
+    from normscope.render.files import FRAMES_CSV
+
+    if not (run.folder / FRAMES_CSV).is_file():
+        return None
+    frames = pd.read_csv(run.folder / FRAMES_CSV, keep_default_na=False, na_values={"ratio": [""]})
+    profile = frame_profile(frames, run.mode)
+    return None if profile.empty else profile
+
+
+def _sweep_table(folder: Path) -> tuple[str, pd.DataFrame]:
+    from normscope.commands.sweep import SWEEP_CSV
+
+    path = folder / SWEEP_CSV
+    if not path.is_file():
+        raise InputError(f"--sweep {folder} holds no {SWEEP_CSV}: pass a folder written by normscope sweep --out")
+    return folder.resolve().name, pd.read_csv(path)
 
 
 def _slug(name: str) -> str:

@@ -71,13 +71,19 @@ class Family:
       ``--true-cfg-scale`` where the family has both (FLUX.1); ``needs_negative_prompt``: CFG runs only
       with a negative prompt (normscope passes " " when none is given).
     * ``input_form``: ``tensor`` or ``list`` (Z-Image passes lists of (C, 1, H, W) tensors).
-    * ``experts``: (pipeline attribute, label) per transformer; label "" for one-transformer families.
+    * ``experts``: (pipeline attribute, label) per transformer, in the order the pipeline uses them; a
+      pipeline that holds only one of them (Wan2.1 in a Wan row) reports the label "" like
+      one-transformer families. ``expert_guidance``: (label, pipeline argument) where an expert's steps
+      are guided by another argument than ``guidance_arg`` (Wan2.2's ``guidance_scale_2``; the pipeline
+      falls back to ``guidance_scale`` when it is unset).
     * ``latent_layout`` and ``patch_size``: how a velocity is laid out, so spatial maps can unpack it.
     * ``output_projection``: the transformer's last linear layer (tests scale it by 1.1).
     * ``extra_call_kwarg``: a transformer keyword that marks an extra guidance call of batch B (SD3's
       ``skip_layers``); ``extra_scale_arg`` the pipeline argument scaling it (``v += s (cond - extra)``).
     * ``cap_arg``: the pipeline argument of a norm cap applied after combining (Z-Image
       ``cfg_normalization``).
+    * ``call_requires``: Python packages the pipeline's ``__call__`` imports unconditionally, checked before
+      any weight loads (diffusers' Wan I2V pipeline calls ``ftfy`` whether or not it is installed).
     """
 
     name: str
@@ -94,12 +100,14 @@ class Family:
     needs_negative_prompt: bool = False
     input_form: str = "tensor"
     experts: tuple[tuple[str, str], ...] = (("transformer", ""),)
+    expert_guidance: tuple[tuple[str, str], ...] = ()
     latent_layout: str = "bchw"
     patch_size: int = 1
     output_projection: str = "proj_out"
     extra_call_kwarg: str | None = None
     extra_scale_arg: str | None = None
     cap_arg: str | None = None
+    call_requires: tuple[str, ...] = ()
     presets: tuple[Preset, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -110,6 +118,9 @@ class Family:
         assert self.input_form in INPUT_FORMS, self.input_form
         assert self.latent_layout in LATENT_LAYOUTS, self.latent_layout
         assert sorted(self.batch_order) == ["cond", "uncond"], self.batch_order
+        labels = self.expert_labels
+        for label, _ in self.expert_guidance:
+            assert label in labels, label
         for preset in self.presets:
             assert preset.family == self.name and preset.argument in self.guidance_arguments, preset
 
@@ -133,6 +144,13 @@ FLOW_FACTORY = "Flow-Factory eval config"
 PREF_GRPO = "Pref-GRPO eval config"
 TEMPFLOW = "TempFlow-GRPO eval config"
 
+# Wan: cond then uncond calls (CFG on from guidance_scale alone), 5-D latents (B, C, F, H, W). The model repos
+# ship UniPCMultistepScheduler (flow_prediction, use_flow_sigmas, flow_shift 3-5); capture reads only the
+# scheduler's input, so the multistep update does not matter. Wan2.2-A14B runs `transformer` while
+# t >= boundary_ratio * 1000 and `transformer_2` after, guided by guidance_scale_2; TI2V-5B is a WanPipeline
+# with expand_timesteps (one timestep per latent token) and needs nothing more here.
+WAN_EXPERTS = (("transformer", "high_noise"), ("transformer_2", "low_noise"))
+WAN_GUIDANCE = (("low_noise", "guidance_scale_2"),)
 FAMILIES: tuple[Family, ...] = (
     Family(
         name="sd3", title="Stable Diffusion 3 / 3.5",
@@ -225,6 +243,26 @@ FAMILIES: tuple[Family, ...] = (
             _p("pref-grpo-z-image", "z-image", 20, 3.0, GUIDANCE_SCALE, None, PREF_GRPO + " (Z-Image)"),
         ),
     ),
+    Family(
+        name="wan", title="Wan2.1 T2V / Wan2.2 T2V-A14B (two experts) / Wan2.2 TI2V-5B",
+        pipeline_classes=("WanPipeline",), transformer_class="WanTransformer3DModel",
+        calls=SEPARATE, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, experts=WAN_EXPERTS,
+        expert_guidance=WAN_GUIDANCE, latent_layout="bcfhw", patch_size=2,
+        presets=(
+            _p("flow_grpo-wan2.1", "wan", 50, 4.5, GUIDANCE_SCALE, None, FLOW_GRPO + ": Wan2.1-T2V-1.3B 50 steps, CFG 4.5"),
+            _p("flow-factory-wan2.1", "wan", 28, 5.0, GUIDANCE_SCALE, None, FLOW_FACTORY + ": Wan2.1 28 steps, CFG 5"),
+        ),
+    ),
+    Family(
+        name="wan-i2v", title="Wan2.1 I2V / Wan2.2 I2V-A14B (image to video)",
+        pipeline_classes=("WanImageToVideoPipeline",), transformer_class="WanTransformer3DModel",
+        calls=SEPARATE, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, experts=WAN_EXPERTS,
+        expert_guidance=WAN_GUIDANCE, latent_layout="bcfhw", patch_size=2, call_requires=("ftfy",),
+        presets=(
+            _p("flow-factory-wan2.1-i2v", "wan-i2v", 28, 5.0, GUIDANCE_SCALE, None, FLOW_FACTORY + ": Wan2.1 I2V 28 steps, CFG 5"),
+            _p("flow-factory-wan2.2-i2v", "wan-i2v", 28, 3.5, GUIDANCE_SCALE, None, FLOW_FACTORY + ": Wan2.2-I2V 28 steps, CFG 3.5"),
+        ),
+    ),
 )
 
 _BY_CLASS = {cls: family for family in FAMILIES for cls in family.pipeline_classes}
@@ -272,11 +310,24 @@ def family_of_folder(folder: str | Path) -> Family:
     if not isinstance(name, str):
         raise InputError(f"{index} names no pipeline class (_class_name): pass a diffusers pipeline folder")
     family = family_for(name)
+    check_requirements(family)
     for attr, _ in family.experts:
         config = Path(folder) / attr / "config.json"
         if config.is_file():
             check_transformer_class(family, _read_json(config, "transformer config").get("_class_name"), str(config))
     return family
+
+
+def check_requirements(family: Family) -> None:
+    """Refuse, before loading, a pipeline whose call would fail on a missing package (one line with the fix)."""
+    import importlib.util
+
+    for package in family.call_requires:
+        if importlib.util.find_spec(package) is None:
+            raise InputError(
+                f"{family.pipeline_classes[0]} ({family.name}) imports {package} when it runs and {package} is not "
+                f"installed: pip install {package} (or normscope[video])"
+            )
 
 
 def check_transformer_class(family: Family, class_name: str | None, where: str) -> None:

@@ -5,7 +5,13 @@ The forms differ only in key names and in where rank and alpha live:
 * peft folder: ``base_model.model.<module>.lora_A.weight``; rank, alpha and patterns in adapter_config.json;
 * diffusers file: ``transformer.<module>.lora_A.weight``; alpha in the safetensors header metadata
   ``lora_adapter_metadata`` (newer diffusers), or in a DanceGRPO ``lora_config.json`` sidecar;
-* kohya / BFL FLUX: converted by the pipeline class's own ``lora_state_dict`` (diffusers folds alpha in).
+* kohya / BFL FLUX: converted by the pipeline class's own ``lora_state_dict`` (diffusers folds alpha in);
+* bare peft weights without adapter_config.json (Pref-GRPO ``adapter_model.safetensors``): rank and alpha
+  from its ``lora_config.json`` (``{"lora_params": {"lora_rank", "lora_alpha", ...}}``);
+* the whole peft-wrapped model (flow_grpo's FSDP ``model.safetensors``): ``<module>.lora_A.<adapter>.weight``
+  next to ``<module>.base_layer.weight`` and every frozen weight. The frozen weights are kept
+  (``LoraWeights.base_state``) so that ``check_base_weights`` can prove the LoRA was trained on the
+  pipeline's own transformer.
 
 Without any alpha information the LoRA runs at scale 1.0 (alpha = rank), and a note says so: a DanceGRPO
 LoRA without its sidecar would otherwise silently run at half its trained strength.
@@ -13,14 +19,16 @@ LoRA without its sidecar would otherwise silently run at half its trained streng
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from normscope.errors import CheckpointError
-from normscope.load.formats import LORA_SIDECAR, Checkpoint, read_tensors
+from normscope.load.formats import EXPERT_ATTRS, LORA_SIDECAR, PEFT_CONFIG, Checkpoint, read_tensors, strip_prefixes
 
 ADAPTER_NAME = "normscope_tuned"
 METADATA_KEY = "lora_adapter_metadata"
@@ -34,6 +42,10 @@ class LoraWeights:
     config: dict
     notes: list[str] = field(default_factory=list)
     alpha_known: bool = True
+    # Where the frozen weights stored with the LoRA are (peft-wrapped state dicts only): the file and, for each
+    # bare module key, the key as stored. Read one tensor at a time when checked, never all at once.
+    base_file: Path | None = None
+    base_keys: dict[str, str] = field(default_factory=dict)
 
     @property
     def modules(self) -> list[str]:
@@ -72,33 +84,136 @@ def _config_from_weights(state: dict, alpha: float | None) -> tuple[dict, bool]:
     return config, known
 
 
-def _alpha_from_metadata(metadata: dict) -> float | None:
+def _alpha_from_metadata(metadata: dict, expert: str = "transformer") -> float | None:
     text = metadata.get(METADATA_KEY)
     if not text:
         return None
     values = json.loads(text)
-    for key in ("transformer.lora_alpha", "lora_alpha"):
+    for key in (f"{expert}.lora_alpha", "transformer.lora_alpha", "lora_alpha"):
+        if values.get(key) is not None:
+            return float(values[key])
+    return None
+
+
+def _sidecar_values(ckpt: Checkpoint) -> dict:
+    """A trainer's lora_config.json next to the weights: DanceGRPO's flat form or Pref-GRPO's ``lora_params``."""
+    sidecar = ckpt.path.parent / LORA_SIDECAR
+    if not sidecar.is_file():
+        return {}
+    try:
+        values = json.loads(sidecar.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{sidecar} is not valid JSON ({exc.msg} at line {exc.lineno}): fix or remove it") from None
+    if not isinstance(values, dict):
+        return {}
+    nested = values.get("lora_params")
+    return {**values, **nested} if isinstance(nested, dict) else values
+
+
+def _first_value(values: dict, keys: tuple[str, ...]) -> float | None:
+    for key in keys:
         if values.get(key) is not None:
             return float(values[key])
     return None
 
 
 def _alpha_from_sidecar(ckpt: Checkpoint) -> float | None:
-    sidecar = ckpt.path.parent / LORA_SIDECAR
-    if not sidecar.is_file():
+    return _first_value(_sidecar_values(ckpt), ("lora_alpha", "alpha", "network_alpha"))
+
+
+def _check_sidecar_rank(ckpt: Checkpoint, config: dict, role: str) -> None:
+    """A sidecar rank that disagrees with the tensors means the sidecar belongs to another LoRA: refuse."""
+    rank = _first_value(_sidecar_values(ckpt), ("lora_rank", "rank", "r"))
+    if rank is not None and not config.get("rank_pattern") and int(rank) != config["r"]:
+        raise CheckpointError(
+            f"{role} {ckpt.path.parent / LORA_SIDECAR} says rank {int(rank)} but the weights in {ckpt.path.name} have "
+            f"rank {config['r']}: the config belongs to another LoRA — put the matching {LORA_SIDECAR} next to it"
+        )
+
+
+def _adapter_config_next_to(ckpt: Checkpoint) -> dict | None:
+    """An adapter_config.json beside a single weights file (some trainers copy it there): its LoraConfig fields."""
+    path = (ckpt.path if ckpt.path.is_dir() else ckpt.path.parent) / PEFT_CONFIG
+    if not path.is_file():
         return None
-    values = json.loads(sidecar.read_text())
-    for key in ("lora_alpha", "alpha", "network_alpha"):
-        if values.get(key) is not None:
-            return float(values[key])
-    return None
+    raw = json.loads(path.read_text())
+    allowed = _lora_config_fields()
+    return {k: v for k, v in raw.items() if k in allowed}
 
 
-def read_lora(ckpt: Checkpoint, pipeline_class, role: str = "TUNED") -> LoraWeights:
-    """The LoRA in ``ckpt`` as module-relative peft weights plus a LoraConfig dict."""
-    weights_file = ckpt.files[0]
-    state, metadata = read_tensors(weights_file, role)
+_WRAPPED_LORA = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.(?P<adapter>[^.]+)\.weight$")
+
+
+def _bare_key(stored: str) -> str:
+    return _strip({strip_prefixes(stored): None}, "base_model.model.").popitem()[0]
+
+
+def _split_wrapped(path: Path, role: str) -> tuple[dict, dict, str, list[str]]:
+    """A peft-wrapped model's state dict -> (LoRA weights, frozen keys {bare name: stored key}, adapter, notes).
+
+    Only the LoRA tensors are read: the frozen weights are the whole model (tens of GB for Qwen-Image).
+    """
+    from safetensors import safe_open
+
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as handle:
+            stored_keys = list(handle.keys())
+            lora_keys = [k for k in stored_keys if _WRAPPED_LORA.match(_bare_key(k))]
+            state = {_bare_key(k): handle.get_tensor(k) for k in lora_keys}
+    else:
+        everything = read_tensors(path, role)[0]
+        stored_keys = list(everything)
+        state = {_bare_key(k): v for k, v in everything.items() if _WRAPPED_LORA.match(_bare_key(k))}
+    if any(".lora_magnitude_vector." in k or ".lora_embedding_" in k for k in map(_bare_key, stored_keys)):
+        raise CheckpointError(
+            f"{role} {path} holds DoRA or embedding LoRA weights, which normscope does not read from a wrapped "
+            "model state dict: save the adapter with PeftModel.save_pretrained and pass that folder"
+        )
+    by_adapter: dict[str, dict] = {}
+    for key, tensor in state.items():
+        match = _WRAPPED_LORA.match(key)
+        by_adapter.setdefault(match["adapter"], {})[f"{match['module']}.{match['part']}.weight"] = tensor
+    frozen = {_bare_key(k).replace(".base_layer.", "."): k for k in stored_keys if not _WRAPPED_LORA.match(_bare_key(k))}
     notes: list[str] = []
+    names = sorted(by_adapter)
+    if len(names) == 1:
+        adapter = names[0]
+    elif "default" in names:
+        adapter = "default"
+        notes.append(f"{role} {path} holds adapters {', '.join(names)}: took 'default'")
+    else:
+        raise CheckpointError(
+            f"{role} {path} holds several adapters ({', '.join(names)}) and none is 'default': save the one to "
+            "measure with PeftModel.save_pretrained and pass that folder"
+        )
+    return by_adapter[adapter], frozen, adapter, notes
+
+
+def _expert_keys(state: dict, expert: str) -> dict:
+    """One expert's keys of a diffusers LoRA, its ``<expert>.`` prefix removed (unprefixed keys: all of them)."""
+    prefixes = {k.split(".", 1)[0] for k in state}
+    if not prefixes & set(EXPERT_ATTRS):
+        return state
+    prefix = f"{expert}."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def read_lora(ckpt: Checkpoint, pipeline_class, role: str = "TUNED", expert: str = "transformer") -> LoraWeights:
+    """The LoRA in ``ckpt`` for one expert (``transformer``, or Wan2.2's ``transformer_2``) as module-relative
+    peft weights plus a LoraConfig dict."""
+    ckpt = ckpt.part(expert) or ckpt
+    weights_file = ckpt.files[0]
+    notes: list[str] = []
+    if ckpt.kind == "peft_wrapped":
+        state, frozen, adapter, notes = _split_wrapped(weights_file, role)
+        weights = _with_alpha(ckpt, state, _metadata(weights_file), role, weights_file, notes,
+                              what=f"peft-wrapped model state dict (adapter '{adapter}')")
+        weights.base_file, weights.base_keys = weights_file, frozen
+        return weights
+    state, metadata = read_tensors(weights_file, role)
+    if ckpt.kind == "peft" and not ckpt.path.is_dir():  # bare peft weights: no adapter_config.json beside them
+        state = _strip(state, "base_model.model.")
+        return _with_alpha(ckpt, state, metadata, role, weights_file, notes, what="peft weights")
     if ckpt.kind == "peft":
         state = _strip(state, "base_model.model.")
         config_file = ckpt.path / "adapter_config.json" if ckpt.path.is_dir() else None
@@ -128,20 +243,94 @@ def read_lora(ckpt: Checkpoint, pipeline_class, role: str = "TUNED") -> LoraWeig
         config, known = _config_from_weights(state, None)
         known = True  # diffusers folds kohya's alpha into the weights
     else:  # diffusers_lora
-        state = _strip(state, "transformer.")
-        alpha = _alpha_from_metadata(metadata)
-        source = "header metadata"
-        if alpha is None:
-            alpha, source = _alpha_from_sidecar(ckpt), LORA_SIDECAR
-        config, known = _config_from_weights(state, alpha)
-        if known:
-            notes.append(f"{role} LoRA alpha {alpha:g} from {source}")
+        state = _expert_keys(state, expert)
+        what = "LoRA" if expert == EXPERT_ATTRS[0] else f"LoRA ({expert})"
+        return _with_alpha(ckpt, state, metadata, role, weights_file, notes, what=what, expert=expert)
     if not known:
         notes.append(
             f"{role} LoRA {weights_file} carries no alpha (no header metadata, no {LORA_SIDECAR}): scale 1.0 assumed "
             f"(alpha = rank {config['r']}); if it was trained with another alpha the numbers are off"
         )
     return LoraWeights(state, config, notes, known)
+
+
+def _metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    if path.suffix != ".safetensors":
+        return {}
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def _with_alpha(ckpt: Checkpoint, state: dict, metadata: dict, role: str, weights_file, notes: list[str],
+                what: str, expert: str = "transformer") -> LoraWeights:
+    """Rank from the tensors; alpha from an adapter_config.json beside the file, the header metadata or a
+    trainer's lora_config.json, in that order; else alpha = rank, said in a note."""
+    beside = _adapter_config_next_to(ckpt)
+    if beside is not None:
+        config, _ = _config_from_weights(state, None)
+        config.update({k: v for k, v in beside.items() if k != "target_modules"}, init_lora_weights=False)
+        notes.append(f"{role} {what}: rank and alpha from {PEFT_CONFIG} beside it")
+        return LoraWeights(state, config, notes, True)
+    alpha, source = _alpha_from_metadata(metadata, expert), "header metadata"
+    if alpha is None:
+        alpha, source = _alpha_from_sidecar(ckpt), LORA_SIDECAR
+    config, known = _config_from_weights(state, alpha)
+    _check_sidecar_rank(ckpt, config, role)
+    if known:
+        notes.append(f"{role} {what}: alpha {alpha:g} from {source}")
+    else:
+        notes.append(
+            f"{role} {what} in {weights_file} carries no alpha (no {PEFT_CONFIG}, no header metadata, no "
+            f"{LORA_SIDECAR}): scale 1.0 assumed (alpha = rank {config['r']}); if it was trained with another "
+            "alpha the numbers are off"
+        )
+    return LoraWeights(state, config, notes, known)
+
+
+def check_base_weights(module, weights: LoraWeights, role: str, where) -> None:
+    """Refuse a LoRA stored with frozen weights that are not the pipeline's own (it was trained on another base).
+
+    Compared in the coarser of the two dtypes, so a bf16 checkpoint of a float32 base still matches exactly.
+    """
+    import torch
+    from safetensors import safe_open
+
+    if weights.base_file is None:
+        return
+    own = module.state_dict()
+    unknown = sorted(k for k in weights.base_keys if k not in own)
+    differ = []
+    with contextlib.ExitStack() as stack:
+        if weights.base_file.suffix == ".safetensors":
+            get = stack.enter_context(safe_open(str(weights.base_file), framework="pt")).get_tensor
+        else:
+            get = read_tensors(weights.base_file, role)[0].__getitem__
+        for key, stored_key in weights.base_keys.items():
+            if key not in own:
+                continue
+            stored, mine = get(stored_key), own[key].detach().to("cpu")
+            if stored.shape != mine.shape:
+                differ.append(key)
+                continue
+            if stored.element_size() == mine.element_size() and stored.dtype != mine.dtype:
+                same = torch.allclose(stored.float(), mine.float(), rtol=1e-2, atol=1e-3)  # bf16 vs fp16
+            else:
+                coarse = stored.dtype if stored.element_size() < mine.element_size() else mine.dtype
+                same = torch.equal(stored.to(coarse), mine.to(coarse))
+            if not same:
+                differ.append(key)
+    if unknown or differ:
+        what = []
+        if differ:
+            what.append(f"{len(differ)} of {len(weights.base_keys)} frozen weights differ ({', '.join(sorted(differ)[:2])})")
+        if unknown:
+            what.append(f"{len(unknown)} are not in the pipeline's {type(module).__name__} ({', '.join(unknown[:2])})")
+        raise CheckpointError(
+            f"{role} {where} was not trained on this pipeline's transformer: {'; '.join(what)} — pass the --pipeline "
+            "it was trained from"
+        )
 
 
 def check_targets(module, weights: LoraWeights, role: str, where) -> None:

@@ -9,48 +9,66 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from normscope.errors import CheckpointError
-from normscope.load.formats import Checkpoint, find_checkpoint, load_pickle, read_shapes, strip_prefixes
-from normscope.load.lora import attach_lora, check_targets, read_lora
+from normscope.load.formats import EXPERT_ATTRS, Checkpoint, find_checkpoint, load_pickle, read_shapes, strip_prefixes
+from normscope.load.lora import attach_lora, check_base_weights, check_targets, read_lora
 
 
 class VelocityModel:
-    """A transformer that computes one model's velocity; the unit that capture runs.
+    """The transformer(s) that compute one model's velocity; the unit that capture runs.
 
-    ``active(pipe)`` makes the pipeline sample with this model; calling the object evaluates it on
-    given inputs (used for the second model in paired mode).
+    ``module`` is the pipeline's ``transformer``; ``modules`` maps every expert attribute of the pipeline
+    (Wan2.2-A14B: ``transformer`` and ``transformer_2``) to this model's module for it. ``active(pipe)``
+    makes the pipeline sample with this model; calling the object (or ``expert(name)``) evaluates it on given
+    inputs (used for the second model in paired mode).
     """
 
-    def __init__(self, role: str, module, source: str, kind: str) -> None:
+    def __init__(self, role: str, module, source: str, kind: str, experts: dict | None = None) -> None:
         self.role = role
         self.module = module
+        self.modules = {"transformer": module, **(experts or {})}
         self.source = source
         self.kind = kind
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
+    def expert(self, name: str):
+        """A callable that evaluates this model's ``name`` expert (adapters set as this model needs them)."""
+        if name not in self.modules:
+            raise CheckpointError(
+                f"the {self.role} model has no module for the pipeline's {name}: build it with "
+                f"experts={{{name!r}: module}} (load_models does)"
+            )
+        module = self.modules[name]
+        return lambda *args, **kwargs: self._evaluate(module, *args, **kwargs)
+
+    def _evaluate(self, module, *args, **kwargs):
+        return module(*args, **kwargs)
+
     @contextlib.contextmanager
     def active(self, pipe) -> Iterator[VelocityModel]:
-        previous = pipe.transformer
-        pipe.transformer = self.module
+        previous = {name: getattr(pipe, name) for name in self.modules}
+        for name, module in self.modules.items():
+            setattr(pipe, name, module)
         try:
             yield self
         finally:
-            pipe.transformer = previous
+            for name, module in previous.items():
+                setattr(pipe, name, module)
 
     def describe(self) -> dict:
         return {"role": self.role, "source": self.source, "kind": self.kind}
 
 
 class AdapterModel(VelocityModel):
-    """One transformer with a LoRA: the tuned velocity with the adapter on, the base with it off.
+    """Transformers with a LoRA: the tuned velocity with the adapter on, the base with it off.
 
     This is how the LoRA trainers compute v_ref (``with transformer.disable_adapter():``), and it keeps a
-    single transformer in memory.
+    single copy of each transformer in memory.
     """
 
-    def __init__(self, role: str, module, source: str, kind: str, layers: list, enabled: bool) -> None:
-        super().__init__(role, module, source, kind)
+    def __init__(self, role: str, module, source: str, kind: str, layers: list, enabled: bool, experts: dict | None = None) -> None:
+        super().__init__(role, module, source, kind, experts)
         self.layers = layers
         self.enabled = enabled
 
@@ -66,8 +84,11 @@ class AdapterModel(VelocityModel):
                 layer.enable_adapters(was)
 
     def __call__(self, *args, **kwargs):
+        return self._evaluate(self.module, *args, **kwargs)
+
+    def _evaluate(self, module, *args, **kwargs):
         with self.switched():
-            return self.module(*args, **kwargs)
+            return module(*args, **kwargs)
 
     @contextlib.contextmanager
     def active(self, pipe) -> Iterator[VelocityModel]:
@@ -76,30 +97,37 @@ class AdapterModel(VelocityModel):
 
 
 class OffloadedModel(VelocityModel):
-    """A full-weights model whose transformer lives on the CPU and visits ``device`` only while it computes.
+    """A full-weights model whose transformers live on the CPU and visit ``device`` only while they compute.
 
-    Keeps one transformer's weights on the device at a time, at the price of a host-device copy of the
+    Keeps one model's weights on the device at a time, at the price of a host-device copy of the
     weights per use: once per batch for the model that drives (or samples, in free mode), once per step for
     the second model of paired mode.
     """
 
     def __init__(self, inner: VelocityModel, device: str) -> None:
-        super().__init__(inner.role, inner.module, inner.source, inner.kind)
+        super().__init__(inner.role, inner.module, inner.source, inner.kind, inner.modules)
         self.inner = inner
         self.device = device
-        self.module.to("cpu")
+        for module in self.modules.values():
+            module.to("cpu")
 
     @contextlib.contextmanager
     def on_device(self) -> Iterator[None]:
-        self.module.to(self.device)
+        for module in self.modules.values():
+            module.to(self.device)
         try:
             yield
         finally:
-            self.module.to("cpu")
+            for module in self.modules.values():
+                module.to("cpu")
 
     def __call__(self, *args, **kwargs):
         with self.on_device():
             return self.inner(*args, **kwargs)
+
+    def _evaluate(self, module, *args, **kwargs):
+        with self.on_device():
+            return self.inner._evaluate(module, *args, **kwargs)
 
     @contextlib.contextmanager
     def active(self, pipe) -> Iterator[VelocityModel]:
@@ -166,42 +194,93 @@ def _first(items, count: int = 3) -> str:
     return ", ".join(items[:count]) + more
 
 
+def pipeline_experts(pipe) -> tuple[str, ...]:
+    """The pipeline's denoiser attributes that hold a module (``transformer``; Wan2.2-A14B adds ``transformer_2``)."""
+    return tuple(name for name in EXPERT_ATTRS if getattr(pipe, name, None) is not None)
+
+
+def _check_experts(pipe, ckpt: Checkpoint, role: str) -> None:
+    present = pipeline_experts(pipe)
+    absent = [e for e in ckpt.experts if e not in present]
+    if absent:
+        raise CheckpointError(
+            f"{role} {ckpt.path} holds weights for {', '.join(absent)}, which {type(pipe).__name__} does not have "
+            f"(it has {', '.join(present)}): pass the --pipeline this checkpoint was trained from (a Wan2.2-A14B pipeline)"
+        )
+
+
+def _left_to_base(pipe, ckpt: Checkpoint, role: str) -> list[str]:
+    """One note per expert the checkpoint does not change: that expert runs with the base's weights."""
+    experts = pipeline_experts(pipe)
+    if len(experts) < 2:
+        return []
+    return [f"{role} {ckpt.given} does not change {name}: it runs with the base's {name}"
+            for name in experts if name not in ckpt.experts]
+
+
 def load_base(pipe, base: str | None, pipeline_source: str, allow_pickle: bool = False) -> tuple[VelocityModel, Checkpoint | None]:
-    """The base velocity model: the pipeline's own transformer, with BASE's full weights copied in if given."""
+    """The base velocity model: the pipeline's own transformer(s), with BASE's full weights copied in if given."""
+    experts = {name: getattr(pipe, name) for name in pipeline_experts(pipe)}
     if base is None or Path(base).resolve() == Path(pipeline_source).resolve():
-        return VelocityModel("base", pipe.transformer, pipeline_source, "pipeline"), None
+        return VelocityModel("base", pipe.transformer, pipeline_source, "pipeline", experts), None
     ckpt = find_checkpoint(base, "BASE", allow_pickle=allow_pickle)
-    if ckpt.is_lora:
+    if ckpt.is_lora or any(p.is_lora for p in ckpt.parts):
         raise CheckpointError(f"BASE {base} is a LoRA: pass it as TUNED (the base is then the pipeline's own transformer)")
-    load_weights(pipe.transformer, ckpt, "BASE")
-    return VelocityModel("base", pipe.transformer, str(ckpt.path), ckpt.kind), ckpt
+    _check_experts(pipe, ckpt, "BASE")
+    for name in ckpt.experts:
+        load_weights(experts[name], ckpt.part(name), "BASE")
+    return VelocityModel("base", pipe.transformer, str(ckpt.path), ckpt.kind, experts), ckpt
+
+
+def _apply_tuned(pipe, ckpt: Checkpoint, modules: dict, copy_full: bool, role: str = "TUNED") -> tuple[dict, list, list[str]]:
+    """TUNED's expert modules: a LoRA attached to the given module, full weights in a copy (or in place)."""
+    _check_experts(pipe, ckpt, role)
+    tuned: dict = dict(modules)
+    layers: list = []
+    notes: list[str] = []
+    for name in ckpt.experts:
+        part = ckpt.part(name)
+        if part.is_lora:
+            weights = read_lora(part, type(pipe), role, expert=name)
+            check_targets(modules[name], weights, role, part.path)
+            check_base_weights(modules[name], weights, role, part.path)
+            layers.extend(attach_lora(modules[name], weights))
+            notes.extend(weights.notes)
+            continue
+        module = copy.deepcopy(modules[name]) if copy_full else modules[name]
+        load_weights(module, part, role)
+        module.eval()
+        tuned[name] = module
+    notes.extend(_left_to_base(pipe, ckpt, role))
+    return tuned, layers, notes
 
 
 def load_tuned_only(pipe, tuned: str, adapter: str | None = None, allow_pickle: bool = False) -> tuple[VelocityModel, Checkpoint, list[str]]:
-    """TUNED alone, in the pipeline's transformer itself (no base copy): for checks against a stored reference.
+    """TUNED alone, in the pipeline's transformer(s) itself (no base copy): for checks against a stored reference.
 
     Full weights are copied over the pipeline's transformer; a LoRA is attached to it and left on.
     """
     ckpt = find_checkpoint(tuned, "TUNED", adapter=adapter, allow_pickle=allow_pickle)
     notes = list(ckpt.notes)
-    if ckpt.is_lora:
-        weights = read_lora(ckpt, type(pipe))
-        check_targets(pipe.transformer, weights, "TUNED", ckpt.path)
-        layers = attach_lora(pipe.transformer, weights)
-        notes.extend(weights.notes)
-        return AdapterModel("tuned", pipe.transformer, str(ckpt.path), ckpt.kind, layers, enabled=True), ckpt, notes
-    load_weights(pipe.transformer, ckpt, "TUNED")
-    return VelocityModel("tuned", pipe.transformer, str(ckpt.path), ckpt.kind), ckpt, notes
+    modules = {name: getattr(pipe, name) for name in pipeline_experts(pipe)}
+    modules, layers, more = _apply_tuned(pipe, ckpt, modules, copy_full=False)
+    notes.extend(more)
+    if layers:
+        model = AdapterModel("tuned", modules["transformer"], str(ckpt.path), ckpt.kind, layers, enabled=True, experts=modules)
+    else:
+        model = VelocityModel("tuned", modules["transformer"], str(ckpt.path), ckpt.kind, modules)
+    return model, ckpt, notes
 
 
 def load_models(
     pipe, base: str | None, tuned: str, pipeline_source: str, adapter: str | None = None, allow_pickle: bool = False,
     offload_to: str | None = None,
 ) -> LoadedModels:
-    """The base and tuned velocity models; the pipeline's own transformer becomes the base.
+    """The base and tuned velocity models; the pipeline's own transformer(s) become the base.
 
-    Full checkpoints: base in place, tuned a copy (two transformers, never more). LoRA: one transformer,
-    the adapter switched on for tuned and off for base.
+    Full checkpoints: base in place, tuned a copy of each expert it changes (never more). LoRA: one copy of
+    each transformer, the adapter switched on for tuned and off for base. Experts the checkpoint leaves out
+    are shared with the base, and a note says so.
     """
     base_model, base_ckpt = load_base(pipe, base, pipeline_source, allow_pickle)
     checkpoints: list[Checkpoint] = [base_ckpt] if base_ckpt else []
@@ -209,23 +288,20 @@ def load_models(
     tuned_ckpt = find_checkpoint(tuned, "TUNED", adapter=adapter, allow_pickle=allow_pickle)
     checkpoints.append(tuned_ckpt)
     notes.extend(tuned_ckpt.notes)
-    if tuned_ckpt.is_lora:
-        if offload_to is not None:
-            notes.append("--offload has no effect for a LoRA: base and tuned already share one transformer")
-        weights = read_lora(tuned_ckpt, type(pipe))
-        check_targets(pipe.transformer, weights, "TUNED", tuned_ckpt.path)
-        layers = attach_lora(pipe.transformer, weights)
-        notes.extend(weights.notes)
-        module = pipe.transformer
-        base_model = AdapterModel("base", module, base_model.source, base_model.kind, layers, enabled=False)
-        tuned_model = AdapterModel("tuned", module, str(tuned_ckpt.path), tuned_ckpt.kind, layers, enabled=True)
-        return LoadedModels(base_model, tuned_model, checkpoints, notes)
+    if tuned_ckpt.is_lora and offload_to is not None:
+        notes.append("--offload has no effect for a LoRA: base and tuned already share one transformer")
+        offload_to = None
     if offload_to is not None:
-        pipe.transformer.to("cpu")  # the copy is made on the CPU: never two transformers on the device
-    module = copy.deepcopy(pipe.transformer)
-    load_weights(module, tuned_ckpt, "TUNED")
-    module.eval()
-    tuned_model = VelocityModel("tuned", module, str(tuned_ckpt.path), tuned_ckpt.kind)
+        for module in base_model.modules.values():
+            module.to("cpu")  # the copy is made on the CPU: never two transformers on the device
+    modules, layers, more = _apply_tuned(pipe, tuned_ckpt, dict(base_model.modules), copy_full=True)
+    notes.extend(more)
+    if layers:
+        shared = dict(base_model.modules)
+        base_model = AdapterModel("base", shared["transformer"], base_model.source, base_model.kind, layers, enabled=False, experts=shared)
+        tuned_model = AdapterModel("tuned", modules["transformer"], str(tuned_ckpt.path), tuned_ckpt.kind, layers, enabled=True, experts=modules)
+    else:
+        tuned_model = VelocityModel("tuned", modules["transformer"], str(tuned_ckpt.path), tuned_ckpt.kind, modules)
     if offload_to is not None:
         base_model, tuned_model = OffloadedModel(base_model, offload_to), OffloadedModel(tuned_model, offload_to)
     return LoadedModels(base_model, tuned_model, checkpoints, notes)

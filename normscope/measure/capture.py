@@ -8,6 +8,11 @@ One path serves every family; what differs between pipelines is a row of the fam
 * a wrapper on ``scheduler.step`` receives the velocity the sampler actually applies ("guided") and
   closes the step. Only its first argument is read, so any scheduler works (Euler, UniPC, ...).
 
+Pipelines with several experts (Wan2.2-A14B: ``transformer`` for high noise, ``transformer_2`` for low
+noise) get one hook per expert; each step is labelled with the expert that ran it (no label when the pipeline
+holds only one of the row's experts), in paired mode the other model is evaluated with its own module for
+that expert, and the expert's own guidance argument (``guidance_scale_2``) is used and verified.
+
 At the close of a step the calls are sliced to the latent tokens (reference tokens off), put in the
 scheduler's convention (the family's ``output_sign``), split into ``cond`` / ``uncond`` (a batched call
 by the family's ``batch_order``; separate calls cond first), and combined with the family's rule
@@ -69,6 +74,8 @@ class CallRecord:
     sigmas: torch.Tensor
     images: list | None = None  # decoded final images, when the call asked for them (not stored for resume)
     experts: list[str] = field(default_factory=list)
+    # What collecting observers gathered (``observer.name`` -> branch -> tensor), e.g. per-frame norms.
+    observed: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def steps(self) -> int:
@@ -86,6 +93,17 @@ class StepObserver(Protocol):
 
     def __call__(self, step: int, sigma: float, branch: str, expert: str, driver: torch.Tensor,
                  other: torch.Tensor | None, family: Family) -> None: ...
+
+
+class CollectingObserver(StepObserver, Protocol):
+    """An observer whose per-call results belong in the ``CallRecord``: at the end of every pipeline call
+    ``collect()`` returns them (branch -> tensor, on the CPU) and starts afresh; they are stored in
+    ``record.observed[name]``. So one observer can serve the base's and the tuned model's calls of free mode.
+    """
+
+    name: str
+
+    def collect(self) -> dict[str, torch.Tensor]: ...
 
 
 @dataclass
@@ -160,6 +178,13 @@ def _paired_stats(driver: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return torch.stack([na, nb, cosine, mse])
 
 
+def _rescaled(guided: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``guided`` with each sample's L2 norm set to ``target``'s (the other model's guided velocity on the same
+    inputs, formed with the family's own rule); direction unchanged, in ``guided``'s dtype."""
+    factor = _norms(target) / _norms(guided)
+    return (guided.float() * factor.view(-1, *([1] * (guided.dim() - 1)))).to(guided.dtype)
+
+
 def _finite_rows(*tensors: torch.Tensor) -> torch.Tensor:
     ok = torch.ones(tensors[0].shape[0], dtype=torch.bool, device=tensors[0].device)
     for t in tensors:
@@ -167,11 +192,11 @@ def _finite_rows(*tensors: torch.Tensor) -> torch.Tensor:
     return ok
 
 
-def _evaluate(model: VelocityModel, expert: str, args, kwargs):
-    """The other model on one call's inputs; multi-expert models pick the expert by label."""
-    per_expert = getattr(model, "evaluate_expert", None)
-    if expert and per_expert is not None:
-        return per_expert(expert, *args, **kwargs)
+def _evaluate(model: VelocityModel, attr: str, args, kwargs):
+    """The other model on one call's inputs, with its own module for the expert (pipeline attribute) that ran."""
+    expert = getattr(model, "expert", None)
+    if expert is not None:
+        return expert(attr)(*args, **kwargs)
     return model(*args, **kwargs)
 
 
@@ -198,8 +223,10 @@ class Recorder:
     """Collects the statistics of the steps of one pipeline call at a time."""
 
     def __init__(self, pipe, family: Family, paired: bool, on_step: Callable[[], None] | None,
-                 observers: Sequence[StepObserver] = (), call_kwargs: dict | None = None) -> None:
+                 observers: Sequence[StepObserver] = (), call_kwargs: dict | None = None,
+                 rescale_to_other: bool = False) -> None:
         self.pipe = pipe
+        self.rescale_to_other = rescale_to_other
         self.family = family
         self.paired = paired
         self.on_step = on_step
@@ -213,7 +240,7 @@ class Recorder:
         self._steps: list[dict[str, torch.Tensor]] = []
         self._experts: list[str] = []
         self._verified: set[tuple[str, ...]] = set()
-        self._settings: dict[str, float] | None = None
+        self._settings: dict[str, dict[str, float]] = {}
         self._sigmas: torch.Tensor | None = None
 
     # -- hooks -------------------------------------------------------------------------
@@ -222,7 +249,8 @@ class Recorder:
         other = _sample(other_output) if other_output is not None else None
         self._calls.append(_Call(expert, _sample(driver_output), other, extra))
 
-    def record_step(self, guided: torch.Tensor) -> None:
+    def record_step(self, guided: torch.Tensor) -> torch.Tensor:
+        """Close one step; returns the velocity the scheduler is to apply (``guided``, or it rescaled)."""
         calls, self._calls = self._calls, []
         step = len(self._steps)
         if not calls:
@@ -231,10 +259,11 @@ class Recorder:
         roles = self._roles(calls, guided.shape[0])
         driver = self._parts(calls, roles, guided, "driver")
         other = self._parts(calls, roles, guided, "other") if self.paired else None
-        settings = self._resolve_settings()
+        expert = calls[0].expert
+        settings = self._resolve_settings(expert)
         branches_d = self._branches(driver, settings)
         branches_o = self._branches(other, settings) if other is not None else None
-        layout = tuple(sorted(driver))
+        layout = (expert, *sorted(driver))  # each expert has its own guidance scale: verify each
         if layout not in self._verified:
             self._verify(layout, driver, branches_d[GUIDED], guided, step)
         branches_d[GUIDED] = guided  # the scheduler's own input is what normscope reports for the driver
@@ -243,7 +272,6 @@ class Recorder:
             o = branches_o[name] if branches_o is not None else None
             stats[name] = _paired_stats(d, o) if o is not None else _norms(d)[None]
         self._steps.append(stats)
-        expert = calls[0].expert
         self._experts.append(expert)
         if self.observers:
             sigma = self._sigma(step)
@@ -253,6 +281,9 @@ class Recorder:
                     observer(step, sigma, name, expert, d, o, self.family)
         if self.on_step is not None:
             self.on_step()
+        if self.rescale_to_other:
+            return _rescaled(guided, branches_o[GUIDED])
+        return guided
 
     # -- one step ----------------------------------------------------------------------
 
@@ -302,17 +333,21 @@ class Recorder:
         return {GUIDED: out[GUIDED], COND: parts[COND], UNCOND: parts[UNCOND],
                 **({COMBINED: out[COMBINED]} if COMBINED in out else {})}
 
-    def _resolve_settings(self) -> dict[str, float]:
-        if self._settings is None:
+    def _resolve_settings(self, expert: str) -> dict[str, float]:
+        """The combination settings of one expert's steps (read once per call and expert)."""
+        if expert not in self._settings:
             f = self.family
 
             def value(name):
                 v = call_setting(self.pipe, self.call_kwargs, name) if name else None
-                return float(v) if v is not None else 0.0
+                return float(v) if v is not None else None
 
-            self._settings = {"scale": value(cfg_argument(f)), "extra_scale": value(f.extra_scale_arg),
-                              "cap": value(f.cap_arg)}
-        return self._settings
+            scale = value(dict(f.expert_guidance).get(expert)) if expert else None
+            if scale is None:  # no per-expert argument, or left unset: the pipeline uses the main scale
+                scale = value(cfg_argument(f))
+            self._settings[expert] = {"scale": scale or 0.0, "extra_scale": value(f.extra_scale_arg) or 0.0,
+                                      "cap": value(f.cap_arg) or 0.0}
+        return self._settings[expert]
 
     def _verify(self, layout, parts, expected: torch.Tensor, guided: torch.Tensor, step: int) -> None:
         # One host sync per layout: the rule normscope applies to the other model is the one the pipeline
@@ -332,7 +367,7 @@ class Recorder:
         err = (exp - got).abs().max() / got.abs().max().clamp_min(1e-12)
         if not bool(err <= tol):
             if UNCOND in parts:
-                rule = f"the {self.family.combine} rule (scale {self._settings['scale']})"
+                rule = f"the {self.family.combine} rule (scale {self._settings[layout[0]]['scale']})"
                 what = "combines its transformer calls differently from " + rule
             else:
                 sign = "the negated" if self.family.output_sign < 0 else "the"
@@ -381,6 +416,9 @@ class Recorder:
             sigmas=sigmas[:steps].detach().float().cpu() if sigmas is not None else torch.full((steps,), float("nan")),
             experts=list(self._experts),
         )
+        for observer in self.observers:
+            if hasattr(observer, "collect"):
+                record.observed[observer.name] = observer.collect()
         self._reset_call()
         return record
 
@@ -395,6 +433,7 @@ def capture(
     family: Family | None = None,
     call_kwargs: dict | None = None,
     observers: Sequence[StepObserver] = (),
+    rescale_to_other: bool = False,
 ) -> Iterator[Recorder]:
     """Make ``driver`` sample in ``pipe`` and record velocity statistics of every step.
 
@@ -403,14 +442,20 @@ def capture(
     are the keyword arguments of the pipeline call (guidance values are read from them, else from the
     pipeline); ``observers`` see every branch of every step (``StepObserver``). Hooks and the scheduler
     wrapper are removed when the block exits, whatever happens inside it.
+
+    ``rescale_to_other`` (paired mode; the inference-rescale ablation): before the scheduler applies the
+    driver's guided velocity, each sample is rescaled to the norm of the other model's guided velocity on the
+    same inputs. The statistics recorded are those of the unscaled velocities.
     """
+    if rescale_to_other and other is None:
+        raise ValueError("rescale_to_other needs the other model (paired mode): pass other=")
     family = family or family_for(type(pipe).__name__)
     recorder = Recorder(pipe, family, paired=other is not None, on_step=on_step, observers=observers,
-                        call_kwargs=call_kwargs)
+                        call_kwargs=call_kwargs, rescale_to_other=rescale_to_other)
     scheduler = pipe.scheduler
     inside_other = False
 
-    def hook_for(expert: str):
+    def hook_for(attr: str, expert: str):
         def forward_hook(module, args, kwargs, output):
             nonlocal inside_other
             if inside_other:  # the other model may be this very module (an adapter switched off)
@@ -419,7 +464,7 @@ def capture(
             if other is not None:
                 inside_other = True
                 try:
-                    other_output = _evaluate(other, expert, args, kwargs)
+                    other_output = _evaluate(other, attr, args, kwargs)
                 finally:
                     inside_other = False
             extra = bool(family.extra_call_kwarg) and kwargs.get(family.extra_call_kwarg) is not None
@@ -434,7 +479,12 @@ def capture(
     @functools.wraps(original_step)
     def step(*args, **kwargs):
         model_output = args[0] if args else kwargs.get("model_output")
-        recorder.record_step(model_output)
+        applied = recorder.record_step(model_output)
+        if applied is not model_output:  # rescale_to_other: the scheduler applies the rescaled velocity
+            if args:
+                args = (applied, *args[1:])
+            else:
+                kwargs["model_output"] = applied
         return original_step(*args, **kwargs)
 
     def restore_step() -> None:
@@ -446,12 +496,14 @@ def capture(
     with contextlib.ExitStack() as stack:
         stack.enter_context(driver.active(pipe))
         hooked = set()
-        for attr, label in family.experts:
-            module = getattr(pipe, attr, None)
-            if module is None or id(module) in hooked:
+        present = [(attr, label) for attr, label in family.experts if getattr(pipe, attr, None) is not None]
+        for attr, label in present:
+            module = getattr(pipe, attr)
+            if id(module) in hooked:
                 continue
             hooked.add(id(module))
-            handle = module.register_forward_hook(hook_for(label), with_kwargs=True)
+            # Labels say which of several transformers ran; with one present (Wan2.1 in the Wan row) there is none.
+            handle = module.register_forward_hook(hook_for(attr, label if len(present) > 1 else ""), with_kwargs=True)
             stack.callback(handle.remove)
         scheduler.step = step
         stack.callback(restore_step)

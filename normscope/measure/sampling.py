@@ -19,6 +19,7 @@ from normscope.load import VelocityModel
 from normscope.load.families import TRUE_CFG_SCALE, Family, family_for
 from normscope.measure.capture import CallRecord, StepObserver, capture, cfg_argument
 from normscope.measure.prompts import Sample
+from normscope.measure.table import RESCALED
 
 
 class Reporter(Protocol):
@@ -82,6 +83,7 @@ def sampling_kwargs(pipe, probe: ProbeConfig, samples: list[Sample], family: Fam
         "height": (probe.height, "height"),
         "width": (probe.width, "width"),
         "max_sequence_length": (probe.max_sequence_length, "max-sequence-length"),
+        "num_frames": (probe.num_frames, "num-frames"),
         "negative_prompt": (None if probe.negative_prompt is None else [probe.negative_prompt] * len(samples),
                             "negative-prompt"),
     }
@@ -93,11 +95,31 @@ def sampling_kwargs(pipe, probe: ProbeConfig, samples: list[Sample], family: Fam
         if name not in accepted:
             raise InputError(f"{type(pipe).__name__} does not take {name}: drop --{flag}")
         kwargs[name] = value
+    kwargs.update(_conditioning_image(pipe, probe))
     if family.needs_negative_prompt and "negative_prompt" not in kwargs and "negative_prompt" in accepted:
         scale = kwargs.get(cfg_argument(family), accepted.get(cfg_argument(family)))
         if scale is not None and float(scale) > 1:
             kwargs["negative_prompt"] = [" "] * len(samples)
     return kwargs
+
+
+def _conditioning_image(pipe, probe: ProbeConfig) -> dict:
+    """``image=`` for image-to-video pipelines (one image for the whole batch: the pipeline repeats it)."""
+    parameters = inspect.signature(pipe.__call__).parameters
+    takes = "image" in parameters
+    if probe.image is None:
+        if takes and parameters["image"].default is inspect.Parameter.empty:
+            raise InputError(f"{type(pipe).__name__} generates from an image: pass --image FILE (the first frame)")
+        return {}
+    if not takes:
+        raise InputError(f"{type(pipe).__name__} does not take an image: drop --image")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(probe.image) as image:
+            return {"image": image.convert("RGB")}
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"--image {probe.image} is not an image Pillow can read ({exc}): pass a PNG or JPEG") from None
 
 
 def guidance_used(pipe, probe: ProbeConfig, family: Family | None = None) -> dict:
@@ -143,6 +165,7 @@ def resolved_sampling(pipe, probe: ProbeConfig, family: Family | None = None) ->
         "height": probe.height or defaults.get("height") or size,
         "width": probe.width or defaults.get("width") or size,
         "max_sequence_length": probe.max_sequence_length or defaults.get("max_sequence_length"),
+        **({"num_frames": probe.num_frames or defaults.get("num_frames")} if "num_frames" in defaults else {}),
         "negative_prompt": probe.negative_prompt if probe.negative_prompt is not None else defaults.get("negative_prompt"),
     }
 
@@ -154,6 +177,20 @@ def run_paired(pipe, driver: VelocityModel, other: VelocityModel, kwargs: dict, 
     with capture(pipe, driver, other, on_step=reporter.advance, call_kwargs=call, observers=observers) as recorder:
         pipe(**call)
         return {"paired": recorder.collect()}
+
+
+def run_rescaled(pipe, tuned: VelocityModel, base: VelocityModel, kwargs: dict, reporter: Reporter,
+                 observers: Sequence[StepObserver] = ()) -> dict[str, CallRecord]:
+    """One batch of the inference-rescale ablation: ``tuned`` samples with its guided velocity rescaled at every
+    step to ``base``'s norm on the same inputs; the record holds the unscaled paired statistics (and images)."""
+    call = dict(fresh_call(kwargs), generator=fresh_generators(kwargs["generator"]))
+    with capture(pipe, tuned, base, on_step=reporter.advance, call_kwargs=call, observers=observers,
+                 rescale_to_other=True) as recorder:
+        output = pipe(**call)
+        record = recorder.collect()
+    if call["output_type"] != "latent":
+        record.images = list(output.images if hasattr(output, "images") else output.frames)  # video: frames
+    return {RESCALED: record}
 
 
 def run_free(pipe, base: VelocityModel, tuned: VelocityModel, kwargs: dict, reporter: Reporter,
@@ -190,7 +227,8 @@ def run_model(pipe, model: VelocityModel, kwargs: dict, reporter: Reporter,
         output = pipe(**call)
         record = recorder.collect()
     if call["output_type"] != "latent":
-        record.images = list(output.images)
+        # image pipelines return .images; video pipelines .frames, one list of frames per sample
+        record.images = list(output.images if hasattr(output, "images") else output.frames)
     return record
 
 
@@ -216,7 +254,10 @@ def concat_records(records: list[CallRecord]) -> CallRecord:
     """Batches of the same run joined along the sample axis."""
     first = records[0]
     stats = {b: torch.cat([r.stats[b] for r in records], dim=-1) for b in first.stats}
-    return CallRecord(stats, first.stat_names, first.timesteps, first.sigmas, experts=list(first.experts))
+    # observer results keep the sample axis third: (steps, values, batch, ...)
+    observed = {name: {b: torch.cat([r.observed[name][b] for r in records], dim=2) for b in items}
+                for name, items in first.observed.items()}
+    return CallRecord(stats, first.stat_names, first.timesteps, first.sigmas, experts=list(first.experts), observed=observed)
 
 
 def versions() -> dict:

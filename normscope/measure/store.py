@@ -62,11 +62,16 @@ class BatchStore:
 
         tensors, meta = {}, {}
         for name, record in records.items():
-            meta[name] = json.dumps({"stat_names": list(record.stat_names), "branches": list(record.stats)})
+            observed = {obs: list(items) for obs, items in record.observed.items()}
+            meta[name] = json.dumps({"stat_names": list(record.stat_names), "branches": list(record.stats),
+                                     "experts": list(record.experts), "observed": observed})
             tensors[f"{name}/timesteps"] = record.timesteps.contiguous()
             tensors[f"{name}/sigmas"] = record.sigmas.contiguous()
             for branch, stats in record.stats.items():
                 tensors[f"{name}/{branch}"] = stats.contiguous()
+            for obs, items in record.observed.items():
+                for branch, values in items.items():
+                    tensors[f"{name}/observed/{obs}/{branch}"] = values.contiguous()
         tmp = self._path(key).with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, self._path(key))  # atomic: a killed run never leaves half a batch
@@ -86,6 +91,9 @@ class BatchStore:
                     stat_names=tuple(info["stat_names"]),
                     timesteps=handle.get_tensor(f"{name}/timesteps"),
                     sigmas=handle.get_tensor(f"{name}/sigmas"),
+                    experts=list(info.get("experts", [])),
+                    observed={obs: {b: handle.get_tensor(f"{name}/observed/{obs}/{b}") for b in branches}
+                              for obs, branches in info.get("observed", {}).items()},
                 )
         return records
 

@@ -20,6 +20,7 @@ STEP = "step"
 TIMESTEP = "timestep"
 SIGMA = "sigma"
 BRANCH = "branch"
+EXPERT = "expert"  # which transformer ran the step: high_noise / low_noise (Wan2.2-A14B), "" otherwise
 NORM_BASE = "norm_base"
 NORM_TUNED = "norm_tuned"
 RATIO = "ratio"
@@ -27,10 +28,11 @@ HINGE = "hinge"
 COSINE = "cosine"
 MSE = "mse"
 
-COLUMNS = (MODE, DRIVE, PROMPT_ID, PROMPT, SEED, STEP, TIMESTEP, SIGMA, BRANCH,
+COLUMNS = (MODE, DRIVE, PROMPT_ID, PROMPT, SEED, STEP, TIMESTEP, SIGMA, EXPERT, BRANCH,
            NORM_BASE, NORM_TUNED, RATIO, HINGE, COSINE, MSE)
 SAMPLE_KEY = (PROMPT_ID, SEED)
-MODE_ORDER = ("paired", "free")
+RESCALED = "rescaled"  # compare --rescale-to-base: paired statistics on the rescaled tuned model's trajectory
+MODE_ORDER = ("paired", "free", RESCALED)
 
 
 def _base_columns(mode: str, drive: str, samples: list[Sample], record: CallRecord, branch: str) -> dict:
@@ -44,6 +46,7 @@ def _base_columns(mode: str, drive: str, samples: list[Sample], record: CallReco
         STEP: np.tile(np.arange(steps), batch),
         TIMESTEP: np.tile(record.timesteps.double().numpy(), batch),
         SIGMA: np.tile(record.sigmas.double().numpy(), batch),
+        EXPERT: np.tile(np.asarray(record.experts or [""] * steps, dtype=object), batch),
         BRANCH: np.full(steps * batch, branch, dtype=object),
     }
 
@@ -64,8 +67,11 @@ def _finish(columns: dict) -> pd.DataFrame:
     return pd.DataFrame({name: columns[name] for name in COLUMNS})
 
 
-def paired_frame(record: CallRecord, samples: list[Sample], drive: str) -> pd.DataFrame:
-    """Rows of a paired-mode call: the driver's and the other model's velocity at the same inputs."""
+def paired_frame(record: CallRecord, samples: list[Sample], drive: str, mode: str = "paired") -> pd.DataFrame:
+    """Rows of a paired-mode call: the driver's and the other model's velocity at the same inputs.
+
+    ``mode="rescaled"``: the same statistics on the trajectory of the inference-rescale ablation.
+    """
     frames = []
     names = record.stat_names
     for branch in BRANCHES:
@@ -74,7 +80,7 @@ def paired_frame(record: CallRecord, samples: list[Sample], drive: str) -> pd.Da
         stats = record.stats[branch].double().numpy()
         driver, other = stats[:, names.index("norm_driver")], stats[:, names.index("norm_other")]
         base, tuned = (other, driver) if drive == "tuned" else (driver, other)
-        columns = _base_columns("paired", drive, samples, record, branch)
+        columns = _base_columns(mode, drive, samples, record, branch)
         columns[NORM_BASE] = _by_sample(base)
         columns[NORM_TUNED] = _by_sample(tuned)
         columns[COSINE] = _by_sample(stats[:, names.index("cosine")])

@@ -6,7 +6,8 @@ readable by colour-blind readers and in greyscale print), one style, and widths 
 (3.4 in one column, 7.0 in across both).
 
 * run folders: ``profile_figure`` (profile.png), ``reference_figure`` (reference.png), ``sweep_figure`` (sweep.png);
-* ``normscope report``: ``profiles``, ``inflation``, ``heatmap``, ``hinge_and_cosine``, ``image_grid``;
+* ``normscope report``: ``profiles``, ``inflation``, ``heatmap``, ``hinge_and_cosine``, ``image_grid``,
+  ``monitor_figure`` (a training run's monitor log next to sweeps);
 * ``save_png`` writes one PNG, ``save`` a PNG and an SVG.
 """
 
@@ -110,6 +111,7 @@ def profile_figure(summary: dict):
         _draw_norms(top, rows, "std", line, f" ({mode})")
         _draw_inflation(bottom, rows, TUNED_COLOR if headline else FREE_COLOR, mode, line)
     _gate_line(bottom, None)
+    _mark_expert_switch(summary, (top, bottom))
     top.set_ylabel(NORM_LABEL)
     top.set_title(r"velocity norm per step (mean $\pm$ 1 std over samples)")
     top.legend()
@@ -118,6 +120,19 @@ def profile_figure(summary: dict):
     bottom.legend()
     _finish_sigma_axis(bottom)
     return fig
+
+
+def _mark_expert_switch(summary: dict, axes) -> None:
+    """Two-expert pipelines (Wan2.2-A14B): a dotted line where the low-noise expert takes over (in the legend)."""
+    boundary = summary.get("expert_boundary_step")
+    if boundary is None:
+        return
+    sigmas = [row["sigma"] for row in summary["per_step"]]
+    x = (sigmas[boundary - 1] + sigmas[boundary]) / 2
+    labels = summary.get("experts") or ["", ""]
+    text = f"{labels[0].replace('_', '-')} -> {labels[boundary].replace('_', '-')} expert".strip()
+    for index, ax in enumerate(axes):
+        ax.axvline(x, color="0.2", linestyle=":", linewidth=1.0, label=text if index == len(axes) - 1 else None)
 
 
 @_styled
@@ -240,21 +255,27 @@ def hinge_and_cosine(run):
 
 @_styled
 def image_grid(run, limit: int = 16):
-    """Final images of base and tuned (free mode), side by side per prompt and seed; None without images."""
+    """Final images of base and tuned (free mode), side by side per prompt and seed; None without images.
+
+    With ``compare --rescale-to-base --save-images`` the rescaled tuned run's image joins each pair.
+    """
     pairs = run.image_pairs()[:limit]
     if not pairs:
         return None
     from PIL import Image
 
-    cols = 2 * min(4, len(pairs))
-    rows = -(-len(pairs) // (cols // 2))
+    rescaled = [base.with_name(base.name.replace("-base.png", "-rescaled.png")) for _, base, _ in pairs]
+    per = 3 if all(p.is_file() for p in rescaled) else 2
+    cols = per * min(4 if per == 2 else 3, len(pairs))
+    rows = -(-len(pairs) // (cols // per))
     fig, axes = _figure(DOUBLE, DOUBLE / cols * rows * 1.15, rows, cols)
     for ax in axes.flat:
         ax.axis("off")
-    for i, (label, base, tuned) in enumerate(pairs):
-        r, c = divmod(i, cols // 2)
-        for j, (path, who) in enumerate(((base, "base"), (tuned, "tuned"))):
-            ax = axes[r][2 * c + j]
+    for i, ((label, base, tuned), extra) in enumerate(zip(pairs, rescaled, strict=True)):
+        r, c = divmod(i, cols // per)
+        panels = ((base, "base"), (tuned, "tuned"), (extra, "tuned, rescaled"))[:per]
+        for j, (path, who) in enumerate(panels):
+            ax = axes[r][per * c + j]
             ax.imshow(np.asarray(Image.open(path).convert("RGB")), interpolation="nearest")
             ax.set_title(f"{label}: {who}" if who == "base" else who, fontsize=6)
     return fig
@@ -262,6 +283,43 @@ def image_grid(run, limit: int = 16):
 
 def _short(text: str, width: int = 34) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@_styled
+def monitor_figure(entries: list[dict], meta: dict, sweeps: list[tuple[str, object]], gate: float | None = None):
+    """A training run's monitor log: mean ratio − 1 (%) per sigma bucket against training step, the smoothed
+    overall ratio, the gate; offline sweeps of the same run's checkpoints drawn at their steps (same regions)."""
+    fig, axes = _figure(DOUBLE / 1.3, 2.6)
+    ax = axes[0][0]
+    steps = np.array([e["step"] for e in entries], dtype=float)
+    buckets = [b[0] for b in meta.get("buckets", [])] or sorted(k.split("/", 1)[1] for k in entries[0] if k.startswith("ratio/"))
+    colors = {name: OKABE_ITO[i % len(OKABE_ITO)] for i, name in enumerate(buckets)}
+    for name in buckets:
+        values = np.array([np.nan if e.get(f"ratio/{name}") is None else e[f"ratio/{name}"] for e in entries], dtype=float)
+        ax.plot(steps, (values - 1) * 100, "-", color=colors[name], alpha=0.8, linewidth=0.9, label=f"monitor {name}")
+    smoothed = np.array([e["smoothed"] for e in entries], dtype=float)
+    ax.plot(steps, (smoothed - 1) * 100, "-", color="0.1", linewidth=1.6, label=f"monitor all, smoothed ({meta.get('smoothing', '?')} steps)")
+    markers = ("s", "D", "^", "v")
+    for i, (label, table) in enumerate(sweeps):
+        marker = markers[i % len(markers)]
+        x = table["step"].to_numpy(dtype=float)
+        for name in buckets:
+            if name in table.columns:
+                ax.plot(x, table[name].to_numpy(dtype=float) * 100, marker, color=colors[name], markersize=5,
+                        fillstyle="none", linestyle="none")
+        value = table["inflation"].to_numpy(dtype=float) * 100
+        err = np.vstack([value - table["ci_lo"].to_numpy(dtype=float) * 100, table["ci_hi"].to_numpy(dtype=float) * 100 - value])
+        ax.errorbar(x, value, yerr=err, fmt=marker, color="0.1", markersize=5, capsize=2, fillstyle="none",
+                    label=f"sweep {label} (95% CI; coloured: regions)")
+    _gate_line(ax, gate)
+    crossing = (meta.get("first_crossing") or {}).get("step")
+    if crossing is not None:
+        ax.axvline(crossing, color="0.1", linestyle=":", linewidth=0.9, label=f"first crossing: step {crossing}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(r"$\|v_\theta\| / \|v_{ref}\| - 1$ (%)")
+    ax.set_title("velocity-norm ratio during training, per sigma bucket")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig
 
 
 # ---------------------------------------------------------------- saving
@@ -273,6 +331,32 @@ def save_png(fig, path: Path, dpi: int = 150) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, metadata={"Software": None})
     return path
+
+
+@_styled
+def frames_figure(profile, boundary_step: int | None, title: str):
+    """frames.png: inflation (%) by latent frame (rows) and step (columns) of a video run; the expert switch dashed."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    values = (profile.to_numpy(dtype=float) - 1) * 100
+    finite = values[np.isfinite(values)]
+    limit = max(float(np.abs(finite).max()) if finite.size else 0.0, 1e-6)
+    fig, axes = _figure(DOUBLE, 0.9 + 0.22 * max(len(profile.index), 3))
+    ax = axes[0][0]
+    image = ax.imshow(values, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -limit, limit), interpolation="nearest")
+    steps = profile.columns.to_numpy()
+    ticks = np.arange(len(steps)) if len(steps) <= 12 else np.unique(np.linspace(0, len(steps) - 1, 8).round().astype(int))
+    ax.set_xticks(ticks, [str(steps[t]) for t in ticks])
+    ax.set_yticks(range(len(profile.index)), [str(i) for i in profile.index])
+    ax.set_xlabel("denoising step (0 = pure noise)")
+    ax.set_ylabel("latent frame")
+    if boundary_step is not None:
+        ax.axvline(boundary_step - 0.5, color="0.1", linestyle="--", linewidth=1.2)
+        ax.annotate("low-noise expert", (boundary_step - 0.45, 0.97), xycoords=("data", "axes fraction"),
+                    va="top", bbox={"facecolor": "white", "edgecolor": "none", "pad": 1.0})
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="inflation (%)", fraction=0.03)
+    return fig
 
 
 @_styled

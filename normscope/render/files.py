@@ -10,6 +10,8 @@ NORMS_CSV = "norms.csv"
 SUMMARY_JSON = "summary.json"
 PROFILE_PNG = "profile.png"
 IMAGES_DIR = "images"
+FRAMES_CSV = "frames.csv"  # video pipelines: per latent frame
+FRAMES_PNG = "frames.png"
 
 
 def summary_json(summary: dict) -> str:
@@ -27,6 +29,18 @@ def write_run(result, out: Path, figure: bool = True) -> list[Path]:
         from normscope.render.figures import profile_figure, save_png
 
         written.append(save_png(profile_figure(result.summary), out / PROFILE_PNG))
+    frames = getattr(result, "frames", None)
+    if frames is not None and len(frames):
+        written.append(out / FRAMES_CSV)
+        frames.to_csv(written[-1], index=False, lineterminator="\n")
+        if figure:
+            from normscope.measure.frames import frame_profile
+            from normscope.render.figures import frames_figure
+
+            mode = result.summary["headline_mode"]
+            fig = frames_figure(frame_profile(frames, mode), result.summary.get("expert_boundary_step"),
+                                f"inflation by latent frame and step ({mode} mode, guided)")
+            written.append(save_png(fig, out / FRAMES_PNG))
     return written
 
 

@@ -35,12 +35,16 @@ def render_compare(summary: dict, console) -> None:
     from rich.table import Table
 
     paired = summary["headline_mode"] == "paired"
+    experts = summary.get("experts") or []
+    show_experts = any(experts)  # two-expert pipelines (Wan2.2-A14B): which transformer ran each step
     table = Table(title=f"velocity norms per step — {summary['headline_mode']} mode, guided", title_justify="left")
     for name in ("step", "sigma", "||v_base||", "||v_tuned||", "ratio", "95% CI", "tuned>base"):
         table.add_column(name, justify="right")
     if paired:
         table.add_column("cosine", justify="right")
-    for row in summary["per_step"]:
+    if show_experts:
+        table.add_column("expert")
+    for index, row in enumerate(summary["per_step"]):
         lo, hi = row["ratio_ci"]
         cells = [
             str(row[STEP]), f"{row[SIGMA]:.3f}", num(row[NORM_BASE]), num(row[NORM_TUNED]),
@@ -49,6 +53,8 @@ def render_compare(summary: dict, console) -> None:
         ]
         if paired:
             cells.append(num(row[COSINE], 4))
+        if show_experts:
+            cells.append(experts[index] if index < len(experts) else "")
         style = "yellow" if row[N] == 0 else None
         table.add_row(*cells, style=style)
     console.print(table)
@@ -57,6 +63,10 @@ def render_compare(summary: dict, console) -> None:
         "by region: near noise " + pct(regions["near_noise"]) + " · middle " + pct(regions["middle"])
         + " · near data " + pct(regions["near_data"])
     )
+    for label, part in (summary.get("by_expert") or {}).items():
+        lo, hi = part["inflation_ci"]
+        console.print(f"{label.replace('_', '-')} expert (steps {part['steps'][0]}-{part['steps'][-1]}): "
+                      f"inflation {pct(part['inflation'])}  95% CI [{pct(lo)}, {pct(hi)}]")
     for mode, branches in summary["modes"].items():
         if mode != summary["headline_mode"]:
             g = branches["guided"]
@@ -74,8 +84,12 @@ def render_inspection(report: dict, console) -> None:
     table.add_column("value")
     rows = [
         ("kind", report["kind"]),
+        ("form", report["form"]),
         ("resolved", report["resolved"]),
+        ("experts", ", ".join(report.get("experts", ["transformer"]))),
         ("architecture", report["architecture"]),
+        ("transformer", (report["transformer_class"] or "unknown")
+         + (f"  (families: {', '.join(report['families'])})" if report["families"] else "")),
         ("parameters", f"{report['parameters']:,}"),
         ("tensors", str(report["tensors"])),
         ("dtypes", ", ".join(f"{k} x{v}" for k, v in report["dtypes"].items())),
@@ -92,6 +106,8 @@ def render_inspection(report: dict, console) -> None:
             ("target modules", f"{lora['n_target_modules']}: " + ", ".join(lora["target_modules"][:6])
              + (" ..." if lora["n_target_modules"] > 6 else "")),
         ]
+    if report["pipeline_class"]:
+        rows.append(("pipeline class", report["pipeline_class"] + (f"  (family {report['family']})" if report["family"] else "")))
     if report["pipeline"]:
         rows.append(("fits pipeline", "yes" if report["fits"] else "NO: " + "; ".join(report["problems"])))
     for note in report["notes"]:
@@ -162,10 +178,12 @@ def render_demo(result: dict, console) -> None:
     for row in result["rows"]:
         paired = row.get("paired")
         ci = f"{p1(paired)} [{p1(row['paired_ci'][0])}, {p1(row['paired_ci'][1])}]" if paired is not None else "0"
+        rescaled = "applied" in row  # the inference-rescale row: other drivers were not run for it
         table.add_row(
             row["model"], f"{row['reward']:.3f}", f"{row['fd']:.2f}", f"{row['diversity']:.2f}",
-            f"{row['out_of_range'] * 100:.1f}", ci, p1(row.get("paired_base_drives")) if paired is not None else "0",
-            p1(row.get("free")) if paired is not None else "0",
+            f"{row['out_of_range'] * 100:.1f}", ci,
+            "" if rescaled else p1(row.get("paired_base_drives")) if paired is not None else "0",
+            "" if rescaled else p1(row.get("free")) if paired is not None else "0",
         )
     console.print(table)
     regions = Table(title="paired inflation by region of the trajectory (tuned drives)", title_justify="left")
@@ -182,4 +200,7 @@ def render_demo(result: dict, console) -> None:
                   "of classifier features to real digits (lower is better). div: within-class diversity. sat: "
                   "out-of-range pixels. paired: tuned drives, base evaluated on the same inputs; base drv: the "
                   "base drives; free: each on its own trajectory. Inflation = sigma-integral of the "
-                  "per-step mean ||v_tuned|| / ||v_base||, minus 1 (docs/compare.md).")
+                  "per-step mean ||v_tuned|| / ||v_base||, minus 1 (docs/compare.md). '+ inference rescale': the "
+                  "same checkpoint sampled with its velocity rescaled at every step to the base's norm on the same "
+                  "input (compare --rescale-to-base); its paired value is the unscaled tuned model's inflation on "
+                  "that trajectory, the applied velocity's is 0 by construction.")
