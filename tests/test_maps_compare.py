@@ -263,3 +263,20 @@ def test_pixel_grid_score_sees_the_checkerboard_through_the_vae(scaled, flux_che
     (flat, period), (grid, _) = pixel_grid(scaled("flux", 1.1)), pixel_grid(flux_checkerboard)
     assert period == 2  # 2x2 packing, a VAE without downsampling
     assert grid["ci"][0] > flat["ci"][1]
+
+
+def test_wan_video_maps_per_latent_frame_and_frame_signals(video_pipelines, tmp_path):
+    """Wan 2.1 (5-D latents, Euler scheduler): x1.1 is 1.1 at every position of every latent frame;
+    the decoded video's frames reach the image signals before clipping."""
+    from video_factory import VIDEO_PROBE, flow_factory_checkpoint
+
+    from normscope.config import CompareConfig
+
+    tuned = flow_factory_checkpoint(video_pipelines["wan21-euler"], tmp_path / "checkpoint-10", {"transformer": 1.1})
+    result = compare(CompareConfig(tuned=str(tuned), pipeline=str(video_pipelines["wan21-euler"]), prompts=("a red fox",),
+                                   seeds=(0, 1), device="cpu", dtype="float32", mode="both", maps=True, **VIDEO_PROBE))
+    for region in result.maps.regions:
+        ratio = result.maps.ratio_map(region)
+        assert ratio.ndim == 3 and ratio.shape[0] > 1  # (latent frames, H, W)
+        assert torch.allclose(ratio, torch.full_like(ratio, 1.1), rtol=1e-4)
+    assert len(result.signals) == 2 and np.isfinite(result.signals["out_of_range_base"]).all()
