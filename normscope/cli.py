@@ -198,6 +198,10 @@ def cli_errors() -> Iterator[None]:
     except Exception as exc:
         if os.environ.get("NORMSCOPE_DEBUG"):
             raise
+        if type(exc).__name__ == "OutOfMemoryError":  # torch's, from a command without its own estimate
+            err.print("[red]error:[/red] the device ran out of memory: try --offload (compare), --dtype bfloat16 or a "
+                      "smaller --batch-size (finished batches are kept in --out)", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_RUN) from None
         err.print(
             f"[red]error:[/red] the run failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
             "(finished batches are kept in --out; set NORMSCOPE_DEBUG=1 for the traceback)",
@@ -242,7 +246,8 @@ def compare(
     batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
     fmt: FormatOpt = OutputFormat.table,
     out: OutOpt = None,
-    offload: Annotated[bool, typer.Option("--offload", help="Full checkpoints: keep one transformer's weights on the GPU at a time (slower; see docs/scale.md).", rich_help_panel="Hardware")] = False,
+    offload: Annotated[bool, typer.Option("--offload", help="Full checkpoints: at most one transformer's weights on the device at any moment; they take turns from host memory (slower; see docs/scale.md).", rich_help_panel="Hardware")] = False,
+    max_device_memory: Annotated[str | None, typer.Option("--max-device-memory", help="Device memory the run may use, e.g. 40GiB; refused before it starts if the estimate exceeds it. Default: the GPU's free memory (no check on the CPU); also NORMSCOPE_MAX_DEVICE_MEMORY.", rich_help_panel="Hardware")] = None,
     save_images: Annotated[bool, typer.Option("--save-images", help="Also decode and save both models' final images of free mode in DIR/images/ (needs --mode free or both).", rich_help_panel="Output")] = False,
     rescale_to_base: Annotated[bool, typer.Option("--rescale-to-base", help="Also sample the tuned model with its velocity rescaled at every step to the base's norm on the same input (the inference-rescale ablation, mode 'rescaled'); with --save-images its images sit next to free mode's.", rich_help_panel="Measurement")] = False,
     maps: Annotated[bool, typer.Option("--maps", help="Where inflation lives: spatial ratio maps, spectra and the grid score (paired mode; DIR/maps.safetensors) and image signals of the final images (free mode; DIR/image_signals.csv). See docs/maps.md.", rich_help_panel="Measurement")] = False,
@@ -263,7 +268,8 @@ def compare(
         config = CompareConfig(
             base=base, tuned=tuned, adapter=adapter, allow_pickle=allow_pickle, pipeline=pipeline, mode=mode, drive=drive,
             dtype=dtype, device=device, batch_size=batch_size, out=out, save_images=save_images, offload=offload,
-            image=image, rescale_to_base=rescale_to_base, maps=maps, scorer=scorer, **probe,
+            image=image, max_device_memory=max_device_memory, rescale_to_base=rescale_to_base, maps=maps, scorer=scorer,
+            **probe,
         )
         if not is_main_process():  # launched on several processes: the main one reports
             run_compare(config)

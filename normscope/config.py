@@ -183,12 +183,17 @@ class CompareConfig(ProbeConfig):
     figure: bool = True
     save_images: bool = False
     offload: bool = False
+    max_device_memory: str | None = None  # e.g. "40GiB"; default: the device's free memory (no check on the CPU)
+    encode_once: bool = True  # False: the pipeline encodes the prompts inside every call (the old way; benchmarks)
     rescale_to_base: bool = False
     maps: bool = False
     scorer: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        from normscope.load.device_memory import parse_size
+
+        parse_size(self.max_device_memory)  # a bad size fails here, before anything loads
         self.mode = Mode(self.mode)
         if self.scorer is not None and "free" not in self.mode.runs():
             raise ConfigError("--scorer scores the final images of free-mode sampling: add --mode free or --mode both")

@@ -140,16 +140,31 @@ def test_unchanged_inputs_resume(scaled, config_for, tmp_path):
     assert any("resuming: 1 finished" in n for n in reporter.notes)
 
 
-def test_offloaded_model_returns_its_weights_to_the_host(pipelines, scaled):
+def test_offload_keeps_the_numbers_and_says_it_saves_nothing_on_cpu(scaled, config_for):
+    plain = compare(config_for("sd3", scaled("sd3", 1.1), mode="both"))
+    reporter = StopAfter(steps=10**6)
+    offloaded = compare(config_for("sd3", scaled("sd3", 1.1), mode="both", offload=True), reporter)
+    assert offloaded.frame.equals(plain.frame)
+    assert any("saves nothing" in n for n in reporter.notes)
+
+
+def test_offloaded_models_take_turns_and_are_handed_back(pipelines, scaled):
     from normscope.load.models import OffloadedModel
 
     pipe = load_pipeline(str(pipelines["sd3"]), torch.float32, "cpu")
     loaded = load_models(pipe, None, str(scaled("sd3", 1.1)), str(pipelines["sd3"]), offload_to="cpu")
     assert isinstance(loaded.tuned, OffloadedModel) and isinstance(loaded.base, OffloadedModel)
+
+    def where(model):
+        return {p.device.type for p in model.module.parameters()}
+
+    assert where(loaded.base) == where(loaded.tuned) == {"meta"}  # parked: no storage until a model computes
     with loaded.tuned.active(pipe):
         assert pipe.transformer is loaded.tuned.module
+        assert where(loaded.tuned) == {"cpu"} and where(loaded.base) == {"meta"}
     assert pipe.transformer is loaded.base.module
-    assert next(loaded.tuned.module.parameters()).device.type == "cpu"
+    loaded.release()
+    assert where(loaded.base) == where(loaded.tuned) == {"cpu"}
 
 
 def test_only_the_main_process_resets_a_stale_store(tmp_path):

@@ -27,9 +27,11 @@ from normscope.commands.profile import (
 )
 from normscope.config import HEADLINE_ESTIMATE, CompareConfig, Device, DType, Mode
 from normscope.errors import EXIT_INFLATED, EXIT_OK, EXIT_RUN, ConfigError, InputError, NoMeasurementError
-from normscope.load import find_checkpoint, load_pipeline, load_tuned_only, resolve_dtype
+from normscope.load import AdapterModel, find_checkpoint, load_pipeline, load_tuned_only, resolve_dtype
+from normscope.load.lora import detach_lora
 from normscope.measure.fingerprint import pipeline_fingerprint
-from normscope.measure.sampling import Reporter, SilentReporter, resolve_run_device, run_model_batches
+from normscope.measure.prompt_cache import prepare_prompts
+from normscope.measure.sampling import Reporter, SilentReporter, prompt_batches, resolve_run_device, run_model_batches
 from normscope.measure.table import free_frame, tidy
 
 PASS, FAIL, ERROR = "pass", "fail", "error"
@@ -219,18 +221,27 @@ def _refuse_other_base(ckpt, source: str, reference: Reference, config: CheckCon
 
 
 def measure_against_reference(source: str, tuned: str, reference: Reference, probe, dtype, device: str,
-                              reporter: Reporter, adapter: str | None = None, allow_pickle: bool = False, pipe=None):
+                              reporter: Reporter, adapter: str | None = None, allow_pickle: bool = False, pipe=None,
+                              cache_dir: Path | None = None):
     """Run ONLY the tuned model with the reference's probe; free-mode frame and summary against the stored base.
 
-    The tuned weights are written into the pipeline's transformer: pass ``pipe`` to reuse a pipeline whose
-    transformer will be fully overwritten (full checkpoints); by default a fresh one is loaded.
+    The prompts are encoded first (or found in ``cache_dir``), then a pipeline without text encoders runs the
+    tuned transformer. Pass ``pipe`` to reuse a pipeline across checkpoints (sweeps): full weights overwrite
+    its transformer, a LoRA is attached for this call and removed again.
     """
-    pipe = pipe if pipe is not None else load_pipeline(source, dtype, device)
-    tuned_model, ckpt, notes = load_tuned_only(pipe, tuned, adapter, allow_pickle)
-    for note in notes:
-        reporter.note(note)
     samples = reference.samples()
-    record = run_model_batches(pipe, tuned_model, probe, samples, reporter)
+    prompts = prepare_prompts(source, prompt_batches(samples, probe.batch_size), probe, dtype, device, cache_dir,
+                              pipe=pipe)
+    if pipe is None:
+        pipe = load_pipeline(source, dtype, device, parts="denoiser" if prompts is not None else "all")
+    tuned_model, ckpt, notes = load_tuned_only(pipe, tuned, adapter, allow_pickle)
+    try:
+        for note in notes:
+            reporter.note(note)
+        record = run_model_batches(pipe, tuned_model, probe, samples, reporter, prompts)
+    finally:
+        if isinstance(tuned_model, AdapterModel):
+            detach_lora(tuned_model.module)
     frame = tidy([free_frame(reference.record(), record, samples)])
     compare_like = CompareConfig(tuned=tuned, mode=Mode.free, **{k: getattr(probe, k) for k in PROBE_FIELDS if k != "prompts_file"})
     summary = summarize(frame, compare_like, {"reference": reference.meta["hashes"], "checkpoint": ckpt.describe(), "notes": notes})

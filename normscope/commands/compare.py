@@ -18,6 +18,7 @@ import pandas as pd
 from normscope.config import HEADLINE_ESTIMATE, CompareConfig
 from normscope.errors import NoMeasurementError
 from normscope.load import (
+    LoadedModels,
     find_checkpoint,
     find_pipeline_source,
     load_models,
@@ -25,6 +26,7 @@ from normscope.load import (
     resolve_device,
     resolve_dtype,
 )
+from normscope.load.device_memory import check_fits, device_budget, footprint, out_of_memory_as_error
 from normscope.load.families import family_for
 from normscope.load.pipeline import check_family_inputs
 from normscope.measure.capture import GUIDED, CallRecord
@@ -32,12 +34,14 @@ from normscope.measure.fingerprint import run_fingerprint
 from normscope.measure.frames import VIDEO_LAYOUT, FrameNorms, free_frames, paired_frames, tidy_frames
 from normscope.measure.image_signals import IMAGE_SIGNALS_CSV, PreClipImages, batch_signals, load_scorer, signal_table
 from normscope.measure.maps import MAPS_FILE, Maps, latent_geometry, maps_observer
+from normscope.measure.prompt_cache import CACHE_DIR, prepare_prompts
 from normscope.measure.prompts import Sample, make_samples, resolve_prompts
 from normscope.measure.sampling import (
     Reporter,
     SilentReporter,
     batches,
     default_settings_note,
+    prompt_batches,
     resolved_sampling,
     run_free,
     run_paired,
@@ -102,7 +106,8 @@ class CompareResult:
 
 
 # Options that change only what is written or where, not the numbers; the prompts enter as resolved texts.
-_NOT_IN_FINGERPRINT = ("out", "figure", "save_images", "offload", "prompts_file", "prompts")
+_NOT_IN_FINGERPRINT = ("out", "figure", "save_images", "offload", "max_device_memory", "encode_once", "prompts_file",
+                       "prompts")
 
 
 def _fingerprint(config: CompareConfig, prompts: list[str], source: str, checkpoints: list) -> str:
@@ -204,7 +209,8 @@ def summarize(frame: pd.DataFrame, config: CompareConfig, extra: dict) -> dict:
     }
 
 
-def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareResult | None:
+def compare(config: CompareConfig, reporter: Reporter | None = None, pipe=None,
+            cache_dir: Path | None = None) -> CompareResult | None:
     """Measure how much larger the tuned model's velocity is than the base's, step by step.
 
     Raises ``NoMeasurementError`` (exit code 3 on the CLI) when no finite ratio was measured, after writing
@@ -215,9 +221,12 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
 
     Launched on several processes (accelerate, torchrun), the batches are shared out and gathered: the main
     process gets the result (identical to a single-process run), the others ``None``.
+
+    ``pipe``: a pipeline loaded from the same source to reuse (sweeps); it is handed back as it came (a LoRA
+    adapter removed, offloaded weights back in host memory). The prompt embeddings are kept in
+    ``OUT/.prompt-embeddings`` (or ``cache_dir``) for reruns.
     """
     from normscope.measure.distributed import processes
-    from normscope.render.files import write_run
 
     reporter = reporter or SilentReporter()
     prompts = resolve_prompts(config.prompts_file, config.prompts)
@@ -234,17 +243,47 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
 
     check_family_inputs(source, [(config.tuned, "TUNED"), (config.base, "BASE")], config)
 
-    pipe = load_pipeline(source, dtype, device)
+    groups = list(batches(samples, config.batch_size))
+    embeddings = None
+    if config.encode_once:  # before any transformer is loaded: the encoders have the device (and the RAM) alone
+        if cache_dir is None and config.out is not None:
+            cache_dir = Path(config.out) / CACHE_DIR
+        embeddings = prepare_prompts(source, prompt_batches(samples, config.batch_size), config, dtype, device,
+                                     cache_dir, pipe=pipe)
+    own_pipe = pipe is None
+    if own_pipe:
+        pipe = load_pipeline(source, dtype, device, parts="denoiser" if embeddings is not None else "all",
+                             place=False)
     family = family_for(type(pipe).__name__)
-    offload_to = device if config.offload and device != "cpu" else None
+    offload_to = device if config.offload else None
     loaded = load_models(pipe, config.base, config.tuned, source, config.adapter, config.allow_pickle, offload_to)
-    if config.offload and offload_to is None:
-        reporter.note("--offload has no effect on the CPU: the weights already live in host memory")
+    if config.offload and device == "cpu":
+        reporter.note("--offload on the CPU saves nothing (host memory is the device): the transformers still take turns")
     for note in loaded.notes:
         reporter.note(note)
     defaults_note = default_settings_note(pipe, config, family)
     if defaults_note:
         reporter.note(defaults_note)
+    try:
+        return _measure(config, pipe, family, loaded, prompts, embeddings, samples, groups, source, checkpoints,
+                        device, dtype, procs, reporter)
+    finally:
+        if not own_pipe:  # a caller's pipeline gets its own transformer back: adapter removed, weights in place
+            loaded.release()
+
+
+def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts: list[str], embeddings, samples,
+             groups, source, checkpoints, device: str, dtype, procs, reporter: Reporter) -> CompareResult | None:
+    from normscope.render.files import write_run
+
+    fp = footprint(pipe, transformers=1 if loaded.shared or config.offload else 2,
+                   adapter_params=loaded.adapter_params, batch=config.batch_size, guidance=config.guidance,
+                   height=config.height, width=config.width,
+                   max_sequence_length=embeddings.settings["max_sequence_length"] if embeddings is not None
+                   else config.max_sequence_length,
+                   offload_possible=not loaded.shared and not config.offload)
+    check_fits(fp, device_budget(device, config.max_device_memory), device)
+    loaded.place(device)
     base, tuned = loaded.base, loaded.tuned
     driver, other = (tuned, base) if config.drive.value == "tuned" else (base, tuned)
 
@@ -256,7 +295,6 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
         elif store.finished():
             reporter.note(f"resuming: {store.finished()} finished batch(es) in {config.out} are reused")
 
-    groups = list(batches(samples, config.batch_size))
     runs = _runs(config)
     calls_per_batch = {"paired": 1, "free": 2, RESCALED: 1}
     reporter.begin(sum(calls_per_batch[m] for m in runs) * len(groups) * config.steps)
@@ -272,7 +310,7 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
         if records is not None:
             reporter.advance(calls_per_batch[mode] * config.steps)
             return records, _load_extra(store, key, mode, config, want_signals)
-        kwargs = sampling_kwargs(pipe, config, batch, family)
+        kwargs = sampling_kwargs(pipe, config, batch, family, embeddings)
         extra = None
         if (mode in ("free", RESCALED) and config.save_images) or (mode == "free" and want_signals):
             kwargs["output_type"] = "pil"
@@ -288,11 +326,11 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
             records = run_rescaled(pipe, tuned, base, kwargs, reporter, observers)
         elif want_signals:
             with PreClipImages().attached(pipe) as decoded:
-                records = run_free(pipe, base, tuned, kwargs, reporter, observers)
+                records = run_free(pipe, base, tuned, kwargs, reporter, observers, device=device)
             base_images, tuned_images = decoded.take_all()
             extra = batch_signals(batch, base_images, tuned_images, pixel_period, scorer, config.scorer or "")
         else:
-            records = run_free(pipe, base, tuned, kwargs, reporter, observers)
+            records = run_free(pipe, base, tuned, kwargs, reporter, observers, device=device)
         if mode in ("free", RESCALED) and config.save_images:
             save_images(records, batch, Path(config.out))
         for record in records.values():
@@ -303,14 +341,16 @@ def compare(config: CompareConfig, reporter: Reporter | None = None) -> CompareR
         return records, extra
 
     frames, per_frame, map_parts, signal_parts = [], [], [], []
-    for mode in runs:
-        for index, (records, extra) in enumerate(procs.map(len(groups), lambda i, mode=mode: measure(mode, i))):
-            frames.append(_frame(mode, records, groups[index], config.drive.value))
-            per_frame.append(_frames(mode, records, groups[index], config.drive.value))
-            if isinstance(extra, Maps):
-                map_parts.append(extra)
-            elif extra is not None:
-                signal_parts.append(extra)
+    kept = f" (the finished batches are kept in {config.out}: rerun with the new options to resume)" if store else ""
+    with out_of_memory_as_error(device, fp, kept):
+        for mode in runs:
+            for index, (records, extra) in enumerate(procs.map(len(groups), lambda i, mode=mode: measure(mode, i))):
+                frames.append(_frame(mode, records, groups[index], config.drive.value))
+                per_frame.append(_frames(mode, records, groups[index], config.drive.value))
+                if isinstance(extra, Maps):
+                    map_parts.append(extra)
+                elif extra is not None:
+                    signal_parts.append(extra)
     if not procs.is_main:
         return None
 

@@ -33,11 +33,13 @@ from normscope.load.pipeline import check_family_inputs, quiet_loading
 from normscope.measure.capture import GUIDED, CallRecord
 from normscope.measure.distributed import current_processes
 from normscope.measure.fingerprint import fingerprint_files, pipeline_fingerprint, prompts_digest
+from normscope.measure.prompt_cache import CACHE_DIR, prepare_prompts
 from normscope.measure.prompts import Sample, make_samples, resolve_prompts
 from normscope.measure.sampling import (
     Reporter,
     SilentReporter,
     default_settings_note,
+    prompt_batches,
     resolve_run_device,
     resolved_sampling,
     run_model_batches,
@@ -204,12 +206,16 @@ def _norm_matrix(record: CallRecord, branch: str) -> np.ndarray:
     return record.stats[branch][:, 0, :].double().numpy().T  # (samples, steps)
 
 
-def _run(pipe, model, config: ProbeConfig, samples: list[Sample], reporter: Reporter) -> CallRecord:
-    return run_model_batches(pipe, model, config, samples, reporter)
+def _run(pipe, model, config: ProbeConfig, samples: list[Sample], reporter: Reporter, prompts=None) -> CallRecord:
+    return run_model_batches(pipe, model, config, samples, reporter, prompts)
 
 
-def profile(config: ProfileConfig, reporter: Reporter | None = None) -> Reference:
-    """Run BASE alone over the probe, write ``config.out``/reference.json (+ tensors, thresholds, figure)."""
+def profile(config: ProfileConfig, reporter: Reporter | None = None, pipe=None, cache_dir: Path | None = None) -> Reference:
+    """Run BASE alone over the probe, write ``config.out``/reference.json (+ tensors, thresholds, figure).
+
+    ``pipe`` reuses a pipeline loaded from the same source (sweeps); the prompt embeddings are kept in
+    ``OUT/.prompt-embeddings`` (or ``cache_dir``).
+    """
     reporter = reporter or SilentReporter()
     prompts = resolve_prompts(config.prompts_file, config.prompts)
     samples = make_samples(prompts, config.seeds)
@@ -224,10 +230,14 @@ def profile(config: ProfileConfig, reporter: Reporter | None = None) -> Referenc
     calls = -(-len(samples) // config.batch_size) + -(-len(check_samples) // config.batch_size)
     reporter.begin(calls * config.steps)
 
-    pipe = load_pipeline(source, dtype, device)
+    batches = prompt_batches(samples, config.batch_size) + prompt_batches(check_samples, config.batch_size)
+    embeddings = prepare_prompts(source, batches, config, dtype, device,
+                                 cache_dir if cache_dir is not None else config.out / CACHE_DIR, pipe=pipe)
+    if pipe is None:
+        pipe = load_pipeline(source, dtype, device, parts="denoiser" if embeddings is not None else "all")
     base, _ = load_base(pipe, config.base, source, config.allow_pickle)
     with _latent_size(base.module) as latent:
-        record = _run(pipe, base, config, samples, reporter)
+        record = _run(pipe, base, config, samples, reporter, embeddings)
     resolved = resolved_sampling(pipe, config)
     defaults_note = default_settings_note(pipe, config)
     if defaults_note:
@@ -237,10 +247,18 @@ def profile(config: ProfileConfig, reporter: Reporter | None = None) -> Referenc
     sigmas = record.sigmas.double().numpy()
     dtype_floor = None
     if check_samples:
+        # Only the transformer is cast, on a few samples: the question is the transformer's precision, and the
+        # embeddings (cast to its dtype by the prompt cache) are the same for both runs. A pipeline that encodes
+        # its own prompts (no cache row for its class) is cast whole, so its encoders' output matches.
         alt = "bfloat16" if dtype != _torch_dtype("bfloat16") else "float32"
+        cast = pipe.transformer if embeddings is not None else pipe
         with quiet_loading():  # diffusers warns about casting with .to(); the cast is the point here
-            pipe.to(dtype=_torch_dtype(alt))
-        alt_record = _run(pipe, base, config, check_samples, reporter)
+            cast.to(dtype=_torch_dtype(alt))
+        try:
+            alt_record = _run(pipe, base, config, check_samples, reporter, embeddings)
+        finally:
+            with quiet_loading():
+                cast.to(dtype=dtype)
         main = guided[: len(check_samples)]
         ratio = _norm_matrix(alt_record, GUIDED) / main
         dtype_floor = float(abs(sigma_integral(np.nanmean(ratio, axis=0), sigmas) - 1.0))

@@ -34,7 +34,9 @@ from normscope.load import find_checkpoint, find_pipeline_source, load_pipeline,
 from normscope.load.pipeline import check_family_inputs
 from normscope.measure.distributed import current_processes
 from normscope.measure.maps import where_columns
-from normscope.measure.sampling import Reporter, SilentReporter, resolve_run_device
+from normscope.measure.prompt_cache import CACHE_DIR, prepare_prompts
+from normscope.measure.prompts import make_samples, resolve_prompts
+from normscope.measure.sampling import Reporter, SilentReporter, prompt_batches, resolve_run_device
 from normscope.render.files import write_run
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint[-_](\d+)$")
@@ -108,20 +110,39 @@ def _row(step: int, path: Path, summary: dict, gate: float | None) -> dict:
     return {**row, **where_columns(summary)}
 
 
-def _base_reference(config: SweepConfig, source: str, reporter: Reporter):
+def _base_reusable(config: SweepConfig) -> bool:
+    folder = config.out / BASE_DIR
+    if not (folder / REFERENCE_JSON).is_file():
+        return False
+    wanted = {k: v for k, v in config.to_dict().items() if k in PROBE_FIELDS}
+    return load_reference(folder).probe == wanted
+
+
+def _finished(config: SweepConfig, path: Path, source: str) -> bool:
+    """A checkpoint whose run folder already holds a summary of this very sweep (cheap: no model is loaded)."""
+    summary_file = config.out / path.name / "summary.json"
+    if not summary_file.is_file():
+        return False
+    summary = json.loads(summary_file.read_text())
+    reference = load_reference(config.out / BASE_DIR) if config.mode is Mode.free and _base_reusable(config) else None
+    if config.mode is Mode.free and reference is None:
+        return False
+    fingerprint = _fingerprint(config, path, reference.meta["hashes"] if reference else source)
+    return summary.get("config", {}).get("sweep_fingerprint") == fingerprint
+
+
+def _base_reference(config: SweepConfig, source: str, reporter: Reporter, pipe=None, cache_dir: Path | None = None):
     folder = config.out / BASE_DIR
     if (folder / REFERENCE_JSON).is_file():
         reference = load_reference(folder)
-        stored = reference.probe
-        wanted = {k: v for k, v in config.to_dict().items() if k in PROBE_FIELDS}
-        if stored == wanted:
+        if _base_reusable(config):
             reporter.note(f"base profile reused from {folder}")
             return reference
         reporter.note(f"probe options changed since {folder} was made: profiling the base again")
     fields = {k: getattr(config, k) for k in PROBE_FIELDS}
     return profile(ProfileConfig(base=config.base or source, out=folder, pipeline=source, dtype=config.dtype,
                                  device=config.device, batch_size=config.batch_size, allow_pickle=config.allow_pickle,
-                                 dtype_check=False, **fields), reporter)
+                                 dtype_check=False, **fields), reporter, pipe=pipe, cache_dir=cache_dir)
 
 
 def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame:
@@ -136,12 +157,25 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame
     source = find_pipeline_source(config.base, str(config.run_dir), config.pipeline)
     check_family_inputs(source, [(config.base, "BASE")] + [(str(p), "TUNED") for _, p in checkpoints], config)
     config.out.mkdir(parents=True, exist_ok=True)
-    reference = _base_reference(config, source, reporter) if config.mode is Mode.free else None
     device, kind = resolve_run_device(config.device)
     dtype = resolve_dtype(config.dtype, kind)
     main = current_processes().is_main
+    # One pipeline for the base profile and every checkpoint: full weights overwrite its transformer (or a copy
+    # of it), a LoRA is attached for its checkpoint and removed again; the prompts are encoded once for all.
+    cache_dir = config.out / CACHE_DIR
+    pending = [path for _, path in checkpoints if not _finished(config, path, source)]
+    shared_pipe, loads = None, 0
+    needs_base = config.mode is Mode.free and not _base_reusable(config)
+    if pending or needs_base:
+        samples = make_samples(resolve_prompts(config.prompts_file, config.prompts), config.seeds)
+        prompts = prepare_prompts(source, prompt_batches(samples, config.batch_size), config, dtype, device,
+                                  cache_dir)
+        shared_pipe = load_pipeline(source, dtype, device, parts="denoiser" if prompts is not None else "all",
+                                    place=config.mode is Mode.free)
+        loads += 1
+    reference = _base_reference(config, source, reporter, shared_pipe, cache_dir) if config.mode is Mode.free else None
+    base_in_place = config.base is None  # does the shared transformer hold the base's weights (what a LoRA needs)?
     rows = []
-    shared_pipe = None  # full checkpoints overwrite every weight: one pipeline serves them all
     for step, path in checkpoints:
         run_dir = config.out / path.name
         fingerprint = _fingerprint(config, path, reference.meta["hashes"] if reference else source)
@@ -155,11 +189,13 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame
         if reference is not None:
             probe = probe_from_reference(reference, config.device, config.dtype, config.batch_size)
             full = not find_checkpoint(path, "TUNED", config.adapter, config.allow_pickle).is_lora
-            if full and shared_pipe is None:
-                shared_pipe = load_pipeline(source, dtype, device)
+            if not full and not base_in_place:  # a full checkpoint before it overwrote the base weights
+                shared_pipe, reloaded = _restore_base(shared_pipe, config, source, dtype, device)
+                loads += reloaded
+            base_in_place = not full
             frame, summary = measure_against_reference(source, str(path), reference, probe, dtype, device, reporter,
-                                                       config.adapter, config.allow_pickle,
-                                                       pipe=shared_pipe if full else None)
+                                                       config.adapter, config.allow_pickle, pipe=shared_pipe,
+                                                       cache_dir=cache_dir)
             summary["config"]["sweep_fingerprint"] = fingerprint
             if main:
                 write_run(CompareResult(frame, summary), run_dir, figure=False)
@@ -169,7 +205,8 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame
                                            allow_pickle=config.allow_pickle,
                                            mode=Mode.both if config.where else Mode.paired, maps=config.maps,
                                            scorer=config.scorer, dtype=config.dtype,
-                                           device=config.device, batch_size=config.batch_size, **fields), reporter)
+                                           device=config.device, batch_size=config.batch_size, **fields), reporter,
+                             pipe=shared_pipe, cache_dir=cache_dir)
             if result is None:  # not the main process: compare gathered the numbers on the main one
                 continue
             result.summary["config"]["sweep_fingerprint"] = fingerprint
@@ -178,13 +215,24 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame
             summary = result.summary
         rows.append(_row(step, path, summary, config.gate))
         if main:
-            _write_table(config, rows)
+            _write_table(config, rows, loads)
     if not main:
         return None
-    return _write_table(config, rows)
+    return _write_table(config, rows, loads)
 
 
-def _write_table(config: SweepConfig, rows: list[dict]) -> pd.DataFrame:
+def _restore_base(pipe, config: SweepConfig, source: str, dtype, device: str):
+    """The base weights back in the shared transformer: from BASE, else the pipeline's transformer folder."""
+    from normscope.load.models import load_weights
+
+    path = Path(config.base) if config.base else Path(source) / "transformer"
+    if not path.exists():  # a hub pipeline: its weights are only reachable by loading it again
+        return load_pipeline(source, dtype, device, parts="denoiser"), 1
+    load_weights(pipe.transformer, find_checkpoint(path, "BASE", allow_pickle=config.allow_pickle), "BASE")
+    return pipe, 0
+
+
+def _write_table(config: SweepConfig, rows: list[dict], pipeline_loads: int | None = None) -> pd.DataFrame:
     extra = [c for row in rows for c in row if c not in COLUMNS]
     table = pd.DataFrame(rows, columns=list(dict.fromkeys([*COLUMNS, *extra]))).sort_values("step").reset_index(drop=True)
     table.to_csv(config.out / SWEEP_CSV, index=False, lineterminator="\n")
@@ -192,7 +240,8 @@ def _write_table(config: SweepConfig, rows: list[dict]) -> pd.DataFrame:
     meta = {"run_dir": str(config.run_dir), "mode": config.mode.value, "gate": config.gate,
             "first_crossing": None if crossing.empty else {"step": int(crossing.iloc[0]["step"]),
                                                           "checkpoint": crossing.iloc[0]["checkpoint"]},
-            "checkpoints": json.loads(table.to_json(orient="records"))}
+            "checkpoints": json.loads(table.to_json(orient="records")),
+            "pipeline_loads": pipeline_loads}
     (config.out / SWEEP_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     from normscope.render.figures import save_png, sweep_figure
 

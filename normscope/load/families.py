@@ -57,6 +57,50 @@ class Preset:
 
 
 @dataclass(frozen=True)
+class PromptEncoding:
+    """How a family's pipeline encodes prompts, so normscope can encode them once (``measure.prompt_cache``).
+
+    ``method`` is the pipeline's own encode function; ``outputs`` names the call keyword each returned
+    tensor becomes (``None``: not passed). The negative prompt is either a keyword of the same call
+    (``negative_keyword``, SD3) or encoded by a second call whose results become ``negative_outputs``
+    (FLUX.1, whose encode function has no negative prompt). ``fixed``: constant keywords of the call.
+    """
+
+    method: str
+    outputs: tuple[str | None, ...]
+    negative_keyword: str | None = None
+    negative_outputs: tuple[str | None, ...] = ()
+    fixed: tuple[tuple[str, object], ...] = ()
+
+
+SD3_PROMPTS = PromptEncoding(
+    method="encode_prompt",
+    outputs=("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"),
+    negative_keyword="negative_prompt",
+    # prompt_2/3 None: the pipeline uses the prompt for every encoder; the negative is always encoded so the
+    # same entry serves any guidance scale (without CFG the pipeline ignores it).
+    fixed=(("prompt_2", None), ("prompt_3", None), ("do_classifier_free_guidance", True), ("num_images_per_prompt", 1)),
+)
+FLUX_PROMPTS = PromptEncoding(
+    method="encode_prompt",
+    outputs=("prompt_embeds", "pooled_prompt_embeds", None),  # text_ids: rebuilt by the call
+    negative_outputs=("negative_prompt_embeds", "negative_pooled_prompt_embeds", None),
+    fixed=(("prompt_2", None), ("num_images_per_prompt", 1)),
+)
+QWEN_PROMPTS = PromptEncoding(
+    method="encode_prompt",
+    outputs=("prompt_embeds", "prompt_embeds_mask"),
+    negative_outputs=("negative_prompt_embeds", "negative_prompt_embeds_mask"),
+    fixed=(("num_images_per_prompt", 1),),
+)
+FLUX2_PROMPTS = PromptEncoding(
+    method="encode_prompt",
+    outputs=("prompt_embeds", None),  # text_ids: rebuilt by the call
+    fixed=(("num_images_per_prompt", 1),),
+)
+
+
+@dataclass(frozen=True)
 class Family:
     """One family of pipelines: how capture follows its denoising loop. Pure data.
 
@@ -82,6 +126,8 @@ class Family:
       ``skip_layers``); ``extra_scale_arg`` the pipeline argument scaling it (``v += s (cond - extra)``).
     * ``cap_arg``: the pipeline argument of a norm cap applied after combining (Z-Image
       ``cfg_normalization``).
+    * ``prompt_encoding``: how to encode prompts once outside the call; ``None``: the pipeline encodes
+      them inside every call (the text encoders then stay loaded for the run).
     * ``call_requires``: Python packages the pipeline's ``__call__`` imports unconditionally, checked before
       any weight loads (diffusers' Wan I2V pipeline calls ``ftfy`` whether or not it is installed).
     """
@@ -107,6 +153,7 @@ class Family:
     extra_call_kwarg: str | None = None
     extra_scale_arg: str | None = None
     cap_arg: str | None = None
+    prompt_encoding: PromptEncoding | None = None
     call_requires: tuple[str, ...] = ()
     presets: tuple[Preset, ...] = field(default=())
 
@@ -156,7 +203,7 @@ FAMILIES: tuple[Family, ...] = (
         name="sd3", title="Stable Diffusion 3 / 3.5",
         pipeline_classes=("StableDiffusion3Pipeline",), transformer_class="SD3Transformer2DModel",
         calls=BATCHED, combine=LINEAR, guidance_arg=GUIDANCE_SCALE,
-        extra_call_kwarg="skip_layers", extra_scale_arg="skip_layer_guidance_scale",
+        extra_call_kwarg="skip_layers", extra_scale_arg="skip_layer_guidance_scale", prompt_encoding=SD3_PROMPTS,
         presets=(
             _p("flow_grpo-sd3.5m", "sd3", 40, 4.5, GUIDANCE_SCALE, 512, FLOW_GRPO + " (SD3.5-M)"),
             _p("flow_grpo-sd3.5m-nocfg", "sd3", 40, 1.0, GUIDANCE_SCALE, 512, FLOW_GRPO + " (SD3.5-M 'nocfg')"),
@@ -172,7 +219,7 @@ FAMILIES: tuple[Family, ...] = (
         name="flux", title="FLUX.1-dev / FLUX.1-schnell",
         pipeline_classes=("FluxPipeline",), transformer_class="FluxTransformer2DModel",
         calls=DISTILLED, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, true_cfg_arg=TRUE_CFG_SCALE,
-        needs_negative_prompt=True, latent_layout="packed", patch_size=2,
+        needs_negative_prompt=True, latent_layout="packed", patch_size=2, prompt_encoding=FLUX_PROMPTS,
         presets=(
             _p("flow_grpo-flux1-dev", "flux", 28, 3.5, GUIDANCE_SCALE, None, FLOW_GRPO + " (FLUX.1-dev)"),
             _p("flow-factory-flux1-dev", "flux", 20, 3.5, GUIDANCE_SCALE, None, FLOW_FACTORY + " (FLUX.1)"),
@@ -194,7 +241,7 @@ FAMILIES: tuple[Family, ...] = (
         name="flux2", title="FLUX.2-dev",
         pipeline_classes=("Flux2Pipeline",), transformer_class="Flux2Transformer2DModel",
         calls=DISTILLED, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, reference_tokens=True,
-        latent_layout="packed", patch_size=2,
+        latent_layout="packed", patch_size=2, prompt_encoding=FLUX2_PROMPTS,
     ),
     Family(
         name="flux2-klein", title="FLUX.2-klein (distilled and base)",
@@ -211,7 +258,7 @@ FAMILIES: tuple[Family, ...] = (
         name="qwen-image", title="Qwen-Image / Qwen-Image-2512",
         pipeline_classes=("QwenImagePipeline",), transformer_class="QwenImageTransformer2DModel",
         calls=SEPARATE, combine=QWEN_RENORM, guidance_arg=TRUE_CFG_SCALE, needs_negative_prompt=True,
-        latent_layout="packed", patch_size=2,
+        latent_layout="packed", patch_size=2, prompt_encoding=QWEN_PROMPTS,
         presets=(
             _p("flow_grpo-qwen-image", "qwen-image", 50, 4.0, TRUE_CFG_SCALE, None, FLOW_GRPO + " (Qwen)"),
             _p("flow-factory-qwen-image", "qwen-image", 28, 4.0, TRUE_CFG_SCALE, None, FLOW_FACTORY + " (Qwen)"),

@@ -375,3 +375,23 @@ def attach_lora(module, weights: LoraWeights, adapter_name: str = ADAPTER_NAME) 
         raise CheckpointError(f"the LoRA has weights peft could not place ({', '.join(unexpected[:3])}): its adapter config does not match its weights")
     module.eval()
     return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def detach_lora(module, adapter_name: str = ADAPTER_NAME) -> None:
+    """Remove the adapter and peft's wrappers: ``module`` is again the plain transformer it was before.
+
+    A sweep swaps one LoRA checkpoint for the next on the same transformer: without this, each checkpoint
+    would need a freshly loaded pipeline.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped = [(name, m) for name, m in module.named_modules() if isinstance(m, BaseTunerLayer)]
+    for name, layer in wrapped:  # the wrapper goes, and its adapter weights with it
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child, layer.get_base_layer())
+    config = getattr(module, "peft_config", None)
+    if isinstance(config, dict):
+        config.pop(adapter_name, None)
+        if not config:
+            del module.peft_config

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from normscope.errors import CheckpointError
 from normscope.load.formats import EXPERT_ATTRS, Checkpoint, find_checkpoint, load_pickle, read_shapes, strip_prefixes
-from normscope.load.lora import attach_lora, check_base_weights, check_targets, read_lora
+from normscope.load.lora import attach_lora, check_base_weights, check_targets, detach_lora, read_lora
 
 
 class VelocityModel:
@@ -96,43 +96,121 @@ class AdapterModel(VelocityModel):
             yield self
 
 
-class OffloadedModel(VelocityModel):
-    """A full-weights model whose transformers live on the CPU and visit ``device`` only while they compute.
+class DeviceSlot:
+    """The one place on the execution device that offloaded models take turns in.
 
-    Keeps one model's weights on the device at a time, at the price of a host-device copy of the
-    weights per use: once per batch for the model that drives (or samples, in free mode), once per step for
-    the second model of paired mode.
+    A model takes the slot before it computes; whoever held it is parked first, so at no moment are two
+    models' transformers on the device. The holder stays loaded until another model needs the slot: in free
+    mode that is one copy per model per batch, in paired mode one per model per step.
     """
 
-    def __init__(self, inner: VelocityModel, device: str) -> None:
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.holder: OffloadedModel | None = None
+        self.loads = 0  # host-to-device copies of a model's transformers (the cost of offloading)
+
+    def take(self, model: OffloadedModel) -> None:
+        if self.holder is model:
+            return
+        if self.holder is not None:
+            self.holder.park()
+        self.holder = None
+        model.load()
+        self.holder = model
+        self.loads += 1
+
+    def release(self) -> None:
+        if self.holder is not None:
+            self.holder.park()
+            self.holder = None
+
+
+def _tensor_slots(modules) -> list[tuple[object, str, bool]]:
+    """(owner module, attribute, is_parameter) for every parameter and buffer, non-persistent ones included."""
+    slots, seen = [], set()
+    for module in modules:
+        for owner in module.modules():
+            if id(owner) in seen:
+                continue
+            seen.add(id(owner))
+            slots += [(owner, name, True) for name, p in owner._parameters.items() if p is not None]
+            slots += [(owner, name, False) for name, b in owner._buffers.items() if b is not None]
+    return slots
+
+
+class OffloadedModel(VelocityModel):
+    """A full-weights model whose transformers live in host memory and visit the device only while it computes.
+
+    Between uses the modules' tensors are on the ``meta`` device (no storage anywhere) and a host copy
+    (pinned on CUDA, so copies run at full bus speed) holds the values; ``load`` copies them to the slot's
+    device. Because parked weights are on ``meta``, where a model lives can be observed even when the
+    execution device is the CPU: the invariant is tested without a GPU. An expert that base and tuned share
+    (a checkpoint that leaves it out) is loaded with whichever model holds the slot.
+    """
+
+    def __init__(self, inner: VelocityModel, slot: DeviceSlot) -> None:
+        import torch
+
         super().__init__(inner.role, inner.module, inner.source, inner.kind, inner.modules)
         self.inner = inner
-        self.device = device
-        for module in self.modules.values():
-            module.to("cpu")
+        self.slot = slot
+        self._slots = _tensor_slots(self.modules.values())
+        pin = slot.device.startswith("cuda")
+        self._host = []
+        for owner, name, is_param in self._slots:
+            tensor = (owner._parameters if is_param else owner._buffers)[name].detach().to("cpu")
+            self._host.append(tensor.pin_memory() if pin else tensor)
+        self._device = torch.device(slot.device)
+        self.park()
 
-    @contextlib.contextmanager
-    def on_device(self) -> Iterator[None]:
-        for module in self.modules.values():
-            module.to(self.device)
-        try:
-            yield
-        finally:
-            for module in self.modules.values():
-                module.to("cpu")
+    def _put(self, tensors) -> None:
+        import torch
+
+        for (owner, name, is_param), tensor in zip(self._slots, tensors, strict=True):
+            if is_param:
+                owner._parameters[name] = torch.nn.Parameter(tensor, requires_grad=False)
+            else:
+                owner._buffers[name] = tensor
+
+    def load(self) -> None:
+        self._put([t.to(self._device, non_blocking=True) for t in self._host])
+
+    def park(self) -> None:
+        import torch
+
+        self._put([torch.empty(t.shape, dtype=t.dtype, device="meta") for t in self._host])
+
+    @property
+    def on_device(self) -> bool:
+        return self.slot.holder is self
+
+    def restore(self) -> None:
+        """Back to ordinary modules whose weights are the host copies (the slot no longer manages them)."""
+        if self.slot.holder is self:
+            self.slot.holder = None
+        self._put(self._host)
 
     def __call__(self, *args, **kwargs):
-        with self.on_device():
-            return self.inner(*args, **kwargs)
+        self.slot.take(self)
+        return self.inner(*args, **kwargs)
 
     def _evaluate(self, module, *args, **kwargs):
-        with self.on_device():
-            return self.inner._evaluate(module, *args, **kwargs)
+        self.slot.take(self)
+        return self.inner._evaluate(module, *args, **kwargs)
 
     @contextlib.contextmanager
     def active(self, pipe) -> Iterator[VelocityModel]:
-        with self.inner.active(pipe), self.on_device():
-            yield self
+        # Loaded now, so the pipeline sees its execution device when the call starts; the pre-hooks take the
+        # slot back for each of the pipeline's own forwards after a paired step has parked this model.
+        self.slot.take(self)
+        handles = [module.register_forward_pre_hook(lambda module, args: self.slot.take(self))
+                   for module in {id(m): m for m in self.modules.values()}.values()]
+        try:
+            with self.inner.active(pipe):
+                yield self
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 @dataclass
@@ -145,6 +223,32 @@ class LoadedModels:
     def describe(self) -> dict:
         return {"base": self.base.describe(), "tuned": self.tuned.describe(),
                 "checkpoints": [c.describe() for c in self.checkpoints], "notes": self.notes}
+
+    @property
+    def shared(self) -> bool:
+        """One copy of the transformers serves both (a LoRA switched on and off)."""
+        return self.base.module is self.tuned.module
+
+    @property
+    def adapter_params(self) -> int:
+        layers = getattr(self.tuned, "layers", [])
+        return sum(p.numel() for layer in layers for name, p in layer.named_parameters() if "lora_" in name)
+
+    def release(self) -> None:
+        """Hand the pipeline's transformers back as loaded: adapter removed, offloaded weights in host memory."""
+        for model in (self.base, self.tuned):
+            if isinstance(model, OffloadedModel):
+                model.restore()
+        if isinstance(self.tuned, AdapterModel):
+            for module in {id(m): m for m in self.tuned.modules.values()}.values():
+                detach_lora(module)
+
+    def place(self, device: str) -> None:
+        """Put the transformers on the execution device (offloaded ones wait in host memory for their turn)."""
+        for model in (self.base, self.tuned):
+            if not isinstance(model, OffloadedModel):
+                for module in model.modules.values():
+                    module.to(device)
 
 
 def fit_problems(expected: dict[str, tuple[int, ...]], header: dict) -> list[str]:
@@ -293,7 +397,7 @@ def load_models(
         offload_to = None
     if offload_to is not None:
         for module in base_model.modules.values():
-            module.to("cpu")  # the copy is made on the CPU: never two transformers on the device
+            module.to("cpu")  # the copy is made in host memory: never two transformers on the device
     modules, layers, more = _apply_tuned(pipe, tuned_ckpt, dict(base_model.modules), copy_full=True)
     notes.extend(more)
     if layers:
@@ -303,5 +407,6 @@ def load_models(
     else:
         tuned_model = VelocityModel("tuned", modules["transformer"], str(tuned_ckpt.path), tuned_ckpt.kind, modules)
     if offload_to is not None:
-        base_model, tuned_model = OffloadedModel(base_model, offload_to), OffloadedModel(tuned_model, offload_to)
+        slot = DeviceSlot(offload_to)
+        base_model, tuned_model = OffloadedModel(base_model, slot), OffloadedModel(tuned_model, slot)
     return LoadedModels(base_model, tuned_model, checkpoints, notes)

@@ -87,19 +87,45 @@ def quiet_loading() -> Iterator[None]:
         dlog.set_verbosity(was[3])
 
 
-def load_pipeline(source: str, dtype, device: str):
-    """A diffusers pipeline from a local folder or a hub id, safetensors only, no remote code."""
+PARTS = ("all", "denoiser", "text_encoders")
+
+
+def _components(source: str) -> list[str]:
     from diffusers import DiffusionPipeline
 
+    return [k for k in DiffusionPipeline.load_config(source) if not k.startswith("_")]
+
+
+def load_pipeline(source: str, dtype, device: str, parts: str = "all", place: bool = True):
+    """A diffusers pipeline from a local folder or a hub id, safetensors only, no remote code.
+
+    ``parts`` says what is loaded and where it goes:
+
+    * ``all``: every component, the whole pipeline on ``device`` (it can encode prompts itself);
+    * ``denoiser``: no text encoders (the prompts come encoded, see ``measure.prompt_cache``); only the
+      transformer is put on ``device`` (not even that with ``place=False``: offload and the copies of full
+      checkpoints place it later); the VAE waits in host memory until images are decoded;
+    * ``text_encoders``: the text encoders and tokenizers alone, on ``device``, for encoding prompts.
+    """
+    from diffusers import DiffusionPipeline
+
+    if parts not in PARTS:
+        raise ValueError(f"parts must be one of {PARTS}, got {parts!r}")
     local = Path(source)
     if not local.exists() and not HUB_ID.match(source):
         raise InputError(f"--pipeline {source} is neither a folder nor a hub id: pass a folder holding {PIPELINE_INDEX}")
     if local.exists() and not (local / PIPELINE_INDEX).is_file():
         raise InputError(f"--pipeline {source} has no {PIPELINE_INDEX}: pass the pipeline's top folder")
     family_of_source(source)  # an unknown pipeline class is refused before any weight loads
+    skip: dict = {}
     try:
         with quiet_loading():
-            pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, use_safetensors=True)
+            if parts == "denoiser":
+                skip = {name: None for name in _components(source) if name.startswith("text_encoder")}
+            elif parts == "text_encoders":
+                skip = {name: None for name in _components(source)
+                        if not name.startswith(("text_encoder", "tokenizer", "scheduler"))}
+            pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, use_safetensors=True, **skip)
     except Exception as exc:  # diffusers raises many types; one line is what the user needs
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if not local.exists():
@@ -108,10 +134,42 @@ def load_pipeline(source: str, dtype, device: str):
                 "and pass the folder with --pipeline"
             ) from None
         raise InputError(f"cannot load pipeline {source}: {reason[:200]}") from None
-    check_pipeline(pipe, source)
-    pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    if parts == "text_encoders":
+        for name, module in pipe.components.items():
+            if name.startswith("text_encoder") and module is not None:
+                module.eval().to(device)
+        return pipe
+    check_pipeline(pipe, source)
+    if parts == "all":
+        pipe.to(device)
+    elif place:
+        pipe.transformer.to(device)
     return pipe
+
+
+@contextlib.contextmanager
+def decoding_on(pipe, device: str) -> Iterator[None]:
+    """The VAE visits ``device`` only while it decodes (images were asked for), then returns to the host."""
+    vae = getattr(pipe, "vae", None)
+    if vae is None or str(device) == str(vae.device):
+        yield
+        return
+    decode = vae.decode
+    home = vae.device
+
+    def decode_on_device(latents, *args, **kwargs):
+        vae.to(device)
+        try:
+            return decode(latents.to(device), *args, **kwargs)
+        finally:
+            vae.to(home)
+
+    vae.decode = decode_on_device
+    try:
+        yield
+    finally:
+        vae.__dict__.pop("decode", None)
 
 
 def family_of_source(source: str) -> Family | None:

@@ -6,6 +6,7 @@ generator per sample) and attaches capture around it.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Iterator, Sequence
 from typing import Protocol
@@ -18,6 +19,7 @@ from normscope.errors import InputError
 from normscope.load import VelocityModel
 from normscope.load.families import TRUE_CFG_SCALE, Family, family_for
 from normscope.measure.capture import CallRecord, StepObserver, capture, cfg_argument
+from normscope.measure.prompt_cache import PromptCache
 from normscope.measure.prompts import Sample
 from normscope.measure.table import RESCALED
 
@@ -53,7 +55,28 @@ def _call_defaults(pipe) -> dict:
     }
 
 
-def sampling_kwargs(pipe, probe: ProbeConfig, samples: list[Sample], family: Family | None = None) -> dict:
+def negative_prompt_used(pipeline, probe: ProbeConfig, family: Family | None = None) -> str | None:
+    """The negative prompt the run passes: ``--negative-prompt``, else " " for a family whose CFG runs only with
+    a negative prompt when its CFG scale is above 1 (the trainers' evaluation does the same), else none.
+
+    ``pipeline`` is a pipeline or its class: the prompt cache decides this before any pipeline is loaded.
+    """
+    family = family or family_for(pipeline.__name__ if isinstance(pipeline, type) else type(pipeline).__name__)
+    if probe.negative_prompt is not None:
+        return probe.negative_prompt
+    accepted = _call_defaults(pipeline)
+    if not family.needs_negative_prompt or "negative_prompt" not in accepted:
+        return None
+    argument = cfg_argument(family)
+    scale = probe.guidance if argument == family.guidance_arg and probe.guidance is not None else None
+    if argument == family.true_cfg_arg and argument != family.guidance_arg:
+        scale = probe.true_cfg_scale
+    scale = scale if scale is not None else accepted.get(argument)
+    return " " if scale is not None and float(scale) > 1 else None
+
+
+def sampling_kwargs(pipe, probe: ProbeConfig, samples: list[Sample], family: Family | None = None,
+                    prompts: PromptCache | None = None) -> dict:
     """The keyword arguments of the pipeline call for one batch; unset options stay the pipeline's.
 
     The family row decides the names: ``--guidance`` goes to the family's guidance argument
@@ -64,6 +87,8 @@ def sampling_kwargs(pipe, probe: ProbeConfig, samples: list[Sample], family: Fam
 
     Each sample gets its own CPU generator, so its initial noise is exactly what the pipeline draws
     for that prompt alone with ``generator=torch.Generator("cpu").manual_seed(seed)``, whatever the batch.
+    With ``prompts`` (a cache that holds this batch), the prompts go in as embeddings, in the
+    transformer's dtype, and the pipeline never runs a text encoder.
     """
     family = family or family_for(type(pipe).__name__)
     accepted = _call_defaults(pipe)
@@ -96,10 +121,13 @@ def sampling_kwargs(pipe, probe: ProbeConfig, samples: list[Sample], family: Fam
             raise InputError(f"{type(pipe).__name__} does not take {name}: drop --{flag}")
         kwargs[name] = value
     kwargs.update(_conditioning_image(pipe, probe))
-    if family.needs_negative_prompt and "negative_prompt" not in kwargs and "negative_prompt" in accepted:
-        scale = kwargs.get(cfg_argument(family), accepted.get(cfg_argument(family)))
-        if scale is not None and float(scale) > 1:
-            kwargs["negative_prompt"] = [" "] * len(samples)
+    negative = negative_prompt_used(pipe, probe, family)
+    if negative is not None and "negative_prompt" not in kwargs:
+        kwargs["negative_prompt"] = [negative] * len(samples)
+    if prompts is not None:
+        for name in ("prompt", "negative_prompt", "max_sequence_length"):  # the cache's encoder settings hold them
+            kwargs.pop(name, None)
+        kwargs.update(prompts.kwargs([s.prompt for s in samples], dtype=pipe.transformer.dtype))
     return kwargs
 
 
@@ -194,9 +222,9 @@ def run_rescaled(pipe, tuned: VelocityModel, base: VelocityModel, kwargs: dict, 
 
 
 def run_free(pipe, base: VelocityModel, tuned: VelocityModel, kwargs: dict, reporter: Reporter,
-             observers: Sequence[StepObserver] = ()) -> dict[str, CallRecord]:
+             observers: Sequence[StepObserver] = (), device: str | None = None) -> dict[str, CallRecord]:
     """One batch in free mode: each model samples its own trajectory from the same noise."""
-    return {model.role: run_model(pipe, model, kwargs, reporter, observers) for model in (base, tuned)}
+    return {model.role: run_model(pipe, model, kwargs, reporter, observers, device) for model in (base, tuned)}
 
 
 def fresh_call(kwargs: dict) -> dict:
@@ -220,10 +248,17 @@ def fresh_generators(generators):
 
 
 def run_model(pipe, model: VelocityModel, kwargs: dict, reporter: Reporter,
-              observers: Sequence[StepObserver] = ()) -> CallRecord:
-    """One batch with one model on its own trajectory (profile, and reference checks)."""
+              observers: Sequence[StepObserver] = (), device: str | None = None) -> CallRecord:
+    """One batch with one model on its own trajectory (profile, and reference checks).
+
+    When images are asked for, the VAE visits ``device`` (if given) only to decode them.
+    """
+    from normscope.load.pipeline import decoding_on
+
     call = dict(fresh_call(kwargs), generator=fresh_generators(kwargs["generator"]))
-    with capture(pipe, model, on_step=reporter.advance, call_kwargs=call, observers=observers) as recorder:
+    decoding = call["output_type"] != "latent" and device is not None
+    with capture(pipe, model, on_step=reporter.advance, call_kwargs=call, observers=observers) as recorder, \
+            (decoding_on(pipe, device) if decoding else contextlib.nullcontext()):
         output = pipe(**call)
         record = recorder.collect()
     if call["output_type"] != "latent":
@@ -232,13 +267,20 @@ def run_model(pipe, model: VelocityModel, kwargs: dict, reporter: Reporter,
     return record
 
 
-def run_model_batches(pipe, model: VelocityModel, probe: ProbeConfig, samples: list[Sample], reporter: Reporter) -> CallRecord:
+def run_model_batches(pipe, model: VelocityModel, probe: ProbeConfig, samples: list[Sample], reporter: Reporter,
+                      prompts: PromptCache | None = None) -> CallRecord:
     """One model over all samples, batch by batch, the batches shared out when several processes run."""
     from normscope.measure.distributed import current_processes
 
     groups = list(batches(samples, probe.batch_size))
     procs = current_processes()
-    return concat_records(procs.map(len(groups), lambda i: run_model(pipe, model, sampling_kwargs(pipe, probe, groups[i]), reporter)))
+    return concat_records(procs.map(len(groups), lambda i: run_model(
+        pipe, model, sampling_kwargs(pipe, probe, groups[i], prompts=prompts), reporter)))
+
+
+def prompt_batches(samples: list[Sample], batch_size: int) -> list[list[str]]:
+    """The prompt lists of the pipeline calls a run over ``samples`` makes (what the prompt cache holds)."""
+    return [[s.prompt for s in group] for group in batches(samples, batch_size)]
 
 
 def resolve_run_device(device) -> tuple[str, object]:
