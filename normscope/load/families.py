@@ -373,7 +373,7 @@ def check_requirements(family: Family) -> None:
         if importlib.util.find_spec(package) is None:
             raise InputError(
                 f"{family.pipeline_classes[0]} ({family.name}) imports {package} when it runs and {package} is not "
-                f"installed: pip install {package} (or normscope[video])"
+                f"installed: pip install {package} (a dependency of normscope; the environment lacks it)"
             )
 
 
