@@ -224,7 +224,11 @@ def emit(result, fmt: OutputFormat) -> None:
     elif fmt is OutputFormat.csv:
         sys.stdout.write(per_step_csv(summary))
     else:
-        render_compare(summary, stdout_console())
+        from normscope.render.maps_text import render_where
+
+        console = stdout_console()
+        render_compare(summary, console)
+        render_where(summary, console)
 
 
 @app.command()
@@ -247,6 +251,8 @@ def compare(
     max_device_memory: MemoryOpt = None,
     save_images: Annotated[bool, typer.Option("--save-images", help="Also decode and save both models' final images of free mode in DIR/images/ (needs --mode free or both).", rich_help_panel="Output")] = False,
     rescale_to_base: Annotated[bool, typer.Option("--rescale-to-base", help="Also sample the tuned model with its velocity rescaled at every step to the base's norm on the same input (the inference-rescale ablation, mode 'rescaled'); with --save-images its images sit next to free mode's.", rich_help_panel="Measurement")] = False,
+    maps: Annotated[bool, typer.Option("--maps", help="Where inflation lives: spatial ratio maps, spectra and the grid score (paired mode; DIR/maps.safetensors) and image signals of the final images (free mode; DIR/image_signals.csv). See docs/maps.md.", rich_help_panel="Measurement")] = False,
+    scorer: Annotated[str | None, typer.Option("--scorer", help="module:function taking (PIL images, prompts) and returning one number per image; scores base and tuned final images of free mode (needs --mode free or both).", rich_help_panel="Measurement")] = None,
     probe: dict | None = None,  # the probe options, added by @probe_options
 ) -> None:
     """Per-step velocity norms of BASE and TUNED on the same prompts and seeds, with 95% CIs.
@@ -263,7 +269,8 @@ def compare(
         config = CompareConfig(
             base=base, tuned=tuned, adapter=adapter, allow_pickle=allow_pickle, pipeline=pipeline, mode=mode, drive=drive,
             dtype=dtype, device=device, batch_size=batch_size, out=out, save_images=save_images, offload=offload,
-            image=image, max_device_memory=max_device_memory, rescale_to_base=rescale_to_base, **probe,
+            image=image, max_device_memory=max_device_memory, rescale_to_base=rescale_to_base, maps=maps, scorer=scorer,
+            **probe,
         )
         if not is_main_process():  # launched on several processes: the main one reports
             run_compare(config)
@@ -273,7 +280,9 @@ def compare(
         emit(result, fmt)
         if out is not None:
             video = ", frames.csv, frames.png" if result.frames is not None else ""
-            err.print(f"wrote {out}/norms.csv, summary.json, profile.png{video}")
+            where = "".join(f", {name}" for name, made in (("maps.safetensors", result.maps is not None),
+                                                           ("image_signals.csv", result.signals is not None)) if made)
+            err.print(f"wrote {out}/norms.csv, summary.json, profile.png{video}{where}")
 
 
 @app.command()
@@ -336,6 +345,7 @@ def check(
     max_device_memory: MemoryOpt = None,
     fmt: Annotated[OutputFormat, typer.Option("--format", help="table (verdict and a line per checkpoint) or json.")] = OutputFormat.table,
     junit: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML here: one test case per checkpoint, a failure when inflated.")] = None,
+    max_grid_score: Annotated[float | None, typer.Option("--max-grid-score", help="Also fail a checkpoint whose grid score (power of v_tuned - v_base at the patch frequency over its neighbours; see docs/maps.md) exceeds this. Live paired check only; turns on compare --maps.")] = None,
     probe: dict | None = None,  # the probe options, added by @probe_options
 ) -> None:
     """CI gate: exit 0 within --max-inflation, 1 inflated beyond it, 2 bad input, 3 the run failed."""
@@ -347,7 +357,7 @@ def check(
         config = CheckConfig(
             paths=tuple(paths), reference=reference, max_inflation=max_inflation, pipeline=pipeline, adapter=adapter,
             allow_pickle=allow_pickle, mode=mode, dtype=dtype, device=device, batch_size=batch_size,
-            max_device_memory=max_device_memory, **probe,
+            max_device_memory=max_device_memory, max_grid_score=max_grid_score, **probe,
         )
         if not is_main_process():  # launched on several processes: the main one reports
             run_check(config)
@@ -375,6 +385,8 @@ def sweep(
     allow_pickle: PickleOpt = False,
     mode: Annotated[Mode, typer.Option("--mode", help="free (default): the base runs once for the whole sweep; paired: the base runs on every checkpoint's trajectory.", rich_help_panel="Measurement")] = Mode.free,
     gate: Annotated[float | None, typer.Option("--gate", help="Mark the first checkpoint whose inflation exceeds this fraction (0.05 = 5 %).")] = None,
+    maps: Annotated[bool, typer.Option("--maps", help="Also track the grid score and image signals per checkpoint (each runs compare --mode both --maps; needs --mode paired); sweep_where.png.", rich_help_panel="Measurement")] = False,
+    scorer: Annotated[str | None, typer.Option("--scorer", help="module:function scoring the final images (PIL images, prompts -> one number each) of base and every checkpoint; needs --mode paired.", rich_help_panel="Measurement")] = None,
     dtype: DTypeOpt = DType.auto,
     device: DeviceOpt = Device.auto,
     batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
@@ -390,7 +402,7 @@ def sweep(
 
         config = SweepConfig(
             run_dir=run_dir, out=out, base=base, pipeline=pipeline, adapter=adapter, allow_pickle=allow_pickle,
-            mode=mode, gate=gate, dtype=dtype, device=device, batch_size=batch_size,
+            mode=mode, gate=gate, dtype=dtype, device=device, batch_size=batch_size, maps=maps, scorer=scorer,
             max_device_memory=max_device_memory, **probe,
         )
         if not is_main_process():  # launched on several processes: the main one reports
@@ -403,7 +415,11 @@ def sweep(
         elif fmt is OutputFormat.csv:
             sys.stdout.write((out / "sweep.csv").read_text())
         else:
-            render_sweep(table, gate, stdout_console())
+            from normscope.render.maps_text import render_sweep_where
+
+            console = stdout_console()
+            render_sweep(table, gate, console)
+            render_sweep_where(table, console)
         err.print(f"wrote {out}/sweep.csv, sweep.json, sweep.png and one run folder per checkpoint")
 
 
@@ -476,6 +492,7 @@ def inspect(
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for one compare run folder per bundled RL checkpoint and the overlay figure.")] = Path("normscope-demo"),
     fmt: Annotated[OutputFormat, typer.Option("--format", help="table (default) or json.")] = OutputFormat.table,
+    with_report: Annotated[bool, typer.Option("--report/--no-report", help="Also write DIR/report/ (report.html: maps, spectra and image signals of every checkpoint).")] = True,
 ) -> None:
     """The bundled digits model against its RL checkpoints (AWM, DiffusionNFT; with and without NormGuard)."""
     with cli_errors():
@@ -483,11 +500,15 @@ def demo(
         from normscope.render.terminal import render_demo
 
         with RichReporter("demo") as reporter:
-            result = run_demo(DemoConfig(out=out), reporter)
+            result = run_demo(DemoConfig(out=out, report=with_report), reporter)
         if fmt is OutputFormat.json:
             sys.stdout.write(json.dumps(result, indent=2) + "\n")
         else:
-            render_demo(result, stdout_console())
+            from normscope.render.maps_text import render_demo_where
+
+            console = stdout_console()
+            render_demo(result, console)
+            render_demo_where(result, console)
         err.print(f"wrote one run folder per checkpoint under {out}/ and {result['overlay']}")
 
 

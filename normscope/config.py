@@ -168,7 +168,9 @@ class CompareConfig(ProbeConfig):
     ``allow_pickle`` lets ``.bin/.pt`` files load through ``torch.load(weights_only=True)``. ``out``, when set, receives norms.csv, summary.json and
     profile.png, and holds the finished batches of an interrupted run so a rerun resumes.
     ``rescale_to_base`` adds the inference-rescale ablation (mode ``rescaled``): the tuned model samples with its
-    guided velocity rescaled at every step to the base's norm on the same input.
+    guided velocity rescaled at every step to the base's norm on the same input. ``maps`` adds spatial
+    maps, spectra and the grid score (paired mode) and image signals (free mode); ``scorer`` is a
+    ``module:function`` scoring the final images of free mode (see docs/maps.md).
     """
 
     tuned: str
@@ -184,6 +186,8 @@ class CompareConfig(ProbeConfig):
     max_device_memory: str | None = None  # e.g. "40GiB"; default: the device's free memory (no check on the CPU)
     encode_once: bool = True  # False: the pipeline encodes the prompts inside every call (the old way; benchmarks)
     rescale_to_base: bool = False
+    maps: bool = False
+    scorer: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -191,6 +195,8 @@ class CompareConfig(ProbeConfig):
 
         parse_size(self.max_device_memory)  # a bad size fails here, before anything loads
         self.mode = Mode(self.mode)
+        if self.scorer is not None and "free" not in self.mode.runs():
+            raise ConfigError("--scorer scores the final images of free-mode sampling: add --mode free or --mode both")
         self.drive = Drive(self.drive)
         if self.out is not None:
             self.out = Path(self.out)

@@ -181,7 +181,9 @@ def test_demo_runs_on_the_bundled_digits_model(tmp_path):
     assert rescaled["applied"] == 0.0 and rescaled["paired"] > 0.02 and rescaled["reward"] != rows["awm"]["reward"]
     assert [c["step"] for c in demo["series"]["checkpoints"]] == [10, 20, 30, 40]
     assert (tmp_path / "inflation_overlay.png").is_file()
-    table = run("demo", "--out", tmp_path / "again")
+    assert (tmp_path / "report" / "report.html").is_file() and (tmp_path / "report" / "figures" / "nft_maps.png").is_file()
+    assert rows["awm"]["grid_score"] is not None and rows["awm"]["score_diff"] is not None  # --maps and --scorer ran
+    table = run("demo", "--out", tmp_path / "again", "--no-report")
     assert table.exit_code == 0 and "awm-normguard" in table.stdout
 
 

@@ -122,13 +122,14 @@ class Counter:
         pass
 
 
-@pytest.mark.parametrize("mode", ["free", "paired"])
-def test_sweep_progress_total_is_the_number_of_advances(run_dir, pipelines, tmp_path, mode):
+@pytest.mark.parametrize("mode, maps, calls", [("free", False, 1), ("paired", False, 1), ("paired", True, 3)])
+def test_sweep_progress_total_is_the_number_of_advances(run_dir, pipelines, tmp_path, mode, maps, calls):
     counter = Counter()
     sweep(SweepConfig(run_dir=run_dir, out=tmp_path, pipeline=str(pipelines["sd3"]), mode=mode, batch_size=4,
-                      **PROBE), counter)
-    # 6 samples in batches of 4 = 2 calls of 3 steps, per checkpoint (3) and, free, for the base profile
-    assert counter.totals == [2 * 3 * (3 + (mode == "free"))]
+                      maps=maps, **PROBE), counter)
+    # 6 samples in batches of 4 = 2 batches of 3 steps, each making `calls` pipeline calls per checkpoint (3 of
+    # them; --maps adds free mode's two), and, free, one for the base profile
+    assert counter.totals == [2 * 3 * (3 * calls + (mode == "free"))]
     assert counter.advanced == counter.totals[0]
 
 

@@ -12,6 +12,7 @@ digits (upsampled to 16x16); see examples/digits/ for the scripts that trained i
 
 from __future__ import annotations
 
+import functools
 from importlib import resources
 from pathlib import Path
 
@@ -120,3 +121,25 @@ def generate(pipe, digits: list[int], seeds: list[int], steps: int = SAMPLING["s
     vae = pipe.vae
     latents = latents / vae.config.scaling_factor + vae.config.shift_factor
     return vae.decode(latents.to(vae.dtype), return_dict=False)[0].float()
+
+
+@functools.cache
+def _shipped_classifier() -> DigitClassifier:
+    return load_classifier()[0]
+
+
+def prompt_digit(prompt: str) -> int:
+    """The digit a demo prompt asks for ("a handwritten digit seven" -> 7)."""
+    return DIGIT_WORDS.index(prompt.rsplit(" ", 1)[-1])
+
+
+def digit_reward(images, prompts) -> list[float]:
+    """A ``--scorer`` (PIL images, prompts -> one number each): the RL reward of the demo, on the shown image.
+
+    ``normscope demo`` scores its digits through ``compare --scorer normscope.builders.digits:digit_reward``,
+    the door a user's own reward model uses.
+    """
+    pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]))
+    tensors = pixels.permute(0, 3, 1, 2) / 127.5 - 1  # 8-bit -> [-1, 1]; reward() re-quantises exactly
+    digits = torch.tensor([prompt_digit(p) for p in prompts])
+    return reward(tensors, digits, _shipped_classifier()).tolist()

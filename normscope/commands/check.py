@@ -70,6 +70,7 @@ class CheckConfig:
     device: Device = Device.auto
     batch_size: int = 8
     max_device_memory: str | None = None  # e.g. "40GiB"; default: the device's free memory (no check on the CPU)
+    max_grid_score: float | None = None
 
     def __post_init__(self) -> None:
         parse_size(self.max_device_memory)  # a bad size fails here, before anything loads
@@ -89,6 +90,12 @@ class CheckConfig:
             raise ConfigError("--preset does not apply with --reference: the stored probe settings are used")
         if self.reference is not None and self.mode is not Mode.paired:
             raise ConfigError("--mode does not apply with --reference: a stored-reference check is free mode by construction")
+        if self.max_grid_score is not None:
+            if self.max_grid_score <= 0:
+                raise ConfigError(f"--max-grid-score must be positive, got {self.max_grid_score}: 1 means no excess at the patch frequency, try e.g. 3")
+            if self.reference is not None or self.mode is Mode.free:
+                raise ConfigError("--max-grid-score needs both models' velocities on the same inputs: run a live check "
+                                  "(BASE TUNED ...) in paired mode, without --reference")
 
     def set_probe(self) -> dict:
         """The probe options the user set explicitly."""
@@ -109,9 +116,17 @@ class CheckedCheckpoint:
     seconds: float
     summary: dict = field(repr=False)
 
+    @property
+    def grid_score(self) -> float | None:
+        return (self.summary.get("maps") or {}).get("grid_score")
+
     def to_dict(self) -> dict:
-        return {"path": self.path, "verdict": self.verdict, "inflation": self.inflation,
-                "inflation_ci": self.inflation_ci, "nonfinite": self.nonfinite, "seconds": round(self.seconds, 3)}
+        out = {"path": self.path, "verdict": self.verdict, "inflation": self.inflation,
+               "inflation_ci": self.inflation_ci, "nonfinite": self.nonfinite, "seconds": round(self.seconds, 3)}
+        if "maps" in self.summary:
+            out["grid_score"] = self.grid_score
+            out["grid_score_ci"] = self.summary["maps"]["grid_score_ci"]
+        return out
 
 
 @dataclass
@@ -120,6 +135,7 @@ class CheckResult:
     max_inflation: float
     gate_source: str
     mode: str
+    max_grid_score: float | None = None
 
     @property
     def exit_code(self) -> int:
@@ -129,13 +145,17 @@ class CheckResult:
     def to_dict(self) -> dict:
         return {"verdict": {EXIT_OK: PASS, EXIT_INFLATED: FAIL, EXIT_RUN: ERROR}[self.exit_code],
                 "exit_code": self.exit_code, "max_inflation": self.max_inflation, "gate_source": self.gate_source,
-                "estimate": HEADLINE_ESTIMATE,
+                "estimate": HEADLINE_ESTIMATE, "max_grid_score": self.max_grid_score,
                 "mode": self.mode, "checkpoints": [c.to_dict() for c in self.checkpoints]}
 
 
-def verdict(summary: dict, gate: float) -> str:
+def verdict(summary: dict, gate: float, max_grid_score: float | None = None) -> str:
+    """error: non-finite velocities; fail: inflation above the gate, or the grid score above its gate; else pass."""
     if summary["nonfinite"] or summary["inflation"] is None:
         return ERROR
+    grid = (summary.get("maps") or {}).get("grid_score")
+    if max_grid_score is not None and grid is not None and grid > max_grid_score:
+        return FAIL
     return FAIL if summary["inflation"] > gate else PASS
 
 
@@ -236,8 +256,8 @@ def measure_against_reference(source: str, tuned: str, reference: Reference, pro
     return frame, summary
 
 
-def _checked(path: str, summary: dict, gate: float, started: float) -> CheckedCheckpoint:
-    return CheckedCheckpoint(path, verdict(summary, gate), summary["inflation"], summary["inflation_ci"],
+def _checked(path: str, summary: dict, gate: float, started: float, max_grid_score: float | None = None) -> CheckedCheckpoint:
+    return CheckedCheckpoint(path, verdict(summary, gate, max_grid_score), summary["inflation"], summary["inflation_ci"],
                              summary["nonfinite"], time.perf_counter() - started, summary)
 
 
@@ -251,15 +271,15 @@ def _check_live(config: CheckConfig, reporter: Reporter) -> list[CheckedCheckpoi
             result: CompareResult = compare(CompareConfig(
                 base=base, tuned=path, pipeline=config.pipeline, adapter=config.adapter, allow_pickle=config.allow_pickle,
                 mode=config.mode, dtype=config.dtype, device=config.device, batch_size=config.batch_size,
-                max_device_memory=config.max_device_memory, **probe,
+                max_device_memory=config.max_device_memory, maps=config.max_grid_score is not None, **probe,
             ), reporter)
         except NoMeasurementError as exc:  # one checkpoint measured nothing: an ERROR verdict, the others still run
             reporter.note(f"{path}: {exc}")
-            results.append(_checked(path, exc.summary, config.max_inflation, started))
+            results.append(_checked(path, exc.summary, config.max_inflation, started, config.max_grid_score))
             continue
         if result is None:  # not the main process of a launched run: the main one holds the numbers
             continue
-        results.append(_checked(path, result.summary, config.max_inflation, started))
+        results.append(_checked(path, result.summary, config.max_inflation, started, config.max_grid_score))
     return results
 
 
@@ -270,7 +290,7 @@ def check(config: CheckConfig, reporter: Reporter | None = None) -> CheckResult:
         checked, gate, source = _check_stored(config, reporter)
         return CheckResult(checked, gate, source, "free (stored reference)")
     checked = _check_live(config, reporter)
-    return CheckResult(checked, config.max_inflation, "--max-inflation", config.mode.runs()[0])
+    return CheckResult(checked, config.max_inflation, "--max-inflation", config.mode.runs()[0], config.max_grid_score)
 
 
 __all__ = ["CheckConfig", "CheckResult", "check", "measure_against_reference", "verdict"]

@@ -32,6 +32,8 @@ from normscope.load.pipeline import check_family_inputs
 from normscope.measure.capture import GUIDED, CallRecord
 from normscope.measure.fingerprint import run_fingerprint
 from normscope.measure.frames import VIDEO_LAYOUT, FrameNorms, free_frames, paired_frames, tidy_frames
+from normscope.measure.image_signals import IMAGE_SIGNALS_CSV, PreClipImages, batch_signals, load_scorer, signal_table
+from normscope.measure.maps import MAPS_FILE, Maps, latent_geometry, maps_observer
 from normscope.measure.prompt_cache import CACHE_DIR, prepare_prompts
 from normscope.measure.prompts import Sample, make_samples, resolve_prompts
 from normscope.measure.sampling import (
@@ -74,11 +76,17 @@ from normscope.measure.table import (
 
 @dataclass
 class CompareResult:
-    """The tidy per-row frame and the summary (the object written to summary.json)."""
+    """The tidy per-row frame and the summary (the object written to summary.json).
+
+    With ``compare --maps``: ``maps`` holds the spatial and spectral aggregates of paired mode, ``signals``
+    one row per sample of free mode's image signals (and ``--scorer`` scores).
+    """
 
     frame: pd.DataFrame
     summary: dict
     frames: pd.DataFrame | None = None  # video pipelines: one row per latent frame as well (frames.csv)
+    maps: Maps | None = None
+    signals: pd.DataFrame | None = None
 
     @property
     def inflation(self) -> float:
@@ -284,48 +292,68 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
             reporter.note(f"resuming: {store.finished()} finished batch(es) in {config.out} are reused")
 
     runs = _runs(config)
-    calls_per_batch = {"paired": 1, "free": 2, RESCALED: 1}
+    calls_per_batch = CALLS_PER_BATCH
     reporter.begin(sum(calls_per_batch[m] for m in runs) * len(groups) * config.steps)
-    def measure(mode: str, index: int) -> dict[str, CallRecord]:
+    scorer = load_scorer(config.scorer) if config.scorer else None
+    want_signals = config.maps or scorer is not None
+    resolved = resolved_sampling(pipe, config, family)
+    pixel_period = latent_geometry(pipe, family)[2] * int(getattr(pipe, "vae_scale_factor", 1) or 1)
+
+    def measure(mode: str, index: int) -> tuple[dict[str, CallRecord], Maps | pd.DataFrame | None]:
         batch = groups[index]
         key = f"{mode}-{index:05d}"
         records = store.load(key) if store else None
         if records is not None:
             reporter.advance(calls_per_batch[mode] * config.steps)
-            return records
+            return records, _load_extra(store, key, mode, config, want_signals)
         kwargs = sampling_kwargs(pipe, config, batch, family, embeddings)
-        if mode in ("free", RESCALED) and config.save_images:
+        extra = None
+        if (mode in ("free", RESCALED) and config.save_images) or (mode == "free" and want_signals):
             kwargs["output_type"] = "pil"
         # one observer serves every call: its per-call results land in each CallRecord (record.observed)
         observers = [FrameNorms()] if family.latent_layout == VIDEO_LAYOUT else []
         if mode == "paired":
-            records = run_paired(pipe, driver, other, kwargs, reporter, observers)
+            spatial = maps_observer(pipe, family, resolved["height"], resolved["width"], config.drive.value) if config.maps else None
+            records = run_paired(pipe, driver, other, kwargs, reporter, observers + ([spatial] if spatial else []))
+            if spatial is not None:
+                spatial.end_call()
+                extra = spatial.result([s.prompt_id for s in batch])
         elif mode == RESCALED:
             records = run_rescaled(pipe, tuned, base, kwargs, reporter, observers)
+        elif want_signals:
+            with PreClipImages().attached(pipe) as decoded:
+                records = run_free(pipe, base, tuned, kwargs, reporter, observers, device=device)
+            base_images, tuned_images = decoded.take_all()
+            extra = batch_signals(batch, base_images, tuned_images, pixel_period, scorer, config.scorer or "")
         else:
             records = run_free(pipe, base, tuned, kwargs, reporter, observers, device=device)
         if mode in ("free", RESCALED) and config.save_images:
             save_images(records, batch, Path(config.out))
-            for record in records.values():
-                record.images = None
+        for record in records.values():
+            record.images = None
         if store:
+            _save_extra(store, key, extra)  # first: a stored batch always has its extras
             store.save(key, records)
-        return records
+        return records, extra
 
-    frames, per_frame = [], []
+    frames, per_frame, map_parts, signal_parts = [], [], [], []
     kept = f" (the finished batches are kept in {config.out}: rerun with the new options to resume)" if store else ""
     with out_of_memory_as_error(device, fp, kept):
         for mode in runs:
-            for index, records in enumerate(procs.map(len(groups), lambda i, mode=mode: measure(mode, i))):
+            for index, (records, extra) in enumerate(procs.map(len(groups), lambda i, mode=mode: measure(mode, i))):
                 frames.append(_frame(mode, records, groups[index], config.drive.value))
                 per_frame.append(_frames(mode, records, groups[index], config.drive.value))
+                if isinstance(extra, Maps):
+                    map_parts.append(extra)
+                elif extra is not None:
+                    signal_parts.append(extra)
     if not procs.is_main:
         return None
 
     frame = tidy(frames)
     video = tidy_frames(per_frame)
     extra = {
-        "resolved": resolved_sampling(pipe, config, family),
+        "resolved": resolved,
         "pipeline_source": source,
         "models": loaded.describe(),
         "device": device,
@@ -334,9 +362,16 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
     }
     summary = summarize(frame, config, extra)
     summary["notes"] = loaded.notes
-    result = CompareResult(frame, summary, video if len(video) else None)
+    maps = Maps.merge(map_parts) if map_parts else None
+    signals = pd.concat(signal_parts, ignore_index=True) if signal_parts else None
+    if maps is not None:
+        summary["maps"] = maps.summary()
+    if signals is not None:
+        summary["image_signals"] = {"pixel_period": pixel_period, "scorer": config.scorer, "signals": signal_table(signals)}
+    result = CompareResult(frame, summary, video if len(video) else None, maps, signals)
     if config.out is not None:
         write_run(result, Path(config.out), figure=config.figure)
+        write_where(result, Path(config.out))
         store.clear()
     # The API ends as the CLI does: the package's error, after the files (with the counts) are written.
     verdict = nonfinite_verdict(frame)
@@ -345,6 +380,40 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
     if result.inflation is None:
         raise NoMeasurementError(no_measurement_message(summary), summary)
     return result
+
+
+def write_where(result: CompareResult, out: Path) -> list[Path]:
+    """maps.safetensors (aggregates, not every map) and image_signals.csv (one row per sample), when measured."""
+    written = []
+    if result.maps is not None:
+        written.append(result.maps.save(out / MAPS_FILE))
+    if result.signals is not None:
+        written.append(out / IMAGE_SIGNALS_CSV)
+        result.signals.to_csv(written[-1], index=False, lineterminator="\n")
+    return written
+
+
+def _save_extra(store: BatchStore, key: str, extra) -> None:
+    import torch
+
+    if isinstance(extra, Maps):
+        store.save_extra(key, "maps", extra.tensors, extra.meta)
+    elif extra is not None:
+        store.save_extra(key, "signals", {c: torch.tensor(extra[c].to_numpy()) for c in extra.columns}, {"columns": list(extra.columns)})
+
+
+def _load_extra(store: BatchStore, key: str, mode: str, config: CompareConfig, want_signals: bool):
+    if mode == "paired" and config.maps:
+        tensors, meta = store.load_extra(key, "maps")
+        return Maps(tensors, meta)
+    if mode == "free" and want_signals:
+        tensors, meta = store.load_extra(key, "signals")
+        return pd.DataFrame({c: tensors[c].numpy() for c in meta["columns"]})
+    return None
+
+
+# Pipeline calls per batch of each mode (the progress bar advances once per denoising step of each call).
+CALLS_PER_BATCH = {"paired": 1, "free": 2, RESCALED: 1}
 
 
 def _runs(config: CompareConfig) -> tuple[str, ...]:

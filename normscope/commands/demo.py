@@ -26,13 +26,19 @@ SERIES = ("awm", (10, 20, 30, 40))
 PROBE_SEEDS = (0, 1, 2, 3)
 IMAGE_SEEDS = tuple(range(100, 108))
 OVERLAY_PNG = "inflation_overlay.png"
+REPORT_DIR = "report"
+DEMO_SCORER = "normscope.builders.digits:digit_reward"  # the demo's reward, through compare --scorer
 
 
 @dataclass(kw_only=True)
 class DemoConfig:
-    """``normscope demo --out DIR``: one compare run folder per bundled RL checkpoint, under DIR."""
+    """``normscope demo --out DIR``: one compare run folder per bundled RL checkpoint, under DIR.
+
+    ``report`` also writes DIR/report/ (report.html with the maps and spectra of every checkpoint).
+    """
 
     out: Path = Path("normscope-demo")
+    report: bool = True
 
 
 def pipeline_dir() -> Path:
@@ -84,7 +90,8 @@ def _image_metrics(lora: Path | None, classifier, real, rescale: bool = False) -
 def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> dict:
     """Compare the base with every bundled RL checkpoint; reward and quality next to inflation; the series."""
     from normscope.commands.compare import compare
-    from normscope.commands.report import Run
+    from normscope.commands.report import ReportConfig, Run, report
+    from normscope.measure.maps import where_columns
     from normscope.render.figures import inflation, save
 
     reporter = reporter or SilentReporter()
@@ -93,13 +100,14 @@ def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> dict:
     for name in MODELS:
         lora = lora_path(name)
         rescale = name in RESCALED_MODELS
-        both = compare(probe(lora, mode="both", out=config.out / name, rescale_to_base=rescale), reporter).summary
+        both = compare(probe(lora, mode="both", out=config.out / name, rescale_to_base=rescale, maps=True,
+                                 scorer=DEMO_SCORER), reporter).summary
         base_drives = compare(probe(lora, mode="paired", drive="base"), reporter).summary
         rows.append({
             "model": name, **_image_metrics(lora, classifier, real),
             "paired": both["inflation"], "paired_ci": both["inflation_ci"],
             "paired_base_drives": base_drives["inflation"], "free": both["modes"]["free"]["guided"]["inflation"],
-            "regions": both["regions"], "folder": str(config.out / name),
+            "regions": both["regions"], "folder": str(config.out / name), **where_columns(both),
         })
         if rescale:  # the paper's ablation: same weights, the velocity's norm put back to the base's at inference
             rescaled = both["modes"]["rescaled"]["guided"]
@@ -116,4 +124,9 @@ def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> dict:
         series.append({"step": step, "inflation": summary["inflation"], "ci": summary["inflation_ci"]})
     fig = inflation([Run(config.out / name) for name in MODELS])  # headline (paired) curves of the four runs
     save(fig, config.out, OVERLAY_PNG.removesuffix(".png"))
-    return {"rows": rows, "series": {"model": series_name, "checkpoints": series}, "overlay": str(config.out / OVERLAY_PNG)}
+    html = None
+    if config.report:
+        html = str(report(ReportConfig(runs=tuple(config.out / name for name in MODELS), out=config.out / REPORT_DIR,
+                                       title="normscope demo: digits model vs its RL checkpoints"))["html"])
+    return {"rows": rows, "series": {"model": series_name, "checkpoints": series}, "overlay": str(config.out / OVERLAY_PNG),
+            "report": html}

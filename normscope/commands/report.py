@@ -78,6 +78,14 @@ class Run:
         table = rows.pivot_table(index=["prompt_id", "prompt"], columns="step", values="ratio", aggfunc="mean")
         return table.set_axis(table.index.get_level_values("prompt"), axis=0)
 
+    @cached_property
+    def maps(self):
+        """The spatial and spectral aggregates of ``compare --maps`` (None when the run has none)."""
+        from normscope.measure.maps import MAPS_FILE, Maps
+
+        path = self.folder / MAPS_FILE
+        return Maps.load(path) if path.is_file() else None
+
     def image_pairs(self) -> list[tuple[str, Path, Path]]:
         folder = self.folder / IMAGES_DIR
         if not folder.is_dir():
@@ -113,6 +121,7 @@ def report(config: ReportConfig) -> dict[str, Path]:
     """Write figures (PNG + SVG), report.html (self-contained) and report.md into ``config.out``."""
     from normscope.monitor import read_monitor_log
     from normscope.render import figures as rf
+    from normscope.render import maps_figures as mf
     from normscope.render.video import save_strips
 
     runs = [Run(folder) for folder in config.runs]
@@ -156,6 +165,16 @@ def report(config: ReportConfig) -> dict[str, Path]:
         if strips is not None:
             sections.append((f"{run.name}: videos, base vs tuned", "Each sample's decoded frames from the same noise "
                              "(free mode, compare --save-images): base above, tuned below.", strips))
+        if run.maps is not None:
+            add(mf.ratio_maps(run.maps), f"{prefix}_maps", f"{run.name}: where the velocity inflates",
+                "Mean ||v_tuned|| / ||v_base|| per latent position (norm over channels) per sigma region, paired mode, "
+                "guided velocity; shared colour scale centred on 1 (docs/maps.md).")
+            add(mf.spectrum_ratio(run.maps), f"{prefix}_spectrum", f"{run.name}: spectrum ratio and grid score",
+                "Radially averaged power of v_tuned over v_base by spatial frequency (left; a uniform scale s is flat at "
+                "s²) and the power of v_tuned − v_base relative to v_base (right); dashed: the patch frequency and its "
+                "harmonics. Grid score: power of v_tuned − v_base at the patch lattice over its neighbours, 95 % CI over prompts.")
+            add(mf.channel_ratio(run.maps), f"{prefix}_channels", f"{run.name}: per-channel ratio",
+                "||v_tuned|| / ||v_base|| of each latent channel (norm over positions) per sigma region.")
     sweeps = [_sweep_table(folder) for folder in config.sweeps]
     for folder in config.monitors:
         entries, meta = read_monitor_log(folder)
@@ -169,10 +188,45 @@ def report(config: ReportConfig) -> dict[str, Path]:
             + ("; squares: offline sweeps of the saved checkpoints (black: headline inflation with 95 % CI; coloured: its sigma regions)" if sweeps else "")
             + ("; dashed: the gate." if gate is not None else "."))
     rows = _run_rows(runs) or [{"monitor log": str(m)} for m in config.monitors]
+    signals = _signal_rows(runs)
     config.out.mkdir(parents=True, exist_ok=True)
-    (config.out / REPORT_HTML).write_text(_html(config.title, rows, sections, runs))
-    (config.out / REPORT_MD).write_text(_markdown(config.title, rows, sections, config.out))
+    (config.out / REPORT_HTML).write_text(_html(config.title, rows, sections, runs, signals))
+    (config.out / REPORT_MD).write_text(_markdown(config.title, rows, sections, config.out, signals))
     return {"html": config.out / REPORT_HTML, "markdown": config.out / REPORT_MD, "figures": figures_dir}
+
+
+def _signal_rows(runs: list[Run]) -> list[dict]:
+    """One row per run and image signal (compare --maps in free mode): tuned − base and its CI."""
+    from normscope.render.maps_text import SIGNAL_LABELS, fmt
+
+    rows = []
+    for run in runs:
+        maps = run.summary.get("maps")
+        if maps:
+            score, ci = maps["grid_score"], maps["grid_score_ci"] or [None, None]
+            rows.append({"run": run.name, "signal": "grid score (latent, v_tuned − v_base)", "base": "", "tuned": "",
+                         "tuned − base": fmt(score), "95% CI": "" if score is None else f"[{fmt(ci[0])}, {fmt(ci[1])}]"})
+        for row in (run.summary.get("image_signals") or {}).get("signals", []):
+            label, unit = SIGNAL_LABELS.get(row["signal"], (row["signal"], ""))
+            signed = row["signal"] != "grid_score"
+            rows.append({"run": run.name, "signal": label, "base": fmt(row["base"], unit) if signed else "",
+                         "tuned": fmt(row["tuned"], unit) if signed else "",
+                         "tuned − base": fmt(row["difference"], unit, signed),
+                         "95% CI": f"[{fmt(row['ci'][0], unit, signed)}, {fmt(row['ci'][1], unit, signed)}]"})
+    return rows
+
+
+def _table_md(rows: list[dict]) -> list[str]:
+    header = list(rows[0])
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
+
+
+def _table_html(rows: list[dict]) -> str:
+    header = list(rows[0])
+    table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
+    table += "".join("<tr>" + "".join(f"<td>{html.escape(str(r[h]))}</td>" for h in header) + "</tr>" for r in rows)
+    return table + "</table>"
 
 
 def _frame_profile(run: Run):
@@ -200,24 +254,27 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
-def _markdown(title: str, rows: list[dict], sections, out: Path) -> str:
-    header = list(rows[0])
-    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
+def _markdown(title: str, rows: list[dict], sections, out: Path, signals: list[dict] = ()) -> str:
+    lines = [f"# {title}", "", *_table_md(rows)]
     lines += ["", "Inflation = integral over sigma (trapezoid, divided by the sigma span) of the per-step mean over samples of "
               "||v_tuned|| / ||v_base||, minus 1, guided velocity (estimate: sigma integral; older run folders: the step "
               "mean); step mean = the plain mean over steps. CIs: 95 % percentile bootstrap over prompts.", ""]
+    if signals:
+        lines += ["## Grid score and image signals", "", *_table_md(signals), "",
+                  "Image signals of the final images of free mode (same noise), tuned − base, 95 % CI resampling "
+                  "prompts; see docs/maps.md.", ""]
     for section_title, caption, png in sections:
         lines += [f"## {section_title}", "", f"![{section_title}]({png.relative_to(out).as_posix()})", "", caption, ""]
     return "\n".join(lines)
 
 
-def _html(title: str, rows: list[dict], sections, runs: list[Run]) -> str:
-    header = list(rows[0])
-    table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
-    table += "".join("<tr>" + "".join(f"<td>{html.escape(str(r[h]))}</td>" for h in header) + "</tr>" for r in rows)
-    table += "</table>"
+def _html(title: str, rows: list[dict], sections, runs: list[Run], signals: list[dict] = ()) -> str:
+    table = _table_html(rows)
     body = []
+    if signals:
+        body.append("<h2>Grid score and image signals</h2>" + _table_html(signals)
+                    + "<p>Image signals of the final images of free mode (same noise), tuned − base, 95 % CI "
+                    "resampling prompts.</p>")
     for section_title, caption, png in sections:
         data = base64.b64encode(png.read_bytes()).decode()
         body.append(f'<figure><h2>{html.escape(section_title)}</h2><img alt="{html.escape(section_title)}" '

@@ -34,6 +34,7 @@ from normscope.load import find_checkpoint, find_pipeline_source, load_pipeline,
 from normscope.load.device_memory import check_run_fits, parse_size
 from normscope.load.pipeline import check_family_inputs, place_denoiser
 from normscope.measure.distributed import current_processes
+from normscope.measure.maps import where_columns
 from normscope.measure.prompt_cache import CACHE_DIR, prepare_prompts
 from normscope.measure.prompts import make_samples, resolve_prompts
 from normscope.measure.sampling import Reporter, SilentReporter, prompt_batches, resolve_run_device
@@ -43,6 +44,7 @@ CHECKPOINT_NAME = re.compile(r"^checkpoint[-_](\d+)$")
 SWEEP_CSV = "sweep.csv"
 SWEEP_JSON = "sweep.json"
 SWEEP_PNG = "sweep.png"
+SWEEP_WHERE_PNG = "sweep_where.png"
 BASE_DIR = "base"
 COLUMNS = ("step", "checkpoint", "inflation", "ci_lo", "ci_hi", "hinge_rate", "near_noise", "middle", "near_data",
            "nonfinite", "crosses_gate")
@@ -60,6 +62,8 @@ class SweepConfig(ProbeConfig):
     mode: Mode = Mode.free
     gate: float | None = None
     max_device_memory: str | None = None  # e.g. "40GiB"; default: the device's free memory (no check on the CPU)
+    maps: bool = False
+    scorer: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,6 +71,14 @@ class SweepConfig(ProbeConfig):
         self.run_dir, self.out, self.mode = Path(self.run_dir), Path(self.out), Mode(self.mode)
         if self.mode is Mode.both:
             raise ConfigError("--mode both is not offered for sweeps: pick free (reuses the base) or paired")
+        if (self.maps or self.scorer) and self.mode is not Mode.paired:
+            raise ConfigError("--maps and --scorer need the base's velocities and images next to each checkpoint's: add "
+                              "--mode paired (each checkpoint then also samples free mode for the image signals)")
+
+    @property
+    def where(self) -> bool:
+        """Each checkpoint also gets maps, grid score and image signals (compare --mode both --maps)."""
+        return self.maps or self.scorer is not None
 
 
 def find_training_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -87,7 +99,7 @@ def find_training_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 def _fingerprint(config: SweepConfig, path: Path, extra) -> str:
     ckpt = find_checkpoint(path, "TUNED", config.adapter, config.allow_pickle)
-    stable = {k: v for k, v in config.to_dict().items() if k in PROBE_FIELDS or k in ("mode", "adapter", "base")}
+    stable = {k: v for k, v in config.to_dict().items() if k in PROBE_FIELDS or k in ("mode", "adapter", "base", "maps", "scorer")}
     text = json.dumps([stable, ckpt.identity(), extra], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -95,9 +107,10 @@ def _fingerprint(config: SweepConfig, path: Path, extra) -> str:
 def _row(step: int, path: Path, summary: dict, gate: float | None) -> dict:
     regions = summary["regions"]
     value = summary["inflation"]
-    return {"step": step, "checkpoint": str(path), "inflation": value, "ci_lo": summary["inflation_ci"][0],
-            "ci_hi": summary["inflation_ci"][1], "hinge_rate": summary["hinge_rate"], **regions,
-            "nonfinite": summary["nonfinite"], "crosses_gate": bool(gate is not None and value is not None and value > gate)}
+    row = {"step": step, "checkpoint": str(path), "inflation": value, "ci_lo": summary["inflation_ci"][0],
+           "ci_hi": summary["inflation_ci"][1], "hinge_rate": summary["hinge_rate"], **regions,
+           "nonfinite": summary["nonfinite"], "crosses_gate": bool(gate is not None and value is not None and value > gate)}
+    return {**row, **where_columns(summary)}
 
 
 def _base_reusable(config: SweepConfig) -> bool:
@@ -139,7 +152,7 @@ def _base_reference(config: SweepConfig, source: str, reporter: Reporter, pipe=N
 def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame:
     """Compare every checkpoint of ``config.run_dir`` with the base; returns (and writes) the sweep table."""
     from normscope.commands.check import measure_against_reference
-    from normscope.commands.compare import CompareResult, compare
+    from normscope.commands.compare import CALLS_PER_BATCH, CompareResult, compare, write_where
 
     reporter = reporter or SilentReporter()
     checkpoints = find_training_checkpoints(config.run_dir)
@@ -168,9 +181,11 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame
             check_run_fits(shared_pipe, config, device, config.max_device_memory, prompts)
             place_denoiser(shared_pipe, device)
         # One bar for the whole sweep: the base profile and every pending checkpoint, one advance per step of each
-        # pipeline call (free: the tuned model against the stored profile; paired: one call per batch).
-        calls = -(-len(samples) // config.batch_size)
-        reporter.begin(calls * config.steps * (len(pending) + int(needs_base)))
+        # pipeline call (free: the tuned model against the stored profile; paired: compare's calls, free mode's
+        # two as well when maps or a scorer are asked for).
+        per_checkpoint = 1 if config.mode is Mode.free else sum(CALLS_PER_BATCH[m] for m in _compare_mode(config).runs())
+        groups = -(-len(samples) // config.batch_size)
+        reporter.begin(groups * config.steps * (per_checkpoint * len(pending) + int(needs_base)))
     reporter = _OneBar(reporter)  # the profile and compares it runs are parts of this bar, not bars of their own
     reference = _base_reference(config, source, reporter, shared_pipe, cache_dir) if config.mode is Mode.free else None
     base_in_place = config.base is None  # does the shared transformer hold the base's weights (what a LoRA needs)?
@@ -201,7 +216,9 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame
         else:
             fields = {k: getattr(config, k) for k in PROBE_FIELDS}
             result = compare(CompareConfig(base=config.base, tuned=str(path), pipeline=source, adapter=config.adapter,
-                                           allow_pickle=config.allow_pickle, mode=Mode.paired, dtype=config.dtype,
+                                           allow_pickle=config.allow_pickle,
+                                           mode=_compare_mode(config), maps=config.maps,
+                                           scorer=config.scorer, dtype=config.dtype,
                                            device=config.device, batch_size=config.batch_size,
                                            max_device_memory=config.max_device_memory, **fields), reporter,
                              pipe=shared_pipe, cache_dir=cache_dir)
@@ -209,6 +226,7 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame
                 continue
             result.summary["config"]["sweep_fingerprint"] = fingerprint
             write_run(result, run_dir, figure=False)
+            write_where(result, run_dir)
             summary = result.summary
         rows.append(_row(step, path, summary, config.gate))
         if main:
@@ -216,6 +234,11 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame
     if not main:
         return None
     return _write_table(config, rows, loads)
+
+
+def _compare_mode(config: SweepConfig) -> Mode:
+    """The mode of a paired sweep's compares: both when maps or a scorer need free mode's images too."""
+    return Mode.both if config.where else Mode.paired
 
 
 class _OneBar:
@@ -246,7 +269,8 @@ def _restore_base(pipe, config: SweepConfig, source: str, dtype, device: str):
 
 
 def _write_table(config: SweepConfig, rows: list[dict], pipeline_loads: int | None = None) -> pd.DataFrame:
-    table = pd.DataFrame(rows, columns=list(COLUMNS)).sort_values("step").reset_index(drop=True)
+    extra = [c for row in rows for c in row if c not in COLUMNS]
+    table = pd.DataFrame(rows, columns=list(dict.fromkeys([*COLUMNS, *extra]))).sort_values("step").reset_index(drop=True)
     table.to_csv(config.out / SWEEP_CSV, index=False, lineterminator="\n")
     crossing = table[table["crosses_gate"]]
     meta = {"run_dir": str(config.run_dir), "mode": config.mode.value, "gate": config.gate,
@@ -258,4 +282,8 @@ def _write_table(config: SweepConfig, rows: list[dict], pipeline_loads: int | No
     from normscope.render.figures import save_png, sweep_figure
 
     save_png(sweep_figure(table, config.gate), config.out / SWEEP_PNG)
+    if "grid_score" in table or any(c.endswith("_diff") for c in table):
+        from normscope.render.maps_figures import sweep_where
+
+        save_png(sweep_where(table), config.out / SWEEP_WHERE_PNG)
     return table

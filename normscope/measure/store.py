@@ -97,5 +97,23 @@ class BatchStore:
                 )
         return records
 
+    def save_extra(self, key: str, name: str, tensors: dict, meta: dict) -> None:
+        """Optional per-batch aggregates (maps, image signals) next to the batch, same atomic write."""
+        from safetensors.torch import save_file
+
+        path = self.folder / f"{key}.{name}.extra"
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"meta": json.dumps(meta)})
+        os.replace(tmp, path)
+
+    def load_extra(self, key: str, name: str) -> tuple[dict, dict] | None:
+        from safetensors import safe_open
+
+        path = self.folder / f"{key}.{name}.extra"
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys()}, json.loads(handle.metadata()["meta"])
+
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

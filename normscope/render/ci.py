@@ -10,10 +10,17 @@ from normscope.commands.check import ERROR, FAIL, CheckResult
 from normscope.render.numbers import pct
 
 
+def _grid(c, result: CheckResult) -> str:
+    if result.max_grid_score is None:
+        return ""
+    return ", grid score " + ("n/a" if c.grid_score is None else f"{c.grid_score:.3g}")
+
+
 def verdict_line(result: CheckResult) -> str:
     word = {0: "PASS", 1: "FAIL", 3: "ERROR"}[result.exit_code]
-    parts = [f"{c.path}: {pct(c.inflation)} ({c.verdict})" for c in result.checkpoints]
-    return f"{word}: gate {result.max_inflation * 100:.2f} % from {result.gate_source}; " + "; ".join(parts)
+    parts = [f"{c.path}: {pct(c.inflation)}{_grid(c, result)} ({c.verdict})" for c in result.checkpoints]
+    grid = "" if result.max_grid_score is None else f", grid score gate {result.max_grid_score:g}"
+    return f"{word}: gate {result.max_inflation * 100:.2f} % from {result.gate_source}{grid}; " + "; ".join(parts)
 
 
 def junit_xml(result: CheckResult) -> str:
@@ -27,6 +34,8 @@ def junit_xml(result: CheckResult) -> str:
     for c in result.checkpoints:
         case = ET.SubElement(suite, "testcase", classname="normscope.commands.check", name=c.path, time=f"{c.seconds:.3f}")
         message = f"inflation {pct(c.inflation)} vs gate {result.max_inflation * 100:.2f} % ({result.gate_source})"
+        if result.max_grid_score is not None:
+            message += f"; grid score {_grid(c, result).removeprefix(', grid score ')} vs gate {result.max_grid_score:g}"
         if c.verdict == FAIL:
             ET.SubElement(case, "failure", message=message, type="Inflated").text = (
                 f"{message}; 95% CI [{pct(c.inflation_ci[0])}, {pct(c.inflation_ci[1])}]")
@@ -53,7 +62,11 @@ def annotations(result: CheckResult) -> list[str]:
     out = []
     for c in result.checkpoints:
         if c.verdict == FAIL:
-            out.append(f"::error title=normscope check::{c.path} is inflated: {pct(c.inflation)} > gate {result.max_inflation * 100:.2f} %")
+            if result.max_grid_score is None:
+                out.append(f"::error title=normscope check::{c.path} is inflated: {pct(c.inflation)} > gate {result.max_inflation * 100:.2f} %")
+            else:
+                out.append(f"::error title=normscope check::{c.path} failed the gate: inflation {pct(c.inflation)} "
+                           f"(gate {result.max_inflation * 100:.2f} %){_grid(c, result)}")
         elif c.verdict == ERROR:
             out.append(f"::error title=normscope check::{c.path}: {c.nonfinite} non-finite velocities, no valid measurement")
     return out
