@@ -147,3 +147,22 @@ def test_wan_sweep_progress_counts_each_step_once(video_pipelines, tmp_path, mod
                       prompts=("a red fox",), seeds=(0,), device="cpu", dtype="float32", **VIDEO_PROBE), counter)
     assert counter.totals == [VIDEO_PROBE["steps"] * (2 + (mode == "free"))]
     assert counter.advanced == counter.totals[0]
+
+
+@pytest.mark.parametrize("mode", ["free", "paired"])
+def test_editing_the_prompts_file_in_place_redoes_the_sweep(run_dir, pipelines, tmp_path, mode):
+    """Resume keys on the prompt texts, not the file's path: old numbers never stand under new prompts."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\ntwo apples\n")
+    probe = {k: v for k, v in PROBE.items() if k != "prompts"}
+    config = SweepConfig(run_dir=run_dir, out=tmp_path / "sweep", pipeline=str(pipelines["sd3"]), mode=mode,
+                         prompts_file=prompts, **probe)
+    sweep(config, Recorder())
+    prompts.write_text("a blue car\na sign that says OPEN\n")  # same path, other texts
+    again = Recorder()
+    rerun = sweep(config, again)
+    assert not any("finished earlier, skipped" in n for n in again.notes)
+    assert not any("base profile reused" in n for n in again.notes)
+    fresh = sweep(SweepConfig(run_dir=run_dir, out=tmp_path / "fresh", pipeline=str(pipelines["sd3"]), mode=mode,
+                              prompts_file=prompts, **probe), Recorder())
+    assert rerun["inflation"].tolist() == fresh["inflation"].tolist()

@@ -24,6 +24,7 @@ from normscope.commands.profile import (
     PROBE_FIELDS,
     REFERENCE_JSON,
     ProfileConfig,
+    base_weights_fingerprint,
     load_reference,
     probe_from_reference,
     profile,
@@ -34,6 +35,7 @@ from normscope.load import find_checkpoint, find_pipeline_source, load_pipeline,
 from normscope.load.device_memory import check_run_fits, parse_size
 from normscope.load.pipeline import check_family_inputs, place_denoiser
 from normscope.measure.distributed import current_processes
+from normscope.measure.fingerprint import checkpoint_identity, pipeline_fingerprint, pipeline_identity, prompts_digest
 from normscope.measure.maps import where_columns
 from normscope.measure.prompt_cache import CACHE_DIR, prepare_prompts
 from normscope.measure.prompts import make_samples, resolve_prompts
@@ -97,10 +99,14 @@ def find_training_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found.items())
 
 
-def _fingerprint(config: SweepConfig, path: Path, extra) -> str:
+def _fingerprint(config: SweepConfig, path: Path, source: str, reference=None) -> str:
+    """What a checkpoint's numbers depend on: the probe settings, the resolved prompt texts, the checkpoint's
+    files, and the base (the stored profile's hashes in free mode; the pipeline folder itself in paired mode)."""
     ckpt = find_checkpoint(path, "TUNED", config.adapter, config.allow_pickle)
     stable = {k: v for k, v in config.to_dict().items() if k in PROBE_FIELDS or k in ("mode", "adapter", "base", "maps", "scorer")}
-    text = json.dumps([stable, ckpt.identity(), extra], sort_keys=True, default=str)
+    prompts = prompts_digest(resolve_prompts(config.prompts_file, config.prompts))
+    base = reference.meta["hashes"] if reference is not None else pipeline_identity(source)
+    text = json.dumps([stable, prompts, checkpoint_identity(ckpt), base], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -113,12 +119,23 @@ def _row(step: int, path: Path, summary: dict, gate: float | None) -> dict:
     return {**row, **where_columns(summary)}
 
 
-def _base_reusable(config: SweepConfig) -> bool:
+def _base_reusable(config: SweepConfig, source: str) -> bool:
+    """The stored base profile was made with these probe settings, these prompt texts, this pipeline and these
+    base weights (an edited prompts file or a rewritten transformer means profiling again)."""
     folder = config.out / BASE_DIR
     if not (folder / REFERENCE_JSON).is_file():
         return False
+    stored = load_reference(folder)
     wanted = {k: v for k, v in config.to_dict().items() if k in PROBE_FIELDS}
-    return load_reference(folder).probe == wanted
+    if stored.probe != wanted:
+        return False
+    hashes = stored.meta.get("hashes", {})
+    base_ckpt = None
+    if config.base is not None and Path(config.base).resolve() != Path(source).resolve():
+        base_ckpt = find_checkpoint(config.base, "BASE", allow_pickle=config.allow_pickle)
+    return (hashes.get("prompts") == prompts_digest(resolve_prompts(config.prompts_file, config.prompts))
+            and hashes.get("pipeline") == pipeline_fingerprint(source)
+            and hashes.get("weights") == base_weights_fingerprint(source, base_ckpt))
 
 
 def _finished(config: SweepConfig, path: Path, source: str) -> bool:
@@ -127,10 +144,10 @@ def _finished(config: SweepConfig, path: Path, source: str) -> bool:
     if not summary_file.is_file():
         return False
     summary = json.loads(summary_file.read_text())
-    reference = load_reference(config.out / BASE_DIR) if config.mode is Mode.free and _base_reusable(config) else None
+    reference = load_reference(config.out / BASE_DIR) if config.mode is Mode.free and _base_reusable(config, source) else None
     if config.mode is Mode.free and reference is None:
         return False
-    fingerprint = _fingerprint(config, path, reference.meta["hashes"] if reference else source)
+    fingerprint = _fingerprint(config, path, source, reference)
     return summary.get("config", {}).get("sweep_fingerprint") == fingerprint
 
 
@@ -138,10 +155,10 @@ def _base_reference(config: SweepConfig, source: str, reporter: Reporter, pipe=N
     folder = config.out / BASE_DIR
     if (folder / REFERENCE_JSON).is_file():
         reference = load_reference(folder)
-        if _base_reusable(config):
+        if _base_reusable(config, source):
             reporter.note(f"base profile reused from {folder}")
             return reference
-        reporter.note(f"probe options changed since {folder} was made: profiling the base again")
+        reporter.note(f"probe options, prompt texts, pipeline or base weights changed since {folder} was made: profiling the base again")
     fields = {k: getattr(config, k) for k in PROBE_FIELDS}
     return profile(ProfileConfig(base=config.base or source, out=folder, pipeline=source, dtype=config.dtype,
                                  device=config.device, batch_size=config.batch_size, allow_pickle=config.allow_pickle,
@@ -169,7 +186,7 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame
     cache_dir = config.out / CACHE_DIR
     pending = [path for _, path in checkpoints if not _finished(config, path, source)]
     shared_pipe, loads = None, 0
-    needs_base = config.mode is Mode.free and not _base_reusable(config)
+    needs_base = config.mode is Mode.free and not _base_reusable(config, source)
     if pending or needs_base:
         samples = make_samples(resolve_prompts(config.prompts_file, config.prompts), config.seeds)
         prompts = prepare_prompts(source, prompt_batches(samples, config.batch_size), config, dtype, device,
@@ -192,7 +209,7 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame
     rows = []
     for step, path in checkpoints:
         run_dir = config.out / path.name
-        fingerprint = _fingerprint(config, path, reference.meta["hashes"] if reference else source)
+        fingerprint = _fingerprint(config, path, source, reference)
         summary_file = run_dir / "summary.json"
         if summary_file.is_file():
             summary = json.loads(summary_file.read_text())
