@@ -165,6 +165,7 @@ class RichReporter:
         )
         self.description = description
         self.task = None
+        self.said: set[str] = set()  # a job that runs several models or modes repeats its notes: say each once
 
     def begin(self, total_steps: int) -> None:
         self.task = self.progress.add_task(self.description, total=total_steps)
@@ -173,6 +174,9 @@ class RichReporter:
         self.progress.advance(self.task, steps)
 
     def note(self, message: str) -> None:
+        if message in self.said:
+            return
+        self.said.add(message)
         self.progress.console.print(f"[cyan]note:[/cyan] {message}", highlight=False, soft_wrap=True)  # one line each
 
     def __enter__(self) -> RichReporter:

@@ -66,10 +66,12 @@ def render_demo_where(result: dict, console) -> None:
     columns = (("grid score [95% CI]", None), ("reward", "score_diff"), ("out of range", "out_of_range_diff"),
                ("saturation", "saturation_diff"), ("edges", "edge_density_diff"), ("high freq", "high_freq_energy_diff"),
                ("pixel grid", "pixel_grid_score"))
-    table.add_column("model")
+    table.add_column("model", no_wrap=True)
     for name, _ in columns:
         table.add_column(name, justify="right", no_wrap=True)
     for row in result["rows"][1:]:
+        if row.get("grid_score") is None and all(row.get(key) is None for _, key in columns[1:]):
+            continue  # a row measured without maps or images (the rescale ablation): nothing to show here
         grid = "n/a" if row.get("grid_score") is None else f"{row['grid_score']:.2f} [{fmt(row['grid_lo'])}, {fmt(row['grid_hi'])}]"
         cells = [grid]
         for _, key in columns[1:]:
