@@ -137,15 +137,15 @@ def tiny_sd3_pipeline(seed: int = 0, **transformer_overrides):
     )
 
 
-def tiny_flux_pipeline(seed: int = 0, **transformer_overrides):
-    """A FluxPipeline (guidance-distilled, like FLUX.1-dev) with a tiny FluxTransformer2DModel."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+def flux1_components(seed: int = 0, **transformer_overrides) -> dict:
+    """The components of a tiny FLUX.1 pipeline (FluxPipeline and FluxKontextPipeline take the same ones)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
         **{**TINY_FLUX, "guidance_embeds": True, **transformer_overrides}
     ).eval()
-    return FluxPipeline(
+    return dict(
         transformer=transformer,
         text_encoder=_clip_encoder(seed + 1, False),
         text_encoder_2=_t5_encoder(seed + 2),
@@ -158,6 +158,13 @@ def tiny_flux_pipeline(seed: int = 0, **transformer_overrides):
             use_dynamic_shifting=True,
         ),
     )
+
+
+def tiny_flux_pipeline(seed: int = 0, **transformer_overrides):
+    """A FluxPipeline (guidance-distilled, like FLUX.1-dev) with a tiny FluxTransformer2DModel."""
+    from diffusers import FluxPipeline
+
+    return FluxPipeline(**flux1_components(seed, **transformer_overrides))
 
 
 def save_tiny(pipe, folder: str | Path) -> Path:

@@ -20,7 +20,7 @@ import json
 import numpy as np
 import torch
 
-from .tiny import TINY_FLUX, _clip_encoder, _clip_tokenizer, _t5_encoder, _t5_tokenizer, _vae
+from .tiny import _vae, flux1_components
 
 # Final output projection of each transformer class: ``<name>.weight`` (and ``.bias`` where present)
 # in the transformer's state dict. Scaling these by k scales the transformer output by exactly k.
@@ -279,24 +279,10 @@ def tiny_reference_image(seed: int = 0, size: int = 16):
 
 
 def tiny_flux_kontext_pipeline(seed: int = 0):
-    """A FluxKontextPipeline (FLUX.1-Kontext-dev: distilled guidance, reference-image tokens)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
+    """A FluxKontextPipeline (FLUX.1-Kontext-dev: distilled guidance, reference-image tokens) on FLUX.1's components."""
+    from diffusers import FluxKontextPipeline
 
-    torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(**{**TINY_FLUX, "guidance_embeds": True}).eval()
-    return FluxKontextPipeline(
-        transformer=transformer,
-        text_encoder=_clip_encoder(seed + 1, False),
-        text_encoder_2=_t5_encoder(seed + 2),
-        tokenizer=_clip_tokenizer(),
-        tokenizer_2=_t5_tokenizer(),
-        vae=_vae(seed + 4, 4, use_quant_conv=False, use_post_quant_conv=False,
-                 shift_factor=0.0609, scaling_factor=1.5035),
-        scheduler=FlowMatchEulerDiscreteScheduler(
-            base_image_seq_len=16, base_shift=0.5, max_image_seq_len=256, max_shift=1.15,
-            use_dynamic_shifting=True,
-        ),
-    )
+    return FluxKontextPipeline(**flux1_components(seed))
 
 
 # Mistral's chat format, reduced to what Flux2Pipeline sends (a system turn and a user turn of text parts).
