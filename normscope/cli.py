@@ -34,7 +34,7 @@ from normscope.measure.distributed import is_main_process
 
 app = typer.Typer(
     name="normscope",
-    help="Measure velocity-norm inflation of RL-tuned flow-matching image generators (SD3, FLUX.1/2, Qwen-Image, Z-Image; normscope presets lists trainers' settings).",
+    help="Measure velocity-norm inflation of RL-tuned flow-matching image and video generators (SD3, FLUX.1/2, Qwen-Image, Z-Image, Wan; normscope presets lists trainers' settings).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
