@@ -31,7 +31,7 @@ from normscope.measure.sampling import SilentReporter, run_free, run_paired, sam
 
 
 class TwoForward(torch.nn.Module):
-    """The floor of paired mode: the driver's forward plus the other model's, on the same inputs."""
+    """The floor of paired mode: the other model's forward plus the driver's, on the same inputs."""
 
     def __init__(self, driver, other):
         super().__init__()
@@ -41,6 +41,12 @@ class TwoForward(torch.nn.Module):
     def forward(self, *args, **kwargs):
         self.other(*args, **kwargs)
         return self.driver(*args, **kwargs)
+
+    def __getattr__(self, name):  # whatever else the pipeline asks of its transformer (FLUX: cache_context)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.driver, name)
 
 
 def sync(device):
@@ -62,34 +68,17 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=1)
-    parser.add_argument("--width", type=int, default=32, help="transformer width (heads x 8)")
-    parser.add_argument("--size", type=int, default=32, help="latent side in pixels of the tiny VAE (factor 1)")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
-
-    dtype = getattr(torch, args.dtype)
-    pipe = tiny_sd3_pipeline(
-        seed=0, num_layers=args.layers, num_attention_heads=args.width // 8, caption_projection_dim=args.width,
-        sample_size=args.size,
-    ).to(args.device, dtype)
-    pipe.set_progress_bar_config(disable=True)
+def median_times(pipe, probe: ProbeConfig, n_samples: int, batch_size: int, repeats: int, device: str) -> dict[str, float]:
+    """Median seconds of the four variants (interleaved, after a warm-up) on ``pipe`` with a x1.1 TUNED copy:
+    ``plain free`` / ``normscope free`` and ``two-forward floor`` / ``normscope paired``."""
     base_module = pipe.transformer
     tuned_module = copy.deepcopy(base_module)
     with torch.no_grad():
         tuned_module.proj_out.weight.mul_(1.1)
     base = VelocityModel("base", base_module, "bench", "pipeline")
     tuned = VelocityModel("tuned", tuned_module, "bench", "copy")
-    probe = ProbeConfig(steps=args.steps, height=args.size, width=args.size, max_sequence_length=64, guidance=4.5)
-    samples = make_samples(default_prompts()[: args.samples], (0,))
-    batches = [samples[i:i + args.batch_size] for i in range(0, len(samples), args.batch_size)]
+    samples = make_samples(default_prompts()[:n_samples], (0,))
+    batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
     reporter = SilentReporter()
 
     def plain_free():
@@ -121,11 +110,34 @@ def main() -> None:
     with torch.no_grad():
         for fn in variants.values():
             fn()  # warm-up
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             for name, fn in variants.items():
-                times[name].append(timed(fn, args.device))
-    med = {name: statistics.median(t) for name, t in times.items()}
-    params = sum(p.numel() for p in base_module.parameters())
+                times[name].append(timed(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--width", type=int, default=32, help="transformer width (heads x 8)")
+    parser.add_argument("--size", type=int, default=32, help="latent side in pixels of the tiny VAE (factor 1)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    dtype = getattr(torch, args.dtype)
+    pipe = tiny_sd3_pipeline(
+        seed=0, num_layers=args.layers, num_attention_heads=args.width // 8, caption_projection_dim=args.width,
+        sample_size=args.size,
+    ).to(args.device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    probe = ProbeConfig(steps=args.steps, height=args.size, width=args.size, max_sequence_length=64, guidance=4.5)
+    med = median_times(pipe, probe, args.samples, args.batch_size, args.repeats, args.device)
+    params = sum(p.numel() for p in pipe.transformer.parameters())
     print(f"device={args.device} dtype={args.dtype} transformer={params / 1e6:.2f}M params layers={args.layers} "
           f"width={args.width} latent={args.size}x{args.size} steps={args.steps} samples={args.samples} "
           f"batch={args.batch_size} repeats={args.repeats} torch={torch.__version__} threads={torch.get_num_threads()}")

@@ -20,26 +20,22 @@ process's peak RSS so far (not resettable), so only the ratios of the smoke run 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import resource
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from bench_compare import median_times, timed  # noqa: E402  (this folder: the scripts share one timing method)
 from safetensors.torch import save_file  # noqa: E402
 
 from normscope.builders.tiny import save_tiny, tiny_flux_pipeline, tiny_sd3_pipeline  # noqa: E402
 from normscope.commands.compare import compare  # noqa: E402
 from normscope.config import CompareConfig, ProbeConfig  # noqa: E402
-from normscope.load import VelocityModel  # noqa: E402
-from normscope.measure.prompts import default_prompts, make_samples  # noqa: E402
-from normscope.measure.sampling import SilentReporter, run_free, run_paired, sampling_kwargs  # noqa: E402
+from normscope.measure.prompts import default_prompts  # noqa: E402
 
 # Mid-size: SD3.5-Medium's width with half its depth (1.00B parameters); FLUX.1's width with about a fifth of
 # its blocks (2.54B).
@@ -57,38 +53,6 @@ BUILDERS = {"sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline}
 GUIDANCE = {"sd3": 4.5, "flux": 3.5}
 
 
-class TwoForward(torch.nn.Module):
-    """The floor of paired mode: the other model's forward plus the driver's, on the same inputs."""
-
-    def __init__(self, driver, other):
-        super().__init__()
-        self.driver, self.other = driver, other
-        self.config, self.dtype, self.device = driver.config, driver.dtype, driver.device
-
-    def forward(self, *args, **kwargs):
-        self.other(*args, **kwargs)
-        return self.driver(*args, **kwargs)
-
-    def __getattr__(self, name):  # whatever else the pipeline asks of its transformer (FLUX: cache_context)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.driver, name)
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: str) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
 def peak_gib(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
@@ -102,53 +66,14 @@ def reset_peak(device: str) -> None:
 
 
 def speed(arch: str, overrides: dict, args, device: str, dtype) -> tuple[dict, int]:
-    """Free / plain and paired / two-forward on a pipeline held in memory (the bench_compare method)."""
+    """Free / plain and paired / two-forward on a pipeline held in memory (bench_compare's method and code)."""
     pipe = BUILDERS[arch](seed=0, **overrides).to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
-    base_module = pipe.transformer
-    tuned_module = copy.deepcopy(base_module)
-    with torch.no_grad():
-        tuned_module.proj_out.weight.mul_(1.1)
-    base, tuned = VelocityModel("base", base_module, "bench", "pipeline"), VelocityModel("tuned", tuned_module, "bench", "copy")
     probe = ProbeConfig(steps=args.steps, height=args.size, width=args.size, max_sequence_length=32, guidance=GUIDANCE[arch])
-    samples = make_samples(default_prompts()[: args.samples], (0,))
-    groups = [samples[i:i + args.batch_size] for i in range(0, len(samples), args.batch_size)]
-    reporter = SilentReporter()
-
-    def plain_free():
-        for batch in groups:
-            for module in (base_module, tuned_module):
-                pipe.transformer = module
-                pipe(**sampling_kwargs(pipe, probe, batch))
-        pipe.transformer = base_module
-
-    def normscope_free():
-        for batch in groups:
-            run_free(pipe, base, tuned, sampling_kwargs(pipe, probe, batch), reporter)
-
-    def plain_paired():
-        pipe.transformer = TwoForward(tuned_module, base_module)
-        try:
-            for batch in groups:
-                pipe(**sampling_kwargs(pipe, probe, batch))
-        finally:
-            pipe.transformer = base_module
-
-    def normscope_paired():
-        for batch in groups:
-            run_paired(pipe, tuned, base, sampling_kwargs(pipe, probe, batch), reporter)
-
-    variants = {"plain free": plain_free, "free": normscope_free, "floor": plain_paired, "paired": normscope_paired}
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    with torch.no_grad():
-        for fn in variants.values():
-            fn()  # warm-up
-        for _ in range(args.repeats):
-            for name, fn in variants.items():
-                times[name].append(timed(fn, device))
-    med = {name: statistics.median(t) for name, t in times.items()}
-    params = sum(p.numel() for p in base_module.parameters())
-    return {"free/plain": med["free"] / med["plain free"], "paired/floor": med["paired"] / med["floor"]}, params
+    med = median_times(pipe, probe, args.samples, args.batch_size, args.repeats, device)
+    params = sum(p.numel() for p in pipe.transformer.parameters())
+    return {"free/plain": med["normscope free"] / med["plain free"],
+            "paired/floor": med["normscope paired"] / med["two-forward floor"]}, params
 
 
 def memory(arch: str, overrides: dict, args, device: str, root: Path) -> dict:

@@ -120,20 +120,13 @@ def _fingerprint(config: CompareConfig, prompts: list[str], source: str, checkpo
     return run_fingerprint(settings, prompts, source, checkpoints, library)
 
 
-def _frame(mode: str, records: dict[str, CallRecord], samples: list[Sample], drive: str) -> pd.DataFrame:
-    if mode == "paired":
-        return paired_frame(records["paired"], samples, drive)
+def _rows(mode: str, records: dict[str, CallRecord], samples: list[Sample], drive: str, paired, free) -> pd.DataFrame:
+    """One mode's batch as rows; ``paired``/``free`` build them (the norm table, or the per-frame table)."""
+    if mode == "free":
+        return free(records["base"], records["tuned"], samples)
     if mode == RESCALED:  # the tuned model drives, rescaled to the base's norm
-        return paired_frame(records[RESCALED], samples, "tuned", mode=RESCALED)
-    return free_frame(records["base"], records["tuned"], samples)
-
-
-def _frames(mode: str, records: dict[str, CallRecord], samples: list[Sample], drive: str) -> pd.DataFrame:
-    if mode == "paired":
-        return paired_frames(records["paired"], samples, drive)
-    if mode == RESCALED:  # the tuned model drives, rescaled to the base's norm
-        return paired_frames(records[RESCALED], samples, "tuned", mode=RESCALED)
-    return free_frames(records["base"], records["tuned"], samples)
+        return paired(records[RESCALED], samples, "tuned", mode=RESCALED)
+    return paired(records["paired"], samples, drive)
 
 
 def save_images(records: dict[str, CallRecord], samples: list[Sample], out: Path) -> None:
@@ -341,8 +334,8 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
     with out_of_memory_as_error(device, fp, kept):
         for mode in runs:
             for index, (records, extra) in enumerate(procs.map(len(groups), lambda i, mode=mode: measure(mode, i))):
-                frames.append(_frame(mode, records, groups[index], config.drive.value))
-                per_frame.append(_frames(mode, records, groups[index], config.drive.value))
+                frames.append(_rows(mode, records, groups[index], config.drive.value, paired_frame, free_frame))
+                per_frame.append(_rows(mode, records, groups[index], config.drive.value, paired_frames, free_frames))
                 if isinstance(extra, Maps):
                     map_parts.append(extra)
                 elif extra is not None:
