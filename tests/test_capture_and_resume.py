@@ -169,7 +169,7 @@ def test_offloaded_models_take_turns_and_are_handed_back(pipelines, scaled):
 
 def test_only_the_main_process_resets_a_stale_store(tmp_path):
     from normscope.measure.distributed import Processes
-    from normscope.measure.store import BatchStore
+    from normscope.runfolder.store import BatchStore
 
     barriers = []
 

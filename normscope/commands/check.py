@@ -31,10 +31,10 @@ from normscope.load import AdapterModel, find_checkpoint, load_pipeline, load_tu
 from normscope.load.device_memory import check_run_fits, parse_size
 from normscope.load.lora import detach_lora
 from normscope.load.pipeline import place_denoiser
-from normscope.measure.fingerprint import pipeline_fingerprint
 from normscope.measure.prompt_cache import prepare_prompts
 from normscope.measure.sampling import Reporter, SilentReporter, prompt_batches, resolve_run_device, run_model_batches
 from normscope.measure.table import free_frame, tidy
+from normscope.runfolder.fingerprint import pipeline_fingerprint
 
 PASS, FAIL, ERROR = "pass", "fail", "error"
 
@@ -173,7 +173,7 @@ def _contradictions(reference: Reference, config: CheckConfig) -> list[str]:
         if value != stored_value:
             problems.append(f"--{name.replace('_', '-')} {value} (reference: {stored_value})")
     if config.prompts_file is not None or config.prompts:
-        from normscope.measure.fingerprint import prompts_digest
+        from normscope.runfolder.fingerprint import prompts_digest
 
         if prompts_digest(resolve_prompts(config.prompts_file, config.prompts)) != reference.meta["hashes"]["prompts"]:
             problems.append("the prompts (they differ from the reference's)")

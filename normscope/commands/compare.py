@@ -9,6 +9,7 @@ Stages run one way: load -> capture -> table -> stats -> outputs.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,6 @@ from normscope.load.device_memory import check_run_fits, out_of_memory_as_error
 from normscope.load.families import family_for
 from normscope.load.pipeline import check_family_inputs
 from normscope.measure.capture import GUIDED, CallRecord
-from normscope.measure.fingerprint import run_fingerprint
 from normscope.measure.frames import VIDEO_LAYOUT, FrameNorms, free_frames, paired_frames, tidy_frames
 from normscope.measure.image_signals import IMAGE_SIGNALS_CSV, PreClipImages, batch_signals, load_scorer, signal_table
 from normscope.measure.maps import MAPS_FILE, Maps, latent_geometry, maps_observer
@@ -59,7 +59,6 @@ from normscope.measure.stats import (
     select,
     step_profile,
 )
-from normscope.measure.store import BatchStore
 from normscope.measure.table import (
     BRANCH,
     EXPERT,
@@ -72,6 +71,10 @@ from normscope.measure.table import (
     paired_frame,
     tidy,
 )
+from normscope.render.files import FRAMES_CSV, FRAMES_PNG, IMAGES_DIR, NORMS_CSV, PROFILE_PNG, SUMMARY_JSON
+from normscope.runfolder import RunFolder
+from normscope.runfolder.fingerprint import run_fingerprint
+from normscope.runfolder.store import PARTIAL_DIR, BatchStore
 
 
 @dataclass
@@ -129,12 +132,13 @@ def _rows(mode: str, records: dict[str, CallRecord], samples: list[Sample], driv
     return paired(records["paired"], samples, drive)
 
 
-def save_images(records: dict[str, CallRecord], samples: list[Sample], out: Path) -> None:
-    """images/<prompt_id>-<seed>-<base|tuned|rescaled>.png (a video: .webp, animated), written as each batch finishes."""
-    from normscope.render.files import IMAGES_DIR
+def save_images(records: dict[str, CallRecord], samples: list[Sample], folder: Path) -> None:
+    """<prompt_id>-<seed>-<base|tuned|rescaled>.png (a video: .webp, animated) in ``folder``, as each batch finishes.
+
+    The run keeps them with its finished batches (``.partial/images``) until it publishes them as ``images/``.
+    """
     from normscope.render.video import VIDEO_SUFFIX, save_video
 
-    folder = out / IMAGES_DIR
     folder.mkdir(parents=True, exist_ok=True)
     for role, record in records.items():
         for sample, image in zip(samples, record.images or [], strict=True):
@@ -235,38 +239,44 @@ def compare(config: CompareConfig, reporter: Reporter | None = None, pipe=None,
         checkpoints.append(find_checkpoint(config.base, "BASE", allow_pickle=config.allow_pickle))
 
     check_family_inputs(source, [(config.tuned, "TUNED"), (config.base, "BASE")], config)
+    # A scorer that cannot be imported is bad input: refused now, before the folder is touched or anything loads.
+    scorer = load_scorer(config.scorer) if config.scorer else None
 
     groups = list(batches(samples, config.batch_size))
-    embeddings = None
-    if config.encode_once:  # before any transformer is loaded: the encoders have the device (and the RAM) alone
-        if cache_dir is None and config.out is not None:
-            cache_dir = Path(config.out) / CACHE_DIR
-        embeddings = prepare_prompts(source, prompt_batches(samples, config.batch_size), config, dtype, device,
-                                     cache_dir, pipe=pipe)
-    own_pipe = pipe is None
-    if own_pipe:
-        pipe = load_pipeline(source, dtype, device, parts="denoiser" if embeddings is not None else "all",
-                             place=False)
-    family = family_for(type(pipe).__name__)
-    offload_to = device if config.offload else None
-    loaded = load_models(pipe, config.base, config.tuned, source, config.adapter, config.allow_pickle, offload_to)
-    if config.offload and device == "cpu":
-        reporter.note("--offload on the CPU saves nothing (host memory is the device): the transformers still take turns")
-    for note in loaded.notes:
-        reporter.note(note)
-    defaults_note = default_settings_note(pipe, config, family)
-    if defaults_note:
-        reporter.note(defaults_note)
-    try:
-        return _measure(config, pipe, family, loaded, prompts, embeddings, samples, groups, source, checkpoints,
-                        device, dtype, procs, reporter)
-    finally:
-        if not own_pipe:  # a caller's pipeline gets its own transformer back: adapter removed, weights in place
-            loaded.release()
+    folder = (RunFolder(Path(config.out), main=procs.is_main, note=reporter.note) if config.out is not None
+              else nullcontext())
+    with folder:  # checked (a file, read-only, busy) and locked for the whole run; published at its end
+        embeddings = None
+        if config.encode_once:  # before any transformer is loaded: the encoders have the device (and the RAM) alone
+            if cache_dir is None and config.out is not None:
+                cache_dir = Path(config.out) / CACHE_DIR
+            embeddings = prepare_prompts(source, prompt_batches(samples, config.batch_size), config, dtype, device,
+                                         cache_dir, pipe=pipe, note=reporter.note)
+        own_pipe = pipe is None
+        if own_pipe:
+            pipe = load_pipeline(source, dtype, device, parts="denoiser" if embeddings is not None else "all",
+                                 place=False)
+        family = family_for(type(pipe).__name__)
+        offload_to = device if config.offload else None
+        loaded = load_models(pipe, config.base, config.tuned, source, config.adapter, config.allow_pickle, offload_to)
+        if config.offload and device == "cpu":
+            reporter.note("--offload on the CPU saves nothing (host memory is the device): the transformers still take turns")
+        for note in loaded.notes:
+            reporter.note(note)
+        defaults_note = default_settings_note(pipe, config, family)
+        if defaults_note:
+            reporter.note(defaults_note)
+        try:
+            return _measure(config, pipe, family, loaded, prompts, embeddings, samples, groups, source, checkpoints,
+                            device, dtype, procs, reporter, folder if config.out is not None else None, scorer)
+        finally:
+            if not own_pipe:  # a caller's pipeline gets its own transformer back: adapter removed, weights in place
+                loaded.release()
 
 
 def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts: list[str], embeddings, samples,
-             groups, source, checkpoints, device: str, dtype, procs, reporter: Reporter) -> CompareResult | None:
+             groups, source, checkpoints, device: str, dtype, procs, reporter: Reporter, folder: RunFolder | None,
+             scorer) -> CompareResult | None:
     from normscope.render.files import write_run
 
     fp = check_run_fits(pipe, config, device, config.max_device_memory, embeddings,
@@ -277,8 +287,10 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
     driver, other = (tuned, base) if config.drive.value == "tuned" else (base, tuned)
 
     store = None
-    if config.out is not None:
-        store = BatchStore(Path(config.out) / ".partial", _fingerprint(config, prompts, source, checkpoints), procs)
+    fingerprint = _fingerprint(config, prompts, source, checkpoints)
+    if folder is not None:
+        store = BatchStore(folder.path / PARTIAL_DIR, fingerprint, procs, note=reporter.note)
+        folder.store = store
         if store.reset:
             reporter.note(f"options, prompts, pipeline or checkpoints changed since the unfinished run in {config.out}: starting afresh")
         elif store.finished():
@@ -287,7 +299,6 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
     runs = _runs(config)
     calls_per_batch = CALLS_PER_BATCH
     reporter.begin(sum(calls_per_batch[m] for m in runs) * len(groups) * config.steps)
-    scorer = load_scorer(config.scorer) if config.scorer else None
     want_signals = config.maps or scorer is not None
     resolved = resolved_sampling(pipe, config, family)
     pixel_period = latent_geometry(pipe, family)[2] * int(getattr(pipe, "vae_scale_factor", 1) or 1)
@@ -297,8 +308,10 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
         key = f"{mode}-{index:05d}"
         records = store.load(key) if store else None
         if records is not None:
-            reporter.advance(calls_per_batch[mode] * config.steps)
-            return records, _load_extra(store, key, mode, config, want_signals)
+            extra = _load_extra(store, key, mode, config, want_signals)
+            if extra is not _MISSING:  # a batch whose extras were lost (damaged) is measured again, whole
+                reporter.advance(calls_per_batch[mode] * config.steps)
+                return records, extra
         kwargs = sampling_kwargs(pipe, config, batch, family, embeddings)
         extra = None
         if (mode in ("free", RESCALED) and config.save_images) or (mode == "free" and want_signals):
@@ -321,7 +334,7 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
         else:
             records = run_free(pipe, base, tuned, kwargs, reporter, observers, device=device)
         if mode in ("free", RESCALED) and config.save_images:
-            save_images(records, batch, Path(config.out))
+            save_images(records, batch, store.images)
         for record in records.values():
             record.images = None
         if store:
@@ -330,8 +343,7 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
         return records, extra
 
     frames, per_frame, map_parts, signal_parts = [], [], [], []
-    kept = f" (the finished batches are kept in {config.out}: rerun with the new options to resume)" if store else ""
-    with out_of_memory_as_error(device, fp, kept):
+    with out_of_memory_as_error(device, fp):
         for mode in runs:
             for index, (records, extra) in enumerate(procs.map(len(groups), lambda i, mode=mode: measure(mode, i))):
                 frames.append(_rows(mode, records, groups[index], config.drive.value, paired_frame, free_frame))
@@ -362,9 +374,11 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
     if signals is not None:
         summary["image_signals"] = {"pixel_period": pixel_period, "scorer": config.scorer, "signals": signal_table(signals)}
     result = CompareResult(frame, summary, video if len(video) else None, maps, signals)
-    if config.out is not None:
-        write_run(result, Path(config.out), figure=config.figure)
-        write_where(result, Path(config.out))
+    if folder is not None:
+        def write(staging: Path) -> list[Path]:
+            return write_run(result, staging, figure=config.figure) + write_where(result, staging)
+
+        folder.publish(write, fingerprint, RUN_KIND, known=RUN_OUTPUTS, links={IMAGES_DIR: store.images})
         store.clear()
     # The API ends as the CLI does: the package's error, after the files (with the counts) are written.
     verdict = nonfinite_verdict(frame)
@@ -395,15 +409,26 @@ def _save_extra(store: BatchStore, key: str, extra) -> None:
         store.save_extra(key, "signals", {c: torch.tensor(extra[c].to_numpy()) for c in extra.columns}, {"columns": list(extra.columns)})
 
 
-def _load_extra(store: BatchStore, key: str, mode: str, config: CompareConfig, want_signals: bool):
-    if mode == "paired" and config.maps:
-        tensors, meta = store.load_extra(key, "maps")
-        return Maps(tensors, meta)
-    if mode == "free" and want_signals:
-        tensors, meta = store.load_extra(key, "signals")
-        return pd.DataFrame({c: tensors[c].numpy() for c in meta["columns"]})
-    return None
+_MISSING = object()  # a stored batch's extras could not be read: measure the batch again
 
+
+def _load_extra(store: BatchStore, key: str, mode: str, config: CompareConfig, want_signals: bool):
+    name = "maps" if mode == "paired" and config.maps else "signals" if mode == "free" and want_signals else None
+    if name is None:
+        return None
+    entry = store.load_extra(key, name)
+    if entry is None:
+        return _MISSING
+    tensors, meta = entry
+    try:
+        return Maps(tensors, meta) if name == "maps" else pd.DataFrame({c: tensors[c].numpy() for c in meta["columns"]})
+    except (KeyError, TypeError, ValueError):
+        return _MISSING
+
+
+# What a compare run folder publishes; a rerun removes any of them that it does not write again.
+RUN_KIND = "compare"
+RUN_OUTPUTS = (NORMS_CSV, SUMMARY_JSON, PROFILE_PNG, FRAMES_CSV, FRAMES_PNG, IMAGES_DIR, MAPS_FILE, IMAGE_SIGNALS_CSV)
 
 # Pipeline calls per batch of each mode (the progress bar advances once per denoising step of each call).
 CALLS_PER_BATCH = {"paired": 1, "free": 2, RESCALED: 1}

@@ -34,7 +34,6 @@ from normscope.load.families import family_for
 from normscope.load.pipeline import check_family_inputs, place_denoiser, quiet_loading
 from normscope.measure.capture import GUIDED, CallRecord
 from normscope.measure.distributed import current_processes
-from normscope.measure.fingerprint import fingerprint_files, pipeline_fingerprint, prompts_digest
 from normscope.measure.prompt_cache import CACHE_DIR, prepare_prompts
 from normscope.measure.prompts import Sample, make_samples, resolve_prompts
 from normscope.measure.sampling import (
@@ -48,11 +47,15 @@ from normscope.measure.sampling import (
     versions,
 )
 from normscope.measure.stats import sigma_integral
+from normscope.runfolder import RunFolder
+from normscope.runfolder.fingerprint import fingerprint_files, pipeline_fingerprint, prompts_digest
 
 REFERENCE_JSON = "reference.json"
 REFERENCE_TENSORS = "reference.safetensors"
 THRESHOLDS_CSV = "thresholds.csv"
 REFERENCE_PNG = "reference.png"
+REFERENCE_KIND = "reference"
+REFERENCE_OUTPUTS = (REFERENCE_JSON, "reference.safetensors", "thresholds.csv", REFERENCE_PNG)
 FORMAT_VERSION = 1
 GATE_MINIMUM = 0.02  # the paper's effect is 5-15 %: a gate below 2 % gates on noise, not on inflation
 GATE_STEP = 0.005
@@ -230,13 +233,42 @@ def profile(config: ProfileConfig, reporter: Reporter | None = None, pipe=None, 
     base_ckpt = None if Path(config.base).resolve() == Path(source).resolve() else find_checkpoint(config.base, "BASE", allow_pickle=config.allow_pickle)
     if base_ckpt is not None and base_ckpt.is_lora:
         raise InputError(f"BASE {config.base} is a LoRA: profile the model a LoRA was trained from (the pipeline)")
+    main = current_processes().is_main
+    with RunFolder(config.out, main=main, note=reporter.note) as folder:  # checked and locked before anything loads
+        reference = _profile(config, reporter, pipe, cache_dir, prompts, samples, device, dtype, source, base_ckpt)
+        if main:
+            folder.publish(lambda staging: _write_reference(reference, config, staging), reference_fingerprint(reference),
+                           REFERENCE_KIND, known=REFERENCE_OUTPUTS)
+    return reference
+
+
+def reference_fingerprint(reference: Reference) -> str:
+    """What a reference's numbers depend on: its probe, pipeline, prompts and weights (its hashes)."""
+    import hashlib
+
+    text = json.dumps([reference.meta["config"]["probe"], reference.meta["hashes"]], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _write_reference(reference: Reference, config: ProfileConfig, staging: Path) -> list[Path]:
+    written = reference.save(staging)
+    if config.figure:
+        from normscope.render.figures import reference_figure, save_png
+
+        written.append(save_png(reference_figure(reference.meta), staging / REFERENCE_PNG))
+    return written
+
+
+def _profile(config: ProfileConfig, reporter: Reporter, pipe, cache_dir: Path | None, prompts: list[str],
+             samples: list[Sample], device: str, dtype, source: str, base_ckpt) -> Reference:
     check_samples = samples[: min(DTYPE_CHECK_SAMPLES, len(samples))] if config.dtype_check else []
     calls = -(-len(samples) // config.batch_size) + -(-len(check_samples) // config.batch_size)
     reporter.begin(calls * config.steps)
 
     batches = prompt_batches(samples, config.batch_size) + prompt_batches(check_samples, config.batch_size)
     embeddings = prepare_prompts(source, batches, config, dtype, device,
-                                 cache_dir if cache_dir is not None else config.out / CACHE_DIR, pipe=pipe)
+                                 cache_dir if cache_dir is not None else config.out / CACHE_DIR, pipe=pipe,
+                                 note=reporter.note)
     if pipe is None:
         pipe = load_pipeline(source, dtype, device, parts="denoiser" if embeddings is not None else "all", place=False)
     check_run_fits(pipe, config, device, config.max_device_memory, embeddings)  # one transformer: the base
@@ -317,15 +349,7 @@ def profile(config: ProfileConfig, reporter: Reporter | None = None, pipe=None, 
         "warnings": warnings,
         "versions": versions(),
     }
-    reference = Reference(meta, norms, record.timesteps.double().numpy(), record.sigmas.double().numpy())
-    if not current_processes().is_main:
-        return reference
-    reference.save(config.out)
-    if config.figure:
-        from normscope.render.figures import reference_figure, save_png
-
-        save_png(reference_figure(meta), config.out / REFERENCE_PNG)
-    return reference
+    return Reference(meta, norms, record.timesteps.double().numpy(), record.sigmas.double().numpy())
 
 
 class _LatentSize:

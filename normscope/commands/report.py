@@ -53,8 +53,15 @@ class Run:
     """One saved compare run folder."""
 
     def __init__(self, folder: Path) -> None:
+        from normscope.runfolder import verified_files
+
         self.folder = folder
-        if not (folder / SUMMARY_JSON).is_file() or not (folder / NORMS_CSV).is_file():
+        if not folder.is_dir():
+            raise InputError(f"{folder} is not a folder: pass run folders written by normscope compare --out")
+        # Only files the run published, each with the digest it had then: never a half-written or stray file.
+        self.files = verified_files(folder, f"rerun normscope compare --out {folder} (a rerun resumes its finished batches)",
+                                    kind="compare")
+        if SUMMARY_JSON not in self.files or NORMS_CSV not in self.files:
             raise InputError(f"{folder} is not a normscope run folder (no {SUMMARY_JSON} and {NORMS_CSV}): pass folders written by normscope compare --out")
         try:
             self.summary = json.loads((folder / SUMMARY_JSON).read_text())
@@ -83,17 +90,14 @@ class Run:
         """The spatial and spectral aggregates of ``compare --maps`` (None when the run has none)."""
         from normscope.measure.maps import MAPS_FILE, Maps
 
-        path = self.folder / MAPS_FILE
-        return Maps.load(path) if path.is_file() else None
+        return Maps.load(self.files[MAPS_FILE]) if MAPS_FILE in self.files else None
 
     def image_pairs(self) -> list[tuple[str, Path, Path]]:
-        folder = self.folder / IMAGES_DIR
-        if not folder.is_dir():
-            return []
         pairs = []
-        for base in sorted(folder.glob("*-base.png")):
+        for name in sorted(n for n in self.files if n.startswith(f"{IMAGES_DIR}/") and n.endswith("-base.png")):
+            base = self.files[name]
             tuned = base.with_name(base.name.replace("-base.png", "-tuned.png"))
-            if tuned.is_file():
+            if f"{IMAGES_DIR}/{tuned.name}" in self.files:
                 prompt_id, seed = base.name.split("-")[:2]
                 pairs.append((f"p{int(prompt_id)} s{seed}", base, tuned))
         return pairs
@@ -234,7 +238,7 @@ def _frame_profile(run: Run):
     from normscope.measure.frames import frame_profile
     from normscope.render.files import FRAMES_CSV
 
-    if not (run.folder / FRAMES_CSV).is_file():
+    if FRAMES_CSV not in run.files:
         return None
     frames = pd.read_csv(run.folder / FRAMES_CSV, keep_default_na=False, na_values={"ratio": [""]})
     profile = frame_profile(frames, run.mode)

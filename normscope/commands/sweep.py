@@ -35,18 +35,20 @@ from normscope.load import find_checkpoint, find_pipeline_source, load_pipeline,
 from normscope.load.device_memory import check_run_fits, parse_size
 from normscope.load.pipeline import check_family_inputs, place_denoiser
 from normscope.measure.distributed import current_processes
-from normscope.measure.fingerprint import checkpoint_identity, pipeline_fingerprint, pipeline_identity, prompts_digest
 from normscope.measure.maps import where_columns
 from normscope.measure.prompt_cache import CACHE_DIR, prepare_prompts
 from normscope.measure.prompts import make_samples, resolve_prompts
 from normscope.measure.sampling import Reporter, SilentReporter, prompt_batches, resolve_run_device
 from normscope.render.files import write_run
+from normscope.runfolder import RunFolder, publish_outputs
+from normscope.runfolder.fingerprint import checkpoint_identity, pipeline_fingerprint, pipeline_identity, prompts_digest
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint[-_](\d+)$")
 SWEEP_CSV = "sweep.csv"
 SWEEP_JSON = "sweep.json"
 SWEEP_PNG = "sweep.png"
 SWEEP_WHERE_PNG = "sweep_where.png"
+SWEEP_KIND = "sweep"
 BASE_DIR = "base"
 COLUMNS = ("step", "checkpoint", "inflation", "ci_lo", "ci_hi", "hinge_rate", "near_noise", "middle", "near_data",
            "nonfinite", "crosses_gate")
@@ -168,19 +170,24 @@ def _base_reference(config: SweepConfig, source: str, reporter: Reporter, pipe=N
 
 def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame:
     """Compare every checkpoint of ``config.run_dir`` with the base; returns (and writes) the sweep table."""
-    from normscope.commands.check import measure_against_reference
-    from normscope.commands.compare import CALLS_PER_BATCH, CompareResult, compare, write_where
-
     reporter = reporter or SilentReporter()
     checkpoints = find_training_checkpoints(config.run_dir)
     for _, path in checkpoints:  # bad checkpoints fail now, not after an hour
         find_checkpoint(path, "TUNED", config.adapter, config.allow_pickle)
     source = find_pipeline_source(config.base, str(config.run_dir), config.pipeline)
     check_family_inputs(source, [(config.base, "BASE")] + [(str(p), "TUNED") for _, p in checkpoints], config)
-    config.out.mkdir(parents=True, exist_ok=True)
     device, kind = resolve_run_device(config.device)
     dtype = resolve_dtype(config.dtype, kind)
     main = current_processes().is_main
+    with RunFolder(config.out, main=main, note=reporter.note):  # checked and locked before anything loads
+        return _sweep(config, reporter, checkpoints, source, device, dtype, main)
+
+
+def _sweep(config: SweepConfig, reporter: Reporter, checkpoints: list[tuple[int, Path]], source: str, device: str,
+           dtype, main: bool) -> pd.DataFrame | None:
+    from normscope.commands.check import measure_against_reference
+    from normscope.commands.compare import CALLS_PER_BATCH, RUN_KIND, RUN_OUTPUTS, CompareResult, compare, write_where
+
     # One pipeline for the base profile and every checkpoint: full weights overwrite its transformer (or a copy
     # of it), a LoRA is attached for its checkpoint and removed again; the prompts are encoded once for all.
     cache_dir = config.out / CACHE_DIR
@@ -229,7 +236,8 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame
                                                        cache_dir=cache_dir, max_device_memory=config.max_device_memory)
             summary["config"]["sweep_fingerprint"] = fingerprint
             if main:
-                write_run(CompareResult(frame, summary), run_dir, figure=False)
+                publish_outputs(run_dir, lambda staging, r=CompareResult(frame, summary): write_run(r, staging, figure=False),
+                                fingerprint, RUN_KIND, known=RUN_OUTPUTS)
         else:
             fields = {k: getattr(config, k) for k in PROBE_FIELDS}
             result = compare(CompareConfig(base=config.base, tuned=str(path), pipeline=source, adapter=config.adapter,
@@ -242,8 +250,8 @@ def sweep(config: SweepConfig, reporter: Reporter | None = None) -> pd.DataFrame
             if result is None:  # not the main process: compare gathered the numbers on the main one
                 continue
             result.summary["config"]["sweep_fingerprint"] = fingerprint
-            write_run(result, run_dir, figure=False)
-            write_where(result, run_dir)
+            publish_outputs(run_dir, lambda staging, r=result: write_run(r, staging, figure=False) + write_where(r, staging),
+                            fingerprint, RUN_KIND, known=RUN_OUTPUTS)
             summary = result.summary
         rows.append(_row(step, path, summary, config.gate))
         if main:
@@ -286,21 +294,29 @@ def _restore_base(pipe, config: SweepConfig, source: str, dtype, device: str):
 
 
 def _write_table(config: SweepConfig, rows: list[dict], pipeline_loads: int | None = None) -> pd.DataFrame:
+    """sweep.csv, sweep.json and the figures, published together after every checkpoint (never half-written)."""
     extra = [c for row in rows for c in row if c not in COLUMNS]
     table = pd.DataFrame(rows, columns=list(dict.fromkeys([*COLUMNS, *extra]))).sort_values("step").reset_index(drop=True)
-    table.to_csv(config.out / SWEEP_CSV, index=False, lineterminator="\n")
+    digest = hashlib.sha256(table.to_csv(index=False).encode()).hexdigest()[:16]
+    publish_outputs(config.out, lambda staging: _write_table_files(config, table, pipeline_loads, staging), digest,
+                    SWEEP_KIND, known=(SWEEP_CSV, SWEEP_JSON, SWEEP_PNG, SWEEP_WHERE_PNG))
+    return table
+
+
+def _write_table_files(config: SweepConfig, table: pd.DataFrame, pipeline_loads: int | None, out: Path) -> list[Path]:
+    table.to_csv(out / SWEEP_CSV, index=False, lineterminator="\n")
     crossing = table[table["crosses_gate"]]
     meta = {"run_dir": str(config.run_dir), "mode": config.mode.value, "gate": config.gate,
             "first_crossing": None if crossing.empty else {"step": int(crossing.iloc[0]["step"]),
                                                           "checkpoint": crossing.iloc[0]["checkpoint"]},
             "checkpoints": json.loads(table.to_json(orient="records")),
             "pipeline_loads": pipeline_loads}
-    (config.out / SWEEP_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+    (out / SWEEP_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     from normscope.render.figures import save_png, sweep_figure
 
-    save_png(sweep_figure(table, config.gate), config.out / SWEEP_PNG)
+    written = [out / SWEEP_CSV, out / SWEEP_JSON, save_png(sweep_figure(table, config.gate), out / SWEEP_PNG)]
     if "grid_score" in table or any(c.endswith("_diff") for c in table):
         from normscope.render.maps_figures import sweep_where
 
-        save_png(sweep_where(table), config.out / SWEEP_WHERE_PNG)
-    return table
+        written.append(save_png(sweep_where(table), out / SWEEP_WHERE_PNG))
+    return written

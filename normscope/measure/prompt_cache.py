@@ -13,7 +13,8 @@ pipeline that encodes inside its call. Batches are formed the same way by every 
 batches recur in its other mode, in both models, in reruns, in resumes and in every checkpoint of a sweep.
 
 Entries live in memory for the run and, with a folder, on disk as safetensors named by a digest of the
-text encoders' files, the pipeline class, the encoder settings and the prompts.
+text encoders' files, the pipeline class, the encoder settings and the prompts; an entry that is damaged or
+was not written under its name's digest is encoded again (``normscope.runfolder.entries``), never read.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from normscope.load.families import PromptEncoding, family_for
+from normscope.runfolder.entries import read_entry, write_entry
 
 CACHE_DIR = ".prompt-embeddings"
 TEXT_ENCODER_PREFIX = "text_encoder"
@@ -56,7 +57,7 @@ def encoders_fingerprint(source: str | None) -> str | None:
     root = Path(source)
     if not root.is_dir():
         return f"hub:{source}"
-    from normscope.measure.fingerprint import fingerprint_files
+    from normscope.runfolder.fingerprint import fingerprint_files
 
     files = [p for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0].startswith(("text_encoder", "tokenizer"))]
     files.append(root / "model_index.json")
@@ -67,13 +68,14 @@ class PromptCache:
     """Embeddings of batches of prompts for one pipeline class and one set of encoder settings."""
 
     def __init__(self, pipeline_class: str, encoding: PromptEncoding, settings: dict, device: str,
-                 fingerprint: str | None = None, folder: Path | None = None) -> None:
+                 fingerprint: str | None = None, folder: Path | None = None, note=None) -> None:
         self.pipeline_class = pipeline_class
         self.encoding = encoding
         self.settings = settings
         self.device = device
         self.fingerprint = fingerprint
         self.folder = Path(folder) if folder is not None and fingerprint is not None else None
+        self.note = note  # told about a damaged or foreign entry (recomputed)
         self._memory: dict[str, dict[str, torch.Tensor]] = {}
         self.encoded = 0  # batches encoded by this cache (not found in memory or on disk)
         self.from_disk = 0
@@ -90,10 +92,9 @@ class PromptCache:
         if key in self._memory:
             return self._memory[key]
         path = self._path(key)
-        if path is not None and path.is_file():
-            from safetensors.torch import load_file
-
-            self._memory[key] = load_file(str(path))
+        entry = read_entry(path, key, self.note) if path is not None else None  # damaged or foreign: encoded again
+        if entry is not None:
+            self._memory[key] = entry[0]
             self.from_disk += 1
             return self._memory[key]
         return None
@@ -135,12 +136,7 @@ class PromptCache:
             self.encoded += 1
             path = self._path(key)
             if path is not None:
-                from safetensors.torch import save_file
-
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes of one launch may write the same entry
-                save_file(tensors, str(tmp))
-                tmp.replace(path)
+                write_entry(path, tensors, key)
 
     def kwargs(self, prompts: Sequence[str], dtype=None) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         """The pipeline-call keywords for this batch, on the execution device (in ``dtype`` when given)."""
@@ -190,7 +186,7 @@ def pipeline_class_name(source: str) -> str | None:
 
 
 def prepare_prompts(source: str, batches: Sequence[Sequence[str]], probe, dtype, device: str,
-                    folder: Path | None = None, pipe=None) -> PromptCache | None:
+                    folder: Path | None = None, pipe=None, note=None) -> PromptCache | None:
     """Embeddings of every batch a run will sample, encoded with the text encoders alone on ``device``.
 
     ``probe`` gives the encoder settings (negative prompt, sequence length) as the pipeline call would use them.
@@ -211,7 +207,7 @@ def prepare_prompts(source: str, batches: Sequence[Sequence[str]], probe, dtype,
     if encoding is None or pipeline_cls is None:
         return None
     settings = encoder_settings(pipeline_cls, probe, dtype)
-    cache = PromptCache(name, encoding, settings, device, encoders_fingerprint(source), folder)
+    cache = PromptCache(name, encoding, settings, device, encoders_fingerprint(source), folder, note)
     todo = cache.missing(batches)
     if not todo:
         return cache
