@@ -195,8 +195,8 @@ def cli_errors() -> Iterator[None]:
     except NormscopeError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        err.print("interrupted: finished batches are kept in --out; rerun the same command to resume")
+    except KeyboardInterrupt:  # the run folder has said whether batches are kept (and where) before this line
+        err.print("interrupted", highlight=False)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except (typer.Exit, typer.Abort, SystemExit):
         raise
@@ -205,11 +205,11 @@ def cli_errors() -> Iterator[None]:
             raise
         if type(exc).__name__ == "OutOfMemoryError":  # torch's, from a command without its own estimate
             err.print("[red]error:[/red] the device ran out of memory: try --offload (compare), --dtype bfloat16 or a "
-                      "smaller --batch-size (finished batches are kept in --out)", highlight=False, soft_wrap=True)
+                      "smaller --batch-size", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_RUN) from None
         err.print(
             f"[red]error:[/red] the run failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-            "(finished batches are kept in --out; set NORMSCOPE_DEBUG=1 for the traceback)",
+            "(set NORMSCOPE_DEBUG=1 for the traceback)",
             highlight=False, soft_wrap=True,
         )
         raise typer.Exit(EXIT_RUN) from None

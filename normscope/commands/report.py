@@ -53,11 +53,13 @@ class Run:
     """One saved compare run folder."""
 
     def __init__(self, folder: Path) -> None:
-        from normscope.runfolder import verified_files
+        from normscope.runfolder import MANIFEST, verified_files
 
         self.folder = folder
         if not folder.is_dir():
             raise InputError(f"{folder} is not a folder: pass run folders written by normscope compare --out")
+        if not any((folder / name).exists() for name in (MANIFEST, SUMMARY_JSON, NORMS_CSV)):
+            raise InputError(f"{folder} is not a normscope run folder (no {MANIFEST}, {SUMMARY_JSON} or {NORMS_CSV}): pass folders written by normscope compare --out")
         # Only files the run published, each with the digest it had then: never a half-written or stray file.
         self.files = verified_files(folder, f"rerun normscope compare --out {folder} (a rerun resumes its finished batches)",
                                     kind="compare")

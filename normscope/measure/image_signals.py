@@ -199,6 +199,9 @@ def load_scorer(spec: str) -> Callable:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise InputError(f"--scorer {spec}: cannot import {module_name} ({exc}): put it on PYTHONPATH") from None
+    except Exception as exc:  # the module itself is broken (SyntaxError, an error at import time): bad input too
+        detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        raise InputError(f"--scorer {spec}: cannot import {module_name} ({detail}): fix the module") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise InputError(f"--scorer {spec}: {module_name} has no callable {attr}")
