@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -101,15 +102,33 @@ def test_the_lock_dies_with_a_killed_run_and_the_rerun_resumes_byte_identical(pi
     clean = tmp_path / "clean"
     assert runner.invoke(app, compare_args(pipelines, scaled("sd3", 1.1), clean, "--mode", "both")).exit_code == 0
     out = tmp_path / "killed"
-    first = cli(compare_args(pipelines, scaled("sd3", 1.1), out, "--mode", "both"))
-    wait_for(out / ".partial" / "paired-00001.safetensors", first)
-    first.kill()  # kill -9: no handler runs, the flock goes with the process
-    first.wait()
-    assert not (out / MANIFEST).exists()
+    rng = random.Random(18)
+    for _ in range(2):  # killed twice at random moments of the run (measuring, writing a batch, publishing)
+        first = cli(compare_args(pipelines, scaled("sd3", 1.1), out, "--mode", "both"))
+        wait_for(out / ".partial" / "meta.json", first)
+        time.sleep(rng.uniform(0.0, 1.5))
+        first.kill()  # kill -9: no handler runs, the flock goes with the process
+        first.wait()
     resumed = runner.invoke(app, compare_args(pipelines, scaled("sd3", 1.1), out, "--mode", "both"))
     assert resumed.exit_code == 0, resumed.output
     assert "resuming:" in resumed.stderr
     assert same_run(out, clean)
+
+
+def test_ctrl_c_keeps_the_finished_batches_says_so_and_the_rerun_resumes(pipelines, scaled, tmp_path):
+    out = tmp_path / "R"
+    process = cli(compare_args(pipelines, scaled("sd3", 1.1), out, seeds="0-3"))
+    wait_for(out / ".partial" / "paired-00001.safetensors", process)
+    process.send_signal(signal.SIGINT)
+    done = finish(process)
+    assert done.returncode == 130, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if "kept" in line]
+    assert len(lines) == 1 and f"are kept in {out}: rerun the same command to resume" in lines[0]
+    kept = int(lines[0].split("note: ")[1].split(" ")[0])
+    assert kept >= 2 and kept == len(list((out / ".partial").glob("*.safetensors")))
+    rerun = runner.invoke(app, compare_args(pipelines, scaled("sd3", 1.1), out, seeds="0-3"))
+    assert rerun.exit_code == 0 and f"resuming: {kept} finished batch(es)" in rerun.stderr
+    assert ratios(out) == {1.1}
 
 
 # ---------------------------------------------------------------- caches: foreign and damaged entries
