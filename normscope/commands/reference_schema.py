@@ -73,7 +73,7 @@ class Field:
             return f"is {_show(value)}, expected {self._expected()}"
         if self.kind in ("int", "number"):
             if not math.isfinite(value):
-                return f"is {_show(value)}, expected a finite {self._expected()}"
+                return f"is {_show(value)}, expected {self._expected()}"
             if self.low is not None and value < self.low:
                 return f"is {_show(value)}, expected {self._expected()}"
             if self.high is not None and value >= self.high:
@@ -83,7 +83,7 @@ class Field:
         return None
 
     def _expected(self) -> str:
-        text = {"int": "an integer", "number": "a number", "str": "a string", "dict": "an object", "list": "a list",
+        text = {"int": "an integer", "number": "a finite number", "str": "a string", "dict": "an object", "list": "a list",
                 "int list": "a list of integers", "str list": "a list of strings"}[self.kind]
         if self.kind in ("int", "number"):
             if self.low is not None and self.high is not None:
