@@ -348,3 +348,24 @@ def test_fuzz_reference_bytes(fuzz_dir, cut, junk, which, kind):
     (folder / "reference.json").write_bytes(damaged if which == "json" else text)
     (folder / "reference.safetensors").write_bytes(damaged if which == "tensors" else tensors)
     _assert_valid_or_refused(folder)
+
+
+def test_ci_outputs_name_the_collapse_and_the_explosion():
+    from normscope.commands.check import ERROR, FAIL, PASS, CheckedCheckpoint, CheckResult
+    from normscope.render.ci import annotations, junit_xml, sanity_lines, step_summary, verdict_line
+
+    def checked(path, verdict, inflation, sanity):
+        return CheckedCheckpoint(path, verdict, inflation, [inflation, inflation], 0, 1.0, {}, sanity)
+
+    result = CheckResult([checked("zero", ERROR, -1.0, "collapsed"), checked("x4", FAIL, 3.1, "exploded"),
+                          checked("ok", PASS, 0.01, None)], 5.0, "--max-inflation", "paired")
+    assert result.exit_code == 3 and result.to_dict()["checkpoints"][0]["sanity"] == "collapsed"
+    lines = sanity_lines(result)
+    assert lines[0].startswith("error: zero's velocity is 100 % below the base's: the model collapsed (zero output?)")
+    assert lines[1].startswith("implausible: x4's velocity is 310 % above the base's") and len(lines) == 2
+    line = verdict_line(result)
+    assert "zero: -100.00 % (error: collapsed" in line and "x4: +310.00 % (fail: implausible" in line
+    xml = junit_xml(result)
+    assert 'type="Collapsed"' in xml and 'type="Implausible"' in xml and 'errors="1"' in xml
+    assert "collapsed" in annotations(result)[0] and "implausible" in annotations(result)[1]
+    assert "error: collapsed" in step_summary(result)
