@@ -339,6 +339,7 @@ def check(
     paths: Annotated[list[str], typer.Argument(help="BASE TUNED [TUNED ...] for a live check, or TUNED [TUNED ...] with --reference.")],
     max_inflation: Annotated[float | None, typer.Option("--max-inflation", help="The gate, as a fraction: 0.05 fails a checkpoint whose inflation exceeds +5 %. Default with --reference: its suggested gate.")] = None,
     reference: Annotated[Path | None, typer.Option("--reference", help="A folder written by normscope profile: run only TUNED, with the stored config.")] = None,
+    min_inflation: Annotated[float, typer.Option("--min-inflation", help="Floor, as a negative fraction: a checkpoint whose inflation is below it collapsed (-0.5: its velocity is under half the base's; a zeroed output reads -100 %) and is an error (exit 3), never a pass. -1 turns it off.")] = -0.5,
     pipeline: PipelineOpt = None,
     adapter: AdapterOpt = None,
     allow_pickle: PickleOpt = False,
@@ -359,7 +360,8 @@ def check(
         from normscope.render.ci import publish, verdict_line
 
         config = CheckConfig(
-            paths=tuple(paths), reference=reference, max_inflation=max_inflation, pipeline=pipeline, adapter=adapter,
+            paths=tuple(paths), reference=reference, max_inflation=max_inflation, min_inflation=min_inflation,
+            pipeline=pipeline, adapter=adapter,
             allow_pickle=allow_pickle, mode=mode, dtype=dtype, device=device, batch_size=batch_size,
             max_device_memory=max_device_memory, max_grid_score=max_grid_score, **probe,
         )

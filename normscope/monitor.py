@@ -57,11 +57,9 @@ def _gate_value(gate: float | str | Path | None) -> tuple[float | None, str | No
     path = path / "reference.json" if path.is_dir() else path
     if not path.is_file():
         raise InputError(f"gate {gate} is neither a number nor a profile folder with reference.json: run normscope profile")
-    meta = json.loads(path.read_text())
-    try:
-        return float(meta["suggestions"]["gate"]["max_inflation"]), str(path)
-    except (KeyError, TypeError):
-        raise InputError(f"{path} has no suggested gate: rerun normscope profile") from None
+    from normscope.commands.reference_schema import read_gate
+
+    return read_gate(path), str(path)  # checked like every reader of a reference: a NaN or 5000 % gate is refused
 
 
 @dataclass(kw_only=True)

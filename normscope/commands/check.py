@@ -7,8 +7,10 @@ Two ways to get the base side:
   config (half the compute) and compares its free-mode norms with the stored base norms per
   (prompt, seed, step). Options that contradict the stored config are refused.
 
-Verdict per checkpoint: ``error`` if any velocity was non-finite, ``fail`` if inflation > the gate,
-else ``pass``. Exit code: 3 if any error, else 1 if any fail, else 0 (2 for bad input, raised earlier).
+Verdict per checkpoint: ``error`` if any velocity was non-finite or the model collapsed (inflation below
+``min_inflation``, default -50 %: a broken checkpoint, not a pass), ``fail`` if inflation > the gate or above
+the plausible +100 % (an explosion, said to be implausible), else ``pass``. Exit code: 3 if any error, else 1 if
+any fail, else 0 (2 for bad input, raised earlier: a damaged reference included).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from normscope.commands.profile import (
     load_reference,
     probe_from_reference,
 )
+from normscope.commands.reference_schema import MAX_INFLATION_HIGH, MAX_INFLATION_LOW, gate_in_range
 from normscope.config import HEADLINE_ESTIMATE, CompareConfig, Device, DType, Mode
 from normscope.errors import EXIT_INFLATED, EXIT_OK, EXIT_RUN, ConfigError, InputError, NoMeasurementError
 from normscope.load import AdapterModel, find_checkpoint, load_pipeline, load_tuned_only, resolve_dtype
@@ -33,6 +36,7 @@ from normscope.load.lora import detach_lora
 from normscope.load.pipeline import place_denoiser
 from normscope.measure.prompt_cache import prepare_prompts
 from normscope.measure.sampling import Reporter, SilentReporter, prompt_batches, resolve_run_device, run_model_batches
+from normscope.measure.sanity import COLLAPSED, EXPLODED, MAX_PLAUSIBLE_INFLATION, MIN_INFLATION, sanity
 from normscope.measure.table import free_frame, tidy
 from normscope.runfolder.fingerprint import pipeline_fingerprint
 
@@ -50,6 +54,7 @@ class CheckConfig:
     paths: tuple[str, ...]
     reference: Path | None = None
     max_inflation: float | None = None
+    min_inflation: float = MIN_INFLATION  # below it the model collapsed: an error verdict, never a pass
     pipeline: str | None = None
     adapter: str | None = None
     allow_pickle: bool = False
@@ -84,8 +89,12 @@ class CheckConfig:
             raise ConfigError("normscope check --reference needs at least one TUNED checkpoint")
         if self.reference is None and self.max_inflation is None:
             raise ConfigError("a live check needs --max-inflation (e.g. 0.05), or --reference DIR to use its suggested gate")
-        if self.max_inflation is not None and not 0 <= self.max_inflation < 10:
-            raise ConfigError(f"--max-inflation {self.max_inflation} is a fraction (0.05 = 5 %), not a percentage")
+        if self.max_inflation is not None and not gate_in_range(self.max_inflation):
+            raise ConfigError(f"--max-inflation {self.max_inflation} is a fraction (0.05 = 5 %) from "
+                              f"{MAX_INFLATION_LOW:g} up to {MAX_INFLATION_HIGH:g}, not a percentage")
+        if not -1 <= self.min_inflation < 0:  # False for NaN
+            raise ConfigError(f"--min-inflation {self.min_inflation} is a negative fraction from -1 up to 0 (-0.5 = the "
+                              "tuned velocity at half the base's counts as a collapse; -1 turns the check off)")
         if self.reference is not None and self.preset is not None:
             raise ConfigError("--preset does not apply with --reference: the stored probe settings are used")
         if self.reference is not None and self.mode is not Mode.paired:
@@ -115,6 +124,7 @@ class CheckedCheckpoint:
     nonfinite: int
     seconds: float
     summary: dict = field(repr=False)
+    sanity: str | None = None  # "collapsed" or "exploded": a broken checkpoint, whatever the gate says
 
     @property
     def grid_score(self) -> float | None:
@@ -122,7 +132,8 @@ class CheckedCheckpoint:
 
     def to_dict(self) -> dict:
         out = {"path": self.path, "verdict": self.verdict, "inflation": self.inflation,
-               "inflation_ci": self.inflation_ci, "nonfinite": self.nonfinite, "seconds": round(self.seconds, 3)}
+               "inflation_ci": self.inflation_ci, "nonfinite": self.nonfinite, "sanity": self.sanity,
+               "seconds": round(self.seconds, 3)}
         if "maps" in self.summary:
             out["grid_score"] = self.grid_score
             out["grid_score_ci"] = self.summary["maps"]["grid_score_ci"]
@@ -136,6 +147,7 @@ class CheckResult:
     gate_source: str
     mode: str
     max_grid_score: float | None = None
+    min_inflation: float = MIN_INFLATION
 
     @property
     def exit_code(self) -> int:
@@ -145,14 +157,21 @@ class CheckResult:
     def to_dict(self) -> dict:
         return {"verdict": {EXIT_OK: PASS, EXIT_INFLATED: FAIL, EXIT_RUN: ERROR}[self.exit_code],
                 "exit_code": self.exit_code, "max_inflation": self.max_inflation, "gate_source": self.gate_source,
+                "min_inflation": self.min_inflation, "max_plausible_inflation": MAX_PLAUSIBLE_INFLATION,
                 "estimate": HEADLINE_ESTIMATE, "max_grid_score": self.max_grid_score,
                 "mode": self.mode, "checkpoints": [c.to_dict() for c in self.checkpoints]}
 
 
-def verdict(summary: dict, gate: float, max_grid_score: float | None = None) -> str:
-    """error: non-finite velocities; fail: inflation above the gate, or the grid score above its gate; else pass."""
+def verdict(summary: dict, gate: float, max_grid_score: float | None = None, min_inflation: float = MIN_INFLATION) -> str:
+    """error: non-finite velocities, or a collapse (inflation below ``min_inflation``); fail: an explosion (above
+    +100 %), inflation above the gate, or the grid score above its gate; else pass."""
     if summary["nonfinite"] or summary["inflation"] is None:
         return ERROR
+    status = sanity(summary["inflation"], min_inflation)
+    if status == COLLAPSED:
+        return ERROR
+    if status == EXPLODED:
+        return FAIL
     grid = (summary.get("maps") or {}).get("grid_score")
     if max_grid_score is not None and grid is not None and grid > max_grid_score:
         return FAIL
@@ -205,7 +224,7 @@ def _check_stored(config: CheckConfig, reporter: Reporter) -> tuple[list[Checked
         _, summary = measure_against_reference(source, path, reference, probe, dtype, device, reporter,
                                                config.adapter, config.allow_pickle,
                                                max_device_memory=config.max_device_memory)
-        results.append(_checked(path, summary, gate, started))
+        results.append(_checked(path, summary, gate, started, min_inflation=config.min_inflation))
     return results, gate, gate_source
 
 
@@ -256,9 +275,11 @@ def measure_against_reference(source: str, tuned: str, reference: Reference, pro
     return frame, summary
 
 
-def _checked(path: str, summary: dict, gate: float, started: float, max_grid_score: float | None = None) -> CheckedCheckpoint:
-    return CheckedCheckpoint(path, verdict(summary, gate, max_grid_score), summary["inflation"], summary["inflation_ci"],
-                             summary["nonfinite"], time.perf_counter() - started, summary)
+def _checked(path: str, summary: dict, gate: float, started: float, max_grid_score: float | None = None,
+             min_inflation: float = MIN_INFLATION) -> CheckedCheckpoint:
+    status = None if summary["nonfinite"] else sanity(summary["inflation"], min_inflation)
+    return CheckedCheckpoint(path, verdict(summary, gate, max_grid_score, min_inflation), summary["inflation"],
+                             summary["inflation_ci"], summary["nonfinite"], time.perf_counter() - started, summary, status)
 
 
 def _check_live(config: CheckConfig, reporter: Reporter) -> list[CheckedCheckpoint]:
@@ -275,11 +296,13 @@ def _check_live(config: CheckConfig, reporter: Reporter) -> list[CheckedCheckpoi
             ), reporter)
         except NoMeasurementError as exc:  # one checkpoint measured nothing: an ERROR verdict, the others still run
             reporter.note(f"{path}: {exc}")
-            results.append(_checked(path, exc.summary, config.max_inflation, started, config.max_grid_score))
+            results.append(_checked(path, exc.summary, config.max_inflation, started, config.max_grid_score,
+                                    config.min_inflation))
             continue
         if result is None:  # not the main process of a launched run: the main one holds the numbers
             continue
-        results.append(_checked(path, result.summary, config.max_inflation, started, config.max_grid_score))
+        results.append(_checked(path, result.summary, config.max_inflation, started, config.max_grid_score,
+                                config.min_inflation))
     return results
 
 
@@ -288,9 +311,10 @@ def check(config: CheckConfig, reporter: Reporter | None = None) -> CheckResult:
     reporter = reporter or SilentReporter()
     if config.reference is not None:
         checked, gate, source = _check_stored(config, reporter)
-        return CheckResult(checked, gate, source, "free (stored reference)")
+        return CheckResult(checked, gate, source, "free (stored reference)", min_inflation=config.min_inflation)
     checked = _check_live(config, reporter)
-    return CheckResult(checked, config.max_inflation, "--max-inflation", config.mode.runs()[0], config.max_grid_score)
+    return CheckResult(checked, config.max_inflation, "--max-inflation", config.mode.runs()[0], config.max_grid_score,
+                       config.min_inflation)
 
 
 __all__ = ["CheckConfig", "CheckResult", "check", "measure_against_reference", "verdict"]

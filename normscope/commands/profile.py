@@ -20,6 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from normscope.commands.reference_schema import (
+    FORMAT_VERSION,
+    REFERENCE_JSON,
+    REFERENCE_TENSORS,
+    read_meta,
+    read_tensors,
+)
 from normscope.config import Device, DType, ProbeConfig
 from normscope.errors import InputError
 from normscope.load import (
@@ -47,16 +54,13 @@ from normscope.measure.sampling import (
     versions,
 )
 from normscope.measure.stats import sigma_integral
-from normscope.runfolder import RunFolder
+from normscope.runfolder import MANIFEST, RunFolder, verified_files
 from normscope.runfolder.fingerprint import fingerprint_files, pipeline_fingerprint, prompts_digest
 
-REFERENCE_JSON = "reference.json"
-REFERENCE_TENSORS = "reference.safetensors"
 THRESHOLDS_CSV = "thresholds.csv"
 REFERENCE_PNG = "reference.png"
 REFERENCE_KIND = "reference"
-REFERENCE_OUTPUTS = (REFERENCE_JSON, "reference.safetensors", "thresholds.csv", REFERENCE_PNG)
-FORMAT_VERSION = 1
+REFERENCE_OUTPUTS = (REFERENCE_JSON, REFERENCE_TENSORS, THRESHOLDS_CSV, REFERENCE_PNG)
 GATE_MINIMUM = 0.02  # the paper's effect is 5-15 %: a gate below 2 % gates on noise, not on inflation
 GATE_STEP = 0.005
 SUBSET_SPLITS = 200
@@ -135,7 +139,7 @@ def suggest_gate(spread: float, dtype_floor: float | None) -> dict:
     candidates = {"minimum": GATE_MINIMUM}
     if math.isfinite(spread):
         candidates["3 x prompt-subset spread"] = 3 * spread
-    if dtype_floor is not None:
+    if dtype_floor is not None and math.isfinite(dtype_floor):
         candidates["2 x |bfloat16 - float32|"] = 2 * dtype_floor
     driver = max(candidates, key=candidates.get)
     value = math.ceil(candidates[driver] / GATE_STEP - 1e-9) * GATE_STEP
@@ -185,6 +189,7 @@ class Reference:
         tensors = {f"norms/{b}": torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32)) for b, m in self.norms.items()}
         tensors["timesteps"] = torch.from_numpy(self.timesteps.astype(np.float32))
         tensors["sigmas"] = torch.from_numpy(self.sigmas.astype(np.float32))
+        # ``out`` is the run folder's staging folder: the files land together with the manifest (runfolder).
         save_file(tensors, str(out / REFERENCE_TENSORS))
         (out / REFERENCE_JSON).write_text(json.dumps(self.meta, indent=2) + "\n")
         rows = self.meta["per_step"][GUIDED]
@@ -195,18 +200,20 @@ class Reference:
 
 
 def load_reference(folder: str | Path) -> Reference:
-    from safetensors import safe_open
-
+    """Read a profile folder, validated against the schema (reference_schema): a damaged or edited reference
+    is an InputError (exit 2) naming the file, the field and the fix, never a raw error or a NaN gate."""
     folder = Path(folder)
     meta_path = folder / REFERENCE_JSON
     if not meta_path.is_file() or not (folder / REFERENCE_TENSORS).is_file():
         raise InputError(f"--reference {folder} holds no {REFERENCE_JSON} and {REFERENCE_TENSORS}: make one with normscope profile BASE --out {folder}")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT_VERSION:
-        raise InputError(f"--reference {folder} has format {meta.get('format')}, this normscope reads {FORMAT_VERSION}: rerun normscope profile")
-    with safe_open(str(folder / REFERENCE_TENSORS), framework="np") as handle:
-        norms = {k.split("/", 1)[1]: handle.get_tensor(k) for k in handle.keys() if k.startswith("norms/")}
-        return Reference(meta, norms, handle.get_tensor("timesteps"), handle.get_tensor("sigmas"))
+    meta = read_meta(meta_path, folder)
+    norms, timesteps, sigmas = read_tensors(folder / REFERENCE_TENSORS, meta, folder)
+    # Valid files, and the same profile's: a reference.json edited by hand or left by a half-finished rerun is refused.
+    verified = verified_files(folder, f"rerun normscope profile BASE --out {folder}", kind=REFERENCE_KIND)
+    missing = [name for name in (REFERENCE_JSON, REFERENCE_TENSORS) if name not in verified]
+    if missing:
+        raise InputError(f"{folder / MANIFEST} does not list {', '.join(missing)}: rerun normscope profile BASE --out {folder}")
+    return Reference(meta, norms, timesteps, sigmas)
 
 
 def _norm_matrix(record: CallRecord, branch: str) -> np.ndarray:

@@ -39,6 +39,7 @@ from normscope.measure.maps import where_columns
 from normscope.measure.prompt_cache import CACHE_DIR, prepare_prompts
 from normscope.measure.prompts import make_samples, resolve_prompts
 from normscope.measure.sampling import Reporter, SilentReporter, prompt_batches, resolve_run_device
+from normscope.measure.sanity import sanity
 from normscope.render.files import write_run
 from normscope.runfolder import RunFolder, publish_outputs
 from normscope.runfolder.fingerprint import checkpoint_identity, pipeline_fingerprint, pipeline_identity, prompts_digest
@@ -51,7 +52,7 @@ SWEEP_WHERE_PNG = "sweep_where.png"
 SWEEP_KIND = "sweep"
 BASE_DIR = "base"
 COLUMNS = ("step", "checkpoint", "inflation", "ci_lo", "ci_hi", "hinge_rate", "near_noise", "middle", "near_data",
-           "nonfinite", "crosses_gate")
+           "nonfinite", "crosses_gate", "sanity")
 
 
 @dataclass(kw_only=True)
@@ -117,7 +118,8 @@ def _row(step: int, path: Path, summary: dict, gate: float | None) -> dict:
     value = summary["inflation"]
     row = {"step": step, "checkpoint": str(path), "inflation": value, "ci_lo": summary["inflation_ci"][0],
            "ci_hi": summary["inflation_ci"][1], "hinge_rate": summary["hinge_rate"], **regions,
-           "nonfinite": summary["nonfinite"], "crosses_gate": bool(gate is not None and value is not None and value > gate)}
+           "nonfinite": summary["nonfinite"], "crosses_gate": bool(gate is not None and value is not None and value > gate),
+           "sanity": sanity(value)}  # "collapsed" / "exploded": a broken checkpoint, not a point of the curve
     return {**row, **where_columns(summary)}
 
 
@@ -127,7 +129,10 @@ def _base_reusable(config: SweepConfig, source: str) -> bool:
     folder = config.out / BASE_DIR
     if not (folder / REFERENCE_JSON).is_file():
         return False
-    stored = load_reference(folder)
+    try:
+        stored = load_reference(folder)  # validated: a damaged one (a sweep killed mid-write) is profiled again
+    except InputError:
+        return False
     wanted = {k: v for k, v in config.to_dict().items() if k in PROBE_FIELDS}
     if stored.probe != wanted:
         return False
@@ -156,11 +161,15 @@ def _finished(config: SweepConfig, path: Path, source: str) -> bool:
 def _base_reference(config: SweepConfig, source: str, reporter: Reporter, pipe=None, cache_dir: Path | None = None):
     folder = config.out / BASE_DIR
     if (folder / REFERENCE_JSON).is_file():
-        reference = load_reference(folder)
-        if _base_reusable(config, source):
-            reporter.note(f"base profile reused from {folder}")
-            return reference
-        reporter.note(f"probe options, prompt texts, pipeline or base weights changed since {folder} was made: profiling the base again")
+        try:
+            reference = load_reference(folder)
+        except InputError as exc:
+            reporter.note(f"the stored base profile cannot be used ({str(exc).split('; ')[0]}): profiling the base again")
+        else:
+            if _base_reusable(config, source):
+                reporter.note(f"base profile reused from {folder}")
+                return reference
+            reporter.note(f"probe options, prompt texts, pipeline or base weights changed since {folder} was made: profiling the base again")
     fields = {k: getattr(config, k) for k in PROBE_FIELDS}
     return profile(ProfileConfig(base=config.base or source, out=folder, pipeline=source, dtype=config.dtype,
                                  device=config.device, batch_size=config.batch_size, allow_pickle=config.allow_pickle,

@@ -9,17 +9,15 @@ tau of a profile run at CFG 7 sits far above the cond norms and the hinge would 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from normscope.commands.reference_schema import REFERENCE_JSON, read_meta
 from normscope.errors import InputError
 from normscope.guard.checks import check_sigma
 from normscope.guard.penalty import COND, GUIDED
-
-REFERENCE_JSON = "reference.json"  # the name normscope profile writes (commands/profile.py)
 
 
 def tau_at(sigma: torch.Tensor, sigmas: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
@@ -80,9 +78,9 @@ def load_tau(reference: str | Path, branch: str = GUIDED) -> TauTable:
     path = path / REFERENCE_JSON if path.is_dir() else path
     if not path.is_file():
         raise InputError(f"{reference} holds no {REFERENCE_JSON}: make one with normscope profile BASE --out DIR")
-    meta = json.loads(path.read_text())
-    per_step = meta.get("per_step", {})
-    resolved = meta.get("config", {}).get("resolved", {})
+    meta = read_meta(path)  # validated: a damaged or edited reference.json is an InputError naming the field
+    per_step = meta["per_step"]
+    resolved = meta["config"].get("resolved") or {}
     guidance = resolved.get("guidance")
     name = branch
     if branch not in per_step:
@@ -101,5 +99,5 @@ def load_tau(reference: str | Path, branch: str = GUIDED) -> TauTable:
         tau=torch.tensor([r["tau"] for r in rows], dtype=torch.float64),
         elements=meta.get("latent_elements"), branch=branch, guidance=guidance,
         height=resolved.get("height"), width=resolved.get("width"),
-        gate=meta.get("suggestions", {}).get("gate", {}).get("max_inflation"), source=str(path),
+        gate=meta["suggestions"]["gate"]["max_inflation"], source=str(path),
     )

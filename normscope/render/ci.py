@@ -7,7 +7,10 @@ from pathlib import Path
 from xml.etree import ElementTree as ET
 
 from normscope.commands.check import ERROR, FAIL, CheckResult
+from normscope.measure.sanity import COLLAPSED, EXPLODED, sanity_line
 from normscope.render.numbers import pct
+
+SANITY_WORDS = {COLLAPSED: "error: collapsed, a broken checkpoint", EXPLODED: "fail: implausible, a broken checkpoint"}
 
 
 def _grid(c, result: CheckResult) -> str:
@@ -16,9 +19,19 @@ def _grid(c, result: CheckResult) -> str:
     return ", grid score " + ("n/a" if c.grid_score is None else f"{c.grid_score:.3g}")
 
 
+def _word(c) -> str:
+    return SANITY_WORDS[c.sanity] if c.sanity else c.verdict
+
+
+def sanity_lines(result: CheckResult) -> list[str]:
+    """One line per collapsed or exploded checkpoint: why its number is not a result."""
+    return [f"{'error' if c.sanity == COLLAPSED else 'implausible'}: {sanity_line(c.path, c.inflation, c.sanity)}"
+            for c in result.checkpoints if c.sanity]
+
+
 def verdict_line(result: CheckResult) -> str:
     word = {0: "PASS", 1: "FAIL", 3: "ERROR"}[result.exit_code]
-    parts = [f"{c.path}: {pct(c.inflation)}{_grid(c, result)} ({c.verdict})" for c in result.checkpoints]
+    parts = [f"{c.path}: {pct(c.inflation)}{_grid(c, result)} ({_word(c)})" for c in result.checkpoints]
     grid = "" if result.max_grid_score is None else f", grid score gate {result.max_grid_score:g}"
     return f"{word}: gate {result.max_inflation * 100:.2f} % from {result.gate_source}{grid}; " + "; ".join(parts)
 
@@ -36,7 +49,11 @@ def junit_xml(result: CheckResult) -> str:
         message = f"inflation {pct(c.inflation)} vs gate {result.max_inflation * 100:.2f} % ({result.gate_source})"
         if result.max_grid_score is not None:
             message += f"; grid score {_grid(c, result).removeprefix(', grid score ')} vs gate {result.max_grid_score:g}"
-        if c.verdict == FAIL:
+        if c.sanity:
+            line = sanity_line(c.path, c.inflation, c.sanity)
+            ET.SubElement(case, "error" if c.verdict == ERROR else "failure", message=line,
+                          type="Collapsed" if c.sanity == COLLAPSED else "Implausible").text = message
+        elif c.verdict == FAIL:
             ET.SubElement(case, "failure", message=message, type="Inflated").text = (
                 f"{message}; 95% CI [{pct(c.inflation_ci[0])}, {pct(c.inflation_ci[1])}]")
         elif c.verdict == ERROR:
@@ -53,7 +70,7 @@ def step_summary(result: CheckResult) -> str:
              "inflation: the sigma-integral of the per-step mean ratio - 1, CI over prompts (normscope docs/compare.md).", "",
              "| checkpoint | inflation | 95% CI | verdict |", "|---|---|---|---|"]
     for c in result.checkpoints:
-        lines.append(f"| `{c.path}` | {pct(c.inflation)} | [{pct(c.inflation_ci[0])}, {pct(c.inflation_ci[1])}] | {c.verdict} |")
+        lines.append(f"| `{c.path}` | {pct(c.inflation)} | [{pct(c.inflation_ci[0])}, {pct(c.inflation_ci[1])}] | {_word(c)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -61,7 +78,9 @@ def annotations(result: CheckResult) -> list[str]:
     """GitHub workflow commands (read from stdout) for every checkpoint that did not pass."""
     out = []
     for c in result.checkpoints:
-        if c.verdict == FAIL:
+        if c.sanity:
+            out.append(f"::error title=normscope check::{sanity_line(c.path, c.inflation, c.sanity)}")
+        elif c.verdict == FAIL:
             if result.max_grid_score is None:
                 out.append(f"::error title=normscope check::{c.path} is inflated: {pct(c.inflation)} > gate {result.max_inflation * 100:.2f} %")
             else:
@@ -73,7 +92,8 @@ def annotations(result: CheckResult) -> list[str]:
 
 
 def publish(result: CheckResult, junit: Path | None) -> list[str]:
-    """Write the JUnit file and the GitHub step summary when asked for; return annotation lines to print."""
+    """Write the JUnit file and the GitHub step summary when asked for; return the lines to print before the
+    verdict line: the GitHub annotations, then one per collapsed or exploded checkpoint."""
     if junit is not None:
         junit.parent.mkdir(parents=True, exist_ok=True)
         junit.write_text(junit_xml(result))
@@ -81,4 +101,4 @@ def publish(result: CheckResult, junit: Path | None) -> list[str]:
     if summary_file:
         with open(summary_file, "a", encoding="utf-8") as handle:
             handle.write(step_summary(result))
-    return annotations(result) if os.environ.get("GITHUB_ACTIONS") == "true" else []
+    return (annotations(result) if os.environ.get("GITHUB_ACTIONS") == "true" else []) + sanity_lines(result)

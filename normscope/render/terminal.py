@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from rich.markup import escape
+
+from normscope.measure.sanity import sanity, sanity_line
 from normscope.measure.stats import HINGE_RATE, N
 from normscope.measure.table import COSINE, NORM_BASE, NORM_TUNED, RATIO, SIGMA, STEP
 from normscope.render.numbers import num, pct
@@ -73,6 +76,18 @@ def render_compare(summary: dict, console) -> None:
             console.print(f"{mode} mode: inflation {pct(g['inflation'])}  95% CI [{pct(g['inflation_ci'][0])}, {pct(g['inflation_ci'][1])}]")
     console.print(other_estimates(summary))
     console.print(f"[bold]{headline(summary)}[/bold]")
+    warning = sanity_warning(summary)
+    if warning:
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
+
+
+def sanity_warning(summary: dict) -> str | None:
+    """The line that says a collapse or an explosion is a broken checkpoint, not a result (see measure/sanity.py)."""
+    status = sanity(summary["inflation"])
+    if status is None:
+        return None
+    name = str((summary.get("config") or {}).get("tuned") or "TUNED")
+    return sanity_line(name, summary["inflation"], status)
 
 
 def render_inspection(report: dict, console) -> None:
@@ -159,6 +174,10 @@ def render_sweep(table, gate: float | None, console) -> None:
             style="bold red" if crossed and row["step"] == first else None,
         )
     console.print(view)
+    for row in table.to_dict(orient="records"):
+        if isinstance(row.get("sanity"), str):
+            console.print(f"[yellow]warning:[/yellow] step {row['step']}: "
+                          f"{escape(sanity_line(str(row['checkpoint']), row['inflation'], row['sanity']))}", highlight=False)
     if gate is not None:
         console.print(f"gate {gate * 100:.1f} %: " + (f"first crossed at step {first}" if first is not None else "never crossed"))
 
