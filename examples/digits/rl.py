@@ -46,7 +46,7 @@ class RLConfig:
     out: Path
     seed: int = 0
     normguard: float = 0.0  # NormGuard weight lambda (0: off)
-    guard_form: str = "absolute"
+    guard_form: str = "absolute"  # the shipped results' form, named here: the library default is now "relative"
     margin: float = 0.0
     sigma_grid: bool = False  # train at the sampler's own sigmas (flow_grpo-style) instead of uniform sigma
     monitor: bool = True
