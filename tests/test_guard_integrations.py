@@ -250,3 +250,31 @@ def test_dancegrpo_path_full_fine_tune_under_fsdp(digits, tmp_path):
         assert ratios[0.0] > 1.05 and ratios[LAM] < 1.02, ratios
     finally:
         dist.destroy_process_group()
+
+
+def test_digits_rl_trains_diffusion_dpo_with_normguard(tmp_path):
+    """examples/digits/rl.py --method dpo: pairs by reward, the frozen base as DPO reference and NormGuard's v_ref."""
+    import sys
+    from pathlib import Path
+
+    digits_example = Path(__file__).resolve().parents[1] / "examples" / "digits"
+    sys.path.insert(0, str(digits_example))
+    try:
+        import rl
+    finally:
+        sys.path.remove(str(digits_example))
+    log = rl.train(rl.RLConfig(method="dpo", out=tmp_path, seed=0, iterations=2, group=2, inner_steps=2,
+                               checkpoint_every=2, normguard=0.2, guard_form="relative", verbose=False))
+    first = log["iterations"][0]
+    assert first["penalty"] >= 0 and all(torch.isfinite(torch.tensor(e["loss"])) for e in log["iterations"])
+    assert (tmp_path / "checkpoints" / "checkpoint-2" / "lora" / "adapter_model.safetensors").is_file()
+    assert len((tmp_path / "monitor.jsonl").read_text().splitlines()) == 2
+    # the untrained LoRA is the base: policy and reference errors agree, the DPO loss is log 2
+    err = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert rl.dpo_loss(err, err, torch.tensor([0.1, 0.9, 0.5, 0.2]), 100.0).item() == pytest.approx(0.693147, abs=1e-6)
+    # the winner (higher reward) fitting better than the reference lowers the loss; the loser doing so raises it
+    better = torch.tensor([1.0, 1.9, 3.0, 4.0])  # sample 1 (the winner of pair 0) improves
+    assert rl.dpo_loss(better, err, torch.tensor([0.1, 0.9, 0.5, 0.2]), 100.0).item() < 0.693
+    assert rl.dpo_loss(better, err, torch.tensor([0.9, 0.1, 0.5, 0.2]), 100.0).item() > 0.694
+    with pytest.raises(ValueError, match="group must be even"):
+        rl.RLConfig(method="dpo", out=tmp_path, group=3)
