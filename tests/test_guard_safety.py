@@ -11,9 +11,9 @@ import torch
 from diffusers import SD3Transformer2DModel
 from peft import LoraConfig, get_peft_model
 
+import normscope.guard as guard_api
 from normscope.builders.tiny import TINY_SD3
 from normscope.errors import ConfigError
-import normscope.guard as guard_api
 from normscope.guard import cfg_branch, frozen_copy, normguard_penalty, reference
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_out"]
