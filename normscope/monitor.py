@@ -17,6 +17,12 @@ hinge rate, mean norms, the mean ratio per sigma bucket, and a smoothed ratio (m
 ``RUN_DIR/monitor.json`` and as a warning on the ``normscope.monitor`` logger. When v_ref is not at hand, pass
 a zero-argument callable instead: it runs (under ``torch.no_grad()``) only every ``every`` steps.
 
+Bad batches do not break the log: a sample whose ratio is NaN or infinite is left out of the statistics and
+counted (``n_nonfinite``, and ``nonfinite_elements`` in v_theta and v_ref); a number with nothing finite
+behind it is written as ``null``, so every line is strict JSON; a step with no finite sample neither decides
+nor resets the smoothed ratio. ``log`` keeps everything on the tensors' device (a sigma on an accelerator is
+range-checked at the flush): one host transfer per logged step, none per micro-batch.
+
 TensorBoard (``pip install normscope[tensorboard]``) and Weights & Biases (``normscope[wandb]``, into the run
 the trainer started with ``wandb.init``) receive the same numbers when installed; neither is required.
 """
@@ -36,7 +42,7 @@ import torch
 from normscope.errors import ConfigError, InputError
 from normscope.guard.checks import check_sigma, per_sample
 from normscope.guard.penalty import per_sample_norm, per_sample_ratio
-from normscope.guard.stats import REGIONS, Bucket, summarize_ratios
+from normscope.guard.stats import REGIONS, Bucket, blank_empty, ratio_tensors, to_host
 
 MONITOR_JSONL = "monitor.jsonl"
 MONITOR_JSON = "monitor.json"
@@ -123,6 +129,18 @@ class _WandB:
         pass
 
 
+@dataclass(frozen=True)
+class _Batch:
+    """One ``log`` call's per-sample tensors, kept on their device until the step is flushed."""
+
+    ratio: torch.Tensor
+    sigma: torch.Tensor | None
+    deferred: torch.Tensor | None  # a sigma on an accelerator, range-checked at the flush
+    norm: torch.Tensor
+    norm_ref: torch.Tensor
+    nonfinite: torch.Tensor  # 0-d count of NaN/inf elements in v_theta and v_ref
+
+
 class Monitor:
     """Per-training-step ratio statistics to ``run_dir/monitor.jsonl`` (+ TensorBoard / W&B when present)."""
 
@@ -137,7 +155,7 @@ class Monitor:
         self.crossing: dict | None = None
         self._history: list[float] = []
         self._pending_step: int | None = None
-        self._pending: list[tuple[torch.Tensor, ...]] = []
+        self._pending: list[_Batch] = []
         self._last_step: int | None = None
         self._sinks = []
         if config.tensorboard is not False and importlib.util.find_spec("tensorboard") is not None:
@@ -168,38 +186,63 @@ class Monitor:
                 return False
             v_ref = v_ref()
         ratio = per_sample_ratio(v_theta, v_ref)
-        s = None
+        s = deferred = None
         if sigma is not None:
-            s = check_sigma(per_sample(sigma, ratio.shape[0], "sigma", ratio.device, torch.float64))
+            s = per_sample(sigma, ratio.shape[0], "sigma", ratio.device, torch.float64)
+            if s.device.type == "cpu":
+                check_sigma(s)  # free on the host: refuse now
+            else:
+                deferred = s  # on an accelerator: checked at the flush, in the step's one transfer
         if self._pending_step is not None and step != self._pending_step:
             self.flush()
         self._pending_step = step
         self._last_step = step
-        self._pending.append((ratio.detach(), s, per_sample_norm(v_theta.detach()), per_sample_norm(v_ref.detach())))
+        v_theta, v_ref = v_theta.detach(), v_ref.detach()
+        bad = (~torch.isfinite(v_theta)).sum() + (~torch.isfinite(v_ref)).sum()
+        self._pending.append(_Batch(ratio.detach(), s, deferred, per_sample_norm(v_theta), per_sample_norm(v_ref), bad))
         return True
 
     def flush(self) -> dict | None:
         """Write the pending step's line (done automatically when the next step starts, and by ``close``)."""
         if self._pending_step is None:
             return None
-        parts = list(zip(*self._pending, strict=True))
-        has_sigma = all(s is not None for s in parts[1])
-        entry = summarize_ratios(torch.cat(parts[0]), torch.cat(parts[1]) if has_sigma else None,
-                                 torch.cat(parts[2]), torch.cat(parts[3]), self.config.margin, self.config.buckets)
-        step = self._pending_step
+        pending, step = self._pending, self._pending_step
         self._pending_step, self._pending = None, []
-        self._history.append(entry["ratio_mean"])
+        has_sigma = all(b.sigma is not None for b in pending)
+        sigma = torch.cat([b.sigma for b in pending]) if has_sigma else None
+        values = ratio_tensors(torch.cat([b.ratio for b in pending]), sigma, torch.cat([b.norm for b in pending]),
+                               torch.cat([b.norm_ref for b in pending]), self.config.margin, self.config.buckets)
+        values["nonfinite_elements"] = torch.stack([b.nonfinite for b in pending]).sum().double()
+        deferred = [b.deferred for b in pending if b.deferred is not None]
+        if deferred:
+            late = torch.cat(deferred)
+            values["_sigma_ok"] = (torch.isfinite(late).all() & (late >= 0).all() & (late <= 1).all()).double()
+            values["_sigma_min"], values["_sigma_max"] = late.min().double(), late.max().double()
+        entry = to_host(values)  # the step's one host transfer
+        if deferred and entry["_sigma_ok"] != 1.0:
+            bounds = [float("nan") if entry[k] is None else entry[k] for k in ("_sigma_min", "_sigma_max")]
+            check_sigma(torch.tensor(bounds), f"sigma of step {step}")
+        for key in ("_sigma_ok", "_sigma_min", "_sigma_max"):
+            entry.pop(key, None)
+        blank_empty(entry, self.config.buckets if has_sigma else ())
+        entry["n_nonfinite"], entry["nonfinite_elements"] = int(entry["n_nonfinite"]), int(entry["nonfinite_elements"])
+        if entry["ratio_mean"] is not None:  # a step with nothing finite neither decides nor resets the mean
+            self._history.append(entry["ratio_mean"])
         window = self._history[-self.config.smoothing:]
-        entry = {"step": step, **entry, "smoothed": sum(window) / len(window), "time": round(time.time(), 3)}
+        smoothed = sum(window) / len(window) if entry["ratio_mean"] is not None else None
+        entry = {"step": step, **entry, "smoothed": smoothed, "time": round(time.time(), 3)}
         gate = self.config.gate_value
-        entry["crosses_gate"] = bool(gate is not None and entry["smoothed"] - 1.0 > gate)
+        entry["crosses_gate"] = bool(gate is not None and smoothed is not None and smoothed - 1.0 > gate)
+        if entry["n_nonfinite"]:
+            log.warning("normscope monitor: step %d has %d sample(s) with a non-finite norm ratio (%d non-finite "
+                        "elements), left out of its statistics", step, entry["n_nonfinite"], entry["nonfinite_elements"])
         if entry["crosses_gate"] and self.crossing is None:
-            self.crossing = {"step": step, "smoothed": entry["smoothed"], "gate": gate}
+            self.crossing = {"step": step, "smoothed": smoothed, "gate": gate}
             log.warning("normscope monitor: smoothed norm ratio %.4f exceeds 1 + gate %.4f first at step %d",
-                        entry["smoothed"], gate, step)
+                        smoothed, gate, step)
             self._write_meta()
         with self.path.open("a") as handle:
-            handle.write(json.dumps(entry) + "\n")
+            handle.write(json.dumps(entry, allow_nan=False) + "\n")
         numbers = {k: v for k, v in entry.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
         for sink in self._sinks:
             sink.write(step, numbers, self.config.prefix)

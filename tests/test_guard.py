@@ -34,10 +34,11 @@ def test_margin_tolerates_small_excess():
 def test_value_matches_a_hand_computation():
     v_ref = torch.tensor([[3.0, 4.0], [1.0, 0.0]])  # norms 5 and 1
     v = torch.tensor([[6.0, 8.0], [0.5, 0.0]])      # norms 10 and 0.5
-    assert normguard_penalty(v, v_ref).item() == pytest.approx((5.0 + 0.0) / 2)
-    assert normguard_penalty(v, v_ref, squared=True).item() == pytest.approx(25.0 / 2)
-    assert normguard_penalty(v, v_ref, reduction="none").tolist() == [5.0, 0.0]
-    assert static_normguard_penalty(v, torch.tensor([5.0, 1.0]), reduction="sum").item() == pytest.approx(5.0)
+    assert normguard_penalty(v, v_ref, form="absolute").item() == pytest.approx((5.0 + 0.0) / 2)
+    assert normguard_penalty(v, v_ref, squared=True, form="absolute").item() == pytest.approx(25.0 / 2)
+    assert normguard_penalty(v, v_ref, reduction="none", form="absolute").tolist() == [5.0, 0.0]
+    assert normguard_penalty(v, v_ref, reduction="none").tolist() == [1.0, 0.0]  # the default: relative
+    assert static_normguard_penalty(v, torch.tensor([5.0, 1.0]), reduction="sum", form="absolute").item() == pytest.approx(5.0)
 
 
 def test_gradient_points_to_a_smaller_norm_and_matches_finite_differences():
@@ -103,7 +104,7 @@ def test_trainer_shaped_sigma_gives_the_per_sample_answer():
     sigma = torch.tensor([1.0, 0.5, 0.0]).view(3, 1, 1, 1)  # what trainers broadcast against latents
     tau = tau_at(sigma, sigmas, taus)  # 10, 15, 20
     expected = ((30 - 10) + 0 + 0) / 3
-    assert static_normguard_penalty(v, tau).item() == pytest.approx(expected)
+    assert static_normguard_penalty(v, tau, form="absolute").item() == pytest.approx(expected)
     assert static_normguard_penalty(v, tau, reduction="none").shape == (3,)
     with pytest.raises(ValueError, match="one value per sample"):
         static_normguard_penalty(v, tau.view(1, 1, 1, 3))  # would broadcast to (3, 1, 1, 3)

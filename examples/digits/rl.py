@@ -9,6 +9,10 @@ Methods (velocity-local losses on the policy's own rollouts, group-normalised ad
 * ``nft``: DiffusionNFT-style negative-aware fine-tuning: with the "old" policy v_old (an ``old`` adapter
   holding the rollout policy), v+ = v_theta and v- = 2 v_old - v_theta, loss r ||v+ - u||^2 + (1 - r) ||v- - u||^2
   with r = 0.5 + 0.5 A / max|A| the optimality weight;
+* ``dpo``: Diffusion-DPO (flow_grpo's ``train_sd3_dpo.py``): consecutive rollouts of a prompt form a pair, the
+  higher reward is the winner, winner and loser share sigma and noise, and the loss is
+  -log sigmoid(-beta/2 [(e_w - e_w^ref) - (e_l - e_l^ref)]) with e the per-sample flow-matching error of the
+  policy and of the frozen base (the adapter switched off: the same v_ref NormGuard uses); no KL term;
 
 and ``--normguard LAMBDA`` adds LAMBDA * normguard_penalty(v_theta, v_ref) (``normscope.guard``; the shipped runs
 used the absolute form, ``--guard-form`` picks relative or rms), v_ref from the same transformer with the adapter
@@ -46,7 +50,8 @@ class RLConfig:
     out: Path
     seed: int = 0
     normguard: float = 0.0  # NormGuard weight lambda (0: off)
-    guard_form: str = "absolute"
+    dpo_beta: float = 100.0  # flow_grpo's DPO beta, fixed before any DPO run
+    guard_form: str = "absolute"  # the shipped results' form, named here: the library default is now "relative"
     margin: float = 0.0
     sigma_grid: bool = False  # train at the sampler's own sigmas (flow_grpo-style) instead of uniform sigma
     monitor: bool = True
@@ -63,13 +68,24 @@ class RLConfig:
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
-        if self.method not in ("awm", "nft"):
-            raise ValueError(f"method must be awm or nft, got {self.method!r}")
+        if self.method not in ("awm", "nft", "dpo"):
+            raise ValueError(f"method must be awm, nft or dpo, got {self.method!r}")
+        if self.method == "dpo" and self.group % 2:
+            raise ValueError(f"dpo pairs consecutive rollouts of a prompt: group must be even, got {self.group}")
 
 
 def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     vae = pipe.vae
     return vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
+
+
+def dpo_loss(err: torch.Tensor, err_ref: torch.Tensor, rewards: torch.Tensor, beta: float) -> torch.Tensor:
+    """Diffusion-DPO on consecutive pairs (same prompt, sigma and noise); the higher reward is the winner."""
+    diff, pair_rewards = (err - err_ref).view(-1, 2), rewards.view(-1, 2)
+    first_wins = pair_rewards[:, 0] >= pair_rewards[:, 1]
+    w_diff = torch.where(first_wins, diff[:, 0], diff[:, 1])
+    l_diff = torch.where(first_wins, diff[:, 1], diff[:, 0])
+    return -torch.nn.functional.logsigmoid(-0.5 * beta * (w_diff - l_diff)).mean()
 
 
 def train(config: RLConfig) -> dict:
@@ -126,6 +142,8 @@ def train(config: RLConfig) -> dict:
             else:
                 sigma = torch.rand(len(x0), generator=generator)
             noise = torch.randn(x0.shape, generator=generator)
+            if config.method == "dpo":  # a winner and its loser share sigma and noise (same draws as awm/nft)
+                sigma, noise = sigma[0::2].repeat_interleave(2), noise[0::2].repeat_interleave(2, dim=0)
             x_t = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
             target = noise - x0
             inputs = dict(hidden_states=x_t, timestep=sigma * 1000, encoder_hidden_states=embeds[digits],
@@ -136,6 +154,8 @@ def train(config: RLConfig) -> dict:
             per_sample = lambda a, b: (a - b).square().flatten(1).mean(1)  # noqa: E731
             if config.method == "awm":
                 loss = (advantages * per_sample(v, target)).mean()
+            elif config.method == "dpo":
+                loss = dpo_loss(per_sample(v, target), per_sample(v_ref, target), rewards, config.dpo_beta)
             else:
                 with torch.no_grad():
                     model.set_adapter("old")
@@ -145,7 +165,8 @@ def train(config: RLConfig) -> dict:
                         p.requires_grad_(True)
                 r = (0.5 + 0.5 * advantages / advantages.abs().max().clamp_min(1e-6)).clamp(0, 1)
                 loss = (r * per_sample(v, target) + (1 - r) * per_sample(2 * v_old - v, target)).mean()
-            loss = loss + config.kl * per_sample(v, v_ref).mean()
+            if config.method != "dpo":  # DPO's reference is inside its loss
+                loss = loss + config.kl * per_sample(v, v_ref).mean()
             penalty = normguard_penalty(v, v_ref, margin=config.margin, form=config.guard_form)
             if config.normguard > 0:
                 loss = loss + config.normguard * penalty
@@ -175,14 +196,14 @@ def train(config: RLConfig) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", choices=["awm", "nft"], required=True)
+    parser.add_argument("--method", choices=["awm", "nft", "dpo"], required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--guard-form", choices=["absolute", "relative", "rms"], default="absolute")
     parser.add_argument("--sigma-grid", action="store_true", help="train at the sampler's sigmas (flow_grpo-style)")
     parser.add_argument("--no-monitor", dest="monitor", action="store_false", help="do not write OUT/monitor.jsonl")
     parser.add_argument("--gate", type=float, default=None, help="monitor gate: max inflation (0.05 = 5 %%)")
     defaults = RLConfig(method="awm", out=Path("."))
-    for name in ("seed", "normguard", "margin", "iterations", "group", "inner_steps", "lr", "rank", "alpha", "kl",
+    for name in ("seed", "dpo_beta", "normguard", "margin", "iterations", "group", "inner_steps", "lr", "rank", "alpha", "kl",
                  "checkpoint_every"):
         value = getattr(defaults, name)
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)

@@ -2,9 +2,13 @@
 
 Per sample (L2 over all latent elements, reduced in float32 whatever the input dtype):
 
+* ``relative`` (the default): ``relu(||v_theta|| / ||v_ref|| - 1 - margin)``: unit-free, the same number at any
+  resolution and in every family, and every sample weighs the same whatever its noise level (the reference
+  norm changes with sigma, so the other forms weight the sigmas where ||v_ref|| is large more). A sample whose
+  reference norm is 0 has no relative excess: it adds 0 (and no gradient), never ``inf``/NaN;
 * ``absolute``: ``relu(||v_theta|| - (1 + margin) ||v_ref||)``, in norm units: lambda and tau change with the
-  resolution (a norm grows with the square root of the latent size) and between families;
-* ``relative``: ``relu(||v_theta|| / ||v_ref|| - 1 - margin)``: unit-free, the same number at any resolution;
+  resolution (a norm grows with the square root of the latent size) and between families; the digits
+  example's shipped results used it, so ``examples/digits/rl.py`` asks for it by name;
 * ``rms``: ``relu(rms(v_theta) - (1 + margin) rms(v_ref))`` with ``rms(v) = ||v|| / sqrt(elements per sample)``:
   in the velocity's own units per element, so lambda does not depend on the resolution.
 
@@ -49,6 +53,13 @@ def elements_per_sample(v: torch.Tensor) -> int:
 def per_element_rms(v: torch.Tensor) -> torch.Tensor:
     """Root mean square over all but the batch dimension: ``||v|| / sqrt(elements per sample)``."""
     return per_sample_norm(v) / elements_per_sample(v) ** 0.5
+
+
+def _relative_excess(norm: torch.Tensor, norm_ref: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """``norm / norm_ref - 1 - margin``, 0 (with no gradient) where ``norm_ref`` is 0: finite everywhere."""
+    usable = norm_ref > 0
+    safe = torch.where(usable, norm_ref, torch.ones_like(norm_ref))  # no inf in the unused branch's gradient
+    return torch.where(usable, norm / safe - 1.0 - margin, torch.zeros_like(norm))
 
 
 def per_sample_ratio(v_theta: torch.Tensor, v_ref: torch.Tensor) -> torch.Tensor:
@@ -102,7 +113,7 @@ def normguard_penalty(
     margin: float | torch.Tensor = 0.0,
     squared: bool = False,
     reduction: str = "mean",
-    form: Form | str = Form.absolute,
+    form: Form | str = Form.relative,
 ) -> torch.Tensor:
     """The hinge on the excess of ``v_theta`` over the reference velocity ``v_ref`` (same inputs, same shape).
 
@@ -114,7 +125,7 @@ def normguard_penalty(
     margin = _margin(margin, v_theta)
     v_ref = v_ref.detach()
     if form is Form.relative:
-        excess = per_sample_norm(v_theta) / per_sample_norm(v_ref) - 1.0 - margin
+        excess = _relative_excess(per_sample_norm(v_theta), per_sample_norm(v_ref), margin)
     elif form is Form.rms:
         excess = per_element_rms(v_theta) - (1.0 + margin) * per_element_rms(v_ref)
     else:
@@ -128,7 +139,7 @@ def static_normguard_penalty(
     margin: float | torch.Tensor = 0.0,
     squared: bool = False,
     reduction: str = "mean",
-    form: Form | str = Form.absolute,
+    form: Form | str = Form.relative,
 ) -> torch.Tensor:
     """The hinge against a stored reference ``tau`` (no reference forward), a number or one per sample.
 
@@ -146,5 +157,5 @@ def static_normguard_penalty(
     elif form is Form.rms:
         excess = per_element_rms(v_theta) - (1.0 + margin) * tau
     else:
-        excess = per_element_rms(v_theta) / tau - 1.0 - margin
+        excess = _relative_excess(per_element_rms(v_theta), tau, margin)
     return _hinge(excess, squared, reduction)

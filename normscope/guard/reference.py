@@ -7,12 +7,14 @@
   ``disable_adapters()``/``enable_adapters()`` are not context managers: every adapter layer is switched off,
   and each layer's previous state and every parameter's ``requires_grad`` are restored on exit (peft's
   ``enable_adapters`` turns gradients back on for the active adapter, which would silently train a frozen one);
-* DDP / FSDP / DataParallel / ``torch.compile`` wrappers: the adapters are found on the unwrapped module, and
-  the wrapper itself is yielded, so FSDP still gathers its shards for the forward;
+* DDP / FSDP / DataParallel / DeepSpeed / ``torch.compile`` wrappers: the adapters are found on the unwrapped
+  module, and the wrapper itself is yielded, so FSDP still gathers its shards for the forward;
 * a full fine-tune: pass ``frozen=`` a frozen copy of the original weights (``frozen_copy(model)`` makes one
-  before training starts); it is yielded as is.
+  before training starts, and before FSDP wraps the model); it is yielded as is.
 
-Call it under ``torch.no_grad()``: the reference is frozen.
+The block runs under ``torch.no_grad()``, entered by ``reference`` itself: the reference is frozen, and a
+caller who forgets the ``no_grad`` must not get a v_ref that carries a graph (memory, and a gradient into the
+base weights through a penalty that forgot to detach). There is no form with gradients.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def _wrapped(module: torch.nn.Module) -> torch.nn.Module | None:
 
     if type(module).__name__ == "OptimizedModule" and "_orig_mod" in module._modules:
         return module._orig_mod
+    if type(module).__name__ == "DeepSpeedEngine" and "module" in module._modules:  # no deepspeed import needed
+        return module.module
     wrappers: tuple[type, ...] = (DistributedDataParallel, DataParallel)
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -43,7 +47,7 @@ def _wrapped(module: torch.nn.Module) -> torch.nn.Module | None:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DDP / FSDP / DataParallel / torch.compile wrappers (any nesting)."""
+    """The module inside DDP / FSDP / DataParallel / DeepSpeed / torch.compile wrappers (any nesting)."""
     while (inner := _wrapped(model)) is not None:
         model = inner
     return model
@@ -76,7 +80,17 @@ def _layers_off(layers: list[torch.nn.Module], owner: torch.nn.Module) -> Iterat
 
 @contextlib.contextmanager
 def reference(model: torch.nn.Module, frozen: torch.nn.Module | None = None) -> Iterator[torch.nn.Module]:
-    """Yield the module computing v_ref on the same inputs as ``model`` (adapters off, or the frozen copy)."""
+    """Yield the module computing v_ref on the same inputs as ``model`` (adapters off, or the frozen copy).
+
+    The block runs under ``torch.no_grad()`` whatever the caller's grad mode; the caller's mode is back on exit.
+    """
+    with torch.no_grad():
+        with _reference_module(model, frozen) as ref:
+            yield ref
+
+
+@contextlib.contextmanager
+def _reference_module(model: torch.nn.Module, frozen: torch.nn.Module | None) -> Iterator[torch.nn.Module]:
     if frozen is not None:
         if any(p.requires_grad for p in frozen.parameters()):
             raise ConfigError("the frozen reference has parameters with requires_grad=True: make it with normscope.guard.frozen_copy(model)")
@@ -106,8 +120,29 @@ def reference(model: torch.nn.Module, frozen: torch.nn.Module | None = None) -> 
         yield model
 
 
+def _is_fsdp(model: torch.nn.Module) -> bool:
+    """Whether FSDP (the wrapper class, or FSDP2's ``fully_shard``) holds any part of ``model``."""
+    try:
+        import torch.distributed.fsdp as fsdp
+    except ImportError:  # torch built without distributed
+        return False
+    kinds = tuple(c for c in (getattr(fsdp, "FullyShardedDataParallel", None), getattr(fsdp, "FSDPModule", None)) if c)
+    return any(isinstance(m, kinds) for m in model.modules())
+
+
 def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A frozen copy of ``model``'s current weights (unwrapped, eval mode, no gradients) for full fine-tunes."""
+    """A frozen copy of ``model``'s current weights (unwrapped, eval mode, no gradients) for full fine-tunes.
+
+    DDP, DataParallel, DeepSpeed and ``torch.compile`` wrappers are unwrapped. An FSDP-sharded model is refused:
+    each rank holds a shard, a deepcopy fails inside torch, and gathering the full weights on every rank is
+    what FSDP exists to avoid. Copy the model before wrapping it and shard the copy the same way
+    (``FSDP(frozen_copy(model), **the_same_kwargs)``), as ``examples/integrations/dancegrpo_flux.patch`` does.
+    """
+    if _is_fsdp(model):
+        raise ConfigError(
+            "frozen_copy got an FSDP-sharded model: call frozen_copy(model) before FSDP wraps it, then shard the "
+            "copy with the same arguments, e.g. ref = FSDP(frozen_copy(model), **fsdp_kwargs)"
+        )
     frozen = copy.deepcopy(unwrap(model))
     frozen.requires_grad_(False)
     return frozen.eval()

@@ -7,6 +7,7 @@ offline sweep read side by side.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -33,28 +34,66 @@ def bucket_index(sigma: torch.Tensor, buckets: Sequence[Bucket]) -> torch.Tensor
     return index
 
 
-def summarize_ratios(ratio: torch.Tensor, sigma: torch.Tensor | None, norm: torch.Tensor, norm_ref: torch.Tensor,
-                     margin: float = 0.0, buckets: Sequence[Bucket] = REGIONS) -> dict[str, float]:
-    """The logged statistics from per-sample ratios (and sigmas): one host transfer."""
-    values = {"n": torch.tensor(float(ratio.numel())), "ratio_mean": ratio.mean(),
-              "ratio_std": ratio.std(correction=0), "ratio_max": ratio.max(),
-              "hinge_rate": (ratio > 1.0 + margin).float().mean(), "norm_mean": norm.mean(), "norm_ref_mean": norm_ref.mean()}
+def ratio_tensors(ratio: torch.Tensor, sigma: torch.Tensor | None, norm: torch.Tensor, norm_ref: torch.Tensor,
+                  margin: float = 0.0, buckets: Sequence[Bucket] = REGIONS) -> dict[str, torch.Tensor]:
+    """The logged statistics as 0-d tensors on the ratios' device (no host sync), over the finite samples only.
+
+    A sample whose ratio is NaN or infinite (a NaN element in v_theta or v_ref, or a zero reference norm) is
+    counted in ``n_nonfinite`` and left out of every mean, so one bad element cannot turn the step's mean
+    into NaN (and hide a gate crossing); ``n`` counts the finite samples the numbers summarise.
+    """
+    finite = torch.isfinite(ratio) & torch.isfinite(norm) & torch.isfinite(norm_ref)
+    count = finite.sum()
+    denominator = count.clamp_min(1).to(torch.float64)
+    kept = torch.where(finite, ratio, 0).double()
+    mean = kept.sum() / denominator
+    values = {
+        "n": count.double(), "n_nonfinite": (~finite).sum().double(), "ratio_mean": mean,
+        "ratio_std": (torch.where(finite, ratio.double() - mean, 0).square().sum() / denominator).sqrt(),
+        "ratio_max": torch.where(finite, ratio.double(), -torch.inf).max(),
+        "hinge_rate": (finite & (ratio > 1.0 + margin)).sum().double() / denominator,
+        "norm_mean": torch.where(finite, norm, 0).double().sum() / denominator,
+        "norm_ref_mean": torch.where(finite, norm_ref, 0).double().sum() / denominator,
+    }
     if sigma is not None:
         index = bucket_index(sigma, buckets)
         for i, (name, _, _) in enumerate(buckets):
-            mask = index == i
-            values[f"n/{name}"] = mask.sum().float()
-            count = mask.sum().clamp_min(1)
-            mean = torch.where(mask, ratio, 0).sum() / count
-            values[f"ratio/{name}"] = mean
-            values[f"std/{name}"] = (torch.where(mask, ratio - mean, 0).square().sum() / count).sqrt()
+            mask = (index == i) & finite
+            n = mask.sum().clamp_min(1).double()
+            bucket_mean = torch.where(mask, ratio.double(), 0).sum() / n
+            values[f"n/{name}"] = mask.sum().double()
+            values[f"ratio/{name}"] = bucket_mean
+            values[f"std/{name}"] = (torch.where(mask, ratio.double() - bucket_mean, 0).square().sum() / n).sqrt()
+    return values
+
+
+def to_host(values: dict[str, torch.Tensor]) -> dict[str, float | None]:
+    """One device-to-host transfer for all the statistics; a non-finite number becomes None (JSON ``null``)."""
     keys = list(values)
-    numbers = torch.stack([values[k].detach().double().cpu() for k in keys]).tolist()
-    out = dict(zip(keys, numbers, strict=True))
-    for name, _, _ in buckets if sigma is not None else ():
-        if out[f"n/{name}"] == 0:
-            out[f"ratio/{name}"] = out[f"std/{name}"] = None  # an empty bucket has no ratio, not a ratio of 0
+    numbers = torch.stack([values[k].detach().double().reshape(()) for k in keys]).cpu().tolist()
+    return {k: (v if math.isfinite(v) else None) for k, v in zip(keys, numbers, strict=True)}
+
+
+def summarize_ratios(ratio: torch.Tensor, sigma: torch.Tensor | None, norm: torch.Tensor, norm_ref: torch.Tensor,
+                     margin: float = 0.0, buckets: Sequence[Bucket] = REGIONS) -> dict[str, float | None]:
+    """The logged statistics from per-sample ratios (and sigmas): one host transfer.
+
+    A statistic with nothing finite to summarise (an empty bucket, a step whose samples are all NaN) is None,
+    not 0 and not NaN.
+    """
+    out = to_host(ratio_tensors(ratio, sigma, norm, norm_ref, margin, buckets))
+    blank_empty(out, buckets if sigma is not None else ())
     return out
+
+
+def blank_empty(entry: dict, buckets: Sequence[Bucket]) -> None:
+    """None for the statistics with no finite sample behind them (the whole batch, or one sigma bucket)."""
+    if entry["n"] == 0:
+        for key in ("ratio_mean", "ratio_std", "ratio_max", "hinge_rate", "norm_mean", "norm_ref_mean"):
+            entry[key] = None
+    for name, _, _ in buckets:
+        if entry[f"n/{name}"] == 0:
+            entry[f"ratio/{name}"] = entry[f"std/{name}"] = None
 
 
 @torch.no_grad()
