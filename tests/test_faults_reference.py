@@ -271,7 +271,17 @@ def _mutate(meta, path, action, replacement):
 OUTCOMES: list[str] = []
 
 
+def _reseal(folder: Path) -> None:
+    """Rewrite the manifest for the edited files: the fuzz tests the schema, the line of defence behind the digests."""
+    from normscope.runfolder.manifest import MANIFEST, manifest, write_atomic
+
+    entries = [p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")]
+    old = json.loads((folder / MANIFEST).read_text())
+    write_atomic(folder / MANIFEST, manifest(folder, entries, old["fingerprint"], old["kind"]))
+
+
 def _assert_valid_or_refused(folder: Path) -> None:
+    _reseal(folder)
     try:
         loaded = load_reference(folder)
     except InputError as exc:
@@ -372,3 +382,14 @@ def test_ci_outputs_name_the_collapse_and_the_explosion():
     assert 'type="Collapsed"' in xml and 'type="Implausible"' in xml and 'errors="1"' in xml
     assert "collapsed" in annotations(result)[0] and "implausible" in annotations(result)[1]
     assert "error: collapsed" in step_summary(result)
+
+
+def test_a_hand_edited_reference_that_passes_the_schema_is_refused_by_its_manifest(reference, tmp_path):
+    """A plausible edit (the gate raised from its suggestion to 50 %) is no longer the profile normscope wrote."""
+    folder = tmp_path / "ref"
+    shutil.copytree(reference, folder)
+    meta = json.loads((folder / "reference.json").read_text())
+    meta["suggestions"]["gate"]["max_inflation"] = 0.5
+    (folder / "reference.json").write_text(json.dumps(meta, indent=2) + "\n")
+    with pytest.raises(InputError, match=r"reference.json does not belong to the run recorded in .*manifest.json"):
+        load_reference(folder)

@@ -11,7 +11,7 @@ from pathlib import Path
 from normscope.errors import InputError, RunError
 from normscope.runfolder.failpoints import failpoint
 from normscope.runfolder.lock import LOCK_FILE, FolderLock
-from normscope.runfolder.manifest import MANIFEST, manifest_text, read_manifest, write_atomic
+from normscope.runfolder.manifest import MANIFEST, manifest, read_manifest, write_atomic
 
 STAGING_DIR = ".staging"
 NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
@@ -96,7 +96,7 @@ def publish_outputs(folder: Path, write: Callable[[Path], Iterable[Path]], finge
             if source.is_dir() and any(source.iterdir()):
                 shutil.copytree(source, staging / name, copy_function=_link_or_copy)
         entries = sorted(p.name for p in staging.iterdir())
-        text = manifest_text(staging, entries, fingerprint, kind)
+        text = manifest(staging, entries, fingerprint, kind)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         if exc.errno in NO_SPACE:

@@ -34,7 +34,7 @@ def listed_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
-def manifest_text(staging: Path, entries: list[str], fingerprint: str, kind: str) -> str:
+def manifest(staging: Path, entries: list[str], fingerprint: str, kind: str) -> str:
     """The manifest of the files under ``staging/<entry>`` for each top-level ``entries`` name (no timestamps:
     the same outputs give the same manifest)."""
     from normscope import __version__
