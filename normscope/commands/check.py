@@ -263,6 +263,8 @@ def _checked(path: str, summary: dict, gate: float, started: float, max_grid_sco
 
 def _check_live(config: CheckConfig, reporter: Reporter) -> list[CheckedCheckpoint]:
     base, tuned_paths = config.paths[0], config.paths[1:]
+    for path in tuned_paths:  # every checkpoint before the first run: a broken last one fails in a second, not after the others
+        find_checkpoint(path, "TUNED", config.adapter, config.allow_pickle)
     probe = {k: v for k, v in config.set_probe().items()}
     results = []
     for path in tuned_paths:
