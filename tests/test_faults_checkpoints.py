@@ -179,7 +179,8 @@ def test_adapter_config_targets_a_module_the_weights_lack(good, pipelines, tmp_p
     one_line(run("compare", folder, "--pipeline", pipelines["sd3"], *PROBE), 2, "left at their random init", "proj_out")
 
 
-def test_full_state_dict_with_missing_keys_is_refused(pipelines, tmp_path):
+def test_full_state_dict_with_missing_keys_is_refused(pipelines, tmp_path, no_weight_loads):
+    """Checked against the pipeline's transformer built on the meta device: before any weight loads."""
     source = pipelines["sd3"] / "transformer" / "diffusion_pytorch_model.safetensors"
     broken = rewrite(source, tmp_path / "full.safetensors", keep=lambda k: not k.startswith("proj_out."))
     one_line(run("compare", pipelines["sd3"], broken, *PROBE), 2, "missing keys", "proj_out.bias")

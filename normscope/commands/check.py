@@ -28,6 +28,7 @@ from normscope.commands.profile import (
 from normscope.config import HEADLINE_ESTIMATE, CompareConfig, Device, DType, Mode
 from normscope.errors import EXIT_INFLATED, EXIT_OK, EXIT_RUN, ConfigError, InputError, NoMeasurementError
 from normscope.load import AdapterModel, find_checkpoint, load_pipeline, load_tuned_only, resolve_dtype
+from normscope.load.models import check_fit_before_load
 from normscope.load.device_memory import check_run_fits, parse_size
 from normscope.load.lora import detach_lora
 from normscope.load.pipeline import place_denoiser
@@ -189,7 +190,9 @@ def _check_stored(config: CheckConfig, reporter: Reporter) -> tuple[list[Checked
     if pipeline_fingerprint(source) != reference.meta["hashes"]["pipeline"]:
         raise InputError(f"pipeline {source} is not the one the reference in {config.reference} was made with (fingerprints differ): pass that pipeline with --pipeline")
     for path in config.paths:
-        _refuse_other_base(find_checkpoint(path, "TUNED", config.adapter, config.allow_pickle), source, reference, config)
+        ckpt = find_checkpoint(path, "TUNED", config.adapter, config.allow_pickle)
+        _refuse_other_base(ckpt, source, reference, config)
+        check_fit_before_load(source, ckpt, "TUNED")
     gate, gate_source = (config.max_inflation, "--max-inflation") if config.max_inflation is not None else (
         reference.gate, f"the reference's suggested gate ({config.reference})")
     device, kind = resolve_run_device(config.device)

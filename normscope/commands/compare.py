@@ -28,6 +28,7 @@ from normscope.load import (
 )
 from normscope.load.device_memory import check_run_fits, out_of_memory_as_error
 from normscope.load.families import family_for
+from normscope.load.models import check_fit_before_load
 from normscope.load.pipeline import check_family_inputs
 from normscope.measure.capture import GUIDED, CallRecord
 from normscope.measure.fingerprint import run_fingerprint
@@ -235,6 +236,8 @@ def compare(config: CompareConfig, reporter: Reporter | None = None, pipe=None,
         checkpoints.append(find_checkpoint(config.base, "BASE", allow_pickle=config.allow_pickle))
 
     check_family_inputs(source, [(config.tuned, "TUNED"), (config.base, "BASE")], config)
+    for ckpt, role in zip(checkpoints, ("TUNED", "BASE")):
+        check_fit_before_load(source, ckpt, role)
 
     groups = list(batches(samples, config.batch_size))
     embeddings = None

@@ -12,6 +12,7 @@ from normscope.errors import CheckpointError
 from normscope.load.formats import (
     EXPERT_ATTRS,
     FLOAT_DTYPES,
+    PIPELINE_INDEX,
     Checkpoint,
     find_checkpoint,
     load_pickle,
@@ -282,13 +283,9 @@ def load_weights(module, checkpoint: Checkpoint, role: str) -> None:
 
     weight_files = tuple(f for f in checkpoint.files if f.suffix != ".json")
     header = read_shapes(weight_files, role)
-    problems = fit_problems({k: tuple(v.shape) for k, v in module.state_dict().items()}, header)
+    problems = fit_problems(_shapes(module), header)
     problems += _dtype_problems(module.state_dict(), read_header(weight_files, role))
-    if problems:
-        raise CheckpointError(
-            f"{role} {checkpoint.path} does not fit the pipeline's {type(module).__name__}: {'; '.join(problems)} — "
-            "pass the --pipeline this checkpoint was trained from"
-        )
+    _refuse_misfit(checkpoint, type(module).__name__, problems, role)
     params = module.state_dict()
     with torch.no_grad():
         for path in weight_files:
@@ -300,6 +297,53 @@ def load_weights(module, checkpoint: Checkpoint, role: str) -> None:
             else:
                 for stored, tensor in load_pickle(path, role).items():
                     params[strip_prefixes(stored)].copy_(tensor)  # the header's keys, built the same way
+
+
+def _refuse_misfit(checkpoint: Checkpoint, class_name: str, problems: list[str], role: str) -> None:
+    if problems:
+        raise CheckpointError(
+            f"{role} {checkpoint.path} does not fit the pipeline's {class_name}: {'; '.join(problems)} — "
+            "pass the --pipeline this checkpoint was trained from"
+        )
+
+
+def check_fit_before_load(source: str, ckpt: Checkpoint, role: str) -> None:
+    """A full checkpoint's keys and shapes against the pipeline's transformer built on the meta device (no
+    weights, no memory), so missing or unexpected keys are refused before the pipeline loads, not after.
+
+    Only for a local pipeline folder whose transformer class diffusers names; anything else (a hub id, a
+    class that cannot be built from its config) is left to ``load_weights``, which checks the same at the copy.
+    """
+    if ckpt.is_lora or not (Path(source) / PIPELINE_INDEX).is_file():
+        return
+    for expert in ckpt.experts:
+        part = ckpt.part(expert)
+        module = _meta_transformer(Path(source), expert)
+        if part is None or module is None:
+            continue
+        header = read_shapes(tuple(f for f in part.files if f.suffix != ".json"), role)
+        _refuse_misfit(part, type(module).__name__, fit_problems(_shapes(module), header), role)
+
+
+def _meta_transformer(root: Path, expert: str):
+    """The pipeline's ``expert`` module on the meta device, or None where it cannot be built from its config."""
+    import json
+
+    import diffusers
+    import torch
+
+    try:
+        _, class_name = json.loads((root / PIPELINE_INDEX).read_text())[expert]
+        cls = getattr(diffusers, class_name)
+        config = cls.load_config(str(root / expert))
+        with torch.device("meta"):
+            return cls.from_config(config)
+    except Exception:  # noqa: BLE001 - a pipeline this cannot build is checked at the copy instead
+        return None
+
+
+def _shapes(module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
 def _dtype_problems(own: dict, header: dict) -> list[str]:
