@@ -144,12 +144,10 @@ def test_kohya_lora_missing_lora_up_is_refused(good, pipelines, tmp_path, no_wei
 
 def test_second_expert_keys_missing_lora_b_are_refused_by_inspect(good, tmp_path):
     """Wan2.2's ``transformer_2.`` keys are paired like the first expert's."""
-    broken = rewrite(good["diffusers"], tmp_path / "wan.safetensors",
-                     keep=lambda k: not ("to_v.lora_B" in k),
-                     change=lambda k, v: v)
     renamed = tmp_path / "wan2" / "pytorch_lora_weights.safetensors"
-    with safe_open(str(broken), framework="pt") as handle:
-        state = {k.replace("transformer.", "transformer_2.", 1): handle.get_tensor(k) for k in handle.keys()}
+    with safe_open(str(good["diffusers"]), framework="pt") as handle:
+        state = {k.replace("transformer.", "transformer_2.", 1): handle.get_tensor(k) for k in handle.keys()
+                 if "to_v.lora_B" not in k}
     renamed.parent.mkdir()
     save_file(state, str(renamed))
     one_line(run("inspect", renamed), 2, "lora_A without its lora_B", "transformer_2.")

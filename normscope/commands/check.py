@@ -28,9 +28,9 @@ from normscope.commands.profile import (
 from normscope.config import HEADLINE_ESTIMATE, CompareConfig, Device, DType, Mode
 from normscope.errors import EXIT_INFLATED, EXIT_OK, EXIT_RUN, ConfigError, InputError, NoMeasurementError
 from normscope.load import AdapterModel, find_checkpoint, load_pipeline, load_tuned_only, resolve_dtype
-from normscope.load.models import check_fit_before_load
 from normscope.load.device_memory import check_run_fits, parse_size
 from normscope.load.lora import detach_lora
+from normscope.load.models import check_fit_before_load
 from normscope.load.pipeline import place_denoiser
 from normscope.measure.fingerprint import pipeline_fingerprint
 from normscope.measure.prompt_cache import prepare_prompts

@@ -236,7 +236,7 @@ def compare(config: CompareConfig, reporter: Reporter | None = None, pipe=None,
         checkpoints.append(find_checkpoint(config.base, "BASE", allow_pickle=config.allow_pickle))
 
     check_family_inputs(source, [(config.tuned, "TUNED"), (config.base, "BASE")], config)
-    for ckpt, role in zip(checkpoints, ("TUNED", "BASE")):
+    for ckpt, role in zip(checkpoints, ("TUNED", "BASE"), strict=False):  # BASE only when given
         check_fit_before_load(source, ckpt, role)
 
     groups = list(batches(samples, config.batch_size))

@@ -35,6 +35,7 @@ from normscope.load.integrity import (
     adapter_config_values,
     alpha_value,
     first_value,
+    header_metadata,
     metadata_values,
     rank_value,
     sidecar_values,
@@ -193,7 +194,7 @@ def read_lora(ckpt: Checkpoint, pipeline_class, role: str = "TUNED", expert: str
     notes: list[str] = []
     if ckpt.kind == "peft_wrapped":
         state, frozen, adapter, notes = _split_wrapped(weights_file, role)
-        weights = _with_alpha(ckpt, state, _metadata(weights_file, role), role, weights_file, notes,
+        weights = _with_alpha(ckpt, state, header_metadata(weights_file, role), role, weights_file, notes,
                               what=f"peft-wrapped model state dict (adapter '{adapter}')")
         weights.base_file, weights.base_keys = weights_file, frozen
         return weights
@@ -239,12 +240,6 @@ def read_lora(ckpt: Checkpoint, pipeline_class, role: str = "TUNED", expert: str
             f"(alpha = rank {config['r']}); if it was trained with another alpha the numbers are off"
         )
     return LoraWeights(state, config, notes, known)
-
-
-def _metadata(path: Path, role: str) -> dict:
-    from normscope.load.integrity import header_metadata
-
-    return header_metadata(path, role)
 
 
 def _with_alpha(ckpt: Checkpoint, state: dict, metadata: dict, role: str, weights_file, notes: list[str],

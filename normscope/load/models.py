@@ -282,16 +282,15 @@ def load_weights(module, checkpoint: Checkpoint, role: str) -> None:
     from safetensors import safe_open
 
     weight_files = tuple(f for f in checkpoint.files if f.suffix != ".json")
-    header = read_shapes(weight_files, role)
-    problems = fit_problems(_shapes(module), header)
-    problems += _dtype_problems(module.state_dict(), read_header(weight_files, role))
+    header = read_header(weight_files, role)
+    problems = fit_problems(_shapes(module), header) + _dtype_problems(module.state_dict(), header)
     _refuse_misfit(checkpoint, type(module).__name__, problems, role)
     params = module.state_dict()
     with torch.no_grad():
         for path in weight_files:
             if path.suffix == ".safetensors":
                 with safe_open(str(path), framework="pt") as handle:
-                    for key, (file, stored, _) in header.items():
+                    for key, (file, stored, *_) in header.items():
                         if file == path:
                             params[key].copy_(handle.get_tensor(stored))
             else:
