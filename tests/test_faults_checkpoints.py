@@ -102,6 +102,12 @@ def test_diffusers_lora_without_its_lora_b_is_refused_before_loading(good, pipel
     one_line(run("inspect", broken), 2, "lora_A without its lora_B")
 
 
+def test_check_refuses_a_broken_last_checkpoint_before_measuring_the_first(good, pipelines, tmp_path, no_weight_loads):
+    broken = rewrite(good["diffusers"], tmp_path / "broken.safetensors", keep=lambda k: ".lora_B." not in k)
+    result = run("check", pipelines["sd3"], good["diffusers"], broken, "--max-inflation", "0.05", *PROBE)
+    one_line(result, 2, "broken.safetensors", "lora_A without its lora_B")
+
+
 def test_one_missing_lora_b_is_named(good, pipelines, tmp_path, no_weight_loads):
     with safe_open(str(good["diffusers"]), framework="pt") as handle:
         gone = first(handle.keys(), ".lora_B.")
