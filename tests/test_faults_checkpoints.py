@@ -323,11 +323,12 @@ def test_header_metadata_with_a_bad_alpha_is_refused(good, pipelines, tmp_path, 
     one_line(run("compare", broken, "--pipeline", pipelines["sd3"], *PROBE), 2, "alpha 'abc'")
 
 
-def test_adapter_config_with_a_bad_alpha_is_refused(good, pipelines, tmp_path, no_weight_loads):
+@pytest.mark.parametrize("values, needle", [({"lora_alpha": "abc"}, "alpha 'abc'"), ({"r": -1}, "rank -1")])
+def test_adapter_config_with_a_bad_alpha_or_rank_is_refused(good, pipelines, tmp_path, no_weight_loads, values, needle):
     folder = copy_folder(good["peft"], tmp_path / "peft")
     config = json.loads((folder / "adapter_config.json").read_text())
-    (folder / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": "abc"}))
-    one_line(run("compare", folder, "--pipeline", pipelines["sd3"], *PROBE), 2, "adapter_config.json", "alpha 'abc'")
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **values}))
+    one_line(run("compare", folder, "--pipeline", pipelines["sd3"], *PROBE), 2, "adapter_config.json", needle)
 
 
 def test_symlink_loop_is_refused(pipelines, tmp_path, no_weight_loads):
