@@ -33,6 +33,7 @@ from normscope.errors import EXIT_INFLATED, EXIT_OK, EXIT_RUN, ConfigError, Inpu
 from normscope.load import AdapterModel, find_checkpoint, load_pipeline, load_tuned_only, resolve_dtype
 from normscope.load.device_memory import check_run_fits, parse_size
 from normscope.load.lora import detach_lora
+from normscope.load.models import check_fit_before_load
 from normscope.load.pipeline import place_denoiser
 from normscope.measure.prompt_cache import prepare_prompts
 from normscope.measure.sampling import Reporter, SilentReporter, prompt_batches, resolve_run_device, run_model_batches
@@ -208,7 +209,9 @@ def _check_stored(config: CheckConfig, reporter: Reporter) -> tuple[list[Checked
     if pipeline_fingerprint(source) != reference.meta["hashes"]["pipeline"]:
         raise InputError(f"pipeline {source} is not the one the reference in {config.reference} was made with (fingerprints differ): pass that pipeline with --pipeline")
     for path in config.paths:
-        _refuse_other_base(find_checkpoint(path, "TUNED", config.adapter, config.allow_pickle), source, reference, config)
+        ckpt = find_checkpoint(path, "TUNED", config.adapter, config.allow_pickle)
+        _refuse_other_base(ckpt, source, reference, config)
+        check_fit_before_load(source, ckpt, "TUNED")
     gate, gate_source = (config.max_inflation, "--max-inflation") if config.max_inflation is not None else (
         reference.gate, f"the reference's suggested gate ({config.reference})")
     device, kind = resolve_run_device(config.device)
@@ -284,6 +287,8 @@ def _checked(path: str, summary: dict, gate: float, started: float, max_grid_sco
 
 def _check_live(config: CheckConfig, reporter: Reporter) -> list[CheckedCheckpoint]:
     base, tuned_paths = config.paths[0], config.paths[1:]
+    for path in tuned_paths:  # every checkpoint before the first run: a broken last one fails in a second, not after the others
+        find_checkpoint(path, "TUNED", config.adapter, config.allow_pickle)
     probe = {k: v for k, v in config.set_probe().items()}
     results = []
     for path in tuned_paths:

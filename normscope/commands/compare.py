@@ -29,6 +29,7 @@ from normscope.load import (
 )
 from normscope.load.device_memory import check_run_fits, out_of_memory_as_error
 from normscope.load.families import family_for
+from normscope.load.models import check_fit_before_load
 from normscope.load.pipeline import check_family_inputs
 from normscope.measure.capture import GUIDED, CallRecord
 from normscope.measure.frames import VIDEO_LAYOUT, FrameNorms, free_frames, paired_frames, tidy_frames
@@ -239,6 +240,8 @@ def compare(config: CompareConfig, reporter: Reporter | None = None, pipe=None,
         checkpoints.append(find_checkpoint(config.base, "BASE", allow_pickle=config.allow_pickle))
 
     check_family_inputs(source, [(config.tuned, "TUNED"), (config.base, "BASE")], config)
+    for ckpt, role in zip(checkpoints, ("TUNED", "BASE"), strict=False):  # BASE only when given
+        check_fit_before_load(source, ckpt, role)
     # A scorer that cannot be imported is bad input: refused now, before the folder is touched or anything loads.
     scorer = load_scorer(config.scorer) if config.scorer else None
 

@@ -175,26 +175,54 @@ def load_pickle(path: Path, role: str) -> dict:
     return state
 
 
-def read_shapes(files: tuple[Path, ...], role: str) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
-    """key (prefixes stripped) -> (file, key as stored, shape), without reading safetensors data."""
+# safetensors' dtype names as torch names them; the floating ones are cast to the run's dtype, the rest refused
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+                      "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+                      "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool"}
+FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
+
+
+def read_header(files: tuple[Path, ...], role: str) -> dict[str, tuple[Path, str, tuple[int, ...], str]]:
+    """key (prefixes stripped) -> (file, key as stored, shape, dtype as torch names it), without reading data.
+
+    A file safetensors cannot open (zero bytes, cut short by a failed copy, not safetensors at all) is refused
+    here, before anything loads.
+    """
     from safetensors import safe_open
 
-    found: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
+    found: dict[str, tuple[Path, str, tuple[int, ...], str]] = {}
     for path in files:
         if path.suffix.lower() in PICKLE_SUFFIXES:
             for stored, tensor in load_pickle(path, role).items():
-                found[strip_prefixes(stored)] = (path, stored, tuple(tensor.shape))
+                found[strip_prefixes(stored)] = (path, stored, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
             continue
         try:
             with safe_open(str(path), framework="pt") as handle:
                 for stored in handle.keys():
-                    found[strip_prefixes(stored)] = (path, stored, tuple(handle.get_slice(stored).get_shape()))
+                    view = handle.get_slice(stored)
+                    dtype = view.get_dtype()
+                    found[strip_prefixes(stored)] = (path, stored, tuple(view.get_shape()), SAFETENSORS_DTYPES.get(dtype, dtype))
         except Exception as exc:
             raise CheckpointError(
                 f"{role} file {path} is not a valid safetensors file ({_one_line(exc)}): re-save it with "
-                "safetensors.torch.save_file"
+                "safetensors.torch.save_file, or copy it again if the copy was cut short"
             ) from None
     return found
+
+
+def read_shapes(files: tuple[Path, ...], role: str) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
+    """key (prefixes stripped) -> (file, key as stored, shape), without reading safetensors data."""
+    return {key: entry[:3] for key, entry in read_header(files, role).items()}
+
+
+def read_json(path: Path, role: str, fix: str = "fix or re-save it"):
+    """A JSON file a checkpoint comes with (shard index, adapter or LoRA config), refused in one line if broken."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{role} {path} is not valid JSON ({exc.msg} at line {exc.lineno}): {fix}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{role} {path} cannot be read ({_one_line(exc)}): {fix}") from None
 
 
 def read_tensors(path: Path, role: str) -> tuple[dict, dict]:
@@ -237,16 +265,26 @@ def classify_keys(keys) -> str:
 # ---------------------------------------------------------------- folders
 
 
-def _transformer_files(folder: Path) -> tuple[Path, ...]:
+def _transformer_files(folder: Path, role: str = "PATH") -> tuple[Path, ...]:
     index = folder / WEIGHTS_INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = _weight_map(index, role)
         files = tuple(folder / name for name in sorted(set(weight_map.values())))
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise CheckpointError(f"{index} names shard {missing[0]}, which is missing: copy every shard next to the index")
+            raise CheckpointError(f"{role} {index} names shard {missing[0]}, which is missing: copy every shard next to the index")
         return files
     return tuple(sorted(folder.glob("*.safetensors")))
+
+
+def _weight_map(index: Path, role: str) -> dict[str, str]:
+    """The index's ``weight_map`` (tensor -> shard file name), refused if the index is not what diffusers writes."""
+    fix = "copy it again from where the transformer was saved, or re-save the transformer with save_pretrained"
+    raw = read_json(index, role, fix)
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{role} {index} has no weight_map of tensor names to shard files: {fix}")
+    return weight_map
 
 
 def _peft_weights(folder: Path) -> Path | None:
@@ -269,7 +307,7 @@ def _adapter_options(folder: Path, prefix: str = "") -> list[tuple[str, Path]]:
     return options
 
 
-def _folder_options(folder: Path) -> list[tuple[str, Path]]:
+def _folder_options(folder: Path, role: str = "PATH") -> list[tuple[str, Path]]:
     """Everything in a folder that could be the tuned model, with the names ``--adapter`` takes."""
     if _peft_weights(folder) is not None:
         return _adapter_options(folder)
@@ -279,7 +317,7 @@ def _folder_options(folder: Path) -> list[tuple[str, Path]]:
         if not child.is_dir():
             continue
         if member == "transformer":
-            if _transformer_files(child):
+            if _transformer_files(child, role):
                 options.append((member, child))
         else:
             options.extend(_adapter_options(child, member))
@@ -317,7 +355,37 @@ def _choose(options: list[tuple[str, Path]], adapter: str | None, folder: Path, 
 
 
 def find_checkpoint(path: str | Path, role: str, adapter: str | None = None, allow_pickle: bool = False) -> Checkpoint:
-    """Resolve ``path`` to a checkpoint; ``adapter`` picks one member of a folder with several."""
+    """Resolve ``path`` to a checkpoint; ``adapter`` picks one member of a folder with several.
+
+    What headers and JSON files can tell is checked here too (``integrity.check_checkpoint``: unreadable files,
+    shard indexes, quantised dtypes, LoRA halves and configs): commands resolve their paths before they load
+    the pipeline, so a broken checkpoint is refused in a second instead of failing, or being measured wrong,
+    after the load.
+    """
+    from normscope.load.integrity import check_checkpoint
+
+    refuse_broken_link(Path(path), role)
+    ckpt = _resolve(path, role, adapter, allow_pickle)
+    check_checkpoint(ckpt, role)
+    return ckpt
+
+
+def refuse_broken_link(path: Path, role: str) -> None:
+    """A symlink that loops or points nowhere is said as such (``exists()`` alone would call it missing)."""
+    import errno
+    import os
+
+    if not path.is_symlink() or path.exists():
+        return
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CheckpointError(f"{role} {path} is a symlink loop: point it at the checkpoint itself (ls -l shows where it leads)") from None
+    raise CheckpointError(f"{role} {path} is a symlink to {os.readlink(path)}, which does not exist: copy the checkpoint there or fix the link")
+
+
+def _resolve(path: str | Path, role: str, adapter: str | None = None, allow_pickle: bool = False) -> Checkpoint:
     given = Path(path)
     if not given.exists():
         raise CheckpointError(f"{role} {given} does not exist: pass a pipeline folder, a transformer folder, a LoRA or a .safetensors file")
@@ -326,21 +394,21 @@ def find_checkpoint(path: str | Path, role: str, adapter: str | None = None, all
             raise CheckpointError(f"--adapter {adapter} was given but {role} {given} is a single file with no named adapters: drop --adapter")
         return _file_checkpoint(given, given, role, allow_pickle)
     if (given / PIPELINE_INDEX).is_file():
-        files = _transformer_files(given / "transformer") if (given / "transformer").is_dir() else ()
+        files = _transformer_files(given / "transformer", role) if (given / "transformer").is_dir() else ()
         if not files:
             raise CheckpointError(f"{role} {given} is a pipeline folder without transformer/*.safetensors: save it with safe_serialization=True")
         second = given / EXPERT_ATTRS[1]
-        if second.is_dir() and _transformer_files(second):
-            parts = tuple(Checkpoint(given, given / e, "transformer", _transformer_files(given / e), experts=(e,)) for e in EXPERT_ATTRS)
+        if second.is_dir() and _transformer_files(second, role):
+            parts = tuple(Checkpoint(given, given / e, "transformer", _transformer_files(given / e, role), experts=(e,)) for e in EXPERT_ATTRS)
             return Checkpoint(given, given, "pipeline", files + parts[1].files, experts=EXPERT_ATTRS, parts=parts)
         return Checkpoint(given, given, "pipeline", files)
     if _peft_weights(given) is None and (given / "config.json").is_file():
-        files = _transformer_files(given)
+        files = _transformer_files(given, role)
         if files:
             return Checkpoint(given, given, "transformer", files, experts=(_expert_of(given),))
     if adapter is None and (given / EXPERT_ATTRS[1]).is_dir():
         return _parts_checkpoint(given, role, allow_pickle)
-    options = _folder_options(given)
+    options = _folder_options(given, role)
     if not options:
         raise CheckpointError(
             f"no checkpoint found in {role} folder {given}: looked for {PIPELINE_INDEX}, config.json with "
@@ -353,7 +421,7 @@ def find_checkpoint(path: str | Path, role: str, adapter: str | None = None, all
     if chosen.is_file():
         ckpt = _file_checkpoint(given, chosen, role, allow_pickle)
     elif name == "transformer" or (chosen / "config.json").is_file() and _peft_weights(chosen) is None:
-        ckpt = Checkpoint(given, chosen, "transformer", _transformer_files(chosen))
+        ckpt = Checkpoint(given, chosen, "transformer", _transformer_files(chosen, role))
     else:
         weights = _peft_weights(chosen)
         _refuse_pickle(weights, role, allow_pickle)
@@ -374,12 +442,12 @@ def _parts_checkpoint(given: Path, role: str, allow_pickle: bool) -> Checkpoint:
         member = given / expert
         if not member.is_dir():
             continue
-        if _peft_weights(member) is None and not _transformer_files(member):
+        if _peft_weights(member) is None and not _transformer_files(member, role):
             raise CheckpointError(
                 f"{role} {member} holds neither a transformer (config.json + *.safetensors) nor a peft adapter: "
                 "copy the expert's weights there, or pass the other expert's folder alone"
             )
-        part = find_checkpoint(member, role, allow_pickle=allow_pickle)
+        part = _resolve(member, role, allow_pickle=allow_pickle)
         parts.append(Checkpoint(part.given, part.path, part.kind, part.files, part.adapter, part.adapters, part.notes, (expert,)))
     kinds = {p.kind for p in parts}
     kind = kinds.pop() if len(kinds) == 1 else PARTS_KIND

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,9 +28,20 @@ from pathlib import Path
 
 from normscope.errors import CheckpointError
 from normscope.load.formats import EXPERT_ATTRS, LORA_SIDECAR, PEFT_CONFIG, Checkpoint, read_tensors, strip_prefixes
+from normscope.load.integrity import (
+    ALPHA_KEYS,
+    METADATA_KEY,
+    RANK_KEYS,
+    adapter_config_values,
+    alpha_value,
+    first_value,
+    header_metadata,
+    metadata_values,
+    rank_value,
+    sidecar_values,
+)
 
 ADAPTER_NAME = "normscope_tuned"
-METADATA_KEY = "lora_adapter_metadata"
 
 
 @dataclass
@@ -84,46 +94,24 @@ def _config_from_weights(state: dict, alpha: float | None) -> tuple[dict, bool]:
     return config, known
 
 
-def _alpha_from_metadata(metadata: dict, expert: str = "transformer") -> float | None:
-    text = metadata.get(METADATA_KEY)
-    if not text:
-        return None
-    values = json.loads(text)
-    for key in (f"{expert}.lora_alpha", "transformer.lora_alpha", "lora_alpha"):
-        if values.get(key) is not None:
-            return float(values[key])
-    return None
+def _alpha_from_metadata(metadata: dict, path: Path, role: str, expert: str = "transformer") -> float | None:
+    values = metadata_values(metadata, path, role)
+    value = first_value(values, (f"{expert}.lora_alpha", "transformer.lora_alpha", "lora_alpha"))
+    return alpha_value(value, f"{path} header metadata {METADATA_KEY}", role)
 
 
-def _sidecar_values(ckpt: Checkpoint) -> dict:
+def _sidecar_values(ckpt: Checkpoint, role: str) -> dict:
     """A trainer's lora_config.json next to the weights: DanceGRPO's flat form or Pref-GRPO's ``lora_params``."""
-    sidecar = ckpt.path.parent / LORA_SIDECAR
-    if not sidecar.is_file():
-        return {}
-    try:
-        values = json.loads(sidecar.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{sidecar} is not valid JSON ({exc.msg} at line {exc.lineno}): fix or remove it") from None
-    if not isinstance(values, dict):
-        return {}
-    nested = values.get("lora_params")
-    return {**values, **nested} if isinstance(nested, dict) else values
+    return sidecar_values(ckpt.path.parent / LORA_SIDECAR, role)
 
 
-def _first_value(values: dict, keys: tuple[str, ...]) -> float | None:
-    for key in keys:
-        if values.get(key) is not None:
-            return float(values[key])
-    return None
-
-
-def _alpha_from_sidecar(ckpt: Checkpoint) -> float | None:
-    return _first_value(_sidecar_values(ckpt), ("lora_alpha", "alpha", "network_alpha"))
+def _alpha_from_sidecar(ckpt: Checkpoint, role: str) -> float | None:
+    return alpha_value(first_value(_sidecar_values(ckpt, role), ALPHA_KEYS), ckpt.path.parent / LORA_SIDECAR, role)
 
 
 def _check_sidecar_rank(ckpt: Checkpoint, config: dict, role: str) -> None:
     """A sidecar rank that disagrees with the tensors means the sidecar belongs to another LoRA: refuse."""
-    rank = _first_value(_sidecar_values(ckpt), ("lora_rank", "rank", "r"))
+    rank = rank_value(first_value(_sidecar_values(ckpt, role), RANK_KEYS), ckpt.path.parent / LORA_SIDECAR, role)
     if rank is not None and not config.get("rank_pattern") and int(rank) != config["r"]:
         raise CheckpointError(
             f"{role} {ckpt.path.parent / LORA_SIDECAR} says rank {int(rank)} but the weights in {ckpt.path.name} have "
@@ -131,12 +119,12 @@ def _check_sidecar_rank(ckpt: Checkpoint, config: dict, role: str) -> None:
         )
 
 
-def _adapter_config_next_to(ckpt: Checkpoint) -> dict | None:
+def _adapter_config_next_to(ckpt: Checkpoint, role: str) -> dict | None:
     """An adapter_config.json beside a single weights file (some trainers copy it there): its LoraConfig fields."""
     path = (ckpt.path if ckpt.path.is_dir() else ckpt.path.parent) / PEFT_CONFIG
-    if not path.is_file():
+    raw = adapter_config_values(path, role)
+    if raw is None:
         return None
-    raw = json.loads(path.read_text())
     allowed = _lora_config_fields()
     return {k: v for k, v in raw.items() if k in allowed}
 
@@ -206,7 +194,7 @@ def read_lora(ckpt: Checkpoint, pipeline_class, role: str = "TUNED", expert: str
     notes: list[str] = []
     if ckpt.kind == "peft_wrapped":
         state, frozen, adapter, notes = _split_wrapped(weights_file, role)
-        weights = _with_alpha(ckpt, state, _metadata(weights_file), role, weights_file, notes,
+        weights = _with_alpha(ckpt, state, header_metadata(weights_file, role), role, weights_file, notes,
                               what=f"peft-wrapped model state dict (adapter '{adapter}')")
         weights.base_file, weights.base_keys = weights_file, frozen
         return weights
@@ -217,8 +205,8 @@ def read_lora(ckpt: Checkpoint, pipeline_class, role: str = "TUNED", expert: str
     if ckpt.kind == "peft":
         state = _strip(state, "base_model.model.")
         config_file = ckpt.path / "adapter_config.json" if ckpt.path.is_dir() else None
-        if config_file is not None and config_file.is_file():
-            raw = json.loads(config_file.read_text())
+        raw = adapter_config_values(config_file, role) if config_file is not None else None
+        if raw is not None:
             allowed = _lora_config_fields()
             config = {k: v for k, v in raw.items() if k in allowed}
             config["init_lora_weights"] = False
@@ -254,28 +242,19 @@ def read_lora(ckpt: Checkpoint, pipeline_class, role: str = "TUNED", expert: str
     return LoraWeights(state, config, notes, known)
 
 
-def _metadata(path: Path) -> dict:
-    from safetensors import safe_open
-
-    if path.suffix != ".safetensors":
-        return {}
-    with safe_open(str(path), framework="pt") as handle:
-        return dict(handle.metadata() or {})
-
-
 def _with_alpha(ckpt: Checkpoint, state: dict, metadata: dict, role: str, weights_file, notes: list[str],
                 what: str, expert: str = "transformer") -> LoraWeights:
     """Rank from the tensors; alpha from an adapter_config.json beside the file, the header metadata or a
     trainer's lora_config.json, in that order; else alpha = rank, said in a note."""
-    beside = _adapter_config_next_to(ckpt)
+    beside = _adapter_config_next_to(ckpt, role)
     if beside is not None:
         config, _ = _config_from_weights(state, None)
         config.update({k: v for k, v in beside.items() if k != "target_modules"}, init_lora_weights=False)
         notes.append(f"{role} {what}: rank and alpha from {PEFT_CONFIG} beside it")
         return LoraWeights(state, config, notes, True)
-    alpha, source = _alpha_from_metadata(metadata, expert), "header metadata"
+    alpha, source = _alpha_from_metadata(metadata, weights_file, role, expert), "header metadata"
     if alpha is None:
-        alpha, source = _alpha_from_sidecar(ckpt), LORA_SIDECAR
+        alpha, source = _alpha_from_sidecar(ckpt, role), LORA_SIDECAR
     config, known = _config_from_weights(state, alpha)
     _check_sidecar_rank(ckpt, config, role)
     if known:
@@ -362,7 +341,7 @@ def check_targets(module, weights: LoraWeights, role: str, where) -> None:
         )
 
 
-def attach_lora(module, weights: LoraWeights, adapter_name: str = ADAPTER_NAME) -> list:
+def attach_lora(module, weights: LoraWeights, adapter_name: str = ADAPTER_NAME, role: str = "TUNED", where="") -> list:
     """Inject the adapter into ``module`` (peft) and load its weights; returns the adapter layers."""
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -373,6 +352,16 @@ def attach_lora(module, weights: LoraWeights, adapter_name: str = ADAPTER_NAME) 
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if ".lora_" in k]
     if unexpected:
         raise CheckpointError(f"the LoRA has weights peft could not place ({', '.join(unexpected[:3])}): its adapter config does not match its weights")
+    # peft only warns about adapter weights the file lacks: they would stay at their random init
+    missing = sorted(k for k in getattr(result, "missing_keys", []) if ".lora_" in k and f".{adapter_name}" in k)
+    if missing:
+        modules = sorted({k.split(".lora_")[0] for k in missing})
+        more = f" (+{len(modules) - 3} more)" if len(modules) > 3 else ""
+        raise CheckpointError(
+            f"{role} LoRA {where}: its config targets {len(modules)} modules the weights have no tensors for "
+            f"({', '.join(modules[:3])}{more}), which would be left at their random init — put the adapter_config.json "
+            "saved with these weights next to them"
+        )
     module.eval()
     return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
 

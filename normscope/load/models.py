@@ -9,7 +9,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from normscope.errors import CheckpointError
-from normscope.load.formats import EXPERT_ATTRS, Checkpoint, find_checkpoint, load_pickle, read_shapes, strip_prefixes
+from normscope.load.formats import (
+    EXPERT_ATTRS,
+    FLOAT_DTYPES,
+    PIPELINE_INDEX,
+    Checkpoint,
+    find_checkpoint,
+    load_pickle,
+    read_header,
+    read_shapes,
+    strip_prefixes,
+)
 from normscope.load.lora import attach_lora, check_base_weights, check_targets, detach_lora, read_lora
 
 
@@ -272,24 +282,97 @@ def load_weights(module, checkpoint: Checkpoint, role: str) -> None:
     from safetensors import safe_open
 
     weight_files = tuple(f for f in checkpoint.files if f.suffix != ".json")
-    header = read_shapes(weight_files, role)
-    problems = fit_problems({k: tuple(v.shape) for k, v in module.state_dict().items()}, header)
-    if problems:
-        raise CheckpointError(
-            f"{role} {checkpoint.path} does not fit the pipeline's {type(module).__name__}: {'; '.join(problems)} — "
-            "pass the --pipeline this checkpoint was trained from"
-        )
+    header = read_header(weight_files, role)
+    problems = fit_problems(_shapes(module), header) + _dtype_problems(module.state_dict(), header)
+    _refuse_misfit(checkpoint, type(module).__name__, problems, role)
     params = module.state_dict()
     with torch.no_grad():
         for path in weight_files:
             if path.suffix == ".safetensors":
                 with safe_open(str(path), framework="pt") as handle:
-                    for key, (file, stored, _) in header.items():
+                    for key, (file, stored, *_) in header.items():
                         if file == path:
                             params[key].copy_(handle.get_tensor(stored))
             else:
                 for stored, tensor in load_pickle(path, role).items():
                     params[strip_prefixes(stored)].copy_(tensor)  # the header's keys, built the same way
+
+
+def _refuse_misfit(checkpoint: Checkpoint, class_name: str, problems: list[str], role: str) -> None:
+    if problems:
+        raise CheckpointError(
+            f"{role} {checkpoint.path} does not fit the pipeline's {class_name}: {'; '.join(problems)} — "
+            "pass the --pipeline this checkpoint was trained from"
+        )
+
+
+def check_fit_before_load(source: str, ckpt: Checkpoint, role: str) -> None:
+    """A full checkpoint's keys and shapes against the pipeline's transformer built on the meta device (no
+    weights, no memory), so missing or unexpected keys are refused before the pipeline loads, not after.
+
+    Only for a local pipeline folder whose transformer class diffusers names; anything else (a hub id, a
+    class that cannot be built from its config) is left to ``load_weights``, which checks the same at the copy.
+    """
+    if ckpt.is_lora or not (Path(source) / PIPELINE_INDEX).is_file():
+        return
+    for expert in ckpt.experts:
+        part = ckpt.part(expert)
+        module = _meta_transformer(Path(source), expert)
+        if part is None or module is None:
+            continue
+        header = read_shapes(tuple(f for f in part.files if f.suffix != ".json"), role)
+        _refuse_misfit(part, type(module).__name__, fit_problems(_shapes(module), header), role)
+
+
+def _meta_transformer(root: Path, expert: str):
+    """The pipeline's ``expert`` module on the meta device, or None where it cannot be built from its config."""
+    import json
+
+    import diffusers
+    import torch
+
+    try:
+        _, class_name = json.loads((root / PIPELINE_INDEX).read_text())[expert]
+        cls = getattr(diffusers, class_name)
+        config = cls.load_config(str(root / expert))
+        with torch.device("meta"):
+            return cls.from_config(config)
+    except Exception:  # noqa: BLE001 - a pipeline this cannot build is checked at the copy instead
+        return None
+
+
+def _shapes(module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def _dtype_problems(own: dict, header: dict) -> list[str]:
+    """Integer or bool tensors stored for the module's floating ones (a buffer the pre-load check lets pass)."""
+    wrong = sorted(f"{key} {entry[3]}" for key, entry in header.items()
+                   if key in own and own[key].is_floating_point() and entry[3] not in FLOAT_DTYPES)
+    return [f"{len(wrong)} tensors stored as non-floating dtypes for floating ones ({_first(wrong, 2)})"] if wrong else []
+
+
+def cast_notes(ckpt: Checkpoint, module, role: str) -> list[str]:
+    """One line per floating dtype the checkpoint stores that the run casts to another (bf16 file, float32 run).
+
+    The cast is said, not refused: bf16 -> float32 is exact, float32 -> bf16 rounds, and either way the run
+    measures the weights as the chosen --dtype holds them. For a LoRA only its adapter tensors count (the frozen
+    weights of a peft-wrapped state dict are compared, not loaded).
+    """
+    run = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    if run is None:
+        return []
+    run_name = str(run).removeprefix("torch.")
+    counts: dict[str, int] = {}
+    for part in ckpt.parts or (ckpt,):
+        header = read_header(tuple(f for f in part.files if f.suffix != ".json"), role)
+        for key, entry in header.items():
+            if part.is_lora and "lora_" not in key:
+                continue
+            if entry[3] in FLOAT_DTYPES and entry[3] != run_name:
+                counts[entry[3]] = counts.get(entry[3], 0) + 1
+    return [f"{role} {ckpt.given} stores {count} {dtype} tensors, cast to {run_name} for this run (--dtype)"
+            for dtype, count in sorted(counts.items())]
 
 
 def _first(items, count: int = 3) -> str:
@@ -348,13 +431,14 @@ def _apply_tuned(pipe, ckpt: Checkpoint, modules: dict, copy_full: bool, role: s
             weights = read_lora(part, type(pipe), role, expert=name)
             check_targets(modules[name], weights, role, part.path)
             check_base_weights(modules[name], weights, role, part.path)
-            layers.extend(attach_lora(modules[name], weights))
+            layers.extend(attach_lora(modules[name], weights, role=role, where=part.path))
             notes.extend(weights.notes)
             continue
         module = copy.deepcopy(modules[name]) if copy_full else modules[name]
         load_weights(module, part, role)
         module.eval()
         tuned[name] = module
+    notes.extend(cast_notes(ckpt, modules[ckpt.experts[0]], role))
     notes.extend(_left_to_base(pipe, ckpt, role))
     return tuned, layers, notes
 
@@ -388,7 +472,7 @@ def load_models(
     """
     base_model, base_ckpt = load_base(pipe, base, pipeline_source, allow_pickle)
     checkpoints: list[Checkpoint] = [base_ckpt] if base_ckpt else []
-    notes: list[str] = []
+    notes: list[str] = cast_notes(base_ckpt, base_model.module, "BASE") if base_ckpt else []
     tuned_ckpt = find_checkpoint(tuned, "TUNED", adapter=adapter, allow_pickle=allow_pickle)
     checkpoints.append(tuned_ckpt)
     notes.extend(tuned_ckpt.notes)

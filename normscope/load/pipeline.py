@@ -20,7 +20,7 @@ from normscope.load.families import (
     preset_named,
     supported,
 )
-from normscope.load.formats import PIPELINE_INDEX
+from normscope.load.formats import PIPELINE_INDEX, refuse_broken_link
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -48,6 +48,9 @@ def find_pipeline_source(base: str | None, tuned: str | None, pipeline: str | No
     if pipeline:
         return pipeline
     candidates = [Path(p) for p in (base, tuned) if p]
+    for candidate, role in zip((base, tuned), ("BASE", "TUNED"), strict=True):
+        if candidate:
+            refuse_broken_link(Path(candidate), role)  # before resolve(), which a symlink loop breaks
     for candidate in candidates:
         if (candidate / PIPELINE_INDEX).is_file():
             return str(candidate)
