@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from normscope.config import (
     DEFAULT_BATCH_SIZE,
@@ -31,6 +30,7 @@ from normscope.config import (
 )
 from normscope.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_RUN, ConfigError, NormscopeError
 from normscope.measure.distributed import is_main_process
+from normscope.render.safe import labelled, plain_console, stdout_console
 
 app = typer.Typer(
     name="normscope",
@@ -39,12 +39,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
-
-
-def stdout_console() -> Console:
-    """Results on stdout; when piped or captured (CI logs, files), wide enough that tables never wrap."""
-    return Console(width=None if sys.stdout.isatty() else 120)
+err = plain_console(stderr=True)  # user text (paths, prompts, messages) is printed as it is, never as markup
 
 # ---------------------------------------------------------------- shared options (one definition each)
 
@@ -177,7 +172,7 @@ class RichReporter:
         if message in self.said:
             return
         self.said.add(message)
-        self.progress.console.print(f"[cyan]note:[/cyan] {message}", highlight=False, soft_wrap=True)  # one line each
+        self.progress.console.print(labelled("note:", "cyan", message), highlight=False, soft_wrap=True)  # one line each
 
     def __enter__(self) -> RichReporter:
         self.progress.start()
@@ -193,7 +188,7 @@ def cli_errors() -> Iterator[None]:
     try:
         yield
     except NormscopeError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err.print(labelled("error:", "red", exc), highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print("interrupted: finished batches are kept in --out; rerun the same command to resume")
@@ -204,12 +199,12 @@ def cli_errors() -> Iterator[None]:
         if os.environ.get("NORMSCOPE_DEBUG"):
             raise
         if type(exc).__name__ == "OutOfMemoryError":  # torch's, from a command without its own estimate
-            err.print("[red]error:[/red] the device ran out of memory: try --offload (compare), --dtype bfloat16 or a "
-                      "smaller --batch-size (finished batches are kept in --out)", highlight=False, soft_wrap=True)
+            err.print(labelled("error:", "red", "the device ran out of memory: try --offload (compare), --dtype bfloat16 or a "
+                               "smaller --batch-size (finished batches are kept in --out)"), highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_RUN) from None
-        err.print(
-            f"[red]error:[/red] the run failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-            "(finished batches are kept in --out; set NORMSCOPE_DEBUG=1 for the traceback)",
+        err.print(labelled(
+            "error:", "red", f"the run failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+            "(finished batches are kept in --out; set NORMSCOPE_DEBUG=1 for the traceback)"),
             highlight=False, soft_wrap=True,
         )
         raise typer.Exit(EXIT_RUN) from None
@@ -222,7 +217,7 @@ def emit(result, fmt: OutputFormat) -> None:
 
     summary = result.summary
     if summary["nonfinite"]:
-        err.print(f"[yellow]warning:[/yellow] {summary['nonfinite']} velocity evaluation(s) were NaN/Inf and are left out of every mean")
+        err.print(labelled("warning:", "yellow", f"{summary['nonfinite']} velocity evaluation(s) were NaN/Inf and are left out of every mean"))
     if fmt is OutputFormat.json:
         sys.stdout.write(summary_json(summary))
     elif fmt is OutputFormat.csv:
@@ -321,7 +316,7 @@ def profile(
         with RichReporter("profile") as reporter:
             reference = run_profile(config, reporter)
         for warning in reference.meta["warnings"]:
-            err.print(f"[yellow]warning:[/yellow] {warning}")
+            err.print(labelled("warning:", "yellow", warning))
         if fmt is OutputFormat.json:
             sys.stdout.write(json.dumps(reference.meta, indent=2) + "\n")
         else:

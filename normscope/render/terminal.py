@@ -5,6 +5,7 @@ from __future__ import annotations
 from normscope.measure.stats import HINGE_RATE, N
 from normscope.measure.table import COSINE, NORM_BASE, NORM_TUNED, RATIO, SIGMA, STEP
 from normscope.render.numbers import num, pct
+from normscope.render.safe import cell, cells
 
 ESTIMATE_WORDS = {"sigma_integral": "sigma-integral", "step_mean": "step mean"}
 
@@ -56,7 +57,7 @@ def render_compare(summary: dict, console) -> None:
         if show_experts:
             cells.append(experts[index] if index < len(experts) else "")
         style = "yellow" if row[N] == 0 else None
-        table.add_row(*cells, style=style)
+        table.add_row(*map(cell, cells), style=style)
     console.print(table)
     regions = summary["regions"]
     console.print(
@@ -72,14 +73,14 @@ def render_compare(summary: dict, console) -> None:
             g = branches["guided"]
             console.print(f"{mode} mode: inflation {pct(g['inflation'])}  95% CI [{pct(g['inflation_ci'][0])}, {pct(g['inflation_ci'][1])}]")
     console.print(other_estimates(summary))
-    console.print(f"[bold]{headline(summary)}[/bold]")
+    console.print(cell(headline(summary), "bold"))
 
 
 def render_inspection(report: dict, console) -> None:
     """``normscope inspect`` as a two-column table."""
     from rich.table import Table
 
-    table = Table(show_header=False, title=f"normscope inspect {report['path']}", title_justify="left")
+    table = Table(show_header=False, title=cell(f"normscope inspect {report['path']}"), title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value")
     rows = [
@@ -113,7 +114,7 @@ def render_inspection(report: dict, console) -> None:
     for note in report["notes"]:
         rows.append(("note", note))
     for name, value in rows:
-        table.add_row(name, value)
+        table.add_row(*cells(name, value))  # paths, adapter names and notes are literal text
     console.print(table)
 
 
@@ -125,7 +126,7 @@ def render_reference(meta: dict, console) -> None:
     for name in ("step", "sigma", "mean", "std", "p5", "p50", "p95 = tau"):
         table.add_column(name, justify="right")
     for row in meta["per_step"]["guided"]:
-        table.add_row(str(row["step"]), f"{row['sigma']:.3f}", *(num(row[k]) for k in ("mean", "std", "p5", "p50", "tau")))
+        table.add_row(*cells(row["step"], f"{row['sigma']:.3f}", *(num(row[k]) for k in ("mean", "std", "p5", "p50", "tau"))))
     console.print(table)
     gate = meta["suggestions"]["gate"]
     floor = gate["noise_floor"]
@@ -136,8 +137,8 @@ def render_reference(meta: dict, console) -> None:
         + " · bfloat16 vs float32 " + ("not measured" if dtype is None else f"{dtype * 100:.3f} %")
     )
     console.print("suggested tau(sigma): p95 of the base's norms per step (thresholds.csv)")
-    console.print(f"[bold]suggested gate: --max-inflation {gate['max_inflation']:.3f}[/bold] "
-                  f"(set by {gate['set_by']}; rule: {gate['rule']})")
+    console.print(cell(f"suggested gate: --max-inflation {gate['max_inflation']:.3f}", "bold")
+                  + cell(f" (set by {gate['set_by']}; rule: {gate['rule']})"))
 
 
 def render_sweep(table, gate: float | None, console) -> None:
@@ -153,9 +154,9 @@ def render_sweep(table, gate: float | None, console) -> None:
         if crossed and first is None:
             first = row["step"]
         view.add_row(
-            str(row["step"]), pct(row["inflation"]), f"[{pct(row['ci_lo'])}, {pct(row['ci_hi'])}]",
-            "n/a" if row["hinge_rate"] is None else f"{row['hinge_rate'] * 100:.0f} %",
-            pct(row["near_noise"]), pct(row["middle"]), pct(row["near_data"]),
+            *cells(row["step"], pct(row["inflation"]), f"[{pct(row['ci_lo'])}, {pct(row['ci_hi'])}]",
+                   "n/a" if row["hinge_rate"] is None else f"{row['hinge_rate'] * 100:.0f} %",
+                   pct(row["near_noise"]), pct(row["middle"]), pct(row["near_data"])),
             style="bold red" if crossed and row["step"] == first else None,
         )
     console.print(view)
@@ -179,19 +180,19 @@ def render_demo(result: dict, console) -> None:
         paired = row.get("paired")
         ci = f"{p1(paired)} [{p1(row['paired_ci'][0])}, {p1(row['paired_ci'][1])}]" if paired is not None else "0"
         rescaled = "applied" in row  # the inference-rescale row: other drivers were not run for it
-        table.add_row(
+        table.add_row(*cells(
             row["model"], f"{row['reward']:.3f}", f"{row['fd']:.2f}", f"{row['diversity']:.2f}",
             f"{row['out_of_range'] * 100:.1f}", ci,
             "" if rescaled else p1(row.get("paired_base_drives")) if paired is not None else "0",
             "" if rescaled else p1(row.get("free")) if paired is not None else "0",
-        )
+        ))
     console.print(table)
     regions = Table(title="paired inflation by region of the trajectory (tuned drives)", title_justify="left")
     for name in ("model", "near noise", "middle", "near data"):
         regions.add_column(name, justify="right")
     for row in result["rows"][1:]:
         r = row["regions"]
-        regions.add_row(row["model"], pct(r["near_noise"]), pct(r["middle"]), pct(r["near_data"]))
+        regions.add_row(*cells(row["model"], pct(r["near_noise"]), pct(r["middle"]), pct(r["near_data"])))
     console.print(regions)
     series = result["series"]
     console.print(f"{series['model']} over training: " + "  ".join(
