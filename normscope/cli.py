@@ -27,8 +27,9 @@ from normscope.config import (
     DType,
     Mode,
     OutputFormat,
+    parse_seeds,
 )
-from normscope.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_RUN, ConfigError, NormscopeError
+from normscope.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_RUN, NormscopeError
 from normscope.measure.distributed import is_main_process
 from normscope.render.safe import labelled, plain_console, stdout_console
 
@@ -68,23 +69,6 @@ CheckSeedsOpt = Annotated[str | None, typer.Option("--seeds", help="Seeds (live 
 CheckStepsOpt = Annotated[int | None, typer.Option("--steps", help="Denoising steps (live default: the preset's, else 28; with --reference: the stored value).", rich_help_panel="Probe")]
 CheckPresetOpt = Annotated[str | None, typer.Option("--preset", help="Live check only: a trainer's evaluation setting (steps, guidance, size); explicit options override it. List: normscope presets.", rich_help_panel="Probe")]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Run folder for norms.csv, summary.json, profile.png; an interrupted run resumes from it.", rich_help_panel="Output")]
-
-
-def parse_seeds(text: str) -> tuple[int, ...]:
-    """'0,1,2' or '0-7' or a mix -> a tuple of ints; a clear error otherwise."""
-    seeds: list[int] = []
-    try:
-        for part in (p.strip() for p in text.split(",")):
-            if not part:
-                continue
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, part)
-                seeds.extend(range(int(lo), int(hi) + 1))
-            else:
-                seeds.append(int(part))
-    except ValueError:
-        raise ConfigError(f"--seeds '{text}' is not a list of integer seeds: use e.g. 0,1,2,3 or 0-7") from None
-    return tuple(seeds)
 
 
 # The probe options compare, profile, check and sweep share: (parameter, annotation, default), declared once.

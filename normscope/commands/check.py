@@ -25,7 +25,17 @@ from normscope.commands.profile import (
     load_reference,
     probe_from_reference,
 )
-from normscope.config import HEADLINE_ESTIMATE, CompareConfig, Device, DType, Mode
+from normscope.config import (
+    HEADLINE_ESTIMATE,
+    CompareConfig,
+    Device,
+    DType,
+    Mode,
+    check_finite,
+    check_probe_values,
+    check_seeds,
+    parse_seeds,
+)
 from normscope.errors import EXIT_INFLATED, EXIT_OK, EXIT_RUN, ConfigError, InputError, NoMeasurementError
 from normscope.load import AdapterModel, find_checkpoint, load_pipeline, load_tuned_only, resolve_dtype
 from normscope.load.device_memory import check_run_fits, parse_size
@@ -78,6 +88,11 @@ class CheckConfig:
         self.prompts = tuple(self.prompts)
         self.mode = Mode(self.mode)
         self.dtype, self.device = DType(self.dtype), Device(self.device)  # the API takes strings, like every config
+        if self.seeds is not None:
+            self.seeds = parse_seeds(self.seeds) if isinstance(self.seeds, str) else check_seeds(self.seeds)
+        for name in ("max_inflation", "max_grid_score"):
+            check_finite(name, getattr(self, name))
+        check_probe_values(self)
         if self.reference is None and len(self.paths) < 2:
             raise ConfigError("normscope check needs BASE and TUNED, or TUNED with --reference DIR")
         if self.reference is not None and not self.paths:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from normscope.config import check_finite
 from normscope.errors import InputError
 from normscope.render.files import IMAGES_DIR, NORMS_CSV, SUMMARY_JSON
 from normscope.render.numbers import pct
@@ -43,6 +44,7 @@ class ReportConfig:
         self.monitors = tuple(Path(m) for m in self.monitors)
         self.sweeps = tuple(Path(s) for s in self.sweeps)
         self.out = Path(self.out)
+        check_finite("gate", self.gate)
         if not self.runs and not self.monitors:
             raise InputError("normscope report needs at least one run folder (written by compare --out) or a --monitor log")
         if self.sweeps and not self.monitors:
