@@ -45,6 +45,7 @@ from normscope.measure.fingerprint import pipeline_fingerprint
 from normscope.measure.prompt_cache import prepare_prompts
 from normscope.measure.sampling import Reporter, SilentReporter, prompt_batches, resolve_run_device, run_model_batches
 from normscope.measure.table import free_frame, tidy
+from normscope.measure.truncation import report_truncation
 
 PASS, FAIL, ERROR = "pass", "fail", "error"
 
@@ -263,6 +264,7 @@ def measure_against_reference(source: str, tuned: str, reference: Reference, pro
             reporter.note(note)
         record = run_model_batches(pipe, tuned_model, probe, samples, reporter, prompts)
     finally:
+        report_truncation(reporter)
         if isinstance(tuned_model, AdapterModel):
             detach_lora(tuned_model.module)
     frame = tidy([free_frame(reference.record(), record, samples)])

@@ -72,6 +72,7 @@ from normscope.measure.table import (
     paired_frame,
     tidy,
 )
+from normscope.measure.truncation import report_truncation
 
 
 @dataclass
@@ -261,6 +262,7 @@ def compare(config: CompareConfig, reporter: Reporter | None = None, pipe=None,
         return _measure(config, pipe, family, loaded, prompts, embeddings, samples, groups, source, checkpoints,
                         device, dtype, procs, reporter)
     finally:
+        report_truncation(reporter)  # prompts longer than the encoders take: one note, however many batches
         if not own_pipe:  # a caller's pipeline gets its own transformer back: adapter removed, weights in place
             loaded.release()
 
