@@ -36,3 +36,13 @@ def cell(value: object, style: str | None = None) -> Text:
 
 def cells(*values: object) -> list[Text]:
     return [cell(v) for v in values]
+
+
+MD_SPECIAL = {"\\": "\\\\", "|": "\\|", "`": "\\`", "[": "\\[", "]": "\\]", "*": "\\*", "&": "&amp;", "<": "&lt;",
+              ">": "&gt;"}
+
+
+def md_text(value: object) -> str:
+    """Text (a folder name, a title, a caption) as literal Markdown on one line: no table breaks, no HTML, no links."""
+    text = " ".join(str(value).split())  # newlines would end a table row or a heading
+    return "".join(MD_SPECIAL.get(c, c) for c in text)
