@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from normscope.config import (
     DEFAULT_BATCH_SIZE,
@@ -33,7 +34,25 @@ from normscope.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_RUN, NormscopeEr
 from normscope.measure.distributed import is_main_process
 from normscope.render.safe import labelled, plain_console, stdout_console
 
+# click's UsageError, whether typer vendors click (0.29+) or imports it
+UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+class OneLineErrors(TyperGroup):
+    """A command's option that cannot be parsed (``--height abc``, ``--guidance x``) is one line and exit 2 too."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except UsageError as exc:  # BadParameter, NoSuchOption, MissingParameter: before the command runs
+            sub = exc.ctx is not None and exc.ctx.parent is not None and exc.ctx.info_name
+            where = f"normscope {exc.ctx.info_name} --help" if sub else "normscope --help"
+            err.print(labelled("error:", "red", f"{exc.format_message()} (options: {where})"), highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_INPUT) from None
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     name="normscope",
     help="Measure velocity-norm inflation of RL-tuned flow-matching image and video generators (SD3, FLUX.1/2, Qwen-Image, Z-Image, Wan; normscope presets lists trainers' settings).",
     no_args_is_help=True,
