@@ -59,7 +59,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = plain_console(stderr=True)  # user text (paths, prompts, messages) is printed as it is, never as markup
+err = plain_console(stderr=True, soft_wrap=True)  # user text is printed as it is, never as markup; one line each
 
 # ---------------------------------------------------------------- shared options (one definition each)
 
