@@ -136,7 +136,8 @@ def parse_seeds(text: str) -> tuple[int, ...]:
                 raise ConfigError(f"--seeds {part} is negative: seeds are {SEED_RANGE}")
             raise ConfigError(f"--seeds '{text}' is not a list of integer seeds: use e.g. 0,1,2,3 or 0-7")
         if max(len(lo), len(hi)) > len(str(SEED_MAX)):  # before int(): Python refuses to parse 4300+ digits
-            raise ConfigError(f"--seeds {part[:30]}... is out of range: seeds are {SEED_RANGE}")
+            shown = part if len(part) <= 40 else part[:40] + "..."
+            raise ConfigError(f"--seeds {shown} is out of range: seeds are {SEED_RANGE}")
         first, last = int(lo), int(hi) if sep else int(lo)
         for seed in (first, last):
             if seed > SEED_MAX:

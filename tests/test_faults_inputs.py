@@ -291,17 +291,30 @@ def test_report_md_escapes_names_and_titles(pipelines, scaled, tmp_path):
 
 def test_a_huge_prompt_is_one_note_not_megabytes(pipelines, scaled):
     huge = " ".join(["a red fox jumps over the lazy dog"] * 400)
-    before = {name: (list(logging.getLogger(name).handlers), logging.getLogger(name).level)
-              for name in ("diffusers", "transformers")}
-    result = run("compare", pipelines["sd3"], scaled("sd3", 1.1), *PROBE, "--prompt", huge)
+    libraries = ("diffusers", "transformers")
+    before = {name: (list(logging.getLogger(name).handlers), logging.getLogger(name).level) for name in libraries}
+    reached = []  # what the libraries' own handlers (stderr) would print
+
+    class Record(logging.Handler):
+        def emit(self, record):
+            reached.append(record.getMessage())
+
+    record = Record()
+    for name in libraries:
+        logging.getLogger(name).addHandler(record)
+    try:
+        result = run("compare", pipelines["sd3"], scaled("sd3", 1.1), *PROBE, "--prompt", huge)
+    finally:
+        for name in libraries:
+            logging.getLogger(name).removeHandler(record)
     assert result.exit_code == 0, result.output
-    assert "The following part of your input was truncated" not in result.stderr
-    assert "Token indices sequence length" not in result.stderr
+    for text in [result.stderr, *reached]:
+        assert "The following part of your input was truncated" not in text
+        assert "Token indices sequence length" not in text
     assert len(result.stderr) < 3000, len(result.stderr)
     notes = [line for line in result.stderr.splitlines() if "were truncated" in line]
-    assert len(notes) == 1 and "1 prompt(s)" in notes[0] and "tokens" in notes[0], result.stderr
-    after = {name: (list(logging.getLogger(name).handlers), logging.getLogger(name).level)
-             for name in ("diffusers", "transformers")}
+    assert len(notes) == 1 and "1 prompt(s)" in notes[0] and "to 77 tokens (CLIP)" in notes[0], result.stderr
+    after = {name: (list(logging.getLogger(name).handlers), logging.getLogger(name).level) for name in libraries}
     assert after == before  # the libraries' logging is restored
 
 
