@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from typer.core import TyperGroup
 
 from normscope.config import (
     DEFAULT_BATCH_SIZE,
@@ -28,23 +28,38 @@ from normscope.config import (
     DType,
     Mode,
     OutputFormat,
+    parse_seeds,
 )
-from normscope.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_RUN, ConfigError, NormscopeError
+from normscope.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_RUN, NormscopeError
 from normscope.measure.distributed import is_main_process
+from normscope.render.safe import labelled, plain_console, stdout_console
+
+# click's UsageError, whether typer vendors click (0.29+) or imports it
+UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+class OneLineErrors(TyperGroup):
+    """A command's option that cannot be parsed (``--height abc``, ``--guidance x``) is one line and exit 2 too."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except UsageError as exc:  # BadParameter, NoSuchOption, MissingParameter: before the command runs
+            sub = exc.ctx is not None and exc.ctx.parent is not None and exc.ctx.info_name
+            where = f"normscope {exc.ctx.info_name} --help" if sub else "normscope --help"
+            err.print(labelled("error:", "red", f"{exc.format_message()} (options: {where})"), highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_INPUT) from None
+
 
 app = typer.Typer(
+    cls=OneLineErrors,
     name="normscope",
     help="Measure velocity-norm inflation of RL-tuned flow-matching image and video generators (SD3, FLUX.1/2, Qwen-Image, Z-Image, Wan; normscope presets lists trainers' settings).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
-
-
-def stdout_console() -> Console:
-    """Results on stdout; when piped or captured (CI logs, files), wide enough that tables never wrap."""
-    return Console(width=None if sys.stdout.isatty() else 120)
+err = plain_console(stderr=True, soft_wrap=True)  # user text is printed as it is, never as markup; one line each
 
 # ---------------------------------------------------------------- shared options (one definition each)
 
@@ -73,23 +88,6 @@ CheckSeedsOpt = Annotated[str | None, typer.Option("--seeds", help="Seeds (live 
 CheckStepsOpt = Annotated[int | None, typer.Option("--steps", help="Denoising steps (live default: the preset's, else 28; with --reference: the stored value).", rich_help_panel="Probe")]
 CheckPresetOpt = Annotated[str | None, typer.Option("--preset", help="Live check only: a trainer's evaluation setting (steps, guidance, size); explicit options override it. List: normscope presets.", rich_help_panel="Probe")]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Run folder for norms.csv, summary.json, profile.png; an interrupted run resumes from it.", rich_help_panel="Output")]
-
-
-def parse_seeds(text: str) -> tuple[int, ...]:
-    """'0,1,2' or '0-7' or a mix -> a tuple of ints; a clear error otherwise."""
-    seeds: list[int] = []
-    try:
-        for part in (p.strip() for p in text.split(",")):
-            if not part:
-                continue
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, part)
-                seeds.extend(range(int(lo), int(hi) + 1))
-            else:
-                seeds.append(int(part))
-    except ValueError:
-        raise ConfigError(f"--seeds '{text}' is not a list of integer seeds: use e.g. 0,1,2,3 or 0-7") from None
-    return tuple(seeds)
 
 
 # The probe options compare, profile, check and sweep share: (parameter, annotation, default), declared once.
@@ -177,7 +175,7 @@ class RichReporter:
         if message in self.said:
             return
         self.said.add(message)
-        self.progress.console.print(f"[cyan]note:[/cyan] {message}", highlight=False, soft_wrap=True)  # one line each
+        self.progress.console.print(labelled("note:", "cyan", message), highlight=False, soft_wrap=True)  # one line each
 
     def __enter__(self) -> RichReporter:
         self.progress.start()
@@ -193,7 +191,7 @@ def cli_errors() -> Iterator[None]:
     try:
         yield
     except NormscopeError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        err.print(labelled("error:", "red", exc), highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:  # the run folder has said whether batches are kept (and where) before this line
         err.print("interrupted", highlight=False)
@@ -204,12 +202,12 @@ def cli_errors() -> Iterator[None]:
         if os.environ.get("NORMSCOPE_DEBUG"):
             raise
         if type(exc).__name__ == "OutOfMemoryError":  # torch's, from a command without its own estimate
-            err.print("[red]error:[/red] the device ran out of memory: try --offload (compare), --dtype bfloat16 or a "
-                      "smaller --batch-size", highlight=False, soft_wrap=True)
+            err.print(labelled("error:", "red", "the device ran out of memory: try --offload (compare), --dtype bfloat16 or a "
+                               "smaller --batch-size"), highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_RUN) from None
-        err.print(
-            f"[red]error:[/red] the run failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-            "(set NORMSCOPE_DEBUG=1 for the traceback)",
+        err.print(labelled(
+            "error:", "red", f"the run failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+            "(set NORMSCOPE_DEBUG=1 for the traceback)"),
             highlight=False, soft_wrap=True,
         )
         raise typer.Exit(EXIT_RUN) from None
@@ -222,7 +220,7 @@ def emit(result, fmt: OutputFormat) -> None:
 
     summary = result.summary
     if summary["nonfinite"]:
-        err.print(f"[yellow]warning:[/yellow] {summary['nonfinite']} velocity evaluation(s) were NaN/Inf and are left out of every mean")
+        err.print(labelled("warning:", "yellow", f"{summary['nonfinite']} velocity evaluation(s) were NaN/Inf and are left out of every mean"))
     if fmt is OutputFormat.json:
         sys.stdout.write(summary_json(summary))
     elif fmt is OutputFormat.csv:
@@ -321,7 +319,7 @@ def profile(
         with RichReporter("profile") as reporter:
             reference = run_profile(config, reporter)
         for warning in reference.meta["warnings"]:
-            err.print(f"[yellow]warning:[/yellow] {warning}")
+            err.print(labelled("warning:", "yellow", warning))
         if fmt is OutputFormat.json:
             sys.stdout.write(json.dumps(reference.meta, indent=2) + "\n")
         else:

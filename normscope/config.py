@@ -7,6 +7,8 @@ repeatable ``--prompt``), so a notebook and a shell user speak the same language
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -61,9 +63,113 @@ class OutputFormat(str, Enum):
     csv = "csv"
 
 
+# torch's CPU generator takes seeds up to 2**64 - 1; normscope stores them as int64 (norms.csv, the batch store).
+SEED_MAX = 2**63 - 1
+SEED_RANGE = f"0 to {SEED_MAX} (2**63 - 1)"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _positive(name: str, value: int | float | None, fix: str) -> None:
     if value is not None and value <= 0:
-        raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}: {fix}")
+        raise ConfigError(f"{_flag(name)} must be positive, got {value}: {fix}")
+
+
+FLOAT_EXAMPLES = {"guidance": "4.5", "true_cfg_scale": "4.0", "max_inflation": "0.05", "min_inflation": "0.0",
+                  "gate": "0.05", "max_grid_score": "3"}
+
+
+def check_finite(name: str, value: float | None) -> None:
+    """A float option must be a finite number: nan and inf (also 1e309) are refused, naming the option."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{_flag(name)} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{_flag(name)} must be a finite number, got {value}: "
+                          f"pass e.g. {_flag(name)} {FLOAT_EXAMPLES.get(name, '1.0')}")
+
+
+def check_whole(name: str, value: int | None) -> None:
+    """An integer option given through the Python API must be an integer (not 63.5, not True)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+        raise ConfigError(f"{_flag(name)} must be an integer, got {value!r}")
+
+
+def check_seeds(seeds) -> tuple[int, ...]:
+    """Seeds as a tuple of ints in the generator's range, each once; refused otherwise, naming the seed."""
+    checked = []
+    for seed in seeds:
+        if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+            seed = int(seed)
+        else:
+            if isinstance(seed, float) and seed.is_integer():
+                seed = int(seed)
+            elif isinstance(seed, str) and seed.strip().isdigit():
+                seed = int(seed)
+            else:
+                raise ConfigError(f"--seeds holds {seed!r}, not an integer seed: use e.g. --seeds 0,1,2,3")
+        if not 0 <= seed <= SEED_MAX:
+            raise ConfigError(f"--seeds {seed} is out of range: seeds are {SEED_RANGE}")
+        checked.append(seed)
+    if not checked:
+        raise ConfigError("--seeds is empty: give at least one seed, e.g. --seeds 0,1")
+    if len(set(checked)) != len(checked):
+        raise ConfigError(f"--seeds {checked} repeats a seed: each seed must appear once")
+    return tuple(checked)
+
+
+MAX_SEED_RANGE = 1_000_000  # one range of --seeds: more samples than any probe needs, and a bounded list
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """'0,1,2' or '0-7' or a mix -> a tuple of ints; a clear error otherwise (negatives and out-of-range too)."""
+    seeds: list[int] = []
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-") if not part.startswith("-") else ("", "", "")
+        if not (lo.isdecimal() and lo.isascii()) or (sep and not (hi.isdecimal() and hi.isascii())):
+            if part.startswith("-") and part[1:].isdecimal():
+                raise ConfigError(f"--seeds {part} is negative: seeds are {SEED_RANGE}")
+            raise ConfigError(f"--seeds '{text}' is not a list of integer seeds: use e.g. 0,1,2,3 or 0-7")
+        if max(len(lo), len(hi)) > len(str(SEED_MAX)):  # before int(): Python refuses to parse 4300+ digits
+            shown = part if len(part) <= 40 else part[:40] + "..."
+            raise ConfigError(f"--seeds {shown} is out of range: seeds are {SEED_RANGE}")
+        first, last = int(lo), int(hi) if sep else int(lo)
+        for seed in (first, last):
+            if seed > SEED_MAX:
+                raise ConfigError(f"--seeds {seed} is out of range: seeds are {SEED_RANGE}")
+        if last < first:
+            raise ConfigError(f"--seeds {part} is an empty range: write the low seed first, e.g. {last}-{first}")
+        if last - first + 1 > MAX_SEED_RANGE:
+            raise ConfigError(f"--seeds {part} is {last - first + 1} seeds: at most {MAX_SEED_RANGE} per range")
+        seeds.extend(range(first, last + 1))
+    return check_seeds(seeds)
+
+
+def check_probe_values(config) -> None:
+    """The value checks every job shares (ProbeConfig and CheckConfig): integers, finite floats, ranges.
+
+    What depends on the pipeline (a size multiple, 4k + 1 frames) is checked by
+    ``normscope.load.pipeline.check_family_inputs``, from the configs on disk, before any weight loads.
+    """
+    for name in ("steps", "height", "width", "max_sequence_length", "num_frames", "batch_size"):
+        check_whole(name, getattr(config, name, None))
+    for name in ("guidance", "true_cfg_scale"):
+        check_finite(name, getattr(config, name, None))
+    _positive("steps", config.steps, "use e.g. --steps 28")
+    _positive("batch_size", getattr(config, "batch_size", None), "use e.g. --batch-size 8")
+    _positive("height", config.height, "use a multiple of 16, e.g. --height 512")
+    _positive("width", config.width, "use a multiple of 16, e.g. --width 512")
+    _positive("max_sequence_length", config.max_sequence_length, "leave it unset for the pipeline's own")
+    _positive("num_frames", config.num_frames, "use 4k + 1 frames, e.g. --num-frames 81 (Wan)")
+    if config.guidance is not None and config.guidance < 0:
+        raise ConfigError(f"--guidance must be >= 0, got {config.guidance}")
+    if config.true_cfg_scale is not None and config.true_cfg_scale < 0:
+        raise ConfigError(f"--true-cfg-scale must be >= 0, got {config.true_cfg_scale}")
 
 
 @dataclass(kw_only=True)
@@ -96,10 +202,17 @@ class ProbeConfig:
     batch_size: int = DEFAULT_BATCH_SIZE
 
     def __post_init__(self) -> None:
+        if isinstance(self.prompts, str):  # one prompt given as a string, not a tuple of its characters
+            self.prompts = (self.prompts,)
         self.prompts = tuple(self.prompts)
-        self.seeds = tuple(int(s) for s in self.seeds)
+        for prompt in self.prompts:
+            if not isinstance(prompt, str):
+                raise ConfigError(f"--prompt {prompt!r} is not text: pass each prompt as a string")
+        self.seeds = parse_seeds(self.seeds) if isinstance(self.seeds, str) else check_seeds(self.seeds)
         self.dtype = DType(self.dtype)
         self.device = Device(self.device)
+        check_finite("guidance", self.guidance)  # before the preset fills unset options
+        check_finite("true_cfg_scale", self.true_cfg_scale)
         self._apply_preset()
         if self.prompts_file is not None:
             self.prompts_file = Path(self.prompts_file)
@@ -107,20 +220,7 @@ class ProbeConfig:
             self.image = Path(self.image)
             if not self.image.is_file():
                 raise ConfigError(f"--image {self.image} does not exist: pass the conditioning image file (PNG, JPEG, ...)")
-        _positive("steps", self.steps, "use e.g. --steps 28")
-        _positive("batch_size", self.batch_size, "use e.g. --batch-size 8")
-        _positive("height", self.height, "use a multiple of 16, e.g. --height 512")
-        _positive("width", self.width, "use a multiple of 16, e.g. --width 512")
-        _positive("max_sequence_length", self.max_sequence_length, "leave it unset for the pipeline's own")
-        _positive("num_frames", self.num_frames, "use 4k + 1 frames, e.g. --num-frames 81 (Wan)")
-        if not self.seeds:
-            raise ConfigError("--seeds is empty: give at least one seed, e.g. --seeds 0,1")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError(f"--seeds {list(self.seeds)} repeats a seed: each seed must appear once")
-        if self.guidance is not None and self.guidance < 0:
-            raise ConfigError(f"--guidance must be >= 0, got {self.guidance}")
-        if self.true_cfg_scale is not None and self.true_cfg_scale < 0:
-            raise ConfigError(f"--true-cfg-scale must be >= 0, got {self.true_cfg_scale}")
+        check_probe_values(self)
 
     def _apply_preset(self) -> None:
         if self.preset is not None:
@@ -208,5 +308,6 @@ class CompareConfig(ProbeConfig):
 
 __all__ = [
     "BOOTSTRAP_RESAMPLES", "CI_LEVEL", "HEADLINE_ESTIMATE", "CompareConfig", "DType", "Device", "Drive", "Mode",
-    "OutputFormat", "ProbeConfig",
+    "OutputFormat", "ProbeConfig", "SEED_MAX", "check_finite", "check_probe_values", "check_seeds",
+    "parse_seeds",
 ]

@@ -28,7 +28,17 @@ from normscope.commands.profile import (
     probe_from_reference,
 )
 from normscope.commands.reference_schema import MAX_INFLATION_HIGH, MAX_INFLATION_LOW, gate_in_range
-from normscope.config import HEADLINE_ESTIMATE, CompareConfig, Device, DType, Mode
+from normscope.config import (
+    HEADLINE_ESTIMATE,
+    CompareConfig,
+    Device,
+    DType,
+    Mode,
+    check_finite,
+    check_probe_values,
+    check_seeds,
+    parse_seeds,
+)
 from normscope.errors import EXIT_INFLATED, EXIT_OK, EXIT_RUN, ConfigError, InputError, NoMeasurementError
 from normscope.load import AdapterModel, find_checkpoint, load_pipeline, load_tuned_only, resolve_dtype
 from normscope.load.device_memory import check_run_fits, parse_size
@@ -39,6 +49,7 @@ from normscope.measure.prompt_cache import prepare_prompts
 from normscope.measure.sampling import Reporter, SilentReporter, prompt_batches, resolve_run_device, run_model_batches
 from normscope.measure.sanity import COLLAPSED, EXPLODED, MAX_PLAUSIBLE_INFLATION, MIN_INFLATION, sanity
 from normscope.measure.table import free_frame, tidy
+from normscope.measure.truncation import report_truncation
 from normscope.runfolder.fingerprint import pipeline_fingerprint
 
 PASS, FAIL, ERROR = "pass", "fail", "error"
@@ -84,6 +95,11 @@ class CheckConfig:
         self.prompts = tuple(self.prompts)
         self.mode = Mode(self.mode)
         self.dtype, self.device = DType(self.dtype), Device(self.device)  # the API takes strings, like every config
+        if self.seeds is not None:
+            self.seeds = parse_seeds(self.seeds) if isinstance(self.seeds, str) else check_seeds(self.seeds)
+        for name in ("max_inflation", "max_grid_score"):
+            check_finite(name, getattr(self, name))
+        check_probe_values(self)
         if self.reference is None and len(self.paths) < 2:
             raise ConfigError("normscope check needs BASE and TUNED, or TUNED with --reference DIR")
         if self.reference is not None and not self.paths:
@@ -270,6 +286,7 @@ def measure_against_reference(source: str, tuned: str, reference: Reference, pro
             reporter.note(note)
         record = run_model_batches(pipe, tuned_model, probe, samples, reporter, prompts)
     finally:
+        report_truncation(reporter)
         if isinstance(tuned_model, AdapterModel):
             detach_lora(tuned_model.module)
     frame = tidy([free_frame(reference.record(), record, samples)])

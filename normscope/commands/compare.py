@@ -72,6 +72,7 @@ from normscope.measure.table import (
     paired_frame,
     tidy,
 )
+from normscope.measure.truncation import report_truncation
 from normscope.render.files import FRAMES_CSV, FRAMES_PNG, IMAGES_DIR, NORMS_CSV, PROFILE_PNG, SUMMARY_JSON
 from normscope.runfolder import RunFolder
 from normscope.runfolder.fingerprint import run_fingerprint
@@ -273,6 +274,7 @@ def compare(config: CompareConfig, reporter: Reporter | None = None, pipe=None,
             return _measure(config, pipe, family, loaded, prompts, embeddings, samples, groups, source, checkpoints,
                             device, dtype, procs, reporter, folder if config.out is not None else None, scorer)
         finally:
+            report_truncation(reporter)  # prompts longer than the encoders take: one note, however many batches
             if not own_pipe:  # a caller's pipeline gets its own transformer back: adapter removed, weights in place
                 loaded.release()
 

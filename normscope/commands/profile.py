@@ -54,6 +54,7 @@ from normscope.measure.sampling import (
     versions,
 )
 from normscope.measure.stats import sigma_integral
+from normscope.measure.truncation import report_truncation
 from normscope.runfolder import MANIFEST, RunFolder, verified_files
 from normscope.runfolder.fingerprint import fingerprint_files, pipeline_fingerprint, prompts_digest
 
@@ -221,7 +222,10 @@ def _norm_matrix(record: CallRecord, branch: str) -> np.ndarray:
 
 
 def _run(pipe, model, config: ProbeConfig, samples: list[Sample], reporter: Reporter, prompts=None) -> CallRecord:
-    return run_model_batches(pipe, model, config, samples, reporter, prompts)
+    try:
+        return run_model_batches(pipe, model, config, samples, reporter, prompts)
+    finally:
+        report_truncation(reporter)  # prompts longer than the encoders take: one note
 
 
 def profile(config: ProfileConfig, reporter: Reporter | None = None, pipe=None, cache_dir: Path | None = None) -> Reference:

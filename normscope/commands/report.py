@@ -11,12 +11,15 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from urllib.parse import quote
 
 import pandas as pd
 
+from normscope.config import check_finite
 from normscope.errors import InputError
 from normscope.render.files import IMAGES_DIR, NORMS_CSV, SUMMARY_JSON
 from normscope.render.numbers import pct
+from normscope.render.safe import md_text
 
 FIGURES_DIR = "figures"
 REPORT_HTML = "report.html"
@@ -43,6 +46,7 @@ class ReportConfig:
         self.monitors = tuple(Path(m) for m in self.monitors)
         self.sweeps = tuple(Path(s) for s in self.sweeps)
         self.out = Path(self.out)
+        check_finite("gate", self.gate)
         if not self.runs and not self.monitors:
             raise InputError("normscope report needs at least one run folder (written by compare --out) or a --monitor log")
         if self.sweeps and not self.monitors:
@@ -224,8 +228,8 @@ def _signal_rows(runs: list[Run]) -> list[dict]:
 
 def _table_md(rows: list[dict]) -> list[str]:
     header = list(rows[0])
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
-        "| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
+    return ["| " + " | ".join(md_text(h) for h in header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(md_text(r[h]) for h in header) + " |" for r in rows]
 
 
 def _table_html(rows: list[dict]) -> str:
@@ -261,7 +265,7 @@ def _slug(name: str) -> str:
 
 
 def _markdown(title: str, rows: list[dict], sections, out: Path, signals: list[dict] = ()) -> str:
-    lines = [f"# {title}", "", *_table_md(rows)]
+    lines = [f"# {md_text(title)}", "", *_table_md(rows)]
     lines += ["", "Inflation = integral over sigma (trapezoid, divided by the sigma span) of the per-step mean over samples of "
               "||v_tuned|| / ||v_base||, minus 1, guided velocity (estimate: sigma integral; older run folders: the step "
               "mean); step mean = the plain mean over steps. CIs: 95 % percentile bootstrap over prompts.", ""]
@@ -270,7 +274,8 @@ def _markdown(title: str, rows: list[dict], sections, out: Path, signals: list[d
                   "Image signals of the final images of free mode (same noise), tuned − base, 95 % CI resampling "
                   "prompts; see docs/maps.md.", ""]
     for section_title, caption, png in sections:
-        lines += [f"## {section_title}", "", f"![{section_title}]({png.relative_to(out).as_posix()})", "", caption, ""]
+        target = quote(png.relative_to(out).as_posix())  # a figure file named after a run: percent-encoded
+        lines += [f"## {md_text(section_title)}", "", f"![{md_text(section_title)}]({target})", "", md_text(caption), ""]
     return "\n".join(lines)
 
 

@@ -29,7 +29,7 @@ from normscope.commands.profile import (
     probe_from_reference,
     profile,
 )
-from normscope.config import CompareConfig, Mode, ProbeConfig
+from normscope.config import CompareConfig, Mode, ProbeConfig, check_finite
 from normscope.errors import ConfigError, InputError
 from normscope.load import find_checkpoint, find_pipeline_source, load_pipeline, resolve_dtype
 from normscope.load.device_memory import check_run_fits, parse_size
@@ -74,6 +74,7 @@ class SweepConfig(ProbeConfig):
         super().__post_init__()
         parse_size(self.max_device_memory)  # a bad size fails here, before anything loads
         self.run_dir, self.out, self.mode = Path(self.run_dir), Path(self.out), Mode(self.mode)
+        check_finite("gate", self.gate)
         if self.mode is Mode.both:
             raise ConfigError("--mode both is not offered for sweeps: pick free (reuses the base) or paired")
         if (self.maps or self.scorer) and self.mode is not Mode.paired:

@@ -14,6 +14,7 @@ transformer class of every checkpoint config against the row (``check_transforme
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,9 @@ COMBINES = (LINEAR, QWEN_RENORM, ZIMAGE)
 
 INPUT_FORMS = ("tensor", "list")
 LATENT_LAYOUTS = ("bchw", "packed", "list_c1hw", "bcfhw")
+
+# How a pipeline computes its VAE's spatial factor from vae/config.json (see Family.vae_factor).
+VAE_FACTORS = ("block_out_channels", "temperal_downsample", "scale_factor_spatial")
 
 GUIDANCE_SCALE = "guidance_scale"
 TRUE_CFG_SCALE = "true_cfg_scale"
@@ -159,6 +163,13 @@ class Family:
       aspect ratio of the size it is given); normscope passes ``height * width`` to it.
     * ``call_requires``: Python packages the pipeline's ``__call__`` imports unconditionally, checked before
       any weight loads (diffusers' Wan I2V pipeline calls ``ftfy`` whether or not it is installed).
+    * ``vae_factor`` and ``size_patch``: ``--height``/``--width`` must be multiples of (the VAE's spatial factor
+      x ``size_patch``), read from ``vae/config.json`` without loading weights: ``block_out_channels`` (2^(n-1)),
+      ``temperal_downsample`` (2^n, Qwen-Image) or ``scale_factor_spatial`` (Wan, 8 when absent).
+      ``size_patch`` None: the transformer config's spatial ``patch_size`` (SD3, Wan); the others pack 2x2.
+      ``size_floor``: a multiple the pipeline demands whatever the VAE (Wan: 16).
+    * ``frames_factor``: video families: ``--num-frames`` is k x factor + 1, the factor read from the VAE
+      config's ``scale_factor_temporal`` (this value when absent); ``None``: the family makes images.
     """
 
     name: str
@@ -185,6 +196,10 @@ class Family:
     prompt_encoding: PromptEncoding | None = None
     area_arg: str | None = None
     call_requires: tuple[str, ...] = ()
+    vae_factor: str = "block_out_channels"
+    size_patch: int | None = 2
+    size_floor: int = 1
+    frames_factor: int | None = None
     presets: tuple[Preset, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -195,6 +210,7 @@ class Family:
         assert self.input_form in INPUT_FORMS, self.input_form
         assert self.latent_layout in LATENT_LAYOUTS, self.latent_layout
         assert sorted(self.batch_order) == ["cond", "uncond"], self.batch_order
+        assert self.vae_factor in VAE_FACTORS, self.vae_factor
         labels = self.expert_labels
         for label, _ in self.expert_guidance:
             assert label in labels, label
@@ -232,7 +248,7 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         name="sd3", title="Stable Diffusion 3 / 3.5",
         pipeline_classes=("StableDiffusion3Pipeline",), transformer_class="SD3Transformer2DModel",
-        calls=BATCHED, combine=LINEAR, guidance_arg=GUIDANCE_SCALE,
+        calls=BATCHED, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, size_patch=None,
         extra_call_kwarg="skip_layers", extra_scale_arg="skip_layer_guidance_scale", prompt_encoding=SD3_PROMPTS,
         presets=(
             _p("flow_grpo-sd3.5m", "sd3", 40, 4.5, GUIDANCE_SCALE, 512, FLOW_GRPO + " (SD3.5-M)"),
@@ -289,7 +305,7 @@ FAMILIES: tuple[Family, ...] = (
         name="qwen-image", title="Qwen-Image / Qwen-Image-2512",
         pipeline_classes=("QwenImagePipeline",), transformer_class="QwenImageTransformer2DModel",
         calls=SEPARATE, combine=QWEN_RENORM, guidance_arg=TRUE_CFG_SCALE, needs_negative_prompt=True,
-        latent_layout="packed", patch_size=2, prompt_encoding=QWEN_PROMPTS,
+        latent_layout="packed", patch_size=2, prompt_encoding=QWEN_PROMPTS, vae_factor="temperal_downsample",
         presets=(
             _p("flow_grpo-qwen-image", "qwen-image", 50, 4.0, TRUE_CFG_SCALE, None, FLOW_GRPO + " (Qwen)"),
             _p("flow-factory-qwen-image", "qwen-image", 28, 4.0, TRUE_CFG_SCALE, None, FLOW_FACTORY + " (Qwen)"),
@@ -302,7 +318,7 @@ FAMILIES: tuple[Family, ...] = (
         pipeline_classes=("QwenImageEditPipeline", "QwenImageEditPlusPipeline"),
         transformer_class="QwenImageTransformer2DModel",
         calls=SEPARATE, combine=QWEN_RENORM, guidance_arg=TRUE_CFG_SCALE, needs_negative_prompt=True,
-        reference_tokens=True, latent_layout="packed", patch_size=2,
+        reference_tokens=True, latent_layout="packed", patch_size=2, vae_factor="temperal_downsample",
         presets=(
             _p("flow-factory-qwen-image-edit", "qwen-image-edit", 40, 4.0, TRUE_CFG_SCALE, None,
                FLOW_FACTORY + " (Qwen-Edit)"),
@@ -327,6 +343,7 @@ FAMILIES: tuple[Family, ...] = (
         pipeline_classes=("WanPipeline",), transformer_class="WanTransformer3DModel",
         calls=SEPARATE, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, experts=WAN_EXPERTS,
         expert_guidance=WAN_GUIDANCE, latent_layout="bcfhw", patch_size=2, prompt_encoding=WAN_PROMPTS,
+        vae_factor="scale_factor_spatial", size_patch=None, size_floor=16, frames_factor=4,
         presets=(
             _p("flow_grpo-wan2.1", "wan", 50, 4.5, GUIDANCE_SCALE, None, FLOW_GRPO + ": Wan2.1-T2V-1.3B 50 steps, CFG 4.5"),
             _p("flow-factory-wan2.1", "wan", 28, 5.0, GUIDANCE_SCALE, None, FLOW_FACTORY + ": Wan2.1 28 steps, CFG 5"),
@@ -337,6 +354,7 @@ FAMILIES: tuple[Family, ...] = (
         pipeline_classes=("WanImageToVideoPipeline",), transformer_class="WanTransformer3DModel",
         calls=SEPARATE, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, experts=WAN_EXPERTS,
         expert_guidance=WAN_GUIDANCE, latent_layout="bcfhw", patch_size=2, call_requires=("ftfy",),
+        vae_factor="scale_factor_spatial", size_patch=None, size_floor=16, frames_factor=4,
         presets=(
             _p("flow-factory-wan2.1-i2v", "wan-i2v", 28, 5.0, GUIDANCE_SCALE, None, FLOW_FACTORY + ": Wan2.1 I2V 28 steps, CFG 5"),
             _p("flow-factory-wan2.2-i2v", "wan-i2v", 28, 3.5, GUIDANCE_SCALE, None, FLOW_FACTORY + ": Wan2.2-I2V 28 steps, CFG 3.5"),
@@ -395,6 +413,54 @@ def family_of_folder(folder: str | Path) -> Family:
         if config.is_file():
             check_transformer_class(family, _read_json(config, "transformer config").get("_class_name"), str(config))
     return family
+
+
+def _patch(value, default: int) -> int:
+    """The spatial patch of a transformer config's ``patch_size``: an int (SD3) or (t, h, w) (Wan)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, (list, tuple)) and value and isinstance(value[-1], int) and value[-1] > 0:
+        return value[-1]
+    return default
+
+
+def size_rule(family: Family, folder: str | Path | None) -> tuple[int, int | None]:
+    """(the multiple ``--height``/``--width`` must be, the frame factor of ``--num-frames`` or None).
+
+    Read from the pipeline folder's ``vae/config.json`` and ``transformer/config.json`` the way the pipeline
+    computes them, without loading any weight; a hub id (no local folder) or a missing config takes the
+    values of the released models (VAE factor 8, patch 2, frame factor 4).
+    """
+    root = Path(folder) if folder is not None and Path(folder).is_dir() else None
+
+    def config(name: str) -> dict:
+        path = root / name / "config.json" if root is not None else None
+        if path is None or not path.is_file():
+            return {}
+        found = _read_json(path, f"{name} config")
+        return found if isinstance(found, dict) else {}
+
+    vae = config("vae")
+    factor = 8
+    if family.vae_factor == "block_out_channels" and isinstance(vae.get("block_out_channels"), list):
+        factor = 2 ** max(len(vae["block_out_channels"]) - 1, 0)
+    elif family.vae_factor == "temperal_downsample" and isinstance(vae.get("temperal_downsample"), list):
+        factor = 2 ** len(vae["temperal_downsample"])
+    elif family.vae_factor == "scale_factor_spatial" and isinstance(vae.get("scale_factor_spatial"), int):
+        factor = vae["scale_factor_spatial"]
+    patch = family.size_patch or _patch(config(family.experts[0][0]).get("patch_size"), 2)
+    multiple = math.lcm(max(factor * patch, 1), family.size_floor)
+    frames = None
+    if family.frames_factor is not None:
+        temporal = vae.get("scale_factor_temporal")
+        frames = temporal if isinstance(temporal, int) and temporal > 0 else family.frames_factor
+    return multiple, frames
+
+
+def nearest_multiples(value: int, multiple: int) -> str:
+    """'48 or 64' for 63 and 16; '16' for 5 and 16."""
+    low, high = value // multiple * multiple, (value // multiple + 1) * multiple
+    return f"{low} or {high}" if low > 0 else str(high)
 
 
 def check_requirements(family: Family) -> None:

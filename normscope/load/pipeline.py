@@ -17,7 +17,9 @@ from normscope.load.families import (
     check_transformer_class,
     family_for,
     family_of_folder,
+    nearest_multiples,
     preset_named,
+    size_rule,
     supported,
 )
 from normscope.load.formats import PIPELINE_INDEX, refuse_broken_link
@@ -220,11 +222,40 @@ def check_family_inputs(source: str, checkpoints: list[tuple[str | None, str]], 
         return family
     if getattr(probe, "preset", None) is not None:
         check_preset(preset_named(probe.preset), family)
+    check_sizes(family, source, probe)
     if getattr(probe, "true_cfg_scale", None) is not None and family.true_cfg_arg is None:
         fix = ("its true CFG scale is --guidance" if family.guidance_arg == TRUE_CFG_SCALE
                else "drop --true-cfg-scale")
         raise InputError(f"the {family.name} family has no separate true CFG option: {fix}")
     return family
+
+
+def check_sizes(family: Family, source: str, probe) -> None:
+    """``--height``/``--width`` a multiple of the pipeline's spatial factor, ``--num-frames`` k x factor + 1 (video).
+
+    Read from the pipeline folder's configs (``size_rule``), before any weight loads: diffusers would
+    otherwise resize the image silently (FLUX, Qwen-Image), raise mid-run (SD3, Wan, Z-Image) or round the
+    frame count. Kontext samples at an area and keeps only the aspect ratio of the size it is given: any size.
+    """
+    height, width, frames = (getattr(probe, name, None) for name in ("height", "width", "num_frames"))
+    if height is None and width is None and frames is None:
+        return
+    multiple, frame_factor = size_rule(family, source)
+    if family.area_arg is None:
+        for flag, value in (("--height", height), ("--width", width)):
+            if value is not None and value % multiple:
+                raise InputError(f"{flag} {value} is not a multiple of {multiple} (the {family.name} pipeline's VAE factor "
+                                 f"x patch size): use {nearest_multiples(value, multiple)}")
+    if frames is None:
+        return
+    if frame_factor is None:
+        raise InputError(f"--num-frames applies to video pipelines (Wan); the {family.name} family makes images: "
+                         "drop --num-frames")
+    if (frames - 1) % frame_factor:
+        low = (frames - 1) // frame_factor * frame_factor + 1
+        nearest = f"{low} or {low + frame_factor}" if low > 0 else str(low + frame_factor)
+        raise InputError(f"--num-frames {frames} is not {frame_factor}k + 1 (the {family.name} VAE's temporal factor "
+                         f"is {frame_factor}): use {nearest}")
 
 
 def check_pipeline(pipe, source: str) -> Family:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from normscope.load.families import PromptEncoding, family_for
+from normscope.measure.truncation import quiet_tokenizers
 from normscope.runfolder.entries import read_entry, write_entry
 
 CACHE_DIR = ".prompt-embeddings"
@@ -212,13 +213,15 @@ def prepare_prompts(source: str, batches: Sequence[Sequence[str]], probe, dtype,
     if not todo:
         return cache
     if pipe is not None and any(n.startswith(TEXT_ENCODER_PREFIX) and m is not None for n, m in pipe.components.items()):
-        cache.encode(pipe, todo)
+        with quiet_tokenizers(pipe, [p for batch in todo for p in batch]):
+            cache.encode(pipe, todo)
         return cache
     from normscope.load.pipeline import load_pipeline
 
     encoders = load_pipeline(source, dtype, device, parts="text_encoders")
     try:
-        cache.encode(encoders, todo)
+        with quiet_tokenizers(encoders, [p for batch in todo for p in batch]):  # one note, not megabytes of warnings
+            cache.encode(encoders, todo)
     finally:
         del encoders  # the encoders' memory (host and device) is returned before any transformer loads
         if device.startswith("cuda"):

@@ -28,13 +28,45 @@ def default_prompts() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def _read_text(path: Path) -> str:
+    """The file as text: UTF-8 (a leading BOM dropped); refused naming the byte offset where it is not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:  # a symlink loop, a permission, a FIFO gone away
+        raise InputError(f"prompt file {path} cannot be read ({exc.strerror or type(exc).__name__}): "
+                         "pass a readable .txt, .jsonl or .csv file to --prompts") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"prompt file {path} is not UTF-8 (byte {exc.start}: {data[exc.start:exc.start + 1]!r}): "
+                         "save it as UTF-8 (e.g. iconv -f latin1 -t utf-8 FILE > prompts.txt)") from None
+
+
+def _prompt_text(value, where: str, column: str) -> str:
+    if not isinstance(value, str):
+        kind = "null" if value is None else type(value).__name__
+        raise InputError(f"{where}: \"{column}\" is {kind}, not text: write the prompt as a JSON string, "
+                         f"e.g. {{\"{column}\": \"a red fox\"}}")
+    return value.strip()
+
+
 def read_prompt_file(path: Path) -> list[str]:
-    """Prompts from a .txt (one per line), .jsonl or .csv (a ``prompt`` field) file."""
+    """Prompts from a .txt (one per line), .jsonl or .csv (a ``prompt`` field) file.
+
+    UTF-8 only (a byte-order mark is dropped). Empty prompts (blank lines, empty CSV cells, ``""`` in
+    .jsonl) are skipped in every format; a .jsonl prompt that is not a string (null, a number, a list) is
+    refused naming its line.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"prompt file {path} is a folder: pass a .txt, .jsonl or .csv file to --prompts")
+    if not path.exists():
+        problem = "is a broken or looping symlink" if path.is_symlink() else "does not exist"
+        raise InputError(f"prompt file {path} {problem}: pass an existing .txt, .jsonl or .csv file to --prompts")
     if not path.is_file():
-        raise InputError(f"prompt file {path} does not exist: pass an existing .txt, .jsonl or .csv file to --prompts")
+        raise InputError(f"prompt file {path} is not a regular file: pass a .txt, .jsonl or .csv file to --prompts")
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     if suffix == ".jsonl":
         prompts = []
         for number, line in enumerate(text.splitlines(), start=1):
@@ -46,12 +78,15 @@ def read_prompt_file(path: Path) -> list[str]:
                 raise InputError(f"{path}:{number} is not valid JSON ({exc.msg}): write one JSON object per line") from None
             if not isinstance(record, dict) or "prompt" not in record:
                 raise InputError(f"{path}:{number} has no \"prompt\" field: write {{\"prompt\": \"...\"}} per line")
-            prompts.append(str(record["prompt"]).strip())
+            prompts.append(_prompt_text(record["prompt"], f"{path}:{number}", "prompt"))
     elif suffix == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
+        try:
+            rows = list(csv.DictReader(text.splitlines()))
+        except csv.Error as exc:
+            raise InputError(f"{path} is not valid CSV ({exc}): write a header row with a prompt column") from None
         if rows and "prompt" not in rows[0]:
-            raise InputError(f"{path} has no 'prompt' column (columns: {', '.join(rows[0])}): add a header named prompt")
-        prompts = [row["prompt"].strip() for row in rows]
+            raise InputError(f"{path} has no 'prompt' column (columns: {', '.join(map(str, rows[0]))}): add a header named prompt")
+        prompts = [(row.get("prompt") or "").strip() for row in rows]  # a short row has no cell: empty, skipped
     else:
         prompts = [line.strip() for line in text.splitlines()]
     prompts = [p for p in prompts if p]

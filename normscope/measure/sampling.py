@@ -22,6 +22,7 @@ from normscope.measure.capture import CallRecord, StepObserver, capture, cfg_arg
 from normscope.measure.prompt_cache import PromptCache
 from normscope.measure.prompts import Sample
 from normscope.measure.table import RESCALED
+from normscope.measure.truncation import quiet_tokenizers
 
 
 class Reporter(Protocol):
@@ -234,7 +235,8 @@ def run_paired(pipe, driver: VelocityModel, other: VelocityModel, kwargs: dict, 
                observers: Sequence[StepObserver] = ()) -> dict[str, CallRecord]:
     """One batch in paired mode: ``driver`` samples, ``other`` is evaluated on the same inputs."""
     call = fresh_call(kwargs)
-    with capture(pipe, driver, other, on_step=reporter.advance, call_kwargs=call, observers=observers) as recorder:
+    with capture(pipe, driver, other, on_step=reporter.advance, call_kwargs=call, observers=observers) as recorder, \
+            quiet_tokenizers(pipe, call.get("prompt") or ()):  # a pipeline that encodes in its call: warnings caught
         pipe(**call)
         return {"paired": recorder.collect()}
 
@@ -245,7 +247,7 @@ def run_rescaled(pipe, tuned: VelocityModel, base: VelocityModel, kwargs: dict, 
     step to ``base``'s norm on the same inputs; the record holds the unscaled paired statistics (and images)."""
     call = dict(fresh_call(kwargs), generator=fresh_generators(kwargs["generator"]))
     with capture(pipe, tuned, base, on_step=reporter.advance, call_kwargs=call, observers=observers,
-                 rescale_to_other=True) as recorder:
+                 rescale_to_other=True) as recorder, quiet_tokenizers(pipe, call.get("prompt") or ()):
         output = pipe(**call)
         record = recorder.collect()
     if call["output_type"] != "latent":
@@ -290,7 +292,8 @@ def run_model(pipe, model: VelocityModel, kwargs: dict, reporter: Reporter,
     call = dict(fresh_call(kwargs), generator=fresh_generators(kwargs["generator"]))
     decoding = call["output_type"] != "latent" and device is not None
     with capture(pipe, model, on_step=reporter.advance, call_kwargs=call, observers=observers) as recorder, \
-            (decoding_on(pipe, device) if decoding else contextlib.nullcontext()):
+            (decoding_on(pipe, device) if decoding else contextlib.nullcontext()), \
+            quiet_tokenizers(pipe, call.get("prompt") or ()):
         output = pipe(**call)
         record = recorder.collect()
     if call["output_type"] != "latent":

@@ -9,6 +9,7 @@ from xml.etree import ElementTree as ET
 from normscope.commands.check import ERROR, FAIL, CheckResult
 from normscope.measure.sanity import COLLAPSED, EXPLODED, sanity_line
 from normscope.render.numbers import pct
+from normscope.render.safe import md_text
 
 SANITY_WORDS = {COLLAPSED: "error: collapsed, a broken checkpoint", EXPLODED: "fail: implausible, a broken checkpoint"}
 
@@ -70,8 +71,13 @@ def step_summary(result: CheckResult) -> str:
              "inflation: the sigma-integral of the per-step mean ratio - 1, CI over prompts (normscope docs/compare.md).", "",
              "| checkpoint | inflation | 95% CI | verdict |", "|---|---|---|---|"]
     for c in result.checkpoints:
-        lines.append(f"| `{c.path}` | {pct(c.inflation)} | [{pct(c.inflation_ci[0])}, {pct(c.inflation_ci[1])}] | {_word(c)} |")
+        lines.append(f"| {md_text(c.path)} | {pct(c.inflation)} | [{pct(c.inflation_ci[0])}, {pct(c.inflation_ci[1])}] | {_word(c)} |")
     return "\n".join(lines) + "\n"
+
+
+def _command_data(text: str) -> str:
+    """A workflow command's message as data: '%', CR and LF escaped, so a path cannot end or forge a command."""
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
 
 
 def annotations(result: CheckResult) -> list[str]:
@@ -82,13 +88,13 @@ def annotations(result: CheckResult) -> list[str]:
             out.append(f"::error title=normscope check::{sanity_line(c.path, c.inflation, c.sanity)}")
         elif c.verdict == FAIL:
             if result.max_grid_score is None:
-                out.append(f"::error title=normscope check::{c.path} is inflated: {pct(c.inflation)} > gate {result.max_inflation * 100:.2f} %")
+                out.append(f"{c.path} is inflated: {pct(c.inflation)} > gate {result.max_inflation * 100:.2f} %")
             else:
-                out.append(f"::error title=normscope check::{c.path} failed the gate: inflation {pct(c.inflation)} "
+                out.append(f"{c.path} failed the gate: inflation {pct(c.inflation)} "
                            f"(gate {result.max_inflation * 100:.2f} %){_grid(c, result)}")
         elif c.verdict == ERROR:
-            out.append(f"::error title=normscope check::{c.path}: {c.nonfinite} non-finite velocities, no valid measurement")
-    return out
+            out.append(f"{c.path}: {c.nonfinite} non-finite velocities, no valid measurement")
+    return ["::error title=normscope check::" + _command_data(message) for message in out]
 
 
 def publish(result: CheckResult, junit: Path | None) -> list[str]:

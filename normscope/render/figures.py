@@ -201,7 +201,7 @@ def inflation(runs: list, gate: float | None = None):
     ax = axes[0][0]
     for i, run in enumerate(runs):
         color = TUNED_COLOR if len(runs) == 1 else OKABE_ITO[i % len(OKABE_ITO)]
-        label = run.name if len(runs) > 1 else f"{run.mode}, mean and 95% CI"
+        label = _literal(run.name) if len(runs) > 1 else f"{run.mode}, mean and 95% CI"
         _draw_inflation(ax, run.per_step("guided"), color, label)
     _gate_line(ax, gate)
     ax.set_ylabel(INFLATION_LABEL)
@@ -281,8 +281,13 @@ def image_grid(run, limit: int = 16):
     return fig
 
 
+def _literal(text: str) -> str:
+    """User text (a prompt, a run folder's name) for matplotlib: '$' escaped, never read as mathtext."""
+    return str(text).replace("$", r"\$")
+
+
 def _short(text: str, width: int = 34) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return _literal(text if len(text) <= width else text[: width - 1] + "…")
 
 
 @_styled
@@ -310,7 +315,7 @@ def monitor_figure(entries: list[dict], meta: dict, sweeps: list[tuple[str, obje
         value = table["inflation"].to_numpy(dtype=float) * 100
         err = np.vstack([value - table["ci_lo"].to_numpy(dtype=float) * 100, table["ci_hi"].to_numpy(dtype=float) * 100 - value])
         ax.errorbar(x, value, yerr=err, fmt=marker, color="0.1", markersize=5, capsize=2, fillstyle="none",
-                    label=f"sweep {label} (95% CI; coloured: regions)")
+                    label=f"sweep {_literal(label)} (95% CI; coloured: regions)")
     _gate_line(ax, gate)
     crossing = (meta.get("first_crossing") or {}).get("step")
     if crossing is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 
+from normscope.render.safe import cell, cells
+
 SIGNAL_LABELS = {
     "out_of_range": ("out of range (pre-clip)", "%"), "saturation": ("saturation", ""),
     "colourfulness": ("colourfulness", ""), "brightness": ("brightness", ""),
@@ -50,9 +52,9 @@ def render_where(summary: dict, console) -> None:
             label, unit = SIGNAL_LABELS.get(row["signal"], (row["signal"], ""))
             lo, hi = row["ci"]
             signed = row["signal"] != "grid_score"  # already a tuned-vs-base quantity, ~1 = nothing
-            table.add_row(label, fmt(row["base"], unit) if signed else "", fmt(row["tuned"], unit) if signed else "",
-                          fmt(row["difference"], unit, signed),
-                          f"[{fmt(lo, unit, signed)}, {fmt(hi, unit, signed)}]")
+            table.add_row(*cells(label, fmt(row["base"], unit) if signed else "", fmt(row["tuned"], unit) if signed else "",
+                                 fmt(row["difference"], unit, signed),
+                                 f"[{fmt(lo, unit, signed)}, {fmt(hi, unit, signed)}]"))
         console.print(table)
 
 
@@ -77,10 +79,10 @@ def render_demo_where(result: dict, console) -> None:
         for _, key in columns[1:]:
             unit = "%" if key in ("out_of_range_diff", "edge_density_diff", "high_freq_energy_diff") else ""
             cells.append(fmt(row.get(key), unit, signed=key != "pixel_grid_score"))
-        table.add_row(row["model"], *cells)
+        table.add_row(*map(cell, [row["model"], *cells]))
     console.print(table)
     if result["report"]:
-        console.print(f"maps, spectra and the image-signal table of every checkpoint: {result['report']}")
+        console.print(cell(f"maps, spectra and the image-signal table of every checkpoint: {result['report']}"))
 
 
 def render_sweep_where(table, console) -> None:
@@ -103,5 +105,5 @@ def render_sweep_where(table, console) -> None:
                  f"[{value('grid_lo')}, {value('grid_hi')}]"]
         cells += [value(s, "%" if s.removesuffix("_diff") in ("out_of_range", "edge_density", "high_freq_energy") else "")
                   for s in signals]
-        view.add_row(*cells)
+        view.add_row(*map(cell, cells))
     console.print(view)

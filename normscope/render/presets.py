@@ -5,6 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from normscope.render.safe import cells
+
 
 def render_presets(rows: list[dict], console: Console) -> None:
     """One line per preset: what it sets and where the setting comes from."""
@@ -14,6 +16,6 @@ def render_presets(rows: list[dict], console: Console) -> None:
     table.add_column("source", overflow="fold")
     for row in rows:
         size = "pipeline default" if row["size"] is None else f"{row['size']} px"
-        table.add_row(row["name"], row["family"], str(row["steps"]), f"{row['guidance']:g}", row["argument"], size,
-                      row["source"])
+        table.add_row(*cells(row["name"], row["family"], row["steps"], f"{row['guidance']:g}", row["argument"], size,
+                             row["source"]))
     console.print(table)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from rich.markup import escape
-
 from normscope.measure.sanity import sanity, sanity_line
 from normscope.measure.stats import HINGE_RATE, N
 from normscope.measure.table import COSINE, NORM_BASE, NORM_TUNED, RATIO, SIGMA, STEP
 from normscope.render.numbers import num, pct
+from normscope.render.safe import cell, cells, labelled
 
 ESTIMATE_WORDS = {"sigma_integral": "sigma-integral", "step_mean": "step mean"}
 
@@ -59,7 +58,7 @@ def render_compare(summary: dict, console) -> None:
         if show_experts:
             cells.append(experts[index] if index < len(experts) else "")
         style = "yellow" if row[N] == 0 else None
-        table.add_row(*cells, style=style)
+        table.add_row(*map(cell, cells), style=style)
     console.print(table)
     regions = summary["regions"]
     console.print(
@@ -75,10 +74,10 @@ def render_compare(summary: dict, console) -> None:
             g = branches["guided"]
             console.print(f"{mode} mode: inflation {pct(g['inflation'])}  95% CI [{pct(g['inflation_ci'][0])}, {pct(g['inflation_ci'][1])}]")
     console.print(other_estimates(summary))
-    console.print(f"[bold]{headline(summary)}[/bold]")
+    console.print(cell(headline(summary), "bold"))
     warning = sanity_warning(summary)
     if warning:
-        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
+        console.print(labelled("warning:", "yellow", warning), highlight=False)
 
 
 def sanity_warning(summary: dict) -> str | None:
@@ -94,7 +93,7 @@ def render_inspection(report: dict, console) -> None:
     """``normscope inspect`` as a two-column table."""
     from rich.table import Table
 
-    table = Table(show_header=False, title=f"normscope inspect {report['path']}", title_justify="left")
+    table = Table(show_header=False, title=cell(f"normscope inspect {report['path']}"), title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value")
     rows = [
@@ -128,7 +127,7 @@ def render_inspection(report: dict, console) -> None:
     for note in report["notes"]:
         rows.append(("note", note))
     for name, value in rows:
-        table.add_row(name, value)
+        table.add_row(*cells(name, value))  # paths, adapter names and notes are literal text
     console.print(table)
 
 
@@ -140,7 +139,7 @@ def render_reference(meta: dict, console) -> None:
     for name in ("step", "sigma", "mean", "std", "p5", "p50", "p95 = tau"):
         table.add_column(name, justify="right")
     for row in meta["per_step"]["guided"]:
-        table.add_row(str(row["step"]), f"{row['sigma']:.3f}", *(num(row[k]) for k in ("mean", "std", "p5", "p50", "tau")))
+        table.add_row(*cells(row["step"], f"{row['sigma']:.3f}", *(num(row[k]) for k in ("mean", "std", "p5", "p50", "tau"))))
     console.print(table)
     gate = meta["suggestions"]["gate"]
     floor = gate["noise_floor"]
@@ -151,8 +150,8 @@ def render_reference(meta: dict, console) -> None:
         + " · bfloat16 vs float32 " + ("not measured" if dtype is None else f"{dtype * 100:.3f} %")
     )
     console.print("suggested tau(sigma): p95 of the base's norms per step (thresholds.csv)")
-    console.print(f"[bold]suggested gate: --max-inflation {gate['max_inflation']:.3f}[/bold] "
-                  f"(set by {gate['set_by']}; rule: {gate['rule']})")
+    console.print(cell(f"suggested gate: --max-inflation {gate['max_inflation']:.3f}", "bold")
+                  + cell(f" (set by {gate['set_by']}; rule: {gate['rule']})"))
 
 
 def render_sweep(table, gate: float | None, console) -> None:
@@ -168,16 +167,16 @@ def render_sweep(table, gate: float | None, console) -> None:
         if crossed and first is None:
             first = row["step"]
         view.add_row(
-            str(row["step"]), pct(row["inflation"]), f"[{pct(row['ci_lo'])}, {pct(row['ci_hi'])}]",
-            "n/a" if row["hinge_rate"] is None else f"{row['hinge_rate'] * 100:.0f} %",
-            pct(row["near_noise"]), pct(row["middle"]), pct(row["near_data"]),
+            *cells(row["step"], pct(row["inflation"]), f"[{pct(row['ci_lo'])}, {pct(row['ci_hi'])}]",
+                   "n/a" if row["hinge_rate"] is None else f"{row['hinge_rate'] * 100:.0f} %",
+                   pct(row["near_noise"]), pct(row["middle"]), pct(row["near_data"])),
             style="bold red" if crossed and row["step"] == first else None,
         )
     console.print(view)
     for row in table.to_dict(orient="records"):
         if isinstance(row.get("sanity"), str):
-            console.print(f"[yellow]warning:[/yellow] step {row['step']}: "
-                          f"{escape(sanity_line(str(row['checkpoint']), row['inflation'], row['sanity']))}", highlight=False)
+            console.print(labelled("warning:", "yellow", f"step {row['step']}: "
+                                   f"{sanity_line(str(row['checkpoint']), row['inflation'], row['sanity'])}"), highlight=False)
     if gate is not None:
         console.print(f"gate {gate * 100:.1f} %: " + (f"first crossed at step {first}" if first is not None else "never crossed"))
 
@@ -198,19 +197,19 @@ def render_demo(result: dict, console) -> None:
         paired = row.get("paired")
         ci = f"{p1(paired)} [{p1(row['paired_ci'][0])}, {p1(row['paired_ci'][1])}]" if paired is not None else "0"
         rescaled = "applied" in row  # the inference-rescale row: other drivers were not run for it
-        table.add_row(
+        table.add_row(*cells(
             row["model"], f"{row['reward']:.3f}", f"{row['fd']:.2f}", f"{row['diversity']:.2f}",
             f"{row['out_of_range'] * 100:.1f}", ci,
             "" if rescaled else p1(row.get("paired_base_drives")) if paired is not None else "0",
             "" if rescaled else p1(row.get("free")) if paired is not None else "0",
-        )
+        ))
     console.print(table)
     regions = Table(title="paired inflation by region of the trajectory (tuned drives)", title_justify="left")
     for name in ("model", "near noise", "middle", "near data"):
         regions.add_column(name, justify="right")
     for row in result["rows"][1:]:
         r = row["regions"]
-        regions.add_row(row["model"], pct(r["near_noise"]), pct(r["middle"]), pct(r["near_data"]))
+        regions.add_row(*cells(row["model"], pct(r["near_noise"]), pct(r["middle"]), pct(r["near_data"])))
     console.print(regions)
     series = result["series"]
     console.print(f"{series['model']} over training: " + "  ".join(
