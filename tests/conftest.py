@@ -91,6 +91,18 @@ def family_pipelines(tmp_path_factory):
     return folder
 
 
+@pytest.fixture
+def no_weight_loads(monkeypatch):
+    """Fail the test if any pipeline or model weight is loaded: refusals must come before."""
+    import diffusers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded before the refusal")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", refuse)
+    monkeypatch.setattr(diffusers.ModelMixin, "from_pretrained", refuse)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -25,18 +25,6 @@ def run(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-@pytest.fixture
-def no_weight_loads(monkeypatch):
-    """Fail the test if any pipeline or model weight is loaded: refusals must come before."""
-    import diffusers
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("weights were loaded before the refusal")
-
-    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", refuse)
-    monkeypatch.setattr(diffusers.ModelMixin, "from_pretrained", refuse)
-
-
 def one_line(result, code: int, *needles) -> str:
     assert result.exit_code == code, result.output
     assert "Traceback" not in result.output

@@ -19,42 +19,9 @@ import torch
 from lora_factory import kohya_flux_lora, save_diffusers_lora, save_peft_folder
 from safetensors import safe_open
 from safetensors.torch import save_file
-from typer.testing import CliRunner
+from test_families_refusals import PROBE, one_line, run
 
-from normscope.cli import app
 from tests.test_formats_trainers import SD3_TARGETS, write_forms
-
-runner = CliRunner()
-PROBE = ["--steps", "2", "--height", "16", "--width", "16", "--max-sequence-length", "24", "--seeds", "0",
-         "--prompt", "a red fox", "--device", "cpu"]
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-@pytest.fixture
-def no_weight_loads(monkeypatch):
-    """Fail the test if any pipeline or model weight is loaded: refusals must come before."""
-    import diffusers
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("weights were loaded before the refusal")
-
-    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", refuse)
-    monkeypatch.setattr(diffusers.ModelMixin, "from_pretrained", refuse)
-
-
-def one_line(result, code: int, *needles) -> str:
-    """The refusal: the exit code, one line on stderr starting with error:, no traceback, every needle in it."""
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    text = " ".join(line.strip() for line in lines)  # rich wraps long paths
-    assert text.startswith("error:"), text
-    for needle in needles:
-        assert needle in text, text
-    return text
 
 
 def rewrite(src: Path, dst: Path, keep=lambda key: True, change=lambda key, tensor: tensor, metadata=None) -> Path:

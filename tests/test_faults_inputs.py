@@ -38,18 +38,6 @@ def one_line(result, *needles, code: int = 2) -> str:
     return lines[0]
 
 
-@pytest.fixture
-def no_weight_loads(monkeypatch):
-    """Fail the test if any pipeline or model weight is loaded: refusals must come before."""
-    import diffusers
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("weights were loaded before the refusal")
-
-    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", refuse)
-    monkeypatch.setattr(diffusers.ModelMixin, "from_pretrained", refuse)
-
-
 # ---------------------------------------------------------------- user text is never markup
 
 

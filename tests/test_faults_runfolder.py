@@ -253,19 +253,7 @@ def test_report_refuses_files_that_do_not_belong_to_the_run(pipelines, scaled, t
 # ---------------------------------------------------------------- refused before anything loads or is deleted
 
 
-@pytest.fixture
-def no_loading(monkeypatch):
-    """Make any pipeline load fail loudly: a refusal must come first."""
-    import normscope.commands.compare as compare_module
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the pipeline was loaded before the refusal")
-
-    monkeypatch.setattr(compare_module, "load_pipeline", refuse)
-    monkeypatch.setattr(compare_module, "prepare_prompts", refuse)
-
-
-def test_an_out_that_cannot_hold_a_run_is_refused_first(pipelines, scaled, tmp_path, no_loading):
+def test_an_out_that_cannot_hold_a_run_is_refused_first(pipelines, scaled, tmp_path, no_weight_loads):
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder")
     loop = tmp_path / "loop"
@@ -286,7 +274,7 @@ def test_an_out_that_cannot_hold_a_run_is_refused_first(pipelines, scaled, tmp_p
             subprocess.run(["chattr", "-i", str(read_only)])
 
 
-def test_a_bad_scorer_is_refused_before_an_interrupted_store_is_touched(pipelines, scaled, tmp_path, no_loading, monkeypatch):
+def test_a_bad_scorer_is_refused_before_an_interrupted_store_is_touched(pipelines, scaled, tmp_path, no_weight_loads, monkeypatch):
     out = tmp_path / "R"
     interrupted(pipelines, scaled, 1.1, out, 2)
     stored = digests(out / ".partial") | {p.name: p.read_bytes() for p in (out / ".partial").glob("*.safetensors")}
