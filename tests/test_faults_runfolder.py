@@ -298,3 +298,20 @@ def test_the_kept_batches_line_appears_only_when_batches_were_kept(pipelines, sc
     result = runner.invoke(app, compare_args(pipelines, scaled("sd3", 1.1), tmp_path / "R"))
     assert result.exit_code == 3 and "the loader broke" in result.stderr
     assert "kept" not in result.stderr
+
+
+def test_a_resume_never_mixes_runs_with_and_without_images(config_for, scaled, tmp_path):
+    """Images wait with the finished batches: a run interrupted without --save-images, rerun with it, starts afresh
+    and publishes an image for every sample (not only for the batches it happened to compute)."""
+    from test_capture_and_resume import StopAfter
+
+    from normscope.commands.compare import compare
+
+    out = tmp_path / "R"
+    with pytest.raises(KeyboardInterrupt):
+        compare(config_for("sd3", scaled("sd3", 1.1), mode="free", batch_size=2, out=out), StopAfter(steps=9))
+    assert len(list((out / ".partial").glob("*.safetensors"))) == 1
+    notes = StopAfter(steps=10**6)
+    compare(config_for("sd3", scaled("sd3", 1.1), mode="free", batch_size=2, out=out, save_images=True), notes)
+    assert any("starting afresh" in n for n in notes.notes)
+    assert len(list((out / "images").glob("*.png"))) == 3 * 2 * 2  # prompts x seeds x (base, tuned)

@@ -111,8 +111,8 @@ class CompareResult:
 
 
 # Options that change only what is written or where, not the numbers; the prompts enter as resolved texts.
-_NOT_IN_FINGERPRINT = ("out", "figure", "save_images", "offload", "max_device_memory", "encode_once", "prompts_file",
-                       "prompts")
+# ``save_images`` is in: the images wait with the finished batches, so a resume must not mix runs with and without them.
+_NOT_IN_FINGERPRINT = ("out", "figure", "offload", "max_device_memory", "encode_once", "prompts_file", "prompts")
 
 
 def _fingerprint(config: CompareConfig, prompts: list[str], source: str, checkpoints: list) -> str:
