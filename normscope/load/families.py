@@ -159,6 +159,14 @@ class Family:
       aspect ratio of the size it is given); normscope passes ``height * width`` to it.
     * ``call_requires``: Python packages the pipeline's ``__call__`` imports unconditionally, checked before
       any weight loads (diffusers' Wan I2V pipeline calls ``ftfy`` whether or not it is installed).
+    * ``video_arg``: the pipeline argument that takes an input video (``--video``, required before loading;
+      Wan video-to-video's ``video``).
+    * ``token_slice``: which end of the output the pipeline keeps when it carries more tokens than the
+      latents (``reference_tokens``): ``first`` (``[:, :N]``, Kontext, FLUX.2, Qwen-Image-Edit) or ``last``
+      (``[:, -N:]``, Qwen-Image-2.1, whose prefill step also returns the text tokens).
+    * ``private_state_kwargs``: transformer keywords that carry state the transformer WRITES (Qwen-Image-2.1's
+      ``kv_cache``): in paired mode the other model gets its own copy, taken before the driver's first call with
+      it, so neither model ever reads the other's cached prefix.
     """
 
     name: str
@@ -185,6 +193,10 @@ class Family:
     prompt_encoding: PromptEncoding | None = None
     area_arg: str | None = None
     call_requires: tuple[str, ...] = ()
+    # issue 19, the models the trainers tune now (Wan V2V, HunyuanVideo, Qwen-Image-2.1, LTX-2)
+    video_arg: str | None = None
+    token_slice: str = "first"
+    private_state_kwargs: tuple[str, ...] = ()
     presets: tuple[Preset, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -194,6 +206,7 @@ class Family:
         assert self.output_sign in (1, -1), self.output_sign
         assert self.input_form in INPUT_FORMS, self.input_form
         assert self.latent_layout in LATENT_LAYOUTS, self.latent_layout
+        assert self.token_slice in ("first", "last"), self.token_slice
         assert sorted(self.batch_order) == ["cond", "uncond"], self.batch_order
         labels = self.expert_labels
         for label, _ in self.expert_guidance:
@@ -343,6 +356,19 @@ FAMILIES: tuple[Family, ...] = (
         ),
     ),
 )
+
+# ---- issue 19: the models the trainers tune now. Rows kept in their own block (appended to FAMILIES).
+# Wan video-to-video (Flow-Factory's Wan2.1 V2V): the T2V loop (cond, then uncond; linear) on the noised latents
+# of an input video; `strength` (0.8 by default) skips the first steps, so the run makes int(steps * strength).
+NEW_FAMILIES: tuple[Family, ...] = (
+    Family(
+        name="wan-v2v", title="Wan2.1 video to video",
+        pipeline_classes=("WanVideoToVideoPipeline",), transformer_class="WanTransformer3DModel",
+        calls=SEPARATE, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, latent_layout="bcfhw", patch_size=2,
+        prompt_encoding=WAN_PROMPTS, video_arg="video",
+    ),
+)
+FAMILIES = FAMILIES + NEW_FAMILIES
 
 _BY_CLASS = {cls: family for family in FAMILIES for cls in family.pipeline_classes}
 _BY_NAME = {family.name: family for family in FAMILIES}

@@ -217,6 +217,11 @@ def check_family_inputs(source: str, checkpoints: list[tuple[str | None, str]], 
         return family
     if getattr(probe, "preset", None) is not None:
         check_preset(preset_named(probe.preset), family)
+    if family.video_arg is not None and getattr(probe, "video", None) is None:
+        raise InputError(f"{family.pipeline_classes[0]} ({family.name}) generates from an input video: "
+                         "pass --video (a folder of frames or a video file)")
+    if family.video_arg is None and getattr(probe, "video", None) is not None:
+        raise InputError(f"the {family.name} family does not take an input video: drop --video")
     if getattr(probe, "true_cfg_scale", None) is not None and family.true_cfg_arg is None:
         fix = ("its true CFG scale is --guidance" if family.guidance_arg == TRUE_CFG_SCALE
                else "drop --true-cfg-scale")

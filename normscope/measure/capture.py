@@ -39,6 +39,7 @@ context; run paired mode without them.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 from collections.abc import Callable, Iterator, Sequence
@@ -200,6 +201,21 @@ def _evaluate(model: VelocityModel, attr: str, args, kwargs):
     return model(*args, **kwargs)
 
 
+def _first_index(scheduler, timestep) -> int:
+    """The scheduler index of a call's first step: 0, unless the pipeline starts part-way (img2img, Wan
+    video-to-video's ``strength``), found from the scheduler's own index or the timestep it is given."""
+    for name in ("step_index", "begin_index"):
+        index = getattr(scheduler, name, None)
+        if index is not None:
+            return int(index)
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timestep is None or timesteps is None:
+        return 0
+    t = torch.as_tensor(timestep, device=timesteps.device).flatten()[0].to(timesteps.dtype)
+    hits = (timesteps == t).nonzero()
+    return int(hits[0]) if len(hits) else 0
+
+
 def call_setting(pipe, call_kwargs: dict, name: str):
     """A pipeline argument's value in this call: passed, else stored by the pipeline, else its default."""
     if name in call_kwargs:
@@ -242,6 +258,7 @@ class Recorder:
         self._verified: set[tuple[str, ...]] = set()
         self._settings: dict[str, dict[str, float]] = {}
         self._sigmas: torch.Tensor | None = None
+        self.first_index = 0  # the scheduler index of the first step (img2img / video-to-video skip the first ones)
 
     # -- hooks -------------------------------------------------------------------------
 
@@ -318,7 +335,8 @@ class Recorder:
         for call, names in zip(calls, roles, strict=True):
             v = call.driver if side == "driver" else call.other
             if self.family.reference_tokens and v.dim() > 2 and v.shape[1] > guided.shape[1]:
-                v = v[:, : guided.shape[1]]
+                n = guided.shape[1]
+                v = v[:, -n:] if self.family.token_slice == "last" else v[:, :n]
             v = v.float()
             if self.family.output_sign < 0:
                 v = -v
@@ -389,6 +407,7 @@ class Recorder:
         if self._sigmas is None:
             sigmas = getattr(self.pipe.scheduler, "sigmas", None)
             self._sigmas = sigmas.detach().float().cpu() if sigmas is not None else torch.empty(0)
+        step += self.first_index
         return float(self._sigmas[step]) if step < self._sigmas.numel() else float("nan")
 
     # -- results -----------------------------------------------------------------------
@@ -407,13 +426,16 @@ class Recorder:
             stats[name] = torch.stack(items).cpu()
         scheduler = self.pipe.scheduler
         steps = len(self._steps)
+        first = self.first_index
         timesteps = getattr(scheduler, "timesteps", None)
         sigmas = getattr(scheduler, "sigmas", None)
         record = CallRecord(
             stats=stats,
             stat_names=self.stat_names,
-            timesteps=timesteps[:steps].detach().float().cpu() if timesteps is not None else torch.arange(steps).float(),
-            sigmas=sigmas[:steps].detach().float().cpu() if sigmas is not None else torch.full((steps,), float("nan")),
+            timesteps=(timesteps[first:first + steps].detach().float().cpu() if timesteps is not None
+                       else torch.arange(steps).float()),
+            sigmas=(sigmas[first:first + steps].detach().float().cpu() if sigmas is not None
+                    else torch.full((steps,), float("nan"))),
             experts=list(self._experts),
         )
         for observer in self.observers:
@@ -455,6 +477,24 @@ def capture(
     scheduler = pipe.scheduler
     inside_other = False
 
+    # Keyword state the transformer writes (Qwen-Image-2.1's KV cache): the other model's own copy per object,
+    # taken before the driver's first call with it (empty then), keyed by the driver's object.
+    private: dict[int, object] = {}
+
+    def pre_hook(module, args, kwargs):
+        if not inside_other:
+            for name in family.private_state_kwargs:
+                state = kwargs.get(name)
+                if state is not None and id(state) not in private:
+                    private[id(state)] = copy.deepcopy(state)
+        return None
+
+    def own_state(kwargs):
+        if not family.private_state_kwargs:
+            return kwargs
+        return {k: private.get(id(v), v) if k in family.private_state_kwargs and v is not None else v
+                for k, v in kwargs.items()}
+
     def hook_for(attr: str, expert: str):
         def forward_hook(module, args, kwargs, output):
             nonlocal inside_other
@@ -464,7 +504,7 @@ def capture(
             if other is not None:
                 inside_other = True
                 try:
-                    other_output = _evaluate(other, attr, args, kwargs)
+                    other_output = _evaluate(other, attr, args, own_state(kwargs))
                 finally:
                     inside_other = False
             extra = bool(family.extra_call_kwarg) and kwargs.get(family.extra_call_kwarg) is not None
@@ -479,6 +519,8 @@ def capture(
     @functools.wraps(original_step)
     def step(*args, **kwargs):
         model_output = args[0] if args else kwargs.get("model_output")
+        if not recorder._steps:
+            recorder.first_index = _first_index(scheduler, args[1] if len(args) > 1 else kwargs.get("timestep"))
         applied = recorder.record_step(model_output)
         if applied is not model_output:  # rescale_to_other: the scheduler applies the rescaled velocity
             if args:
@@ -505,6 +547,8 @@ def capture(
             # Labels say which of several transformers ran; with one present (Wan2.1 in the Wan row) there is none.
             handle = module.register_forward_hook(hook_for(attr, label if len(present) > 1 else ""), with_kwargs=True)
             stack.callback(handle.remove)
+            if family.private_state_kwargs and other is not None:
+                stack.callback(module.register_forward_pre_hook(pre_hook, with_kwargs=True).remove)
         scheduler.step = step
         stack.callback(restore_step)
         yield recorder

@@ -1,0 +1,191 @@
+"""The models the trainers tune now (issue 19), on tiny real pipelines saved with diffusers' own savers: base vs
+itself exactly 0; the output projection x1.1 gives 1.1 at every step and branch in paired mode with CFG really
+on (and at the first step of free mode); a random peft LoRA row by row (prompt, step, branch) against the
+independent oracle (tests/oracle.py, the plain diffusers call); the prompt-encoding row bit-identical with and
+without the cache. Everything runs through ``compare()``, the user's path.
+
+Pipelines: Wan video-to-video (``--video``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_families_oracle import _check, _plain, _save_peft_folder, _with_random_lora
+
+from normscope.builders.tiny import save_tiny
+from normscope.builders.tiny_new_families import NEW_BUILDERS, NEW_CALL, NEW_OUTPUT_PROJECTION, save_input_video, tiny_input_video
+from normscope.commands.compare import compare
+from normscope.config import CompareConfig
+from normscope.errors import InputError
+from normscope.measure.prompt_cache import prepare_prompts
+from normscope.measure.table import BRANCH, MODE, NORM_BASE, NORM_TUNED, RATIO, STEP
+from tests.oracle import oracle_norms
+
+PROMPTS = ("a red fox in snow", "two green apples")
+B = len(PROMPTS)
+G, C, U = "guided", "cond", "uncond"
+SEPARATE = [[(C, slice(0, B))], [(U, slice(0, B))]]  # cond call, then uncond call (written from the diffusers source)
+
+
+def _video_inputs(root: Path) -> dict:
+    return {"video": save_input_video(tiny_input_video(0), root / "input-video")}
+
+
+# case -> pipeline key, compare options, oracle call arguments (besides prompt/generator/steps/output_type),
+# the calls of one step, the branches reported, steps requested and steps the pipeline runs, input maker
+CASES = {
+    "wan-v2v": dict(
+        key="WanVideoToVideoPipeline", steps=4, runs=3,  # strength 0.75 of 4 steps
+        probe=dict(guidance=4.0, height=16, width=16, max_sequence_length=16),
+        oracle=dict(guidance_scale=4.0, height=16, width=16, max_sequence_length=16),
+        layout=SEPARATE, branches={G, C, U}, inputs=_video_inputs,
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("new-families")
+    cache: dict[str, tuple[Path, dict]] = {}
+
+    def make(case: str) -> tuple[Path, dict]:
+        if case not in cache:
+            spec = CASES[case]
+            folder = save_tiny(NEW_BUILDERS[spec["key"]](seed=0), root / case)
+            cache[case] = folder, spec["inputs"](root / f"{case}-inputs")
+        return cache[case]
+
+    return make
+
+
+def _scaled(folder: Path, target: Path) -> Path:
+    cls = json.loads((folder / "transformer" / "config.json").read_text())["_class_name"]
+    keys = NEW_OUTPUT_PROJECTION[cls]
+    state = load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert all(k in state for k in keys)
+    save_file({k: (v * 1.1 if k in keys else v).contiguous() for k, v in state.items()}, str(target))
+    return target
+
+
+def run(case: str, built, tuned, **overrides):
+    folder, inputs = built(case)
+    spec = CASES[case]
+    fields = dict(tuned=str(tuned), base=str(folder), pipeline=str(folder), prompts=PROMPTS, seeds=(0,), device="cpu",
+                  dtype="float32", batch_size=B, steps=spec["steps"], mode="both", **spec["probe"],
+                  **{k: v for k, v in inputs.items()})
+    fields.update(overrides)
+    return compare(CompareConfig(**fields))
+
+
+def _oracle_call(case: str, inputs: dict) -> dict:
+    spec = CASES[case]
+    call = dict(prompt=list(PROMPTS), num_inference_steps=spec["steps"], output_type="latent",
+                generator=[torch.Generator().manual_seed(0) for _ in PROMPTS], **spec["oracle"])
+    if "video" in inputs:
+        from normscope.measure.sampling import read_video  # reads the folder back as the user's run does
+
+        call["video"] = [read_video(inputs["video"]) for _ in PROMPTS]
+    return call
+
+
+def _oracle_rows(pipe, case: str, inputs: dict) -> dict:
+    """(branch, prompt_id, step) -> norm, from the plain call."""
+    spec = CASES[case]
+    steps = oracle_norms(pipe, **_oracle_call(case, inputs))
+    assert len(steps) == spec["runs"]
+    rows = {}
+    for step, record in enumerate(steps):
+        assert len(record["calls_latent"]) == len(spec["layout"]), record["modules"]
+        for call_norms, roles in zip(record["calls_latent"], spec["layout"], strict=True):
+            for role, part in roles:
+                for i, value in enumerate(call_norms[part]):
+                    rows[(role, i, step)] = value
+        for i, value in enumerate(record["scheduler"]):
+            rows[(G, i, step)] = value
+    return rows
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_base_against_itself_is_exactly_zero(case, built):
+    folder, _ = built(case)
+    result = run(case, built, folder)
+    assert set(result.frame[BRANCH]) == CASES[case]["branches"]
+    assert (result.frame[RATIO] == 1.0).all()
+    assert result.inflation == 0.0
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_output_projection_x1_1_is_exactly_1_1_on_every_step_and_branch(case, built, tmp_path):
+    folder, _ = built(case)
+    spec = CASES[case]
+    frame = run(case, built, _scaled(folder, tmp_path / "x1.1.safetensors")).frame
+    assert set(frame[BRANCH]) == spec["branches"]
+    paired = frame[frame[MODE] == "paired"]
+    assert len(paired) == len(spec["branches"]) * B * spec["runs"]  # CFG really on: cond and uncond every step
+    assert np.allclose(paired[RATIO], 1.1, rtol=2e-6, atol=0), paired.groupby([BRANCH, STEP])[RATIO].agg(["min", "max"])
+    first = frame[(frame[MODE] == "free") & (frame[STEP] == 0)]
+    assert set(first[BRANCH]) == spec["branches"]
+    assert np.allclose(first[RATIO], 1.1, rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_random_lora_row_by_row_against_the_plain_pipeline(case, built, tmp_path):
+    folder, inputs = built(case)
+    spec = CASES[case]
+    tuned_pipe = _with_random_lora(folder, seed=7)
+    lora = _save_peft_folder(tuned_pipe, tmp_path / "lora")
+    frame = run(case, built, lora).frame
+    base_rows = _oracle_rows(_plain(folder), case, inputs)
+    tuned_rows = _oracle_rows(tuned_pipe, case, inputs)
+    assert {b for b, _, _ in base_rows} == spec["branches"]
+    free, paired = frame[frame[MODE] == "free"], frame[frame[MODE] == "paired"]
+    n = len(spec["branches"]) * B * spec["runs"]
+    assert _check(free, NORM_BASE, base_rows) == n
+    assert _check(free, NORM_TUNED, tuned_rows) == n
+    assert _check(paired, NORM_TUNED, tuned_rows) == n  # the tuned model drives: the oracle's own trajectory
+    assert _check(paired, NORM_BASE, base_rows, steps={0}) == n // spec["runs"]  # same inputs at step 0
+    ratios = (free[NORM_TUNED] / free[NORM_BASE]).to_numpy()
+    assert np.ptp(ratios) > 1e-3  # a LoRA is not a uniform scale
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_prompt_encoding_row_is_bit_identical_with_and_without_the_cache(case, built, tmp_path):
+    folder, inputs = built(case)
+    tuned = _scaled(folder, tmp_path / "x1.1.safetensors")
+    inside = run(case, built, tuned, encode_once=False)
+    cached = run(case, built, tuned)
+    assert cached.frame.equals(inside.frame)
+    assert inside.inflation != 0.0
+    config = CompareConfig(tuned=str(tuned), pipeline=str(folder), prompts=PROMPTS, seeds=(0,), device="cpu",
+                           dtype="float32", batch_size=B, steps=CASES[case]["steps"], **CASES[case]["probe"], **inputs)
+    cache = prepare_prompts(str(folder), [list(PROMPTS)], config, torch.float32, "cpu")
+    assert cache is not None and cache.encoded == 1  # the cached run really ran on embeddings
+
+
+# ---------------------------------------------------------------- Wan video to video
+
+
+def test_wan_v2v_needs_a_video_before_loading_and_reports_the_steps_it_ran(built, tmp_path):
+    folder, inputs = built("wan-v2v")
+    with pytest.raises(InputError, match="--video"):
+        run("wan-v2v", built, folder, video=None)
+    frame = run("wan-v2v", built, folder).frame
+    # strength 0.75 of 4 steps: the pipeline skips the first timestep; sigma is the scheduler's sigma of each step run
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    pipe.scheduler.set_timesteps(4)
+    sigmas = pipe.scheduler.sigmas[1:4].double().numpy()
+    got = frame[(frame[MODE] == "paired") & (frame[BRANCH] == G) & (frame["prompt_id"] == 0)].sort_values(STEP)
+    assert np.allclose(got["sigma"].to_numpy(), sigmas, rtol=1e-6)
+    # an animated file is read frame by frame like a folder of frames
+    from normscope.measure.sampling import read_video
+
+    webp = save_input_video(tiny_input_video(0), tmp_path / "input.webp")
+    assert [np.asarray(f).tolist() for f in read_video(webp)] == [np.asarray(f).tolist() for f in read_video(inputs["video"])]
