@@ -4,7 +4,7 @@ on (and at the first step of free mode); a random peft LoRA row by row (prompt, 
 independent oracle (tests/oracle.py, the plain diffusers call); the prompt-encoding row bit-identical with and
 without the cache. Everything runs through ``compare()``, the user's path.
 
-Pipelines: Wan video-to-video (``--video``).
+Pipelines: Wan video-to-video (``--video``), HunyuanVideo (embedded guidance + true CFG).
 """
 
 from __future__ import annotations
@@ -45,6 +45,14 @@ CASES = {
         probe=dict(guidance=4.0, height=16, width=16, max_sequence_length=16),
         oracle=dict(guidance_scale=4.0, height=16, width=16, max_sequence_length=16),
         layout=SEPARATE, branches={G, C, U}, inputs=_video_inputs,
+    ),
+    "hunyuan-video": dict(
+        key="HunyuanVideoPipeline", steps=2, runs=2,
+        probe=dict(guidance=6.0, true_cfg_scale=4.0, height=16, width=16, num_frames=5, max_sequence_length=16),
+        # normscope passes the negative prompt " " for true CFG > 1, as for FLUX.1 (written out here by hand)
+        oracle=dict(guidance_scale=6.0, true_cfg_scale=4.0, negative_prompt=[" "] * B, height=16, width=16,
+                    num_frames=5, max_sequence_length=16),
+        layout=SEPARATE, branches={G, C, U}, inputs=lambda root: {},
     ),
 }
 
@@ -189,3 +197,40 @@ def test_wan_v2v_needs_a_video_before_loading_and_reports_the_steps_it_ran(built
 
     webp = save_input_video(tiny_input_video(0), tmp_path / "input.webp")
     assert [np.asarray(f).tolist() for f in read_video(webp)] == [np.asarray(f).tolist() for f in read_video(inputs["video"])]
+
+
+# ---------------------------------------------------------------- HunyuanVideo
+
+
+def test_hunyuan_video_embedded_guidance_alone_is_one_call_and_reaches_the_transformer(built, tmp_path):
+    """Without true CFG the step is one call (guided only); --guidance is the embedded guidance, a transformer input."""
+    folder, _ = built("hunyuan-video")
+    result = run("hunyuan-video", built, _scaled(folder, tmp_path / "x1.1.safetensors"), true_cfg_scale=None)
+    assert set(result.frame[BRANCH]) == {G}
+    paired = result.frame[result.frame[MODE] == "paired"]
+    assert np.allclose(paired[RATIO], 1.1, rtol=2e-6, atol=0)
+    summary = result.summary["config"]["resolved"]
+    assert summary["family"] == "hunyuan-video" and summary["guidance"] == 6.0
+    seen = []
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    handle = pipe.transformer.register_forward_hook(lambda m, a, k, o: seen.append(float(k["guidance"][0])), with_kwargs=True)
+    try:
+        oracle_norms(pipe, prompt=["a red fox"], num_inference_steps=1, output_type="latent", guidance_scale=6.0,
+                     height=16, width=16, num_frames=5, max_sequence_length=16)
+    finally:
+        handle.remove()
+    assert seen == [6000.0]  # the pipeline embeds guidance * 1000 (one call: no CFG batch)
+
+
+def test_hunyuan_video_prompt_template_is_cropped_where_the_tiny_tokenizer_puts_it(built):
+    from diffusers import DiffusionPipeline
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+    folder, _ = built("hunyuan-video")
+    tokenizer = DiffusionPipeline.from_pretrained(str(folder)).tokenizer
+    prefix = DEFAULT_PROMPT_TEMPLATE["template"].split("{}")[0]
+    # the real Llama-3 tokenizer: 95 (crop_start); the tiny one keeps one template token, reloaded the same
+    assert len(tokenizer(prefix)["input_ids"]) == DEFAULT_PROMPT_TEMPLATE["crop_start"] + 1

@@ -368,6 +368,22 @@ NEW_FAMILIES: tuple[Family, ...] = (
         prompt_encoding=WAN_PROMPTS, video_arg="video",
     ),
 )
+# HunyuanVideo (DanceGRPO's video model): guidance-distilled like FLUX.1 (guidance_scale is a transformer input);
+# true_cfg_scale > 1 with a negative prompt adds a second call (cond, then negative), neg + w (cond - neg).
+HUNYUAN_VIDEO_PROMPTS = PromptEncoding(
+    method="encode_prompt",
+    outputs=("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask"),
+    negative_outputs=("negative_prompt_embeds", "negative_pooled_prompt_embeds", "negative_prompt_attention_mask"),
+    fixed=(("prompt_2", None), ("num_videos_per_prompt", 1)),
+)
+NEW_FAMILIES += (
+    Family(
+        name="hunyuan-video", title="HunyuanVideo (text to video)",
+        pipeline_classes=("HunyuanVideoPipeline",), transformer_class="HunyuanVideoTransformer3DModel",
+        calls=DISTILLED, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, true_cfg_arg=TRUE_CFG_SCALE,
+        needs_negative_prompt=True, latent_layout="bcfhw", patch_size=2, prompt_encoding=HUNYUAN_VIDEO_PROMPTS,
+    ),
+)
 FAMILIES = FAMILIES + NEW_FAMILIES
 
 _BY_CLASS = {cls: family for family in FAMILIES for cls in family.pipeline_classes}
