@@ -4,7 +4,8 @@ on (and at the first step of free mode); a random peft LoRA row by row (prompt, 
 independent oracle (tests/oracle.py, the plain diffusers call); the prompt-encoding row bit-identical with and
 without the cache. Everything runs through ``compare()``, the user's path.
 
-Pipelines: Wan video-to-video (``--video``), HunyuanVideo (embedded guidance + true CFG).
+Pipelines: Wan video-to-video (``--video``), HunyuanVideo (embedded guidance + true CFG), Qwen-Image-2.1 (last-N
+token slice, per-model KV cache).
 """
 
 from __future__ import annotations
@@ -52,6 +53,12 @@ CASES = {
         # normscope passes the negative prompt " " for true CFG > 1, as for FLUX.1 (written out here by hand)
         oracle=dict(guidance_scale=6.0, true_cfg_scale=4.0, negative_prompt=[" "] * B, height=16, width=16,
                     num_frames=5, max_sequence_length=16),
+        layout=SEPARATE, branches={G, C, U}, inputs=lambda root: {},
+    ),
+    "qwen-image-2.1": dict(
+        key="QwenImage21Pipeline", steps=3, runs=3, last_tokens=True,  # the pipeline keeps the LAST N tokens
+        probe=dict(guidance=4.0, height=32, width=32),  # --guidance is true_cfg_scale; normscope adds " "
+        oracle=dict(true_cfg_scale=4.0, negative_prompt=[" "] * B, height=32, width=32),
         layout=SEPARATE, branches={G, C, U}, inputs=lambda root: {},
     ),
 }
@@ -105,12 +112,16 @@ def _oracle_call(case: str, inputs: dict) -> dict:
 def _oracle_rows(pipe, case: str, inputs: dict) -> dict:
     """(branch, prompt_id, step) -> norm, from the plain call."""
     spec = CASES[case]
-    steps = oracle_norms(pipe, **_oracle_call(case, inputs))
+    steps = oracle_norms(pipe, keep_outputs=spec.get("last_tokens", False), **_oracle_call(case, inputs))
     assert len(steps) == spec["runs"]
     rows = {}
     for step, record in enumerate(steps):
         assert len(record["calls_latent"]) == len(spec["layout"]), record["modules"]
-        for call_norms, roles in zip(record["calls_latent"], spec["layout"], strict=True):
+        per_call = record["calls_latent"]
+        if spec.get("last_tokens"):  # output[:, -N:], N the scheduler's tokens (the prefill returns the text too)
+            n = record["scheduler_input"].shape[1]
+            per_call = [o[:, -n:].flatten(1).norm(dim=1).tolist() for o in record["outputs"]]
+        for call_norms, roles in zip(per_call, spec["layout"], strict=True):
             for role, part in roles:
                 for i, value in enumerate(call_norms[part]):
                     rows[(role, i, step)] = value
@@ -234,3 +245,64 @@ def test_hunyuan_video_prompt_template_is_cropped_where_the_tiny_tokenizer_puts_
     prefix = DEFAULT_PROMPT_TEMPLATE["template"].split("{}")[0]
     # the real Llama-3 tokenizer: 95 (crop_start); the tiny one keeps one template token, reloaded the same
     assert len(tokenizer(prefix)["input_ids"]) == DEFAULT_PROMPT_TEMPLATE["crop_start"] + 1
+
+
+# ---------------------------------------------------------------- Qwen-Image-2.1
+
+
+def test_qwen_image21_paired_mode_gives_each_model_its_own_kv_cache(built, tmp_path):
+    """With the KV cache on, the first step prefills the text prefix and later steps read it. In paired mode the
+    base is evaluated on the tuned model's inputs: it must read ITS OWN prefix, and the tuned model must never read
+    the base's. Independent paired oracle: the tuned plain pipeline drives; a hook evaluates the base plain
+    pipeline's transformer on each call's inputs with its own caches (one per cache object the pipeline passes)."""
+    from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
+
+    folder, inputs = built("qwen-image-2.1")
+    tuned_pipe = _with_random_lora(folder, seed=7)
+    lora = _save_peft_folder(tuned_pipe, tmp_path / "lora")
+    base = _plain(folder)
+    own: dict[int, QwenImage21KVCache] = {}
+    other: list[list[float]] = []
+    prefill: list[int] = []
+
+    def evaluate_base(module, args, kwargs, output):
+        kwargs = dict(kwargs)
+        cache = kwargs.get("kv_cache")
+        assert cache is not None  # the cache is really on
+        kwargs["kv_cache"] = own.setdefault(id(cache), QwenImage21KVCache(len(base.transformer.transformer_blocks)))
+        with torch.no_grad():
+            out = base.transformer(*args, **kwargs)[0]
+        prefill.append(out.shape[1])
+        other.append(out[:, -4:].float().flatten(1).norm(dim=1).tolist())  # 32x32 px: 2x2 latent tokens
+
+    handle = tuned_pipe.transformer.register_forward_hook(evaluate_base, with_kwargs=True)
+    try:
+        driven = oracle_norms(tuned_pipe, keep_outputs=True, **_oracle_call("qwen-image-2.1", inputs))
+    finally:
+        handle.remove()
+    assert prefill[0] > 4 and prefill[-1] == 4  # step 0 returns the text tokens as well; later steps only the image's
+    frame = run("qwen-image-2.1", built, lora, mode="paired").frame
+    rows = frame.set_index([BRANCH, "prompt_id", STEP])
+    for step, record in enumerate(driven):
+        n = record["scheduler_input"].shape[1]
+        cond, uncond = (o[:, -n:].flatten(1).norm(dim=1).tolist() for o in record["outputs"])
+        for i in range(B):
+            assert rows.loc[(C, i, step), NORM_TUNED] == pytest.approx(cond[i], rel=2e-5)
+            assert rows.loc[(U, i, step), NORM_TUNED] == pytest.approx(uncond[i], rel=2e-5)
+            assert rows.loc[(G, i, step), NORM_TUNED] == pytest.approx(record["scheduler"][i], rel=2e-5)
+            assert rows.loc[(C, i, step), NORM_BASE] == pytest.approx(other[2 * step][i], rel=2e-5)
+            assert rows.loc[(U, i, step), NORM_BASE] == pytest.approx(other[2 * step + 1][i], rel=2e-5)
+
+
+def test_qwen_image21_guidance_is_true_cfg_without_renormalisation(built, tmp_path):
+    """--guidance goes to true_cfg_scale with the negative prompt " "; guided = neg + w (cond - neg), no per-token
+    renormalisation (so no ``combined`` branch), and without guidance one call per step."""
+    folder, _ = built("qwen-image-2.1")
+    result = run("qwen-image-2.1", built, folder, mode="paired")
+    resolved = result.summary["config"]["resolved"]
+    assert resolved["guidance_argument"] == "true_cfg_scale" and resolved["guidance"] == 4.0
+    by = result.frame.set_index([BRANCH, "prompt_id", STEP])["norm_base"]
+    assert not np.allclose(by[G].to_numpy(), by[C].to_numpy(), rtol=1e-3)  # not renormalised to ||cond||
+    single = run("qwen-image-2.1", built, _scaled(folder, tmp_path / "x1.1.safetensors"), guidance=1.0, mode="paired")
+    assert set(single.frame[BRANCH]) == {G}
+    assert np.allclose(single.frame[RATIO], 1.1, rtol=2e-6, atol=0)

@@ -20,6 +20,7 @@ from normscope.builders.tiny_video import NUM_FRAMES, SIZE, _t5_tokenizer, _tran
 NEW_OUTPUT_PROJECTION: dict[str, tuple[str, ...]] = {
     "WanTransformer3DModel": ("proj_out.weight", "proj_out.bias"),
     "HunyuanVideoTransformer3DModel": ("proj_out.weight", "proj_out.bias"),
+    "QwenImage21Transformer2DModel": ("proj_out.weight",),  # no bias
 }
 
 
@@ -149,9 +150,102 @@ def tiny_hunyuan_video_pipeline(seed: int = 0):
     )
 
 
+# ---------------------------------------------------------------- Qwen-Image-2.1
+
+QWEN21_TEXT_WIDTH = 32
+QWEN21_SIZE = 32  # px: the pipeline rounds sizes to multiples of 32 (16x VAE, 2x2 slots); 2x2 latent tokens
+# The processor's chat format as the pipeline uses it (system turn of text parts), Qwen's <|im_start|> turns.
+QWEN21_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{ message['content'] }}{%- else %}"
+    "{%- for part in message['content'] %}{%- if part['type'] == 'text' %}{{ part['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}{{ '<|im_end|>\\n' }}{%- endfor %}"
+)
+
+
+def qwen21_processor():
+    """The text side of Qwen-Image-2.1's processor without torchvision.
+
+    The real pipeline ships a ``Qwen3VLProcessor``, whose video-processor slot transformers 5 fills only with
+    torchvision installed, on construction and on load. For a text prompt the pipeline only calls the
+    processor's ``apply_chat_template`` (the system turn, to count the tokens it drops), ``tokenizer.encode`` and
+    ``__call__(text=..., padding=True, padding_side="left")``, which any transformers processor over the same
+    tokenizer answers the same way. The tiny pipeline stores a ``LlavaProcessor`` (tokenizer + Pillow
+    ``CLIPImageProcessorPil``, no video slot) over the tiny Qwen BPE with Qwen's chat format: text-to-image only
+    (image-conditioned generation needs the real Qwen3-VL image processor)."""
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    from normscope.builders.tiny_families import qwen_tokenizer
+
+    return LlavaProcessor(image_processor=CLIPImageProcessorPil(crop_size=32, size=32), tokenizer=qwen_tokenizer(),
+                          chat_template=QWEN21_CHAT_TEMPLATE, image_token="<|image_pad|>", patch_size=14)
+
+
+def _qwen3_vl_encoder(seed: int, tokenizer):
+    """A tiny ``Qwen3VLForConditionalGeneration`` (2 text layers of width 32, 1 vision block)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from normscope.builders.tiny_families import QWEN_VOCAB
+
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=QWEN_VOCAB, hidden_size=QWEN21_TEXT_WIDTH, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 2, 2],
+                             "mrope_interleaved": True},
+            pad_token_id=ids("<|endoftext|>"),
+        ),
+        vision_config=dict(
+            depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=QWEN21_TEXT_WIDTH,
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+            deepstack_visual_indexes=[0],
+        ),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+    )
+    torch.manual_seed(seed)
+    return Qwen3VLForConditionalGeneration(config).eval()
+
+
+def tiny_qwen_image21_pipeline(seed: int = 0, causal_condition: bool = True):
+    """A ``QwenImage21Pipeline`` (Qwen-Image-2.1): tiny single-stream ``QwenImage21Transformer2DModel`` with the
+    causal condition (so the pipeline's KV cache is on: prefill at the first step, cached prefix after), Qwen3-VL
+    text encoder, 16x ``AutoencoderKLQwenImage21``."""
+    from diffusers import (
+        AutoencoderKLQwenImage21,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImage21Pipeline,
+        QwenImage21Transformer2DModel,
+    )
+
+    processor = qwen21_processor()
+    torch.manual_seed(seed)
+    transformer = QwenImage21Transformer2DModel(
+        patch_size=1, in_channels=8, out_channels=8, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        context_in_dim=QWEN21_TEXT_WIDTH, mlp_ratio=2, axes_dims_rope=(2, 2, 4), causal_condition=causal_condition,
+    ).eval()
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKLQwenImage21(
+        base_dim=4, decoder_base_dim=4, z_dim=8, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=1,
+        temperal_downsample=[False, False, False, False], latents_mean=[0.0] * 8, latents_std=[1.0] * 8,
+    ).eval()
+    return QwenImage21Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, shift=1.0,
+            use_dynamic_shifting=True, time_shift_type="exponential",
+        ),
+        vae=vae,
+        text_encoder=_qwen3_vl_encoder(seed + 1, processor.tokenizer),
+        processor=processor,
+        transformer=transformer,
+    )
+
+
 NEW_BUILDERS = {
     "WanVideoToVideoPipeline": tiny_wan_v2v_pipeline,
     "HunyuanVideoPipeline": tiny_hunyuan_video_pipeline,
+    "QwenImage21Pipeline": tiny_qwen_image21_pipeline,
 }
 
 # Beyond prompt, generator, num_inference_steps and output_type. Wan V2V: strength 0.75 of 4 steps runs 3.
@@ -160,4 +254,6 @@ NEW_CALL: dict[str, dict] = {
     # embedded guidance 6 (a transformer input) and true CFG 4 with a negative prompt: two calls per step
     "HunyuanVideoPipeline": dict(guidance_scale=6.0, true_cfg_scale=4.0, negative_prompt=" ", height=SIZE, width=SIZE,
                                  num_frames=NUM_FRAMES, max_sequence_length=16),
+    # true CFG needs true_cfg_scale > 1 AND a negative prompt (the pipeline's default is 1: no guidance)
+    "QwenImage21Pipeline": dict(true_cfg_scale=4.0, negative_prompt=" ", height=QWEN21_SIZE, width=QWEN21_SIZE),
 }

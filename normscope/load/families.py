@@ -384,6 +384,24 @@ NEW_FAMILIES += (
         needs_negative_prompt=True, latent_layout="bcfhw", patch_size=2, prompt_encoding=HUNYUAN_VIDEO_PROMPTS,
     ),
 )
+# Qwen-Image-2.1 (Flow-Factory): two calls (cond, then negative) with true_cfg_scale > 1 and a negative prompt,
+# neg + w (cond - neg) with NO renormalisation; the output is sliced to its LAST N tokens (the prefill step returns
+# the text tokens too, condition-image tokens come first); the per-model KV cache (kv_cache) is private state.
+QWEN_IMAGE21_PROMPTS = PromptEncoding(
+    method="encode_prompt",
+    outputs=("prompt_embeds", "prompt_embeds_mask", None),  # image_pad_mask: rebuilt by the call (text only)
+    negative_outputs=("negative_prompt_embeds", "negative_prompt_embeds_mask", None),
+    fixed=(("num_images_per_prompt", 1),),
+)
+NEW_FAMILIES += (
+    Family(
+        name="qwen-image-2.1", title="Qwen-Image-2.1",
+        pipeline_classes=("QwenImage21Pipeline",), transformer_class="QwenImage21Transformer2DModel",
+        calls=SEPARATE, combine=LINEAR, guidance_arg=TRUE_CFG_SCALE, needs_negative_prompt=True,
+        reference_tokens=True, token_slice="last", private_state_kwargs=("kv_cache",),
+        latent_layout="packed", patch_size=1, prompt_encoding=QWEN_IMAGE21_PROMPTS,
+    ),
+)
 FAMILIES = FAMILIES + NEW_FAMILIES
 
 _BY_CLASS = {cls: family for family in FAMILIES for cls in family.pipeline_classes}

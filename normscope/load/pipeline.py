@@ -124,7 +124,7 @@ def load_pipeline(source: str, dtype, device: str, parts: str = "all", place: bo
                 skip = {name: None for name in _components(source) if name.startswith("text_encoder")}
             elif parts == "text_encoders":
                 skip = {name: None for name in _components(source)
-                        if not name.startswith(("text_encoder", "tokenizer", "scheduler"))}
+                        if not name.startswith(("text_encoder", "tokenizer", "scheduler", "processor"))}
             pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, use_safetensors=True, **skip)
     except Exception as exc:  # diffusers raises many types; one line is what the user needs
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
