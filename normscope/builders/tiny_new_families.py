@@ -1,5 +1,5 @@
 """Tiny real pipelines of the models the trainers tune now (issue 19): Wan video-to-video, HunyuanVideo,
-Qwen-Image-2.1 and LTX-2, offline and seeded, for the oracle tests of their family rows.
+Qwen-Image-2.1 and LTX-2 (video + audio), offline and seeded, for the oracle tests of their family rows.
 
 Each builder returns the real diffusers pipeline class with 1-2-layer models and seeded random weights, built
 from configs with tokenizers made in memory (nothing is fetched from a hub). Save them with ``tiny.save_tiny``.
@@ -21,6 +21,8 @@ NEW_OUTPUT_PROJECTION: dict[str, tuple[str, ...]] = {
     "WanTransformer3DModel": ("proj_out.weight", "proj_out.bias"),
     "HunyuanVideoTransformer3DModel": ("proj_out.weight", "proj_out.bias"),
     "QwenImage21Transformer2DModel": ("proj_out.weight",),  # no bias
+    # both streams' output projections: x1.1 scales the video and the audio velocity
+    "LTX2VideoTransformer3DModel": ("proj_out.weight", "proj_out.bias", "audio_proj_out.weight", "audio_proj_out.bias"),
 }
 
 
@@ -242,10 +244,103 @@ def tiny_qwen_image21_pipeline(seed: int = 0, causal_condition: bool = True):
     )
 
 
+# ---------------------------------------------------------------- LTX-2
+
+LTX2_TEXT_WIDTH = 32  # the connectors' attention width (4 heads x 8): the Gemma hidden size must match it
+LTX2_SIZE = 32  # px (the pipeline needs multiples of 32): the tiny video VAE halves it; 3 latent frames of 16x16 tokens
+
+
+def _gemma3_encoder(seed: int, tokenizer):
+    """A tiny ``Gemma3ForConditionalGeneration`` (2 text layers of width 32, 1 SigLIP vision layer)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from normscope.builders.tiny_families import QWEN_VOCAB
+
+    ids = tokenizer.convert_tokens_to_ids
+    config = Gemma3Config(
+        text_config=dict(
+            vocab_size=QWEN_VOCAB, hidden_size=LTX2_TEXT_WIDTH, intermediate_size=24, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=256, sliding_window=16,
+            pad_token_id=ids("<|endoftext|>"), bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
+        ),
+        vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=ids("<|image_pad|>"), boi_token_index=ids("<|vision_start|>"),
+        eoi_token_index=ids("<|vision_end|>"),
+    )
+    torch.manual_seed(seed)
+    return Gemma3ForConditionalGeneration(config).eval()
+
+
+def tiny_ltx2_pipeline(seed: int = 0, num_layers: int = 2):
+    """An ``LTX2Pipeline`` (LTX-2: text to video + audio): tiny ``LTX2VideoTransformer3DModel`` (video and audio
+    streams), Gemma-3 text encoder with the tiny Qwen BPE (left padding, as the pipeline sets), text connectors,
+    video and audio VAEs and vocoder, sizes as in diffusers' own LTX-2 tests. STG perturbs the blocks the call
+    names (``spatio_temporal_guidance_blocks``, [28] by default: pass [1] for a 2-layer tiny model)."""
+    from diffusers import (
+        AutoencoderKLLTX2Audio,
+        AutoencoderKLLTX2Video,
+        FlowMatchEulerDiscreteScheduler,
+        LTX2Pipeline,
+        LTX2VideoTransformer3DModel,
+    )
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+
+    from normscope.builders.tiny_families import qwen_tokenizer
+
+    tokenizer = qwen_tokenizer()
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.pad_token = "<|endoftext|>"
+    text_encoder = _gemma3_encoder(seed + 1, tokenizer)
+    layers = text_encoder.config.text_config.num_hidden_layers
+    torch.manual_seed(seed)
+    transformer = LTX2VideoTransformer3DModel(
+        in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, audio_in_channels=4, audio_out_channels=4, audio_num_attention_heads=2,
+        audio_attention_head_dim=4, audio_cross_attention_dim=8, num_layers=num_layers, qk_norm="rms_norm_across_heads",
+        caption_channels=LTX2_TEXT_WIDTH, rope_double_precision=False, rope_type="split",
+    ).eval()
+    torch.manual_seed(seed + 2)
+    connectors = LTX2TextConnectors(
+        caption_channels=LTX2_TEXT_WIDTH, text_proj_in_factor=layers + 1, video_connector_num_attention_heads=4,
+        video_connector_attention_head_dim=8, video_connector_num_layers=1, video_connector_num_learnable_registers=None,
+        audio_connector_num_attention_heads=4, audio_connector_attention_head_dim=8, audio_connector_num_layers=1,
+        audio_connector_num_learnable_registers=None, connector_rope_base_seq_len=32, rope_theta=10000.0,
+        rope_double_precision=False, causal_temporal_positioning=False, rope_type="split",
+    ).eval()
+    torch.manual_seed(seed + 3)
+    vae = AutoencoderKLLTX2Video(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), decoder_block_out_channels=(8,),
+        layers_per_block=(1,), decoder_layers_per_block=(1, 1), spatio_temporal_scaling=(True,),
+        decoder_spatio_temporal_scaling=(True,), decoder_inject_noise=(False, False), downsample_type=("spatial",),
+        upsample_residual=(False,), upsample_factor=(1,), timestep_conditioning=False, patch_size=1, patch_size_t=1,
+        encoder_causal=True, decoder_causal=False,
+    ).eval()
+    vae.use_framewise_encoding = False
+    vae.use_framewise_decoding = False
+    torch.manual_seed(seed + 4)
+    audio_vae = AutoencoderKLLTX2Audio(
+        base_channels=4, output_channels=2, ch_mult=(1,), num_res_blocks=1, attn_resolutions=None, in_channels=2,
+        resolution=32, latent_channels=2, norm_type="pixel", causality_axis="height", dropout=0.0,
+        mid_block_add_attention=False, sample_rate=16000, mel_hop_length=160, is_causal=True, mel_bins=8,
+    ).eval()
+    torch.manual_seed(seed + 5)
+    vocoder = LTX2Vocoder(
+        in_channels=2 * 8, hidden_channels=32, out_channels=2, upsample_kernel_sizes=[4, 4], upsample_factors=[2, 2],
+        resnet_kernel_sizes=[3], resnet_dilations=[[1, 3, 5]], leaky_relu_negative_slope=0.1, output_sampling_rate=16000,
+    ).eval()
+    return LTX2Pipeline(
+        transformer=transformer, vae=vae, audio_vae=audio_vae, scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder=text_encoder, tokenizer=tokenizer, connectors=connectors, vocoder=vocoder,
+    )
+
+
 NEW_BUILDERS = {
     "WanVideoToVideoPipeline": tiny_wan_v2v_pipeline,
     "HunyuanVideoPipeline": tiny_hunyuan_video_pipeline,
     "QwenImage21Pipeline": tiny_qwen_image21_pipeline,
+    "LTX2Pipeline": tiny_ltx2_pipeline,
 }
 
 # Beyond prompt, generator, num_inference_steps and output_type. Wan V2V: strength 0.75 of 4 steps runs 3.
@@ -256,4 +351,7 @@ NEW_CALL: dict[str, dict] = {
                                  num_frames=NUM_FRAMES, max_sequence_length=16),
     # true CFG needs true_cfg_scale > 1 AND a negative prompt (the pipeline's default is 1: no guidance)
     "QwenImage21Pipeline": dict(true_cfg_scale=4.0, negative_prompt=" ", height=QWEN21_SIZE, width=QWEN21_SIZE),
+    # CFG (video 3, audio 7 by default), STG on block 1 of 2, modality isolation: three calls per step
+    "LTX2Pipeline": dict(height=LTX2_SIZE, width=LTX2_SIZE, num_frames=NUM_FRAMES, frame_rate=25.0, max_sequence_length=16,
+                         spatio_temporal_guidance_blocks=[1]),
 }

@@ -29,7 +29,10 @@ CALLS = (BATCHED, SEPARATE, DISTILLED)
 LINEAR = "linear"  # uncond + w (cond - uncond)
 QWEN_RENORM = "qwen_renorm"  # linear, then each token rescaled to ||cond|| (dim -1)
 ZIMAGE = "zimage"  # cond + w (cond - uncond), optionally capped at cfg_normalization * ||cond||
-COMBINES = (LINEAR, QWEN_RENORM, ZIMAGE)
+# LTX-2: in x0 = x - sigma v: cond + (w-1)(cond - uncond) + s_stg (cond - stg) + (m-1)(cond - modality), then
+# rescaled toward cond (guidance_rescale), back to a velocity
+LTX2_X0 = "ltx2_x0"
+COMBINES = (LINEAR, QWEN_RENORM, ZIMAGE, LTX2_X0)
 
 INPUT_FORMS = ("tensor", "list")
 LATENT_LAYOUTS = ("bchw", "packed", "list_c1hw", "bcfhw")
@@ -164,6 +167,15 @@ class Family:
     * ``token_slice``: which end of the output the pipeline keeps when it carries more tokens than the
       latents (``reference_tokens``): ``first`` (``[:, :N]``, Kontext, FLUX.2, Qwen-Image-Edit) or ``last``
       (``[:, -N:]``, Qwen-Image-2.1, whose prefill step also returns the text tokens).
+    * ``streams``: names of the velocities one transformer call returns, in its output order (LTX-2: video,
+      audio); empty: one. Stream 0 is stepped by ``pipe.scheduler``, stream k by the k-th copy of it the pipeline
+      makes in its call (LTX-2 deep-copies its scheduler for audio). The first stream is the headline.
+      ``stream_prefix``: (stream, prefix) where a stream's guidance arguments are the first stream's with a
+      prefix (``audio_guidance_scale``), falling back to the first stream's value when unset or 0, as LTX-2 does.
+    * ``call_markers``: (transformer keyword, role) marking an extra guidance call of batch B by its keyword
+      being set (LTX-2's STG call ``spatio_temporal_guidance_blocks``, modality isolation ``isolate_modalities``).
+    * ``rule_args``: (setting, pipeline argument) the combination rule reads besides the guidance scale
+      (LTX-2: ``stg_scale``, ``modality_scale``, ``guidance_rescale``).
     * ``private_state_kwargs``: transformer keywords that carry state the transformer WRITES (Qwen-Image-2.1's
       ``kv_cache``): in paired mode the other model gets its own copy, taken before the driver's first call with
       it, so neither model ever reads the other's cached prefix.
@@ -197,6 +209,10 @@ class Family:
     video_arg: str | None = None
     token_slice: str = "first"
     private_state_kwargs: tuple[str, ...] = ()
+    streams: tuple[str, ...] = ()
+    stream_prefix: tuple[tuple[str, str], ...] = ()
+    call_markers: tuple[tuple[str, str], ...] = ()
+    rule_args: tuple[tuple[str, str], ...] = ()
     presets: tuple[Preset, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -400,6 +416,27 @@ NEW_FAMILIES += (
         calls=SEPARATE, combine=LINEAR, guidance_arg=TRUE_CFG_SCALE, needs_negative_prompt=True,
         reference_tokens=True, token_slice="last", private_state_kwargs=("kv_cache",),
         latent_layout="packed", patch_size=1, prompt_encoding=QWEN_IMAGE21_PROMPTS,
+    ),
+)
+# LTX-2 (Flow-Factory's text-to-audio+video model): one transformer call returns a video AND an audio velocity,
+# each stepped by its own scheduler (the audio one a copy made in the call). With defaults, three calls per step:
+# CFG on the batch [negative, positive], STG (spatio_temporal_guidance_blocks set) and modality isolation
+# (isolate_modalities=True); combined in x0 space and rescaled toward cond (guidance_rescale, audio_*).
+LTX2_PROMPTS = PromptEncoding(
+    method="encode_prompt",
+    outputs=("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask"),
+    negative_keyword="negative_prompt",
+    fixed=(("do_classifier_free_guidance", True), ("num_videos_per_prompt", 1)),
+)
+NEW_FAMILIES += (
+    Family(
+        name="ltx2", title="LTX-2 (text to video + audio)",
+        pipeline_classes=("LTX2Pipeline",), transformer_class="LTX2VideoTransformer3DModel",
+        calls=BATCHED, combine=LTX2_X0, guidance_arg=GUIDANCE_SCALE, batch_order=("uncond", "cond"),
+        latent_layout="packed", patch_size=1, prompt_encoding=LTX2_PROMPTS,
+        streams=("video", "audio"), stream_prefix=(("audio", "audio_"),),
+        call_markers=(("spatio_temporal_guidance_blocks", "stg"), ("isolate_modalities", "modality")),
+        rule_args=(("stg", "stg_scale"), ("modality", "modality_scale"), ("rescale", "guidance_rescale")),
     ),
 )
 FAMILIES = FAMILIES + NEW_FAMILIES

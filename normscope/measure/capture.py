@@ -42,6 +42,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -50,11 +51,12 @@ import torch
 
 from normscope.errors import RunError
 from normscope.load import VelocityModel
-from normscope.load.families import DISTILLED, LINEAR, QWEN_RENORM, ZIMAGE, Family, family_for
+from normscope.load.families import DISTILLED, LINEAR, LTX2_X0, QWEN_RENORM, ZIMAGE, Family, family_for
 
 GUIDED, COND, UNCOND, COMBINED = "guided", "cond", "uncond", "combined"
 BRANCHES = (GUIDED, COND, UNCOND, COMBINED)
 EXTRA = "extra"  # the role of an extra guidance call (SD3 skip-layer); followed, not reported
+STREAM_SEP = ":"  # record.stats key of a stream after the first: "audio:guided"
 # Rows of the per-step statistics tensor.
 FREE_STATS = ("norm",)
 PAIRED_STATS = ("norm_driver", "norm_other", "cosine", "mse")
@@ -77,6 +79,9 @@ class CallRecord:
     experts: list[str] = field(default_factory=list)
     # What collecting observers gathered (``observer.name`` -> branch -> tensor), e.g. per-frame norms.
     observed: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    # Multi-stream families (LTX-2): the first stream's name; the other streams' statistics are in ``stats``
+    # under "<stream>:<branch>" (the first stream's under the plain branch names, as for every family).
+    stream: str = ""
 
     @property
     def steps(self) -> int:
@@ -110,9 +115,9 @@ class CollectingObserver(StepObserver, Protocol):
 @dataclass
 class _Call:
     expert: str
-    driver: torch.Tensor
-    other: torch.Tensor | None
-    extra: bool
+    driver: list[torch.Tensor]  # one velocity per stream
+    other: list[torch.Tensor] | None
+    role: str | None  # a marked extra guidance call (SD3 skip-layer "extra", LTX-2 "stg" / "modality")
 
 
 # ---------------------------------------------------------------- combination rules
@@ -147,12 +152,47 @@ def _zimage(parts: dict[str, torch.Tensor], s: dict[str, float]) -> dict[str, to
     return {GUIDED: combined * factor.view(-1, *([1] * (combined.dim() - 1))), COMBINED: combined}
 
 
-RULES: dict[str, Callable[[dict[str, torch.Tensor], dict[str, float]], dict[str, torch.Tensor]]] = {
-    LINEAR: _linear, QWEN_RENORM: _qwen_renorm, ZIMAGE: _zimage,
+def _rescale_noise_cfg(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:
+    """diffusers' ``rescale_noise_cfg``: ``guided`` moved toward cond's standard deviation by ``rescale``."""
+    dims = list(range(1, cond.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return rescale * rescaled + (1 - rescale) * guided
+
+
+def _ltx2_x0(parts: dict[str, torch.Tensor], s: dict) -> dict[str, torch.Tensor]:
+    """LTX-2: guidance in x0 = x - sigma v (x the latents the scheduler steps), each term a delta from cond, then
+    the rescale toward cond, then back to a velocity. ``combined``: the guidance before the rescale."""
+    x, sigma = s["sample"], s["sigma"]
+    x0 = {name: x - v * sigma for name, v in parts.items()}
+    cond = x0[COND]
+    guided = cond
+    if UNCOND in x0:
+        guided = guided + (s["scale"] - 1) * (cond - x0[UNCOND])
+    if "stg" in x0:
+        guided = guided + s["stg"] * (cond - x0["stg"])
+    if "modality" in x0:
+        guided = guided + (s["modality"] - 1) * (cond - x0["modality"])
+    combined = (x - guided) / sigma
+    if s["rescale"] > 0:
+        return {GUIDED: (x - _rescale_noise_cfg(guided, cond, s["rescale"])) / sigma, COMBINED: combined}
+    return {GUIDED: combined}
+
+
+RULES: dict[str, Callable[[dict[str, torch.Tensor], dict], dict[str, torch.Tensor]]] = {
+    LINEAR: _linear, QWEN_RENORM: _qwen_renorm, ZIMAGE: _zimage, LTX2_X0: _ltx2_x0,
 }
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _streams(output, n: int) -> list[torch.Tensor]:
+    """The velocity of each of ``n`` streams (one: ``_sample``; LTX-2 returns (video, audio) or a dataclass)."""
+    if n <= 1:
+        return [_sample(output)]
+    if isinstance(output, (tuple, list)):
+        return list(output[:n])
+    return [output.sample, *(getattr(output, f"{name}_sample") for name in ("audio",))][:n]
 
 
 def _sample(output):
@@ -199,6 +239,45 @@ def _evaluate(model: VelocityModel, attr: str, args, kwargs):
     if expert is not None:
         return expert(attr)(*args, **kwargs)
     return model(*args, **kwargs)
+
+
+class _SchedulerStep:
+    """The wrapper on ``scheduler.step``: hands the velocity the scheduler receives to the recorder, then steps.
+
+    A pipeline that deep-copies its scheduler during the call (LTX-2 steps its audio latents with a copy) copies
+    this wrapper with it: the copy's wrapper steps the COPY (never the original) and records the next stream."""
+
+    def __init__(self, recorder: Recorder, scheduler, original, stream: int) -> None:
+        self.recorder, self.scheduler, self.original, self.stream = recorder, scheduler, original, stream
+        functools.update_wrapper(self, original)
+
+    def __call__(self, *args, **kwargs):
+        recorder = self.recorder
+        model_output = args[0] if args else kwargs.get("model_output")
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        sample = args[2] if len(args) > 2 else kwargs.get("sample")
+        x0_rule = recorder.family.combine == LTX2_X0  # needs the step's sigma (no host sync otherwise)
+        first = self.stream == 0 and not recorder._steps
+        index = _first_index(self.scheduler, timestep) if first or x0_rule else 0  # the scheduler's index of this step
+        if first:
+            recorder.first_index = index
+        sigmas = getattr(self.scheduler, "sigmas", None) if x0_rule else None
+        sigma = sigmas[index] if sigmas is not None and index < len(sigmas) else None
+        applied = recorder.record_step(model_output, self.stream, sample, sigma)
+        if applied is not model_output:  # rescale_to_other: the scheduler applies the rescaled velocity
+            if args:
+                args = (applied, *args[1:])
+            else:
+                kwargs["model_output"] = applied
+        return self.original(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        copied = memo.get(id(self.scheduler))
+        if copied is None:  # the wrapper alone copied: it still steps its own scheduler
+            return self
+        self.recorder.scheduler_copies += 1
+        return _SchedulerStep(self.recorder, copied, types.MethodType(type(copied).step, copied),
+                              self.recorder.scheduler_copies)
 
 
 def _first_index(scheduler, timestep) -> int:
@@ -256,38 +335,56 @@ class Recorder:
         self._steps: list[dict[str, torch.Tensor]] = []
         self._experts: list[str] = []
         self._verified: set[tuple[str, ...]] = set()
-        self._settings: dict[str, dict[str, float]] = {}
+        self._settings: dict[tuple[str, int], dict[str, float]] = {}
         self._sigmas: torch.Tensor | None = None
         self.first_index = 0  # the scheduler index of the first step (img2img / video-to-video skip the first ones)
+        self.scheduler_copies = 0  # copies of the scheduler the pipeline made in this call (LTX-2: audio's)
 
     # -- hooks -------------------------------------------------------------------------
 
-    def record_forward(self, expert: str, driver_output, other_output, extra: bool = False) -> None:
-        other = _sample(other_output) if other_output is not None else None
-        self._calls.append(_Call(expert, _sample(driver_output), other, extra))
+    def record_forward(self, expert: str, driver_output, other_output, extra: bool = False, role: str | None = None) -> None:
+        n = len(self.family.streams) or 1
+        other = _streams(other_output, n) if other_output is not None else None
+        self._calls.append(_Call(expert, _streams(driver_output, n), other, EXTRA if extra else role))
 
-    def record_step(self, guided: torch.Tensor) -> torch.Tensor:
-        """Close one step; returns the velocity the scheduler is to apply (``guided``, or it rescaled)."""
-        calls, self._calls = self._calls, []
-        step = len(self._steps)
-        if not calls:
+    def record_step(self, guided: torch.Tensor, stream: int = 0, sample: torch.Tensor | None = None,
+                    sigma: torch.Tensor | None = None) -> torch.Tensor:
+        """Close one step of one stream; returns the velocity the scheduler is to apply (``guided``, or it
+        rescaled). ``sample`` and ``sigma``: the latents the scheduler steps and its sigma (x0-space rules).
+
+        Multi-stream families (LTX-2) step one scheduler per stream after the step's transformer calls: the calls
+        are kept until the last stream has stepped; the first stream's step opens the step's statistics."""
+        streams = self.family.streams or ("",)
+        if stream >= len(streams):  # a scheduler copy the row does not know: step it, record nothing
+            return guided
+        calls = self._calls
+        if stream == len(streams) - 1:
+            self._calls = []
+        step = len(self._steps) if stream == 0 else len(self._steps) - 1
+        if not calls or step < 0:
             raise RunError(f"{type(self.pipe).__name__} stepped its scheduler without calling the transformer: "
                            "normscope cannot follow this pipeline")
-        roles = self._roles(calls, guided.shape[0])
-        driver = self._parts(calls, roles, guided, "driver")
-        other = self._parts(calls, roles, guided, "other") if self.paired else None
+        roles = self._roles(calls, guided.shape[0], stream)
+        driver = self._parts(calls, roles, guided, "driver", stream)
+        other = self._parts(calls, roles, guided, "other", stream) if self.paired else None
         expert = calls[0].expert
-        settings = self._resolve_settings(expert)
+        settings = self._resolve_settings(expert, stream)
+        if self.family.combine == LTX2_X0:
+            settings = dict(settings, sample=sample.float(), sigma=sigma)
         branches_d = self._branches(driver, settings)
         branches_o = self._branches(other, settings) if other is not None else None
-        layout = (expert, *sorted(driver))  # each expert has its own guidance scale: verify each
+        layout = (expert, str(stream), *sorted(driver))  # each expert and stream has its own guidance: verify each
         if layout not in self._verified:
             self._verify(layout, driver, branches_d[GUIDED], guided, step)
         branches_d[GUIDED] = guided  # the scheduler's own input is what normscope reports for the driver
         stats = {}
+        prefix = f"{streams[stream]}{STREAM_SEP}" if stream else ""
         for name, d in branches_d.items():
             o = branches_o[name] if branches_o is not None else None
-            stats[name] = _paired_stats(d, o) if o is not None else _norms(d)[None]
+            stats[prefix + name] = _paired_stats(d, o) if o is not None else _norms(d)[None]
+        if stream:
+            self._steps[step].update(stats)
+            return _rescaled(guided, branches_o[GUIDED]) if self.rescale_to_other else guided
         self._steps.append(stats)
         self._experts.append(expert)
         if self.observers:
@@ -304,14 +401,14 @@ class Recorder:
 
     # -- one step ----------------------------------------------------------------------
 
-    def _roles(self, calls: list[_Call], batch: int) -> list[list[str]]:
+    def _roles(self, calls: list[_Call], batch: int, stream: int = 0) -> list[list[str]]:
         """The branch of every batch slice of every call, read from the family row and the batch sizes."""
         order = self.family.batch_order
         roles, separate = [], [COND, UNCOND]
         for call in calls:
-            n = call.driver.shape[0]
-            if call.extra and n == batch:
-                roles.append([EXTRA])
+            n = call.driver[stream].shape[0]
+            if call.role and n == batch:
+                roles.append([call.role])
             elif n == len(order) * batch:
                 roles.append(list(order))
             elif n == batch and separate:
@@ -321,7 +418,7 @@ class Recorder:
                 break
         flat = [r for rs in roles for r in rs] if roles is not None else []
         if roles is None or len(flat) != len(set(flat)) or COND not in flat:
-            sizes = ", ".join(str(c.driver.shape[0]) for c in calls)
+            sizes = ", ".join(str(c.driver[stream].shape[0]) for c in calls)
             raise RunError(
                 f"{type(self.pipe).__name__} called the transformer {len(calls)} time(s) in one step with batches of "
                 f"{sizes} for a scheduler batch of {batch}: that is not how the {self.family.name} family calls it "
@@ -329,11 +426,11 @@ class Recorder:
             )
         return roles
 
-    def _parts(self, calls, roles, guided: torch.Tensor, side: str) -> dict[str, torch.Tensor]:
+    def _parts(self, calls, roles, guided: torch.Tensor, side: str, stream: int = 0) -> dict[str, torch.Tensor]:
         """Each role's velocity: reference tokens sliced off, in the scheduler's convention, float32."""
         parts = {}
         for call, names in zip(calls, roles, strict=True):
-            v = call.driver if side == "driver" else call.other
+            v = call.driver[stream] if side == "driver" else call.other[stream]
             if self.family.reference_tokens and v.dim() > 2 and v.shape[1] > guided.shape[1]:
                 n = guided.shape[1]
                 v = v[:, -n:] if self.family.token_slice == "last" else v[:, :n]
@@ -345,27 +442,34 @@ class Recorder:
         return parts
 
     def _branches(self, parts: dict[str, torch.Tensor], settings: dict[str, float]) -> dict[str, torch.Tensor]:
-        if UNCOND not in parts:  # one call, no CFG: the scheduler receives the (sign-corrected) output
+        if len(parts) == 1:  # one call, no CFG: the scheduler receives the (sign-corrected) output
             return {GUIDED: parts[COND]}
         out = RULES[self.family.combine](parts, settings)
-        return {GUIDED: out[GUIDED], COND: parts[COND], UNCOND: parts[UNCOND],
+        # LTX-2 without CFG but with its STG / modality calls: guided and cond (the extra calls are followed only)
+        return {GUIDED: out[GUIDED], COND: parts[COND], **({UNCOND: parts[UNCOND]} if UNCOND in parts else {}),
                 **({COMBINED: out[COMBINED]} if COMBINED in out else {})}
 
-    def _resolve_settings(self, expert: str) -> dict[str, float]:
-        """The combination settings of one expert's steps (read once per call and expert)."""
-        if expert not in self._settings:
+    def _resolve_settings(self, expert: str, stream: int = 0) -> dict[str, float]:
+        """The combination settings of one expert's (and stream's) steps (read once per call, expert and stream)."""
+        if (expert, stream) not in self._settings:
             f = self.family
+            prefix = dict(f.stream_prefix).get(f.streams[stream], "") if stream else ""
 
             def value(name):
                 v = call_setting(self.pipe, self.call_kwargs, name) if name else None
-                return float(v) if v is not None else None
+                v = float(v) if v is not None else None
+                if prefix and name:  # LTX-2: the audio stream's setting, the video's when unset or 0
+                    own = call_setting(self.pipe, self.call_kwargs, prefix + name)
+                    v = float(own) if own else v
+                return v
 
             scale = value(dict(f.expert_guidance).get(expert)) if expert else None
             if scale is None:  # no per-expert argument, or left unset: the pipeline uses the main scale
                 scale = value(cfg_argument(f))
-            self._settings[expert] = {"scale": scale or 0.0, "extra_scale": value(f.extra_scale_arg) or 0.0,
-                                      "cap": value(f.cap_arg) or 0.0}
-        return self._settings[expert]
+            settings = {"scale": scale or 0.0, "extra_scale": value(f.extra_scale_arg) or 0.0, "cap": value(f.cap_arg) or 0.0}
+            settings.update({key: value(argument) or 0.0 for key, argument in f.rule_args})
+            self._settings[(expert, stream)] = settings
+        return self._settings[(expert, stream)]
 
     def _verify(self, layout, parts, expected: torch.Tensor, guided: torch.Tensor, step: int) -> None:
         # One host sync per layout: the rule normscope applies to the other model is the one the pipeline
@@ -385,7 +489,7 @@ class Recorder:
         err = (exp - got).abs().max() / got.abs().max().clamp_min(1e-12)
         if not bool(err <= tol):
             if UNCOND in parts:
-                rule = f"the {self.family.combine} rule (scale {self._settings[layout[0]]['scale']})"
+                rule = f"the {self.family.combine} rule (scale {self._settings[(layout[0], int(layout[1]))]['scale']})"
                 what = "combines its transformer calls differently from " + rule
             else:
                 sign = "the negated" if self.family.output_sign < 0 else "the"
@@ -416,13 +520,16 @@ class Recorder:
         """Close the pipeline call just made and bring its statistics to the CPU (one transfer)."""
         if not self._steps:
             raise RunError(f"{type(self.pipe).__name__} made no scheduler step: check --steps and the pipeline")
-        names = [b for b in BRANCHES if any(b in s for s in self._steps)]
+        streams = self.family.streams or ("",)
+        prefixes = [""] + [f"{name}{STREAM_SEP}" for name in streams[1:]]
+        names = [p + b for p in prefixes for b in BRANCHES if any(p + b in s for s in self._steps)]
         template = self._steps[0][GUIDED]
         stats = {}
         for name in names:
             # A step without CFG (Z-Image past cfg_truncation) made one call: its velocity is the cond one.
-            items = [s.get(name, s[GUIDED] if name == COND and UNCOND not in s else torch.full_like(template, float("nan")))
-                     for s in self._steps]
+            p = name[: name.index(STREAM_SEP) + 1] if STREAM_SEP in name else ""
+            items = [s.get(name, s[p + GUIDED] if name == p + COND and p + UNCOND not in s
+                           else torch.full_like(template, float("nan"))) for s in self._steps]
             stats[name] = torch.stack(items).cpu()
         scheduler = self.pipe.scheduler
         steps = len(self._steps)
@@ -437,6 +544,7 @@ class Recorder:
             sigmas=(sigmas[first:first + steps].detach().float().cpu() if sigmas is not None
                     else torch.full((steps,), float("nan"))),
             experts=list(self._experts),
+            stream=streams[0],
         )
         for observer in self.observers:
             if hasattr(observer, "collect"):
@@ -508,26 +616,15 @@ def capture(
                 finally:
                     inside_other = False
             extra = bool(family.extra_call_kwarg) and kwargs.get(family.extra_call_kwarg) is not None
-            recorder.record_forward(expert, output, other_output, extra)
+            role = next((r for k, r in family.call_markers if kwargs.get(k) not in (None, False)), None)
+            recorder.record_forward(expert, output, other_output, extra, role)
             return None
         return forward_hook
 
     original_step = scheduler.step
     had_own_step = "step" in vars(scheduler)
     own_step = vars(scheduler).get("step")
-
-    @functools.wraps(original_step)
-    def step(*args, **kwargs):
-        model_output = args[0] if args else kwargs.get("model_output")
-        if not recorder._steps:
-            recorder.first_index = _first_index(scheduler, args[1] if len(args) > 1 else kwargs.get("timestep"))
-        applied = recorder.record_step(model_output)
-        if applied is not model_output:  # rescale_to_other: the scheduler applies the rescaled velocity
-            if args:
-                args = (applied, *args[1:])
-            else:
-                kwargs["model_output"] = applied
-        return original_step(*args, **kwargs)
+    step = _SchedulerStep(recorder, scheduler, original_step, 0)
 
     def restore_step() -> None:
         if had_own_step:

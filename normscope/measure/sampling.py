@@ -376,7 +376,8 @@ def concat_records(records: list[CallRecord]) -> CallRecord:
     # observer results keep the sample axis third: (steps, values, batch, ...)
     observed = {name: {b: torch.cat([r.observed[name][b] for r in records], dim=2) for b in items}
                 for name, items in first.observed.items()}
-    return CallRecord(stats, first.stat_names, first.timesteps, first.sigmas, experts=list(first.experts), observed=observed)
+    return CallRecord(stats, first.stat_names, first.timesteps, first.sigmas, experts=list(first.experts), observed=observed,
+                      stream=first.stream)
 
 
 def versions() -> dict:
