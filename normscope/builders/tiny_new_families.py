@@ -15,7 +15,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from normscope.builders.tiny_video import NUM_FRAMES, SIZE, _t5_tokenizer, _transformer, _umt5_encoder, _wan_vae, scheduler
+from normscope.builders.tiny_video import (
+    NUM_FRAMES,
+    SIZE,
+    _t5_tokenizer,
+    _transformer,
+    _umt5_encoder,
+    _wan_vae,
+    scheduler,
+)
 
 NEW_OUTPUT_PROJECTION: dict[str, tuple[str, ...]] = {
     "WanTransformer3DModel": ("proj_out.weight", "proj_out.bias"),

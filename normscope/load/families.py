@@ -78,6 +78,10 @@ class PromptEncoding:
     negative_outputs: tuple[str | None, ...] = ()
     fixed: tuple[tuple[str, object], ...] = ()
     fixed_negative: str | None = None
+    # (component, attribute, value) the encode function sets on the pipeline and the call reads after it: set on
+    # the sampling pipeline too when the prompts come from the cache (LTX-2's encoder sets tokenizer.padding_side
+    # = "left", which its text connectors read in the call).
+    sets: tuple[tuple[str, str, object], ...] = ()
 
 
 SD3_PROMPTS = PromptEncoding(
@@ -427,6 +431,7 @@ LTX2_PROMPTS = PromptEncoding(
     outputs=("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask"),
     negative_keyword="negative_prompt",
     fixed=(("do_classifier_free_guidance", True), ("num_videos_per_prompt", 1)),
+    sets=(("tokenizer", "padding_side", "left"),),
 )
 NEW_FAMILIES += (
     Family(

@@ -134,6 +134,9 @@ def sampling_kwargs(pipe, probe: ProbeConfig, samples: list[Sample], family: Fam
         for name in ("prompt", "negative_prompt", "max_sequence_length"):  # the cache's encoder settings hold them
             kwargs.pop(name, None)
         kwargs.update(prompts.kwargs([s.prompt for s in samples], dtype=pipe.transformer.dtype))
+        for component, attribute, value in prompts.encoding.sets:  # state the encoder would have left behind
+            if getattr(pipe, component, None) is not None:
+                setattr(getattr(pipe, component), attribute, value)
     return kwargs
 
 
