@@ -216,7 +216,8 @@ def test_wan_v2v_needs_a_video_before_loading_and_reports_the_steps_it_ran(built
     assert refused.exit_code == 2 and "--video" in refused.stderr
     ran = runner.invoke(app, ["compare", *common, "--video", str(inputs["video"])])
     assert ran.exit_code == 0, ran.output
-    assert json.loads(ran.stdout)["inflation"] == 0.0
+    # every ratio is exactly 1 (the API tests above); the one-sample headline estimate rounds to ~1e-8
+    assert abs(json.loads(ran.stdout)["inflation"]) < 1e-6
     # an animated file is read frame by frame like a folder of frames
     from normscope.measure.sampling import read_video
 
