@@ -21,6 +21,15 @@ driver's rule is verified against what the scheduler received, once per call lay
 guided velocity is formed with the same rule. Non-finite values are detected before that check, so a
 NaN checkpoint is reported as such, not as a pipeline normscope cannot follow.
 
+Rows with more (issue 19): the output keeps its LAST tokens where the row says so (``token_slice``, Qwen-Image-2.1);
+state the transformer writes through a keyword (``private_state_kwargs``, Qwen-Image-2.1's KV cache) is given to the
+other model as its own copy, so no model reads the other's cached prefix; extra guidance calls are recognised by a
+marking keyword (``call_markers``, LTX-2's STG and modality-isolation calls); and a transformer that returns several
+velocities (``streams``, LTX-2's video and audio) has each stream stepped by its own scheduler: the wrapper on
+``scheduler.step`` follows a copy of the scheduler made in the call, steps the copy, and records the next stream
+(statistics under "<stream>:<branch>"). LTX-2's rule works in x0 space, so the wrapper passes it the latents
+the scheduler steps and the step's sigma.
+
 Statistics stay on the model's device in float32 until the call ends; one transfer per call, plus one
 host sync per verified layout.
 
@@ -186,13 +195,14 @@ RULES: dict[str, Callable[[dict[str, torch.Tensor], dict], dict[str, torch.Tenso
 # ---------------------------------------------------------------- helpers
 
 
-def _streams(output, n: int) -> list[torch.Tensor]:
-    """The velocity of each of ``n`` streams (one: ``_sample``; LTX-2 returns (video, audio) or a dataclass)."""
-    if n <= 1:
+def _streams(output, names: tuple[str, ...]) -> list[torch.Tensor]:
+    """The velocity of each stream (one: ``_sample``). LTX-2 returns (video, audio), or with ``return_dict`` a
+    dataclass with ``sample`` and ``audio_sample``: the first stream is ``sample``, stream NAME ``NAME_sample``."""
+    if len(names) <= 1:
         return [_sample(output)]
     if isinstance(output, (tuple, list)):
-        return list(output[:n])
-    return [output.sample, *(getattr(output, f"{name}_sample") for name in ("audio",))][:n]
+        return list(output[: len(names)])
+    return [output.sample, *(getattr(output, f"{name}_sample") for name in names[1:])]
 
 
 def _sample(output):
@@ -343,9 +353,9 @@ class Recorder:
     # -- hooks -------------------------------------------------------------------------
 
     def record_forward(self, expert: str, driver_output, other_output, extra: bool = False, role: str | None = None) -> None:
-        n = len(self.family.streams) or 1
-        other = _streams(other_output, n) if other_output is not None else None
-        self._calls.append(_Call(expert, _streams(driver_output, n), other, EXTRA if extra else role))
+        names = self.family.streams
+        other = _streams(other_output, names) if other_output is not None else None
+        self._calls.append(_Call(expert, _streams(driver_output, names), other, EXTRA if extra else role))
 
     def record_step(self, guided: torch.Tensor, stream: int = 0, sample: torch.Tensor | None = None,
                     sigma: torch.Tensor | None = None) -> torch.Tensor:
@@ -442,8 +452,8 @@ class Recorder:
         return parts
 
     def _branches(self, parts: dict[str, torch.Tensor], settings: dict[str, float]) -> dict[str, torch.Tensor]:
-        if len(parts) == 1:  # one call, no CFG: the scheduler receives the (sign-corrected) output
-            return {GUIDED: parts[COND]}
+        if UNCOND not in parts and (len(parts) == 1 or self.family.combine != LTX2_X0):
+            return {GUIDED: parts[COND]}  # one call, no CFG: the scheduler receives the (sign-corrected) output
         out = RULES[self.family.combine](parts, settings)
         # LTX-2 without CFG but with its STG / modality calls: guided and cond (the extra calls are followed only)
         return {GUIDED: out[GUIDED], COND: parts[COND], **({UNCOND: parts[UNCOND]} if UNCOND in parts else {}),
@@ -587,20 +597,21 @@ def capture(
 
     # Keyword state the transformer writes (Qwen-Image-2.1's KV cache): the other model's own copy per object,
     # taken before the driver's first call with it (empty then), keyed by the driver's object.
-    private: dict[int, object] = {}
+    # The driver's object is kept with its copy, so its id cannot be reused by another object while capture runs.
+    private: dict[int, tuple[object, object]] = {}
 
     def pre_hook(module, args, kwargs):
         if not inside_other:
             for name in family.private_state_kwargs:
                 state = kwargs.get(name)
                 if state is not None and id(state) not in private:
-                    private[id(state)] = copy.deepcopy(state)
+                    private[id(state)] = (state, copy.deepcopy(state))
         return None
 
     def own_state(kwargs):
         if not family.private_state_kwargs:
             return kwargs
-        return {k: private.get(id(v), v) if k in family.private_state_kwargs and v is not None else v
+        return {k: private[id(v)][1] if k in family.private_state_kwargs and id(v) in private else v
                 for k, v in kwargs.items()}
 
     def hook_for(attr: str, expert: str):
