@@ -523,3 +523,11 @@ def test_ltx2_run_folder_writes_the_stream_column_and_resumes_it(ltx2, tmp_path)
     assert set(summary["by_stream"]) == set(STREAMS)
     again = compare(CompareConfig(**fields))  # the finished run is read back, streams included
     assert again.frame.equals(result.frame)
+    from rich.console import Console
+
+    from normscope.render.terminal import render_compare
+
+    console = Console(record=True, width=200)
+    render_compare(result.summary, console)
+    text = console.export_text()
+    assert "video stream: inflation +0.00 %" in text and "(headline)" in text and "audio stream:" in text
