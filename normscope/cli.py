@@ -75,6 +75,7 @@ HeightOpt = Annotated[int | None, typer.Option("--height", help="Image height in
 WidthOpt = Annotated[int | None, typer.Option("--width", help="Image width in pixels. Default: the pipeline's.", rich_help_panel="Probe")]
 NegativeOpt = Annotated[str | None, typer.Option("--negative-prompt", help="Negative prompt. Default: the pipeline's (\"\" for SD3).", rich_help_panel="Probe")]
 MaxSeqOpt = Annotated[int | None, typer.Option("--max-sequence-length", help="T5 sequence length. Default: the pipeline's.", rich_help_panel="Probe")]
+VideoOpt = Annotated[Path | None, typer.Option("--video", help="Video-to-video pipelines (Wan V2V): the input video (a folder of frames in name order, or an animated GIF/WebP), the same for every sample.", rich_help_panel="Probe")]
 ImageOpt = Annotated[Path | None, typer.Option("--image", help="Image-to-video pipelines (Wan I2V): the conditioning image (first frame), the same for every sample.", rich_help_panel="Probe")]
 NumFramesOpt = Annotated[int | None, typer.Option("--num-frames", help="Video pipelines (Wan): frames of the video, 4k + 1 (e.g. 81). Default: the pipeline's.", rich_help_panel="Probe")]
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Model dtype (norms are always reduced in float32). auto: bfloat16 on CUDA, float32 on CPU.", rich_help_panel="Hardware")]
@@ -242,6 +243,7 @@ def compare(
     adapter: AdapterOpt = None,
     allow_pickle: PickleOpt = False,
     image: ImageOpt = None,
+    video: VideoOpt = None,
     mode: Annotated[Mode, typer.Option("--mode", help="paired: one model drives, the other is evaluated on the same inputs; free: each on its own trajectory; both.", rich_help_panel="Measurement")] = Mode.paired,
     drive: Annotated[Drive, typer.Option("--drive", help="In paired mode, whose velocity moves the latents.", rich_help_panel="Measurement")] = Drive.tuned,
     dtype: DTypeOpt = DType.auto,
@@ -271,7 +273,7 @@ def compare(
         config = CompareConfig(
             base=base, tuned=tuned, adapter=adapter, allow_pickle=allow_pickle, pipeline=pipeline, mode=mode, drive=drive,
             dtype=dtype, device=device, batch_size=batch_size, out=out, save_images=save_images, offload=offload,
-            image=image, max_device_memory=max_device_memory, rescale_to_base=rescale_to_base, maps=maps, scorer=scorer,
+            image=image, video=video, max_device_memory=max_device_memory, rescale_to_base=rescale_to_base, maps=maps, scorer=scorer,
             **probe,
         )
         if not is_main_process():  # launched on several processes: the main one reports

@@ -197,6 +197,7 @@ class ProbeConfig:
     max_sequence_length: int | None = None
     num_frames: int | None = None  # video pipelines (Wan): frames of the generated video
     image: Path | None = None  # image-to-video pipelines (Wan I2V): the conditioning image, for every sample
+    video: Path | None = None  # video-to-video pipelines (Wan V2V): the input video, for every sample
     dtype: DType = DType.auto
     device: Device = Device.auto
     batch_size: int = DEFAULT_BATCH_SIZE
@@ -220,6 +221,10 @@ class ProbeConfig:
             self.image = Path(self.image)
             if not self.image.is_file():
                 raise ConfigError(f"--image {self.image} does not exist: pass the conditioning image file (PNG, JPEG, ...)")
+        if self.video is not None:
+            self.video = Path(self.video)
+            if not self.video.exists():
+                raise ConfigError(f"--video {self.video} does not exist: pass a folder of frames or a video file")
         check_probe_values(self)
 
     def _apply_preset(self) -> None:

@@ -68,6 +68,7 @@ from normscope.measure.table import (
     RATIO,
     RESCALED,
     STEP,
+    STREAM,
     free_frame,
     paired_frame,
     tidy,
@@ -102,9 +103,12 @@ class CompareResult:
     def inflation_ci(self) -> list[float | None]:
         return self.summary["inflation_ci"]
 
-    def profile(self, mode: str | None = None, branch: str = GUIDED) -> pd.DataFrame:
-        """The per-step profile of one mode (default: the headline mode) and branch."""
-        return step_profile(select(self.frame, mode or self.summary["headline_mode"], branch))
+    def profile(self, mode: str | None = None, branch: str = GUIDED, stream: str | None = None) -> pd.DataFrame:
+        """The per-step profile of one mode (default: the headline mode) and branch (and stream: the headline's)."""
+        frame = self.frame
+        if STREAM in frame.columns:
+            frame = frame[frame[STREAM] == (stream or self.summary["stream"])]
+        return step_profile(select(frame, mode or self.summary["headline_mode"], branch))
 
 
 # ---------------------------------------------------------------- the job
@@ -170,6 +174,25 @@ def expert_summary(frame: pd.DataFrame, mode: str) -> tuple[list[str], dict, int
                             "estimates": {name: None if np.isnan(v[0]) else float(v[0]) for name, v in estimates.items()}}
     switches = [int(s) for prev, s in zip(labels.index[:-1], labels.index[1:], strict=True) if labels[s] != labels[prev]]
     return list(labels), by_expert, (switches[0] if switches else None)
+
+
+def first_stream(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the headline stream (the first, e.g. LTX-2's video); the frame itself for one-stream families."""
+    if STREAM not in frame.columns:
+        return frame
+    return frame[frame[STREAM] == frame[STREAM].iloc[0]].reset_index(drop=True)
+
+
+def stream_summary(frame: pd.DataFrame, config: CompareConfig) -> dict:
+    """summary.json's ``stream`` (the headline's) and ``by_stream``: each stream's headline estimate with its CI,
+    both estimates and the per-step profile, on the guided velocity of the first mode run."""
+    streams = list(dict.fromkeys(frame[STREAM]))
+    mode = config.mode.runs()[0]
+    by_stream = {}
+    for stream in streams:
+        head = mode_summary(frame[frame[STREAM] == stream], mode)[GUIDED]
+        by_stream[stream] = {key: head[key] for key in ("inflation", "inflation_ci", "estimates", "per_step")}
+    return {"stream": streams[0], "streams": streams, "by_stream": by_stream}
 
 
 def summarize(frame: pd.DataFrame, config: CompareConfig, extra: dict) -> dict:
@@ -361,6 +384,7 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
         return None
 
     frame = tidy(frames)
+    headline_frame = first_stream(frame)  # multi-stream families (LTX-2): the headline is the first stream's
     video = tidy_frames(per_frame)
     extra = {
         "resolved": resolved,
@@ -370,7 +394,9 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
         "processes": procs.count,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
-    summary = summarize(frame, config, extra)
+    summary = summarize(headline_frame, config, extra)
+    if headline_frame is not frame:
+        summary.update(stream_summary(frame, config))
     summary["notes"] = loaded.notes
     maps = Maps.merge(map_parts) if map_parts else None
     signals = pd.concat(signal_parts, ignore_index=True) if signal_parts else None
@@ -386,7 +412,7 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
         folder.publish(write, fingerprint, RUN_KIND, known=RUN_OUTPUTS, links={IMAGES_DIR: store.images})
         store.clear()
     # The API ends as the CLI does: the package's error, after the files (with the counts) are written.
-    verdict = nonfinite_verdict(frame)
+    verdict = nonfinite_verdict(headline_frame)
     if verdict:
         raise NoMeasurementError(verdict, summary)
     if result.inflation is None:

@@ -111,6 +111,7 @@ FIELDS = (
     Field("config.probe.true_cfg_scale", "number", nullable=True, required=False, low=0),
     Field("config.probe.num_frames", "int", nullable=True, required=False, low=1),
     Field("config.probe.image", "str", nullable=True, required=False),
+    Field("config.probe.video", "str", nullable=True, required=False),
     Field("config.pipeline_source", "str"),
     Field("config.torch_dtype", "str"),
     Field("config.resolved", "dict", required=False),

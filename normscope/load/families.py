@@ -30,13 +30,16 @@ CALLS = (BATCHED, SEPARATE, DISTILLED)
 LINEAR = "linear"  # uncond + w (cond - uncond)
 QWEN_RENORM = "qwen_renorm"  # linear, then each token rescaled to ||cond|| (dim -1)
 ZIMAGE = "zimage"  # cond + w (cond - uncond), optionally capped at cfg_normalization * ||cond||
-COMBINES = (LINEAR, QWEN_RENORM, ZIMAGE)
+# LTX-2: in x0 = x - sigma v: cond + (w-1)(cond - uncond) + s_stg (cond - stg) + (m-1)(cond - modality), then
+# rescaled toward cond (guidance_rescale), back to a velocity
+LTX2_X0 = "ltx2_x0"
+COMBINES = (LINEAR, QWEN_RENORM, ZIMAGE, LTX2_X0)
 
 INPUT_FORMS = ("tensor", "list")
 LATENT_LAYOUTS = ("bchw", "packed", "list_c1hw", "bcfhw")
 
 # How a pipeline computes its VAE's spatial factor from vae/config.json (see Family.vae_factor).
-VAE_FACTORS = ("block_out_channels", "temperal_downsample", "scale_factor_spatial")
+VAE_FACTORS = ("block_out_channels", "temperal_downsample", "scale_factor_spatial", "spatial_compression_ratio")
 
 GUIDANCE_SCALE = "guidance_scale"
 TRUE_CFG_SCALE = "true_cfg_scale"
@@ -79,6 +82,10 @@ class PromptEncoding:
     negative_outputs: tuple[str | None, ...] = ()
     fixed: tuple[tuple[str, object], ...] = ()
     fixed_negative: str | None = None
+    # (component, attribute, value) the encode function sets on the pipeline and the call reads after it: set on
+    # the sampling pipeline too when the prompts come from the cache (LTX-2's encoder sets tokenizer.padding_side
+    # = "left", which its text connectors read in the call).
+    sets: tuple[tuple[str, str, object], ...] = ()
 
 
 SD3_PROMPTS = PromptEncoding(
@@ -165,11 +172,30 @@ class Family:
       any weight loads (diffusers' Wan I2V pipeline calls ``ftfy`` whether or not it is installed).
     * ``vae_factor`` and ``size_patch``: ``--height``/``--width`` must be multiples of (the VAE's spatial factor
       x ``size_patch``), read from ``vae/config.json`` without loading weights: ``block_out_channels`` (2^(n-1)),
-      ``temperal_downsample`` (2^n, Qwen-Image) or ``scale_factor_spatial`` (Wan, 8 when absent).
+      ``temperal_downsample`` (2^n, Qwen-Image), ``scale_factor_spatial`` (Wan, Qwen-Image-2.1) or
+      ``spatial_compression_ratio`` (HunyuanVideo, LTX-2); 8 when absent or null.
       ``size_patch`` None: the transformer config's spatial ``patch_size`` (SD3, Wan); the others pack 2x2.
       ``size_floor``: a multiple the pipeline demands whatever the VAE (Wan: 16).
     * ``frames_factor``: video families: ``--num-frames`` is k x factor + 1, the factor read from the VAE
-      config's ``scale_factor_temporal`` (this value when absent); ``None``: the family makes images.
+      config's ``scale_factor_temporal`` or ``temporal_compression_ratio`` (this value when neither key is there;
+      no check when the key is null, as LTX-2's VAE computes it at load); ``None``: the family makes images.
+    * ``video_arg``: the pipeline argument that takes an input video (``--video``, required before loading;
+      Wan video-to-video's ``video``).
+    * ``token_slice``: which end of the output the pipeline keeps when it carries more tokens than the
+      latents (``reference_tokens``): ``first`` (``[:, :N]``, Kontext, FLUX.2, Qwen-Image-Edit) or ``last``
+      (``[:, -N:]``, Qwen-Image-2.1, whose prefill step also returns the text tokens).
+    * ``streams``: names of the velocities one transformer call returns, in its output order (LTX-2: video,
+      audio); empty: one. Stream 0 is stepped by ``pipe.scheduler``, stream k by the k-th copy of it the pipeline
+      makes in its call (LTX-2 deep-copies its scheduler for audio). The first stream is the headline.
+      ``stream_prefix``: (stream, prefix) where a stream's guidance arguments are the first stream's with a
+      prefix (``audio_guidance_scale``), falling back to the first stream's value when unset or 0, as LTX-2 does.
+    * ``call_markers``: (transformer keyword, role) marking an extra guidance call of batch B by its keyword
+      being set (LTX-2's STG call ``spatio_temporal_guidance_blocks``, modality isolation ``isolate_modalities``).
+    * ``rule_args``: (setting, pipeline argument) the combination rule reads besides the guidance scale
+      (LTX-2: ``stg_scale``, ``modality_scale``, ``guidance_rescale``).
+    * ``private_state_kwargs``: transformer keywords that carry state the transformer WRITES (Qwen-Image-2.1's
+      ``kv_cache``): in paired mode the other model gets its own copy, taken before the driver's first call with
+      it, so neither model ever reads the other's cached prefix.
     """
 
     name: str
@@ -200,6 +226,14 @@ class Family:
     size_patch: int | None = 2
     size_floor: int = 1
     frames_factor: int | None = None
+    # issue 19, the models the trainers tune now (Wan V2V, HunyuanVideo, Qwen-Image-2.1, LTX-2)
+    video_arg: str | None = None
+    token_slice: str = "first"
+    private_state_kwargs: tuple[str, ...] = ()
+    streams: tuple[str, ...] = ()
+    stream_prefix: tuple[tuple[str, str], ...] = ()
+    call_markers: tuple[tuple[str, str], ...] = ()
+    rule_args: tuple[tuple[str, str], ...] = ()
     presets: tuple[Preset, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -209,6 +243,7 @@ class Family:
         assert self.output_sign in (1, -1), self.output_sign
         assert self.input_form in INPUT_FORMS, self.input_form
         assert self.latent_layout in LATENT_LAYOUTS, self.latent_layout
+        assert self.token_slice in ("first", "last"), self.token_slice
         assert sorted(self.batch_order) == ["cond", "uncond"], self.batch_order
         assert self.vae_factor in VAE_FACTORS, self.vae_factor
         labels = self.expert_labels
@@ -362,6 +397,79 @@ FAMILIES: tuple[Family, ...] = (
     ),
 )
 
+# ---- issue 19: the models the trainers tune now. Rows kept in their own block (appended to FAMILIES).
+# Wan video-to-video (Flow-Factory's Wan2.1 V2V): the T2V loop (cond, then uncond; linear) on the noised latents
+# of an input video; `strength` (0.8 by default) skips the first steps, so the run makes int(steps * strength).
+NEW_FAMILIES: tuple[Family, ...] = (
+    Family(
+        name="wan-v2v", title="Wan2.1 video to video",
+        pipeline_classes=("WanVideoToVideoPipeline",), transformer_class="WanTransformer3DModel",
+        calls=SEPARATE, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, latent_layout="bcfhw", patch_size=2,
+        prompt_encoding=WAN_PROMPTS, video_arg="video",
+        vae_factor="scale_factor_spatial", size_patch=None, size_floor=16, frames_factor=4,
+    ),
+)
+# HunyuanVideo (DanceGRPO's video model): guidance-distilled like FLUX.1 (guidance_scale is a transformer input);
+# true_cfg_scale > 1 with a negative prompt adds a second call (cond, then negative), neg + w (cond - neg).
+HUNYUAN_VIDEO_PROMPTS = PromptEncoding(
+    method="encode_prompt",
+    outputs=("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask"),
+    negative_outputs=("negative_prompt_embeds", "negative_pooled_prompt_embeds", "negative_prompt_attention_mask"),
+    fixed=(("prompt_2", None), ("num_videos_per_prompt", 1)),
+)
+NEW_FAMILIES += (
+    Family(
+        name="hunyuan-video", title="HunyuanVideo (text to video)",
+        pipeline_classes=("HunyuanVideoPipeline",), transformer_class="HunyuanVideoTransformer3DModel",
+        calls=DISTILLED, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, true_cfg_arg=TRUE_CFG_SCALE,
+        needs_negative_prompt=True, latent_layout="bcfhw", patch_size=2, prompt_encoding=HUNYUAN_VIDEO_PROMPTS,
+        vae_factor="spatial_compression_ratio", size_patch=None, size_floor=16, frames_factor=4,
+    ),
+)
+# Qwen-Image-2.1 (Flow-Factory): two calls (cond, then negative) with true_cfg_scale > 1 and a negative prompt,
+# neg + w (cond - neg) with NO renormalisation; the output is sliced to its LAST N tokens (the prefill step returns
+# the text tokens too, condition-image tokens come first); the per-model KV cache (kv_cache) is private state.
+QWEN_IMAGE21_PROMPTS = PromptEncoding(
+    method="encode_prompt",
+    outputs=("prompt_embeds", "prompt_embeds_mask", None),  # image_pad_mask: rebuilt by the call (text only)
+    negative_outputs=("negative_prompt_embeds", "negative_prompt_embeds_mask", None),
+    fixed=(("num_images_per_prompt", 1),),
+)
+NEW_FAMILIES += (
+    Family(
+        name="qwen-image-2.1", title="Qwen-Image-2.1",
+        pipeline_classes=("QwenImage21Pipeline",), transformer_class="QwenImage21Transformer2DModel",
+        calls=SEPARATE, combine=LINEAR, guidance_arg=TRUE_CFG_SCALE, needs_negative_prompt=True,
+        reference_tokens=True, token_slice="last", private_state_kwargs=("kv_cache",),
+        latent_layout="packed", patch_size=1, prompt_encoding=QWEN_IMAGE21_PROMPTS,
+        vae_factor="scale_factor_spatial", size_patch=2, size_floor=32,
+    ),
+)
+# LTX-2 (Flow-Factory's text-to-audio+video model): one transformer call returns a video AND an audio velocity,
+# each stepped by its own scheduler (the audio one a copy made in the call). With defaults, three calls per step:
+# CFG on the batch [negative, positive], STG (spatio_temporal_guidance_blocks set) and modality isolation
+# (isolate_modalities=True); combined in x0 space and rescaled toward cond (guidance_rescale, audio_*).
+LTX2_PROMPTS = PromptEncoding(
+    method="encode_prompt",
+    outputs=("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask"),
+    negative_keyword="negative_prompt",
+    fixed=(("do_classifier_free_guidance", True), ("num_videos_per_prompt", 1)),
+    sets=(("tokenizer", "padding_side", "left"),),
+)
+NEW_FAMILIES += (
+    Family(
+        name="ltx2", title="LTX-2 (text to video + audio)",
+        pipeline_classes=("LTX2Pipeline",), transformer_class="LTX2VideoTransformer3DModel",
+        calls=BATCHED, combine=LTX2_X0, guidance_arg=GUIDANCE_SCALE, batch_order=("uncond", "cond"),
+        latent_layout="packed", patch_size=1, prompt_encoding=LTX2_PROMPTS,
+        streams=("video", "audio"), stream_prefix=(("audio", "audio_"),),
+        call_markers=(("spatio_temporal_guidance_blocks", "stg"), ("isolate_modalities", "modality")),
+        rule_args=(("stg", "stg_scale"), ("modality", "modality_scale"), ("rescale", "guidance_rescale")),
+        vae_factor="spatial_compression_ratio", size_patch=1, size_floor=32, frames_factor=8,
+    ),
+)
+FAMILIES = FAMILIES + NEW_FAMILIES
+
 _BY_CLASS = {cls: family for family in FAMILIES for cls in family.pipeline_classes}
 _BY_NAME = {family.name: family for family in FAMILIES}
 PRESETS: dict[str, Preset] = {preset.name: preset for family in FAMILIES for preset in family.presets}
@@ -442,18 +550,21 @@ def size_rule(family: Family, folder: str | Path | None) -> tuple[int, int | Non
 
     vae = config("vae")
     factor = 8
-    if family.vae_factor == "block_out_channels" and isinstance(vae.get("block_out_channels"), list):
-        factor = 2 ** max(len(vae["block_out_channels"]) - 1, 0)
-    elif family.vae_factor == "temperal_downsample" and isinstance(vae.get("temperal_downsample"), list):
-        factor = 2 ** len(vae["temperal_downsample"])
-    elif family.vae_factor == "scale_factor_spatial" and isinstance(vae.get("scale_factor_spatial"), int):
-        factor = vae["scale_factor_spatial"]
+    value = vae.get(family.vae_factor)
+    if family.vae_factor == "block_out_channels" and isinstance(value, list):
+        factor = 2 ** max(len(value) - 1, 0)
+    elif family.vae_factor == "temperal_downsample" and isinstance(value, list):
+        factor = 2 ** len(value)
+    elif isinstance(value, int) and not isinstance(value, bool) and value > 0:  # scale_factor_spatial, spatial_compression_ratio
+        factor = value
     patch = family.size_patch or _patch(config(family.experts[0][0]).get("patch_size"), 2)
     multiple = math.lcm(max(factor * patch, 1), family.size_floor)
     frames = None
     if family.frames_factor is not None:
-        temporal = vae.get("scale_factor_temporal")
-        frames = temporal if isinstance(temporal, int) and temporal > 0 else family.frames_factor
+        keys = [k for k in ("scale_factor_temporal", "temporal_compression_ratio") if k in vae]
+        stated = [vae[k] for k in keys if isinstance(vae[k], int) and not isinstance(vae[k], bool) and vae[k] > 0]
+        # 0: a video family whose VAE config leaves the factor to be computed at load (LTX-2's null): no check
+        frames = stated[0] if stated else 0 if keys else family.frames_factor
     return multiple, frames
 
 

@@ -129,7 +129,7 @@ def load_pipeline(source: str, dtype, device: str, parts: str = "all", place: bo
                 skip = {name: None for name in _components(source) if name.startswith("text_encoder")}
             elif parts == "text_encoders":
                 skip = {name: None for name in _components(source)
-                        if not name.startswith(("text_encoder", "tokenizer", "scheduler"))}
+                        if not name.startswith(("text_encoder", "tokenizer", "scheduler", "processor"))}
             pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, use_safetensors=True, **skip)
     except Exception as exc:  # diffusers raises many types; one line is what the user needs
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -222,6 +222,11 @@ def check_family_inputs(source: str, checkpoints: list[tuple[str | None, str]], 
         return family
     if getattr(probe, "preset", None) is not None:
         check_preset(preset_named(probe.preset), family)
+    if family.video_arg is not None and getattr(probe, "video", None) is None:
+        raise InputError(f"{family.pipeline_classes[0]} ({family.name}) generates from an input video: "
+                         "pass --video (a folder of frames or a video file)")
+    if family.video_arg is None and getattr(probe, "video", None) is not None:
+        raise InputError(f"the {family.name} family does not take an input video: drop --video")
     check_sizes(family, source, probe)
     if getattr(probe, "true_cfg_scale", None) is not None and family.true_cfg_arg is None:
         fix = ("its true CFG scale is --guidance" if family.guidance_arg == TRUE_CFG_SCALE
@@ -251,7 +256,7 @@ def check_sizes(family: Family, source: str, probe) -> None:
     if frame_factor is None:
         raise InputError(f"--num-frames applies to video pipelines (Wan); the {family.name} family makes images: "
                          "drop --num-frames")
-    if (frames - 1) % frame_factor:
+    if frame_factor and (frames - 1) % frame_factor:
         low = (frames - 1) // frame_factor * frame_factor + 1
         nearest = f"{low} or {low + frame_factor}" if low > 0 else str(low + frame_factor)
         raise InputError(f"--num-frames {frames} is not {frame_factor}k + 1 (the {family.name} VAE's temporal factor "

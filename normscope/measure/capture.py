@@ -21,6 +21,15 @@ driver's rule is verified against what the scheduler received, once per call lay
 guided velocity is formed with the same rule. Non-finite values are detected before that check, so a
 NaN checkpoint is reported as such, not as a pipeline normscope cannot follow.
 
+Rows with more (issue 19): the output keeps its LAST tokens where the row says so (``token_slice``, Qwen-Image-2.1);
+state the transformer writes through a keyword (``private_state_kwargs``, Qwen-Image-2.1's KV cache) is given to the
+other model as its own copy, so no model reads the other's cached prefix; extra guidance calls are recognised by a
+marking keyword (``call_markers``, LTX-2's STG and modality-isolation calls); and a transformer that returns several
+velocities (``streams``, LTX-2's video and audio) has each stream stepped by its own scheduler: the wrapper on
+``scheduler.step`` follows a copy of the scheduler made in the call, steps the copy, and records the next stream
+(statistics under "<stream>:<branch>"). LTX-2's rule works in x0 space, so the wrapper passes it the latents
+the scheduler steps and the step's sigma.
+
 Statistics stay on the model's device in float32 until the call ends; one transfer per call, plus one
 host sync per verified layout.
 
@@ -39,8 +48,10 @@ context; run paired mode without them.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
+import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -49,11 +60,12 @@ import torch
 
 from normscope.errors import RunError
 from normscope.load import VelocityModel
-from normscope.load.families import DISTILLED, LINEAR, QWEN_RENORM, ZIMAGE, Family, family_for
+from normscope.load.families import DISTILLED, LINEAR, LTX2_X0, QWEN_RENORM, ZIMAGE, Family, family_for
 
 GUIDED, COND, UNCOND, COMBINED = "guided", "cond", "uncond", "combined"
 BRANCHES = (GUIDED, COND, UNCOND, COMBINED)
 EXTRA = "extra"  # the role of an extra guidance call (SD3 skip-layer); followed, not reported
+STREAM_SEP = ":"  # record.stats key of a stream after the first: "audio:guided"
 # Rows of the per-step statistics tensor.
 FREE_STATS = ("norm",)
 PAIRED_STATS = ("norm_driver", "norm_other", "cosine", "mse")
@@ -76,6 +88,9 @@ class CallRecord:
     experts: list[str] = field(default_factory=list)
     # What collecting observers gathered (``observer.name`` -> branch -> tensor), e.g. per-frame norms.
     observed: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    # Multi-stream families (LTX-2): the first stream's name; the other streams' statistics are in ``stats``
+    # under "<stream>:<branch>" (the first stream's under the plain branch names, as for every family).
+    stream: str = ""
 
     @property
     def steps(self) -> int:
@@ -109,9 +124,9 @@ class CollectingObserver(StepObserver, Protocol):
 @dataclass
 class _Call:
     expert: str
-    driver: torch.Tensor
-    other: torch.Tensor | None
-    extra: bool
+    driver: list[torch.Tensor]  # one velocity per stream
+    other: list[torch.Tensor] | None
+    role: str | None  # a marked extra guidance call (SD3 skip-layer "extra", LTX-2 "stg" / "modality")
 
 
 # ---------------------------------------------------------------- combination rules
@@ -146,12 +161,48 @@ def _zimage(parts: dict[str, torch.Tensor], s: dict[str, float]) -> dict[str, to
     return {GUIDED: combined * factor.view(-1, *([1] * (combined.dim() - 1))), COMBINED: combined}
 
 
-RULES: dict[str, Callable[[dict[str, torch.Tensor], dict[str, float]], dict[str, torch.Tensor]]] = {
-    LINEAR: _linear, QWEN_RENORM: _qwen_renorm, ZIMAGE: _zimage,
+def _rescale_noise_cfg(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:
+    """diffusers' ``rescale_noise_cfg``: ``guided`` moved toward cond's standard deviation by ``rescale``."""
+    dims = list(range(1, cond.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return rescale * rescaled + (1 - rescale) * guided
+
+
+def _ltx2_x0(parts: dict[str, torch.Tensor], s: dict) -> dict[str, torch.Tensor]:
+    """LTX-2: guidance in x0 = x - sigma v (x the latents the scheduler steps), each term a delta from cond, then
+    the rescale toward cond, then back to a velocity. ``combined``: the guidance before the rescale."""
+    x, sigma = s["sample"], s["sigma"]
+    x0 = {name: x - v * sigma for name, v in parts.items()}
+    cond = x0[COND]
+    guided = cond
+    if UNCOND in x0:
+        guided = guided + (s["scale"] - 1) * (cond - x0[UNCOND])
+    if "stg" in x0:
+        guided = guided + s["stg"] * (cond - x0["stg"])
+    if "modality" in x0:
+        guided = guided + (s["modality"] - 1) * (cond - x0["modality"])
+    combined = (x - guided) / sigma
+    if s["rescale"] > 0:
+        return {GUIDED: (x - _rescale_noise_cfg(guided, cond, s["rescale"])) / sigma, COMBINED: combined}
+    return {GUIDED: combined}
+
+
+RULES: dict[str, Callable[[dict[str, torch.Tensor], dict], dict[str, torch.Tensor]]] = {
+    LINEAR: _linear, QWEN_RENORM: _qwen_renorm, ZIMAGE: _zimage, LTX2_X0: _ltx2_x0,
 }
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _streams(output, names: tuple[str, ...]) -> list[torch.Tensor]:
+    """The velocity of each stream (one: ``_sample``). LTX-2 returns (video, audio), or with ``return_dict`` a
+    dataclass with ``sample`` and ``audio_sample``: the first stream is ``sample``, stream NAME ``NAME_sample``."""
+    if len(names) <= 1:
+        return [_sample(output)]
+    if isinstance(output, (tuple, list)):
+        return list(output[: len(names)])
+    return [output.sample, *(getattr(output, f"{name}_sample") for name in names[1:])]
 
 
 def _sample(output):
@@ -200,6 +251,60 @@ def _evaluate(model: VelocityModel, attr: str, args, kwargs):
     return model(*args, **kwargs)
 
 
+class _SchedulerStep:
+    """The wrapper on ``scheduler.step``: hands the velocity the scheduler receives to the recorder, then steps.
+
+    A pipeline that deep-copies its scheduler during the call (LTX-2 steps its audio latents with a copy) copies
+    this wrapper with it: the copy's wrapper steps the COPY (never the original) and records the next stream."""
+
+    def __init__(self, recorder: Recorder, scheduler, original, stream: int) -> None:
+        self.recorder, self.scheduler, self.original, self.stream = recorder, scheduler, original, stream
+        functools.update_wrapper(self, original)
+
+    def __call__(self, *args, **kwargs):
+        recorder = self.recorder
+        model_output = args[0] if args else kwargs.get("model_output")
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        sample = args[2] if len(args) > 2 else kwargs.get("sample")
+        x0_rule = recorder.family.combine == LTX2_X0  # needs the step's sigma (no host sync otherwise)
+        first = self.stream == 0 and not recorder._steps
+        index = _first_index(self.scheduler, timestep) if first or x0_rule else 0  # the scheduler's index of this step
+        if first:
+            recorder.first_index = index
+        sigmas = getattr(self.scheduler, "sigmas", None) if x0_rule else None
+        sigma = sigmas[index] if sigmas is not None and index < len(sigmas) else None
+        applied = recorder.record_step(model_output, self.stream, sample, sigma)
+        if applied is not model_output:  # rescale_to_other: the scheduler applies the rescaled velocity
+            if args:
+                args = (applied, *args[1:])
+            else:
+                kwargs["model_output"] = applied
+        return self.original(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        copied = memo.get(id(self.scheduler))
+        if copied is None:  # the wrapper alone copied: it still steps its own scheduler
+            return self
+        self.recorder.scheduler_copies += 1
+        return _SchedulerStep(self.recorder, copied, types.MethodType(type(copied).step, copied),
+                              self.recorder.scheduler_copies)
+
+
+def _first_index(scheduler, timestep) -> int:
+    """The scheduler index of a call's first step: 0, unless the pipeline starts part-way (img2img, Wan
+    video-to-video's ``strength``), found from the scheduler's own index or the timestep it is given."""
+    for name in ("step_index", "begin_index"):
+        index = getattr(scheduler, name, None)
+        if index is not None:
+            return int(index)
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timestep is None or timesteps is None:
+        return 0
+    t = torch.as_tensor(timestep, device=timesteps.device).flatten()[0].to(timesteps.dtype)
+    hits = (timesteps == t).nonzero()
+    return int(hits[0]) if len(hits) else 0
+
+
 def call_setting(pipe, call_kwargs: dict, name: str):
     """A pipeline argument's value in this call: passed, else stored by the pipeline, else its default."""
     if name in call_kwargs:
@@ -240,37 +345,56 @@ class Recorder:
         self._steps: list[dict[str, torch.Tensor]] = []
         self._experts: list[str] = []
         self._verified: set[tuple[str, ...]] = set()
-        self._settings: dict[str, dict[str, float]] = {}
+        self._settings: dict[tuple[str, int], dict[str, float]] = {}
         self._sigmas: torch.Tensor | None = None
+        self.first_index = 0  # the scheduler index of the first step (img2img / video-to-video skip the first ones)
+        self.scheduler_copies = 0  # copies of the scheduler the pipeline made in this call (LTX-2: audio's)
 
     # -- hooks -------------------------------------------------------------------------
 
-    def record_forward(self, expert: str, driver_output, other_output, extra: bool = False) -> None:
-        other = _sample(other_output) if other_output is not None else None
-        self._calls.append(_Call(expert, _sample(driver_output), other, extra))
+    def record_forward(self, expert: str, driver_output, other_output, extra: bool = False, role: str | None = None) -> None:
+        names = self.family.streams
+        other = _streams(other_output, names) if other_output is not None else None
+        self._calls.append(_Call(expert, _streams(driver_output, names), other, EXTRA if extra else role))
 
-    def record_step(self, guided: torch.Tensor) -> torch.Tensor:
-        """Close one step; returns the velocity the scheduler is to apply (``guided``, or it rescaled)."""
-        calls, self._calls = self._calls, []
-        step = len(self._steps)
-        if not calls:
+    def record_step(self, guided: torch.Tensor, stream: int = 0, sample: torch.Tensor | None = None,
+                    sigma: torch.Tensor | None = None) -> torch.Tensor:
+        """Close one step of one stream; returns the velocity the scheduler is to apply (``guided``, or it
+        rescaled). ``sample`` and ``sigma``: the latents the scheduler steps and its sigma (x0-space rules).
+
+        Multi-stream families (LTX-2) step one scheduler per stream after the step's transformer calls: the calls
+        are kept until the last stream has stepped; the first stream's step opens the step's statistics."""
+        streams = self.family.streams or ("",)
+        if stream >= len(streams):  # a scheduler copy the row does not know: step it, record nothing
+            return guided
+        calls = self._calls
+        if stream == len(streams) - 1:
+            self._calls = []
+        step = len(self._steps) if stream == 0 else len(self._steps) - 1
+        if not calls or step < 0:
             raise RunError(f"{type(self.pipe).__name__} stepped its scheduler without calling the transformer: "
                            "normscope cannot follow this pipeline")
-        roles = self._roles(calls, guided.shape[0])
-        driver = self._parts(calls, roles, guided, "driver")
-        other = self._parts(calls, roles, guided, "other") if self.paired else None
+        roles = self._roles(calls, guided.shape[0], stream)
+        driver = self._parts(calls, roles, guided, "driver", stream)
+        other = self._parts(calls, roles, guided, "other", stream) if self.paired else None
         expert = calls[0].expert
-        settings = self._resolve_settings(expert)
+        settings = self._resolve_settings(expert, stream)
+        if self.family.combine == LTX2_X0:
+            settings = dict(settings, sample=sample.float(), sigma=sigma)
         branches_d = self._branches(driver, settings)
         branches_o = self._branches(other, settings) if other is not None else None
-        layout = (expert, *sorted(driver))  # each expert has its own guidance scale: verify each
+        layout = (expert, str(stream), *sorted(driver))  # each expert and stream has its own guidance: verify each
         if layout not in self._verified:
             self._verify(layout, driver, branches_d[GUIDED], guided, step)
         branches_d[GUIDED] = guided  # the scheduler's own input is what normscope reports for the driver
         stats = {}
+        prefix = f"{streams[stream]}{STREAM_SEP}" if stream else ""
         for name, d in branches_d.items():
             o = branches_o[name] if branches_o is not None else None
-            stats[name] = _paired_stats(d, o) if o is not None else _norms(d)[None]
+            stats[prefix + name] = _paired_stats(d, o) if o is not None else _norms(d)[None]
+        if stream:
+            self._steps[step].update(stats)
+            return _rescaled(guided, branches_o[GUIDED]) if self.rescale_to_other else guided
         self._steps.append(stats)
         self._experts.append(expert)
         if self.observers:
@@ -287,14 +411,14 @@ class Recorder:
 
     # -- one step ----------------------------------------------------------------------
 
-    def _roles(self, calls: list[_Call], batch: int) -> list[list[str]]:
+    def _roles(self, calls: list[_Call], batch: int, stream: int = 0) -> list[list[str]]:
         """The branch of every batch slice of every call, read from the family row and the batch sizes."""
         order = self.family.batch_order
         roles, separate = [], [COND, UNCOND]
         for call in calls:
-            n = call.driver.shape[0]
-            if call.extra and n == batch:
-                roles.append([EXTRA])
+            n = call.driver[stream].shape[0]
+            if call.role and n == batch:
+                roles.append([call.role])
             elif n == len(order) * batch:
                 roles.append(list(order))
             elif n == batch and separate:
@@ -304,7 +428,7 @@ class Recorder:
                 break
         flat = [r for rs in roles for r in rs] if roles is not None else []
         if roles is None or len(flat) != len(set(flat)) or COND not in flat:
-            sizes = ", ".join(str(c.driver.shape[0]) for c in calls)
+            sizes = ", ".join(str(c.driver[stream].shape[0]) for c in calls)
             raise RunError(
                 f"{type(self.pipe).__name__} called the transformer {len(calls)} time(s) in one step with batches of "
                 f"{sizes} for a scheduler batch of {batch}: that is not how the {self.family.name} family calls it "
@@ -312,13 +436,14 @@ class Recorder:
             )
         return roles
 
-    def _parts(self, calls, roles, guided: torch.Tensor, side: str) -> dict[str, torch.Tensor]:
+    def _parts(self, calls, roles, guided: torch.Tensor, side: str, stream: int = 0) -> dict[str, torch.Tensor]:
         """Each role's velocity: reference tokens sliced off, in the scheduler's convention, float32."""
         parts = {}
         for call, names in zip(calls, roles, strict=True):
-            v = call.driver if side == "driver" else call.other
+            v = call.driver[stream] if side == "driver" else call.other[stream]
             if self.family.reference_tokens and v.dim() > 2 and v.shape[1] > guided.shape[1]:
-                v = v[:, : guided.shape[1]]
+                n = guided.shape[1]
+                v = v[:, -n:] if self.family.token_slice == "last" else v[:, :n]
             v = v.float()
             if self.family.output_sign < 0:
                 v = -v
@@ -327,27 +452,34 @@ class Recorder:
         return parts
 
     def _branches(self, parts: dict[str, torch.Tensor], settings: dict[str, float]) -> dict[str, torch.Tensor]:
-        if UNCOND not in parts:  # one call, no CFG: the scheduler receives the (sign-corrected) output
-            return {GUIDED: parts[COND]}
+        if UNCOND not in parts and (len(parts) == 1 or self.family.combine != LTX2_X0):
+            return {GUIDED: parts[COND]}  # one call, no CFG: the scheduler receives the (sign-corrected) output
         out = RULES[self.family.combine](parts, settings)
-        return {GUIDED: out[GUIDED], COND: parts[COND], UNCOND: parts[UNCOND],
+        # LTX-2 without CFG but with its STG / modality calls: guided and cond (the extra calls are followed only)
+        return {GUIDED: out[GUIDED], COND: parts[COND], **({UNCOND: parts[UNCOND]} if UNCOND in parts else {}),
                 **({COMBINED: out[COMBINED]} if COMBINED in out else {})}
 
-    def _resolve_settings(self, expert: str) -> dict[str, float]:
-        """The combination settings of one expert's steps (read once per call and expert)."""
-        if expert not in self._settings:
+    def _resolve_settings(self, expert: str, stream: int = 0) -> dict[str, float]:
+        """The combination settings of one expert's (and stream's) steps (read once per call, expert and stream)."""
+        if (expert, stream) not in self._settings:
             f = self.family
+            prefix = dict(f.stream_prefix).get(f.streams[stream], "") if stream else ""
 
             def value(name):
                 v = call_setting(self.pipe, self.call_kwargs, name) if name else None
-                return float(v) if v is not None else None
+                v = float(v) if v is not None else None
+                if prefix and name:  # LTX-2: the audio stream's setting, the video's when unset or 0
+                    own = call_setting(self.pipe, self.call_kwargs, prefix + name)
+                    v = float(own) if own else v
+                return v
 
             scale = value(dict(f.expert_guidance).get(expert)) if expert else None
             if scale is None:  # no per-expert argument, or left unset: the pipeline uses the main scale
                 scale = value(cfg_argument(f))
-            self._settings[expert] = {"scale": scale or 0.0, "extra_scale": value(f.extra_scale_arg) or 0.0,
-                                      "cap": value(f.cap_arg) or 0.0}
-        return self._settings[expert]
+            settings = {"scale": scale or 0.0, "extra_scale": value(f.extra_scale_arg) or 0.0, "cap": value(f.cap_arg) or 0.0}
+            settings.update({key: value(argument) or 0.0 for key, argument in f.rule_args})
+            self._settings[(expert, stream)] = settings
+        return self._settings[(expert, stream)]
 
     def _verify(self, layout, parts, expected: torch.Tensor, guided: torch.Tensor, step: int) -> None:
         # One host sync per layout: the rule normscope applies to the other model is the one the pipeline
@@ -367,7 +499,7 @@ class Recorder:
         err = (exp - got).abs().max() / got.abs().max().clamp_min(1e-12)
         if not bool(err <= tol):
             if UNCOND in parts:
-                rule = f"the {self.family.combine} rule (scale {self._settings[layout[0]]['scale']})"
+                rule = f"the {self.family.combine} rule (scale {self._settings[(layout[0], int(layout[1]))]['scale']})"
                 what = "combines its transformer calls differently from " + rule
             else:
                 sign = "the negated" if self.family.output_sign < 0 else "the"
@@ -389,6 +521,7 @@ class Recorder:
         if self._sigmas is None:
             sigmas = getattr(self.pipe.scheduler, "sigmas", None)
             self._sigmas = sigmas.detach().float().cpu() if sigmas is not None else torch.empty(0)
+        step += self.first_index
         return float(self._sigmas[step]) if step < self._sigmas.numel() else float("nan")
 
     # -- results -----------------------------------------------------------------------
@@ -397,24 +530,31 @@ class Recorder:
         """Close the pipeline call just made and bring its statistics to the CPU (one transfer)."""
         if not self._steps:
             raise RunError(f"{type(self.pipe).__name__} made no scheduler step: check --steps and the pipeline")
-        names = [b for b in BRANCHES if any(b in s for s in self._steps)]
+        streams = self.family.streams or ("",)
+        prefixes = [""] + [f"{name}{STREAM_SEP}" for name in streams[1:]]
+        names = [p + b for p in prefixes for b in BRANCHES if any(p + b in s for s in self._steps)]
         template = self._steps[0][GUIDED]
         stats = {}
         for name in names:
             # A step without CFG (Z-Image past cfg_truncation) made one call: its velocity is the cond one.
-            items = [s.get(name, s[GUIDED] if name == COND and UNCOND not in s else torch.full_like(template, float("nan")))
-                     for s in self._steps]
+            p = name[: name.index(STREAM_SEP) + 1] if STREAM_SEP in name else ""
+            items = [s.get(name, s[p + GUIDED] if name == p + COND and p + UNCOND not in s
+                           else torch.full_like(template, float("nan"))) for s in self._steps]
             stats[name] = torch.stack(items).cpu()
         scheduler = self.pipe.scheduler
         steps = len(self._steps)
+        first = self.first_index
         timesteps = getattr(scheduler, "timesteps", None)
         sigmas = getattr(scheduler, "sigmas", None)
         record = CallRecord(
             stats=stats,
             stat_names=self.stat_names,
-            timesteps=timesteps[:steps].detach().float().cpu() if timesteps is not None else torch.arange(steps).float(),
-            sigmas=sigmas[:steps].detach().float().cpu() if sigmas is not None else torch.full((steps,), float("nan")),
+            timesteps=(timesteps[first:first + steps].detach().float().cpu() if timesteps is not None
+                       else torch.arange(steps).float()),
+            sigmas=(sigmas[first:first + steps].detach().float().cpu() if sigmas is not None
+                    else torch.full((steps,), float("nan"))),
             experts=list(self._experts),
+            stream=streams[0],
         )
         for observer in self.observers:
             if hasattr(observer, "collect"):
@@ -455,6 +595,25 @@ def capture(
     scheduler = pipe.scheduler
     inside_other = False
 
+    # Keyword state the transformer writes (Qwen-Image-2.1's KV cache): the other model's own copy per object,
+    # taken before the driver's first call with it (empty then), keyed by the driver's object.
+    # The driver's object is kept with its copy, so its id cannot be reused by another object while capture runs.
+    private: dict[int, tuple[object, object]] = {}
+
+    def pre_hook(module, args, kwargs):
+        if not inside_other:
+            for name in family.private_state_kwargs:
+                state = kwargs.get(name)
+                if state is not None and id(state) not in private:
+                    private[id(state)] = (state, copy.deepcopy(state))
+        return None
+
+    def own_state(kwargs):
+        if not family.private_state_kwargs:
+            return kwargs
+        return {k: private[id(v)][1] if k in family.private_state_kwargs and id(v) in private else v
+                for k, v in kwargs.items()}
+
     def hook_for(attr: str, expert: str):
         def forward_hook(module, args, kwargs, output):
             nonlocal inside_other
@@ -464,28 +623,19 @@ def capture(
             if other is not None:
                 inside_other = True
                 try:
-                    other_output = _evaluate(other, attr, args, kwargs)
+                    other_output = _evaluate(other, attr, args, own_state(kwargs))
                 finally:
                     inside_other = False
             extra = bool(family.extra_call_kwarg) and kwargs.get(family.extra_call_kwarg) is not None
-            recorder.record_forward(expert, output, other_output, extra)
+            role = next((r for k, r in family.call_markers if kwargs.get(k) not in (None, False)), None)
+            recorder.record_forward(expert, output, other_output, extra, role)
             return None
         return forward_hook
 
     original_step = scheduler.step
     had_own_step = "step" in vars(scheduler)
     own_step = vars(scheduler).get("step")
-
-    @functools.wraps(original_step)
-    def step(*args, **kwargs):
-        model_output = args[0] if args else kwargs.get("model_output")
-        applied = recorder.record_step(model_output)
-        if applied is not model_output:  # rescale_to_other: the scheduler applies the rescaled velocity
-            if args:
-                args = (applied, *args[1:])
-            else:
-                kwargs["model_output"] = applied
-        return original_step(*args, **kwargs)
+    step = _SchedulerStep(recorder, scheduler, original_step, 0)
 
     def restore_step() -> None:
         if had_own_step:
@@ -505,6 +655,8 @@ def capture(
             # Labels say which of several transformers ran; with one present (Wan2.1 in the Wan row) there is none.
             handle = module.register_forward_hook(hook_for(attr, label if len(present) > 1 else ""), with_kwargs=True)
             stack.callback(handle.remove)
+            if family.private_state_kwargs and other is not None:
+                stack.callback(module.register_forward_pre_hook(pre_hook, with_kwargs=True).remove)
         scheduler.step = step
         stack.callback(restore_step)
         yield recorder

@@ -60,7 +60,7 @@ def encoders_fingerprint(source: str | None) -> str | None:
         return f"hub:{source}"
     from normscope.runfolder.fingerprint import fingerprint_files
 
-    files = [p for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0].startswith(("text_encoder", "tokenizer"))]
+    files = [p for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0].startswith(("text_encoder", "tokenizer", "processor"))]
     files.append(root / "model_index.json")
     return fingerprint_files(root, files)
 

@@ -127,6 +127,7 @@ def sampling_kwargs(pipe, probe: ProbeConfig, samples: list[Sample], family: Fam
         height, width = _requested_size(pipe, probe)
         kwargs[family.area_arg] = height * width  # else the pipeline resizes to its default area
     kwargs.update(_conditioning_image(pipe, probe))
+    kwargs.update(_input_video(family, probe, len(samples)))
     negative = negative_prompt_used(pipe, probe, family)
     if negative is not None and "negative_prompt" not in kwargs:
         kwargs["negative_prompt"] = [negative] * len(samples)
@@ -134,6 +135,9 @@ def sampling_kwargs(pipe, probe: ProbeConfig, samples: list[Sample], family: Fam
         for name in ("prompt", "negative_prompt", "max_sequence_length"):  # the cache's encoder settings hold them
             kwargs.pop(name, None)
         kwargs.update(prompts.kwargs([s.prompt for s in samples], dtype=pipe.transformer.dtype))
+        for component, attribute, value in prompts.encoding.sets:  # state the encoder would have left behind
+            if getattr(pipe, component, None) is not None:
+                setattr(getattr(pipe, component), attribute, value)
     return kwargs
 
 
@@ -154,6 +158,50 @@ def _conditioning_image(pipe, probe: ProbeConfig) -> dict:
             return {"image": image.convert("RGB")}
     except (UnidentifiedImageError, OSError) as exc:
         raise InputError(f"--image {probe.image} is not an image Pillow can read ({exc}): pass a PNG or JPEG") from None
+
+
+def _input_video(family: Family, probe: ProbeConfig, batch: int) -> dict:
+    """``video=`` for video-to-video pipelines: the frames of ``--video``, one copy per sample."""
+    video = getattr(probe, "video", None)
+    if family.video_arg is None:
+        if video is not None:
+            raise InputError(f"the {family.name} family does not take an input video: drop --video")
+        return {}
+    if video is None:
+        raise InputError(f"{family.pipeline_classes[0]} generates from a video: pass --video (a folder of frames or a video file)")
+    frames = read_video(video)
+    return {family.video_arg: [list(frames) for _ in range(batch)]}
+
+
+def read_video(path) -> list:
+    """The frames of ``--video`` as RGB PIL images: a folder of image files (in name order), a file Pillow reads
+    (an animated GIF, WebP, PNG or TIFF: every frame), or another video file through diffusers' ``load_video``."""
+    from pathlib import Path
+
+    from PIL import Image, ImageSequence, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+            frames = []
+            for file in files:
+                with Image.open(file) as image:
+                    frames.append(image.convert("RGB"))
+        else:
+            try:
+                with Image.open(path) as image:
+                    frames = [frame.convert("RGB") for frame in ImageSequence.Iterator(image)]
+            except UnidentifiedImageError:
+                from diffusers.utils import load_video
+
+                frames = [frame.convert("RGB") for frame in load_video(str(path))]
+    except Exception as exc:  # PIL, imageio and ffmpeg raise many types for an unreadable file
+        raise InputError(f"--video {path} cannot be read as frames ({type(exc).__name__}: {exc}): pass a folder of "
+                         "PNG/JPEG frames or an animated GIF/WebP") from None
+    if not frames:
+        raise InputError(f"--video {path} holds no frames: pass a folder of PNG/JPEG frames or an animated GIF/WebP")
+    return frames
 
 
 def guidance_used(pipe, probe: ProbeConfig, family: Family | None = None) -> dict:
@@ -334,7 +382,8 @@ def concat_records(records: list[CallRecord]) -> CallRecord:
     # observer results keep the sample axis third: (steps, values, batch, ...)
     observed = {name: {b: torch.cat([r.observed[name][b] for r in records], dim=2) for b in items}
                 for name, items in first.observed.items()}
-    return CallRecord(stats, first.stat_names, first.timesteps, first.sigmas, experts=list(first.experts), observed=observed)
+    return CallRecord(stats, first.stat_names, first.timesteps, first.sigmas, experts=list(first.experts), observed=observed,
+                      stream=first.stream)
 
 
 def versions() -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from normscope.measure.capture import BRANCHES, CallRecord
+from normscope.measure.capture import BRANCHES, STREAM_SEP, CallRecord
 from normscope.measure.prompts import Sample
 
 MODE = "mode"
@@ -21,6 +21,7 @@ TIMESTEP = "timestep"
 SIGMA = "sigma"
 BRANCH = "branch"
 EXPERT = "expert"  # which transformer ran the step: high_noise / low_noise (Wan2.2-A14B), "" otherwise
+STREAM = "stream"  # multi-stream families only (LTX-2: video, audio), right after EXPERT; absent otherwise
 NORM_BASE = "norm_base"
 NORM_TUNED = "norm_tuned"
 RATIO = "ratio"
@@ -67,17 +68,37 @@ def _finish(columns: dict) -> pd.DataFrame:
     return pd.DataFrame({name: columns[name] for name in COLUMNS})
 
 
+def stream_keys(record: CallRecord) -> list[tuple[str, str, str]]:
+    """(stream, branch, key in record.stats) in stream then branch order; stream "" for one-stream families."""
+    keys = [k for k in record.stats if STREAM_SEP in k]
+    streams = [record.stream] + list(dict.fromkeys(k.split(STREAM_SEP)[0] for k in keys))
+    out = []
+    for i, stream in enumerate(streams):
+        for branch in BRANCHES:
+            key = f"{stream}{STREAM_SEP}{branch}" if i else branch
+            if key in record.stats:
+                out.append((stream if keys else "", branch, key))
+    return out
+
+
+def _with_stream(frame: pd.DataFrame, stream: str, multi: bool) -> pd.DataFrame:
+    if multi:
+        frame.insert(frame.columns.get_loc(EXPERT) + 1, STREAM, np.full(len(frame), stream, dtype=object))
+    return frame
+
+
 def paired_frame(record: CallRecord, samples: list[Sample], drive: str, mode: str = "paired") -> pd.DataFrame:
     """Rows of a paired-mode call: the driver's and the other model's velocity at the same inputs.
 
     ``mode="rescaled"``: the same statistics on the trajectory of the inference-rescale ablation.
+    Multi-stream families (LTX-2) get a ``stream`` column and rows for every stream.
     """
     frames = []
     names = record.stat_names
-    for branch in BRANCHES:
-        if branch not in record.stats:
-            continue
-        stats = record.stats[branch].double().numpy()
+    keys = stream_keys(record)
+    multi = any(stream for stream, _, _ in keys)
+    for stream, branch, key in keys:
+        stats = record.stats[key].double().numpy()
         driver, other = stats[:, names.index("norm_driver")], stats[:, names.index("norm_other")]
         base, tuned = (other, driver) if drive == "tuned" else (driver, other)
         columns = _base_columns(mode, drive, samples, record, branch)
@@ -85,20 +106,20 @@ def paired_frame(record: CallRecord, samples: list[Sample], drive: str, mode: st
         columns[NORM_TUNED] = _by_sample(tuned)
         columns[COSINE] = _by_sample(stats[:, names.index("cosine")])
         columns[MSE] = _by_sample(stats[:, names.index("mse")])
-        frames.append(_finish(columns))
+        frames.append(_with_stream(_finish(columns), stream, multi))
     return pd.concat(frames, ignore_index=True)
 
 
 def free_frame(base: CallRecord, tuned: CallRecord, samples: list[Sample]) -> pd.DataFrame:
     """Rows of free mode: each model on its own trajectory from the same noise, matched by step."""
     frames = []
-    for branch in BRANCHES:
-        if branch not in base.stats:
-            continue
+    keys = stream_keys(base)
+    multi = any(stream for stream, _, _ in keys)
+    for stream, branch, key in keys:
         columns = _base_columns("free", "", samples, base, branch)
-        columns[NORM_BASE] = _by_sample(base.stats[branch][:, 0].double().numpy())
-        columns[NORM_TUNED] = _by_sample(tuned.stats[branch][:, 0].double().numpy())
-        frames.append(_finish(columns))
+        columns[NORM_BASE] = _by_sample(base.stats[key][:, 0].double().numpy())
+        columns[NORM_TUNED] = _by_sample(tuned.stats[key][:, 0].double().numpy())
+        frames.append(_with_stream(_finish(columns), stream, multi))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -107,5 +128,8 @@ def tidy(frames: list[pd.DataFrame]) -> pd.DataFrame:
     frame = pd.concat(frames, ignore_index=True)
     mode_rank = frame[MODE].map({m: i for i, m in enumerate(MODE_ORDER)})
     branch_rank = frame[BRANCH].map({b: i for i, b in enumerate(BRANCHES)})
-    order = np.lexsort((branch_rank, frame[STEP], frame[SEED], frame[PROMPT_ID], mode_rank))
+    keys = [branch_rank]
+    if STREAM in frame.columns:  # the first stream's rows first (the order streams appear in)
+        keys.append(frame[STREAM].map({s: i for i, s in enumerate(dict.fromkeys(frame[STREAM]))}))
+    order = np.lexsort((*keys, frame[STEP], frame[SEED], frame[PROMPT_ID], mode_rank))
     return frame.iloc[order].reset_index(drop=True)

@@ -69,6 +69,10 @@ def render_compare(summary: dict, console) -> None:
         lo, hi = part["inflation_ci"]
         console.print(f"{label.replace('_', '-')} expert (steps {part['steps'][0]}-{part['steps'][-1]}): "
                       f"inflation {pct(part['inflation'])}  95% CI [{pct(lo)}, {pct(hi)}]")
+    for label, part in (summary.get("by_stream") or {}).items():  # LTX-2: video (the headline) and audio
+        lo, hi = part["inflation_ci"]
+        console.print(f"{label} stream: inflation {pct(part['inflation'])}  95% CI [{pct(lo)}, {pct(hi)}]"
+                      + (" (headline)" if label == summary.get("stream") else ""))
     for mode, branches in summary["modes"].items():
         if mode != summary["headline_mode"]:
             g = branches["guided"]

@@ -76,7 +76,7 @@ class BatchStore:
         for name, record in records.items():
             observed = {obs: list(items) for obs, items in record.observed.items()}
             meta[name] = {"stat_names": list(record.stat_names), "branches": list(record.stats),
-                          "experts": list(record.experts), "observed": observed}
+                          "experts": list(record.experts), "observed": observed, "stream": record.stream}
             tensors[f"{name}/timesteps"] = record.timesteps
             tensors[f"{name}/sigmas"] = record.sigmas
             for branch, stats in record.stats.items():
@@ -99,6 +99,7 @@ class BatchStore:
                 timesteps=tensors[f"{name}/timesteps"],
                 sigmas=tensors[f"{name}/sigmas"],
                 experts=list(info.get("experts", [])),
+                stream=str(info.get("stream", "")),
                 observed={obs: {b: tensors[f"{name}/observed/{obs}/{b}"] for b in branches}
                           for obs, branches in info.get("observed", {}).items()},
             ) for name, info in meta["records"].items()}
