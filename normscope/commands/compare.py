@@ -331,7 +331,8 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
         observers = [FrameNorms()] if family.latent_layout == VIDEO_LAYOUT else []
         if mode == "paired":
             spatial = maps_observer(pipe, family, resolved["height"], resolved["width"], config.drive.value) if config.maps else None
-            records = run_paired(pipe, driver, other, kwargs, reporter, observers + ([spatial] if spatial else []))
+            records = run_paired(pipe, driver, other, kwargs, reporter, observers + ([spatial] if spatial else []),
+                                 measure_steps=config.measure_steps)
             if spatial is not None:
                 spatial.end_call()
                 extra = spatial.result([s.prompt_id for s in batch])
@@ -388,6 +389,12 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
     summary = summarize(frame, config, extra)
     summary["notes"] = loaded.notes
     summary["samples_used"], summary["samples_planned"] = used, len(samples)
+    if config.measure_steps is not None:
+        measured = sorted(int(s) for s in frame["step"].unique())
+        summary["measure_steps"] = {
+            "k": config.measure_steps, "steps": measured, "of": config.steps,
+            "estimate": "trapezoid sigma-integral over the measured steps only; its CI resamples prompts and does not "
+                        "include the interpolation between them (docs/performance.md measures that error)"}
     if rule is not None:
         summary["sequential"] = rule.summary(used, len(samples))
     maps = Maps.merge(map_parts) if map_parts else None

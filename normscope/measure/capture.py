@@ -76,6 +76,8 @@ class CallRecord:
     experts: list[str] = field(default_factory=list)
     # What collecting observers gathered (``observer.name`` -> branch -> tensor), e.g. per-frame norms.
     observed: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    # The pipeline step of each recorded row when only some were measured (``--measure-steps``); None: 0..steps-1.
+    step_index: torch.Tensor | None = None
 
     @property
     def steps(self) -> int:
@@ -224,8 +226,9 @@ class Recorder:
 
     def __init__(self, pipe, family: Family, paired: bool, on_step: Callable[[], None] | None,
                  observers: Sequence[StepObserver] = (), call_kwargs: dict | None = None,
-                 rescale_to_other: bool = False) -> None:
+                 rescale_to_other: bool = False, measure_steps: int | None = None) -> None:
         self.pipe = pipe
+        self.measure_steps = measure_steps
         self.rescale_to_other = rescale_to_other
         self.family = family
         self.paired = paired
@@ -242,6 +245,24 @@ class Recorder:
         self._verified: set[tuple[str, ...]] = set()
         self._settings: dict[str, dict[str, float]] = {}
         self._sigmas: torch.Tensor | None = None
+        self._step = 0  # the pipeline step under way
+        self._recorded: list[int] = []  # the pipeline steps recorded (all of them unless measure_steps)
+        self._plan: set[int] | None = None
+
+    def measures_now(self) -> bool:
+        """Is the other model evaluated at the step under way (``measure_steps``: K steps across sigma)?"""
+        if self.measure_steps is None:
+            return True
+        if self._plan is None:
+            from normscope.measure.subsample import plan_steps
+
+            scheduler = self.pipe.scheduler
+            timesteps = getattr(scheduler, "timesteps", None)
+            n = len(timesteps) if timesteps is not None else 0
+            sigmas = getattr(scheduler, "sigmas", None)
+            sigmas = sigmas[:n].detach().float().cpu().numpy() if sigmas is not None else range(n)
+            self._plan = set(plan_steps(sigmas, self.measure_steps))
+        return self._step in self._plan
 
     # -- hooks -------------------------------------------------------------------------
 
@@ -252,11 +273,16 @@ class Recorder:
     def record_step(self, guided: torch.Tensor) -> torch.Tensor:
         """Close one step; returns the velocity the scheduler is to apply (``guided``, or it rescaled)."""
         calls, self._calls = self._calls, []
-        step = len(self._steps)
+        step = self._step
         if not calls:
             raise RunError(f"{type(self.pipe).__name__} stepped its scheduler without calling the transformer: "
                            "normscope cannot follow this pipeline")
         roles = self._roles(calls, guided.shape[0])
+        if self.paired and not self.measures_now():  # --measure-steps: the other model skipped this step
+            self._step += 1
+            if self.on_step is not None:
+                self.on_step()
+            return guided
         driver = self._parts(calls, roles, guided, "driver")
         other = self._parts(calls, roles, guided, "other") if self.paired else None
         expert = calls[0].expert
@@ -272,6 +298,8 @@ class Recorder:
             o = branches_o[name] if branches_o is not None else None
             stats[name] = _paired_stats(d, o) if o is not None else _norms(d)[None]
         self._steps.append(stats)
+        self._recorded.append(step)
+        self._step += 1
         self._experts.append(expert)
         if self.observers:
             sigma = self._sigma(step)
@@ -406,15 +434,16 @@ class Recorder:
                      for s in self._steps]
             stats[name] = torch.stack(items).cpu()
         scheduler = self.pipe.scheduler
-        steps = len(self._steps)
+        index = torch.tensor(self._recorded, dtype=torch.long)
         timesteps = getattr(scheduler, "timesteps", None)
         sigmas = getattr(scheduler, "sigmas", None)
         record = CallRecord(
             stats=stats,
             stat_names=self.stat_names,
-            timesteps=timesteps[:steps].detach().float().cpu() if timesteps is not None else torch.arange(steps).float(),
-            sigmas=sigmas[:steps].detach().float().cpu() if sigmas is not None else torch.full((steps,), float("nan")),
+            timesteps=timesteps.detach().float().cpu()[index] if timesteps is not None else index.float(),
+            sigmas=sigmas.detach().float().cpu()[index] if sigmas is not None else torch.full((len(index),), float("nan")),
             experts=list(self._experts),
+            step_index=index if self.measure_steps is not None else None,
         )
         for observer in self.observers:
             if hasattr(observer, "collect"):
@@ -434,6 +463,7 @@ def capture(
     call_kwargs: dict | None = None,
     observers: Sequence[StepObserver] = (),
     rescale_to_other: bool = False,
+    measure_steps: int | None = None,
 ) -> Iterator[Recorder]:
     """Make ``driver`` sample in ``pipe`` and record velocity statistics of every step.
 
@@ -451,7 +481,7 @@ def capture(
         raise ValueError("rescale_to_other needs the other model (paired mode): pass other=")
     family = family or family_for(type(pipe).__name__)
     recorder = Recorder(pipe, family, paired=other is not None, on_step=on_step, observers=observers,
-                        call_kwargs=call_kwargs, rescale_to_other=rescale_to_other)
+                        call_kwargs=call_kwargs, rescale_to_other=rescale_to_other, measure_steps=measure_steps)
     scheduler = pipe.scheduler
     inside_other = False
 
@@ -461,7 +491,7 @@ def capture(
             if inside_other:  # the other model may be this very module (an adapter switched off)
                 return None
             other_output = None
-            if other is not None:
+            if other is not None and recorder.measures_now():
                 inside_other = True
                 try:
                     other_output = _evaluate(other, attr, args, kwargs)

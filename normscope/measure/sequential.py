@@ -19,7 +19,9 @@ The method (docs/compare.md "Sequential decisions" states it in full):
 
       Zbar_t +- sd_t * sqrt( 2 (t rho^2 + 1) / (t^2 rho^2) * log( sqrt(t rho^2 + 1) / alpha_k ) )
 
-  with rho chosen to make the boundary tightest at ``T_STAR`` prompts (Howard et al., Ann. Statist. 2021, eq. 3.?).
+  with rho chosen to make the boundary tightest at ``T_STAR`` prompts (Howard, Ramdas, McAuliffe and Sekhon,
+  Ann. Statist. 2021, the normal-mixture boundary and its tuning), and sd_t widened at few prompts by
+  t_{t-1,0.975} / z_{0.975} (``small_sample_factor``; it tends to 1).
 * Each pass has its own CS at level alpha_k = alpha * 6 / (pi^2 k^2) (the sum over all k is alpha), so the
   union over passes of "a CS ever misses mu" has probability <= alpha (a union bound). The interval reported
   is the intersection of every look's interval so far.
@@ -43,7 +45,7 @@ import numpy as np
 from normscope.measure.prompts import Sample
 
 ALPHA = 0.05
-MIN_CLUSTERS = 16  # prompts in a pass's CS before it may decide (8 let a very skewed case reach 9 %: docs/compare.md)
+MIN_CLUSTERS = 10  # prompts in a pass's CS before it may decide (8 let a very skewed case reach 9 %: docs/compare.md)
 T_STAR = 16  # prompts at which the boundary is tightest
 METHOD = ("anytime-valid confidence sequence over prompts: Robbins normal-mixture boundary with plug-in sd "
           "(Waudby-Smith et al. 2024), one per seed pass at alpha*6/(pi^2 k^2), intersected")
@@ -74,13 +76,28 @@ def radius_factor(t: int, alpha: float, t_star: int = T_STAR) -> float:
     return math.sqrt(2.0 * (t * rho2 + 1.0) / (t * t * rho2) * math.log(math.sqrt(t * rho2 + 1.0) / alpha))
 
 
+Z975 = 1.959963984540054
+
+
+def small_sample_factor(t: int) -> float:
+    """t_{t-1, 0.975} / z_{0.975} (Cornish-Fisher to 1/nu^3: within 1e-3 for nu >= 5): widens the plug-in sd at
+    few prompts, tends to 1, so the asymptotic guarantee is untouched. In simulation it cuts the worst case
+    (very skewed prompts, a look every 2 samples) from 9.4 % to 6.7 % false decisions (docs/compare.md)."""
+    nu, z = t - 1, Z975
+    if nu < 1:
+        return math.inf
+    q = (z + (z**3 + z) / (4 * nu) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * nu**2)
+         + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * nu**3))
+    return q / z
+
+
 def cs_interval(values: np.ndarray, alpha: float, t_star: int = T_STAR) -> tuple[float, float]:
-    """The CS of one pass after its t observations (t >= 2): mean +- sd * radius_factor."""
+    """The CS of one pass after its t observations (t >= 2): mean +- sd * small-sample factor * radius_factor."""
     values = np.asarray(values, dtype=np.float64)
     t = values.size
     centre = float(values.mean())
     sd = float(values.std(ddof=1)) if t > 1 else float("inf")
-    half = sd * radius_factor(t, alpha, t_star)
+    half = sd * small_sample_factor(t) * radius_factor(t, alpha, t_star)
     return centre - half, centre + half
 
 
@@ -214,9 +231,9 @@ def check_sequential_options(config) -> None:
             raise ConfigError(f"--measure-steps must be a whole number of steps >= 2 (the first and the last are always "
                               f"measured), got {config.measure_steps}")
         config.measure_steps = int(config.measure_steps)
-        if Mode(config.mode) is not Mode.paired or config.rescale_to_base:
+        if Mode(config.mode) is not Mode.paired or config.rescale_to_base or config.maps:
             raise ConfigError("--measure-steps skips the other model's forwards on the paired trajectory: it needs "
-                              "--mode paired (and no --rescale-to-base)")
+                              "--mode paired (and no --rescale-to-base or --maps)")
     if config.until_decided is None and config.precision is None:
         return
     if config.until_decided is not None and config.precision is not None:
