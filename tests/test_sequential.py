@@ -219,3 +219,26 @@ def test_precision_stops_once_the_interval_is_narrow(sd3, tuned, tmp_path):
     seq = result.summary["sequential"]
     assert seq["decision"] == "precise" and result.summary["samples_used"] == 16
     assert (seq["cs"][1] - seq["cs"][0]) / 2 <= 0.01
+
+
+def test_sweep_until_decided_stops_each_checkpoint_and_keeps_the_verdicts(tmp_path):
+    from normscope.commands.sweep import SweepConfig, sweep
+
+    run = tmp_path / "run"
+    for step, factor in ((10, 1.0), (20, 1.1)):
+        pipe = tiny_sd3_pipeline(seed=0)
+        with torch.no_grad():
+            pipe.transformer.proj_out.weight.mul_(factor)
+            pipe.transformer.proj_out.bias.mul_(factor)
+        pipe.transformer.save_pretrained(run / "checkpoints" / f"checkpoint-{step}" / "transformer")
+    pipeline = save_tiny(tiny_sd3_pipeline(seed=0), tmp_path / "sd3")
+    probe = dict(prompts=PROMPTS16[:12], seeds=(0, 1), device="cpu", dtype="float32", batch_size=12, **PROBE["sd3"])
+    fixed = sweep(SweepConfig(run_dir=run, out=tmp_path / "fixed", pipeline=str(pipeline), mode="paired", gate=GATE,
+                              **probe))
+    early = sweep(SweepConfig(run_dir=run, out=tmp_path / "early", pipeline=str(pipeline), mode="paired", gate=GATE,
+                              until_decided=True, **probe))
+    assert early["crosses_gate"].tolist() == fixed["crosses_gate"].tolist() == [False, True]
+    assert early["samples_used"].tolist() == [12, 12] and early["samples_planned"].tolist() == [24, 24]
+    assert early["decision"].tolist() == ["below", "above"]
+    with pytest.raises(ConfigError, match="--until-decided"):
+        SweepConfig(run_dir=run, out=tmp_path / "x", mode="free", gate=GATE, until_decided=True)
