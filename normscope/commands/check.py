@@ -307,6 +307,7 @@ def measure_against_reference(source: str, tuned: str, reference: Reference, pro
     frame = tidy([free_frame(reference.record(), record, samples)])
     compare_like = CompareConfig(tuned=tuned, mode=Mode.free, **{k: getattr(probe, k) for k in PROBE_FIELDS if k != "prompts_file"})
     summary = summarize(frame, compare_like, {"reference": reference.meta["hashes"], "checkpoint": ckpt.describe(), "notes": notes})
+    summary["samples_used"] = summary["samples_planned"] = len(samples)  # the fixed design: every sample
     return frame, summary
 
 
