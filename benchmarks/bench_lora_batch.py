@@ -95,7 +95,7 @@ def main() -> None:
         x = inputs(pipe, 2 * batch, args.size, args.device, dtype)  # the CFG batch of `batch` samples
 
         @torch.no_grad()
-        def two():
+        def two(x=x):
             with torch.no_grad():
                 t.disable_adapters()
                 base = t(**x, return_dict=False)[0]
@@ -104,7 +104,7 @@ def main() -> None:
             return base, tuned
 
         @torch.no_grad()
-        def one():
+        def one(x=x):
             n = x["hidden_states"].shape[0]
             handles = mixed(t, ["__base__"] * n + ["default"] * n)
             try:
@@ -115,7 +115,7 @@ def main() -> None:
             return out[:n], out[n:]
 
         @torch.no_grad()
-        def plain_step():
+        def plain_step(x=x):
             return t(**x, return_dict=False)[0]
 
         (b2, t2), (b1, t1) = two(), one()

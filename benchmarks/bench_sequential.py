@@ -43,7 +43,7 @@ def verdict(summary: dict, gate: float) -> str:
 
 
 def digits(gate: float, ks: list[int]) -> None:
-    print(f"| checkpoint | fixed: inflation, verdict | samples fixed | samples sequential | forwards fixed | forwards sequential | sequential verdict, interval |")
+    print("| checkpoint | fixed: inflation, verdict | samples fixed | samples sequential | forwards fixed | forwards sequential | sequential verdict, interval |")
     print("|---|---|---|---|---|---|---|")
     errors = {k: [] for k in ks}
     for name, step in SERIES:

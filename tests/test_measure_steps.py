@@ -45,7 +45,7 @@ def test_measure_steps_skips_the_other_models_forwards(config_for, scaled):
     for k in (None, 2):
         calls = []
         handle = register_module_forward_hook(
-            lambda m, i, o: calls.append(1) if type(m).__name__ == "SD3Transformer2DModel" else None)
+            lambda m, i, o, calls=calls: calls.append(1) if type(m).__name__ == "SD3Transformer2DModel" else None)
         try:
             compare(config_for("sd3", tuned, measure_steps=k, **SIX))
         finally:

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import PROBE, scaled_state_dict
 from safetensors.torch import save_file
 
-from conftest import PROBE, scaled_state_dict
 from normscope.builders.tiny import save_tiny, tiny_sd3_pipeline
 from normscope.commands.check import CheckConfig, check
 from normscope.commands.compare import compare

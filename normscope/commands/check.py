@@ -47,8 +47,8 @@ from normscope.load.models import check_fit_before_load
 from normscope.load.pipeline import place_denoiser
 from normscope.measure.prompt_cache import prepare_prompts
 from normscope.measure.sampling import Reporter, SilentReporter, prompt_batches, resolve_run_device, run_model_batches
-from normscope.measure.sequential import ABOVE, BELOW
 from normscope.measure.sanity import COLLAPSED, EXPLODED, MAX_PLAUSIBLE_INFLATION, MIN_INFLATION, sanity
+from normscope.measure.sequential import ABOVE, BELOW
 from normscope.measure.table import free_frame, tidy
 from normscope.measure.truncation import report_truncation
 from normscope.runfolder.fingerprint import pipeline_fingerprint

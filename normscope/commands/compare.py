@@ -37,7 +37,6 @@ from normscope.measure.image_signals import IMAGE_SIGNALS_CSV, PreClipImages, ba
 from normscope.measure.maps import MAPS_FILE, Maps, latent_geometry, maps_observer
 from normscope.measure.prompt_cache import CACHE_DIR, prepare_prompts
 from normscope.measure.prompts import Sample, make_samples, resolve_prompts
-from normscope.measure.sequential import batch_key, rule_for, run_until_decided, seed_major
 from normscope.measure.sampling import (
     Reporter,
     SilentReporter,
@@ -51,6 +50,7 @@ from normscope.measure.sampling import (
     sampling_kwargs,
     versions,
 )
+from normscope.measure.sequential import batch_key, rule_for, run_until_decided, seed_major
 from normscope.measure.stats import (
     DEFINITIONS,
     NONFINITE,

@@ -268,14 +268,14 @@ def run_until_decided(rule: Sequential, mode: str, groups: list, measure, keep, 
     """Measure ``groups`` in rounds of one batch per process, update ``rule`` on the gathered rounds and stop at
     the first decision; returns the samples used. Every rank gathers the same batches and takes the same
     decision from them, so every rank stops after the same round."""
-    from normscope.measure.stats import select
     from normscope.measure.capture import GUIDED
+    from normscope.measure.stats import select
 
     stats: dict[tuple[int, int], float] = {}
     used = 0
     for start in range(0, len(groups), procs.count):
         indices = list(range(start, min(start + procs.count, len(groups))))
-        results = procs.map(len(indices), lambda j: measure(mode, indices[j]))
+        results = procs.map(len(indices), lambda j, indices=indices: measure(mode, indices[j]))
         for index, (records, _extra) in zip(indices, results, strict=True):
             rows = keep(mode, index, records, _extra)
             stats.update(sample_statistics(select(rows, mode, GUIDED)))
