@@ -31,7 +31,8 @@ def lora_pipe(layers: int, width: int, dtype, device):
 
     heads = max(width // 32, 1)  # heads of 32 channels (the tiny default is 2 x 16)
     kwargs = {} if layers == 1 and width == 32 else {"num_layers": layers, "num_attention_heads": heads,
-                                                     "attention_head_dim": width // heads}
+                                                     "attention_head_dim": width // heads,
+                                                     "caption_projection_dim": width}
     pipe = tiny_sd3_pipeline(seed=0, **kwargs)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_out"],
                         init_lora_weights="gaussian")
