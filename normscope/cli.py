@@ -286,6 +286,11 @@ def compare(
             from normscope.measure.sequential import decided_line
 
             err.print(decided_line(result.summary["sequential"]))
+        if "measure_steps" in result.summary:
+            measured = result.summary["measure_steps"]
+            err.print(f"--measure-steps: the base/tuned ratio was measured at {len(measured['steps'])} of "
+                      f"{measured['of']} steps ({', '.join(map(str, measured['steps']))}); the inflation integrates "
+                      "them over sigma, and its CI does not include the interpolation between them")
         if out is not None:
             video = ", frames.csv, frames.png" if result.frames is not None else ""
             where = "".join(f", {name}" for name, made in (("maps.safetensors", result.maps is not None),

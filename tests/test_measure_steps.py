@@ -59,3 +59,27 @@ def test_measure_steps_refused_outside_paired_mode(config_for, scaled):
         config_for("sd3", "x", measure_steps=3, mode="free")
     with pytest.raises(ConfigError, match="--measure-steps"):
         config_for("sd3", "x", measure_steps=1)
+
+
+def test_a_measure_steps_run_resumes_with_its_step_numbers(config_for, scaled, tmp_path, monkeypatch):
+    """A run killed after its first batch resumes from the stored batch: same rows, pipeline step numbers kept."""
+    from normscope.commands import compare as compare_module
+
+    tuned = scaled("sd3", 1.1)
+    whole = compare(config_for("sd3", tuned, measure_steps=3, batch_size=2, **SIX))
+    original, calls = compare_module.run_paired, []
+
+    def dies_at_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "run_paired", dies_at_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        compare(config_for("sd3", tuned, measure_steps=3, out=tmp_path / "run", batch_size=2, **SIX))
+    monkeypatch.setattr(compare_module, "run_paired", original)
+    assert len(list((tmp_path / "run" / ".partial").glob("*.safetensors"))) == 1
+    resumed = compare(config_for("sd3", tuned, measure_steps=3, out=tmp_path / "run", batch_size=2, **SIX))
+    assert resumed.frame.equals(whole.frame)
+    assert sorted(int(s) for s in resumed.frame["step"].unique()) == whole.summary["measure_steps"]["steps"]
