@@ -242,3 +242,12 @@ def test_sweep_until_decided_stops_each_checkpoint_and_keeps_the_verdicts(tmp_pa
     assert early["decision"].tolist() == ["below", "above"]
     with pytest.raises(ConfigError, match="--until-decided"):
         SweepConfig(run_dir=run, out=tmp_path / "x", mode="free", gate=GATE, until_decided=True)
+
+
+def test_until_decided_in_free_mode(sd3, tuned):
+    config = CheckConfig(paths=(str(sd3), str(tuned["x1.1"])), pipeline=str(sd3), max_inflation=GATE, mode="free",
+                         prompts=PROMPTS16, seeds=(0, 1), device="cpu", dtype="float32", until_decided=True,
+                         **PROBE["sd3"])
+    c = check(config).checkpoints[0]
+    assert c.verdict == "fail" and c.summary["samples_used"] == 16 and c.sequential["decision"] == ABOVE
+    assert c.summary["headline_mode"] == "free"
