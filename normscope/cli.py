@@ -257,6 +257,8 @@ def compare(
     rescale_to_base: Annotated[bool, typer.Option("--rescale-to-base", help="Also sample the tuned model with its velocity rescaled at every step to the base's norm on the same input (the inference-rescale ablation, mode 'rescaled'); with --save-images its images sit next to free mode's.", rich_help_panel="Measurement")] = False,
     maps: Annotated[bool, typer.Option("--maps", help="Where inflation lives: spatial ratio maps, spectra and the grid score (paired mode; DIR/maps.safetensors) and image signals of the final images (free mode; DIR/image_signals.csv). See docs/maps.md.", rich_help_panel="Measurement")] = False,
     scorer: Annotated[str | None, typer.Option("--scorer", help="module:function taking (PIL images, prompts) and returning one number per image; scores base and tuned final images of free mode (needs --mode free or both).", rich_help_panel="Measurement")] = None,
+    precision: Annotated[float | None, typer.Option("--precision", help="Run the samples seed-major and stop once the anytime-valid 95% interval of the inflation has at most this half-width (0.01 = 1 point); see docs/compare.md.", rich_help_panel="Measurement")] = None,
+    measure_steps: Annotated[int | None, typer.Option("--measure-steps", help="Paired mode: evaluate the other model at only K steps across sigma (first and last always); the sigma-integral is estimated from them. See docs/performance.md.", rich_help_panel="Measurement")] = None,
     probe: dict | None = None,  # the probe options, added by @probe_options
 ) -> None:
     """Per-step velocity norms of BASE and TUNED on the same prompts and seeds, with 95% CIs.
@@ -274,7 +276,7 @@ def compare(
             base=base, tuned=tuned, adapter=adapter, allow_pickle=allow_pickle, pipeline=pipeline, mode=mode, drive=drive,
             dtype=dtype, device=device, batch_size=batch_size, out=out, save_images=save_images, offload=offload,
             image=image, video=video, max_device_memory=max_device_memory, rescale_to_base=rescale_to_base, maps=maps, scorer=scorer,
-            **probe,
+            precision=precision, measure_steps=measure_steps, **probe,
         )
         if not is_main_process():  # launched on several processes: the main one reports
             run_compare(config)
@@ -282,6 +284,15 @@ def compare(
         with RichReporter("compare") as reporter:
             result = run_compare(config, reporter)
         emit(result, fmt)
+        if "sequential" in result.summary:
+            from normscope.measure.sequential import decided_line
+
+            err.print(decided_line(result.summary["sequential"]))
+        if "measure_steps" in result.summary:
+            measured = result.summary["measure_steps"]
+            err.print(f"--measure-steps: the base/tuned ratio was measured at {len(measured['steps'])} of "
+                      f"{measured['of']} steps ({', '.join(map(str, measured['steps']))}); the inflation integrates "
+                      "them over sigma, and its CI does not include the interpolation between them")
         if out is not None:
             video = ", frames.csv, frames.png" if result.frames is not None else ""
             where = "".join(f", {name}" for name, made in (("maps.safetensors", result.maps is not None),
@@ -350,6 +361,7 @@ def check(
     max_device_memory: MemoryOpt = None,
     fmt: Annotated[OutputFormat, typer.Option("--format", help="table (verdict and a line per checkpoint) or json.")] = OutputFormat.table,
     junit: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML here: one test case per checkpoint, a failure when inflated.")] = None,
+    until_decided: Annotated[bool, typer.Option("--until-decided", help="Live check: run the samples seed-major and stop each checkpoint as soon as an anytime-valid 95% interval over prompts lies wholly above or below the gate (else the full plan and the fixed-design verdict). See docs/check.md.", rich_help_panel="Measurement")] = False,
     max_grid_score: Annotated[float | None, typer.Option("--max-grid-score", help="Also fail a checkpoint whose grid score (power of v_tuned - v_base at the patch frequency over its neighbours; see docs/maps.md) exceeds this. Live paired check only; turns on compare --maps.")] = None,
     probe: dict | None = None,  # the probe options, added by @probe_options
 ) -> None:
@@ -363,7 +375,7 @@ def check(
             paths=tuple(paths), reference=reference, max_inflation=max_inflation, min_inflation=min_inflation,
             pipeline=pipeline, adapter=adapter,
             allow_pickle=allow_pickle, mode=mode, dtype=dtype, device=device, batch_size=batch_size,
-            max_device_memory=max_device_memory, max_grid_score=max_grid_score, **probe,
+            max_device_memory=max_device_memory, max_grid_score=max_grid_score, until_decided=until_decided, **probe,
         )
         if not is_main_process():  # launched on several processes: the main one reports
             run_check(config)
@@ -391,6 +403,7 @@ def sweep(
     allow_pickle: PickleOpt = False,
     mode: Annotated[Mode, typer.Option("--mode", help="free (default): the base runs once for the whole sweep; paired: the base runs on every checkpoint's trajectory.", rich_help_panel="Measurement")] = Mode.free,
     gate: Annotated[float | None, typer.Option("--gate", help="Mark the first checkpoint whose inflation exceeds this fraction (0.05 = 5 %).")] = None,
+    until_decided: Annotated[bool, typer.Option("--until-decided", help="Paired sweeps: stop each checkpoint as soon as an anytime-valid 95% interval over prompts lies wholly above or below --gate (see docs/sweep.md).", rich_help_panel="Measurement")] = False,
     maps: Annotated[bool, typer.Option("--maps", help="Also track the grid score and image signals per checkpoint (each runs compare --mode both --maps; needs --mode paired); sweep_where.png.", rich_help_panel="Measurement")] = False,
     scorer: Annotated[str | None, typer.Option("--scorer", help="module:function scoring the final images (PIL images, prompts -> one number each) of base and every checkpoint; needs --mode paired.", rich_help_panel="Measurement")] = None,
     dtype: DTypeOpt = DType.auto,
@@ -409,7 +422,7 @@ def sweep(
         config = SweepConfig(
             run_dir=run_dir, out=out, base=base, pipeline=pipeline, adapter=adapter, allow_pickle=allow_pickle,
             mode=mode, gate=gate, dtype=dtype, device=device, batch_size=batch_size, maps=maps, scorer=scorer,
-            max_device_memory=max_device_memory, **probe,
+            max_device_memory=max_device_memory, until_decided=until_decided, **probe,
         )
         if not is_main_process():  # launched on several processes: the main one reports
             run_sweep(config)

@@ -293,10 +293,16 @@ class CompareConfig(ProbeConfig):
     rescale_to_base: bool = False
     maps: bool = False
     scorer: str | None = None
+    until_decided: float | None = None  # a gate: stop once the anytime-valid interval is wholly above or below it
+    precision: float | None = None  # stop once the anytime-valid interval's half-width is at most this
+    measure_steps: int | None = None  # paired mode: the other model only at K steps across sigma
 
     def __post_init__(self) -> None:
         super().__post_init__()
         from normscope.load.device_memory import parse_size
+        from normscope.measure.sequential import check_sequential_options
+
+        check_sequential_options(self)
 
         parse_size(self.max_device_memory)  # a bad size fails here, before anything loads
         self.mode = Mode(self.mode)

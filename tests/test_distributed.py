@@ -80,3 +80,38 @@ def test_two_processes_sweep_is_identical_to_one(pipelines, tmp_path):
     for step in (10, 20):
         assert (tmp_path / "one" / f"checkpoint-{step}" / "norms.csv").read_bytes() == \
             (tmp_path / "two" / f"checkpoint-{step}" / "norms.csv").read_bytes()
+
+
+@pytest.mark.slow
+def test_two_processes_stop_a_sequential_run_at_the_same_batch(pipelines, scaled, tmp_path):
+    """compare --precision: the decision is taken on the gathered batches, every rank stops after the same round,
+    and the run holds what one process measures (the same samples, the same numbers)."""
+    import json
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"prompt number {i}\n" for i in range(16)))
+    probe = [a for a in PROBE if a not in ("--prompt", "a red fox", "two apples", "a blue car")]
+    args = ["compare", str(pipelines["sd3"]), str(scaled("sd3", 1.1)), *probe, "--prompts", str(prompts),
+            "--precision", "0.01"]
+    one = _single([*args, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _launched([*args, "--out", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr[-3000:]  # a rank that went on alone would hang at the next gather
+    s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
+    s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
+    # One process looks after every batch of 2 and decides at 10 prompts; two processes look after every
+    # gathered round of 2 batches (4 samples), so they decide at the first round holding 10 prompts: 12.
+    assert s1["samples_used"] == 10 and s2["samples_used"] == 12 and s1["samples_planned"] == s2["samples_planned"] == 48
+    assert s2["config"]["processes"] == 2
+    assert "decided after 12 of 48 samples" in two.stderr
+    # the 12 samples hold exactly what one process measures for them (the first 12 of a plain seed-0 run)
+    import pandas as pd
+
+    plain_args = [a for a in args if a not in ("--precision", "0.01")]
+    plain_args[plain_args.index("--seeds") + 1] = "0"
+    plain = _single([*plain_args, "--out", str(tmp_path / "plain")])
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    rows = pd.read_csv(tmp_path / "two" / "norms.csv")
+    full = pd.read_csv(tmp_path / "plain" / "norms.csv")
+    full = full[full["prompt_id"] < 12].reset_index(drop=True)
+    assert rows[["prompt_id", "seed", "step", "ratio"]].equals(full[["prompt_id", "seed", "step", "ratio"]])

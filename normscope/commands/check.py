@@ -48,6 +48,7 @@ from normscope.load.pipeline import place_denoiser
 from normscope.measure.prompt_cache import prepare_prompts
 from normscope.measure.sampling import Reporter, SilentReporter, prompt_batches, resolve_run_device, run_model_batches
 from normscope.measure.sanity import COLLAPSED, EXPLODED, MAX_PLAUSIBLE_INFLATION, MIN_INFLATION, sanity
+from normscope.measure.sequential import ABOVE, BELOW
 from normscope.measure.table import free_frame, tidy
 from normscope.measure.truncation import report_truncation
 from normscope.runfolder.fingerprint import pipeline_fingerprint
@@ -88,6 +89,7 @@ class CheckConfig:
     batch_size: int = 8
     max_device_memory: str | None = None  # e.g. "40GiB"; default: the device's free memory (no check on the CPU)
     max_grid_score: float | None = None
+    until_decided: bool = False  # stop each checkpoint once the anytime-valid interval is wholly above or below the gate
 
     def __post_init__(self) -> None:
         parse_size(self.max_device_memory)  # a bad size fails here, before anything loads
@@ -116,6 +118,9 @@ class CheckConfig:
             raise ConfigError("--preset does not apply with --reference: the stored probe settings are used")
         if self.reference is not None and self.mode is not Mode.paired:
             raise ConfigError("--mode does not apply with --reference: a stored-reference check is free mode by construction")
+        if self.until_decided and (self.reference is not None or self.max_grid_score is not None or self.mode is Mode.both):
+            raise ConfigError("--until-decided runs live checks on one mode and the inflation gate only: drop --reference, "
+                              "--max-grid-score and --mode both")
         if self.max_grid_score is not None:
             if self.max_grid_score <= 0:
                 raise ConfigError(f"--max-grid-score must be positive, got {self.max_grid_score}: 1 means no excess at the patch frequency, try e.g. 3")
@@ -147,10 +152,17 @@ class CheckedCheckpoint:
     def grid_score(self) -> float | None:
         return (self.summary.get("maps") or {}).get("grid_score")
 
+    @property
+    def sequential(self) -> dict | None:
+        return self.summary.get("sequential")
+
     def to_dict(self) -> dict:
         out = {"path": self.path, "verdict": self.verdict, "inflation": self.inflation,
                "inflation_ci": self.inflation_ci, "nonfinite": self.nonfinite, "sanity": self.sanity,
-               "seconds": round(self.seconds, 3)}
+               "seconds": round(self.seconds, 3), "samples_used": self.summary.get("samples_used"),
+               "samples_planned": self.summary.get("samples_planned")}
+        if self.sequential is not None:
+            out["sequential"] = {k: self.sequential[k] for k in ("decision", "decided", "close", "cs", "alpha", "method")}
         if "maps" in self.summary:
             out["grid_score"] = self.grid_score
             out["grid_score_ci"] = self.summary["maps"]["grid_score_ci"]
@@ -192,6 +204,9 @@ def verdict(summary: dict, gate: float, max_grid_score: float | None = None, min
     grid = (summary.get("maps") or {}).get("grid_score")
     if max_grid_score is not None and grid is not None and grid > max_grid_score:
         return FAIL
+    decided = (summary.get("sequential") or {}).get("decision")
+    if decided in (ABOVE, BELOW) and summary["sequential"].get("gate") == gate:  # the anytime-valid interval decided
+        return FAIL if decided == ABOVE else PASS
     return FAIL if summary["inflation"] > gate else PASS
 
 
@@ -292,6 +307,7 @@ def measure_against_reference(source: str, tuned: str, reference: Reference, pro
     frame = tidy([free_frame(reference.record(), record, samples)])
     compare_like = CompareConfig(tuned=tuned, mode=Mode.free, **{k: getattr(probe, k) for k in PROBE_FIELDS if k != "prompts_file"})
     summary = summarize(frame, compare_like, {"reference": reference.meta["hashes"], "checkpoint": ckpt.describe(), "notes": notes})
+    summary["samples_used"] = summary["samples_planned"] = len(samples)  # the fixed design: every sample
     return frame, summary
 
 
@@ -314,7 +330,8 @@ def _check_live(config: CheckConfig, reporter: Reporter) -> list[CheckedCheckpoi
             result: CompareResult = compare(CompareConfig(
                 base=base, tuned=path, pipeline=config.pipeline, adapter=config.adapter, allow_pickle=config.allow_pickle,
                 mode=config.mode, dtype=config.dtype, device=config.device, batch_size=config.batch_size,
-                max_device_memory=config.max_device_memory, maps=config.max_grid_score is not None, **probe,
+                max_device_memory=config.max_device_memory, maps=config.max_grid_score is not None,
+                until_decided=config.max_inflation if config.until_decided else None, **probe,
             ), reporter)
         except NoMeasurementError as exc:  # one checkpoint measured nothing: an ERROR verdict, the others still run
             reporter.note(f"{path}: {exc}")

@@ -50,6 +50,7 @@ from normscope.measure.sampling import (
     sampling_kwargs,
     versions,
 )
+from normscope.measure.sequential import batch_key, rule_for, run_until_decided, seed_major
 from normscope.measure.stats import (
     DEFINITIONS,
     NONFINITE,
@@ -124,7 +125,10 @@ def _fingerprint(config: CompareConfig, prompts: list[str], source: str, checkpo
     import peft
     import transformers
 
-    settings = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
+    # A sequential run keys its batches by their samples and keeps them: a larger plan (more seeds) or another
+    # stopping rule continues from them, so the plan and the rule stay out of its fingerprint.
+    sequential = ("seeds", "until_decided", "precision") if rule_for(config) is not None else ()
+    settings = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_FINGERPRINT + sequential}
     library = {**versions(), "transformers": transformers.__version__, "peft": peft.__version__}
     return run_fingerprint(settings, prompts, source, checkpoints, library)
 
@@ -252,7 +256,8 @@ def compare(config: CompareConfig, reporter: Reporter | None = None, pipe=None,
 
     reporter = reporter or SilentReporter()
     prompts = resolve_prompts(config.prompts_file, config.prompts)
-    samples = make_samples(prompts, config.seeds)
+    samples = (seed_major(prompts, config.seeds) if rule_for(config) is not None  # the first batches span the prompts
+               else make_samples(prompts, config.seeds))
     device = resolve_device(config.device)
     procs = processes(cpu=device == "cpu")
     device = procs.device(device)
@@ -325,6 +330,7 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
             reporter.note(f"resuming: {store.finished()} finished batch(es) in {config.out} are reused")
 
     runs = _runs(config)
+    rule = rule_for(config)
     calls_per_batch = CALLS_PER_BATCH
     reporter.begin(sum(calls_per_batch[m] for m in runs) * len(groups) * config.steps)
     want_signals = config.maps or scorer is not None
@@ -333,7 +339,7 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
 
     def measure(mode: str, index: int) -> tuple[dict[str, CallRecord], Maps | pd.DataFrame | None]:
         batch = groups[index]
-        key = f"{mode}-{index:05d}"
+        key = batch_key(mode, batch) if rule is not None else f"{mode}-{index:05d}"
         records = store.load(key) if store else None
         if records is not None:
             extra = _load_extra(store, key, mode, config, want_signals)
@@ -348,7 +354,8 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
         observers = [FrameNorms()] if family.latent_layout == VIDEO_LAYOUT else []
         if mode == "paired":
             spatial = maps_observer(pipe, family, resolved["height"], resolved["width"], config.drive.value) if config.maps else None
-            records = run_paired(pipe, driver, other, kwargs, reporter, observers + ([spatial] if spatial else []))
+            records = run_paired(pipe, driver, other, kwargs, reporter, observers + ([spatial] if spatial else []),
+                                 measure_steps=config.measure_steps)
             if spatial is not None:
                 spatial.end_call()
                 extra = spatial.result([s.prompt_id for s in batch])
@@ -371,15 +378,24 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
         return records, extra
 
     frames, per_frame, map_parts, signal_parts = [], [], [], []
+    used = len(samples)
     with out_of_memory_as_error(device, fp):
-        for mode in runs:
-            for index, (records, extra) in enumerate(procs.map(len(groups), lambda i, mode=mode: measure(mode, i))):
+        if rule is not None:  # seed-major rounds of gathered batches until the confidence sequence decides
+            def keep(mode, index, records, extra):
                 frames.append(_rows(mode, records, groups[index], config.drive.value, paired_frame, free_frame))
                 per_frame.append(_rows(mode, records, groups[index], config.drive.value, paired_frames, free_frames))
-                if isinstance(extra, Maps):
-                    map_parts.append(extra)
-                elif extra is not None:
-                    signal_parts.append(extra)
+                return frames[-1]
+
+            used = run_until_decided(rule, runs[0], groups, measure, keep, procs, list(config.seeds), reporter)
+        else:
+            for mode in runs:
+                for index, (records, extra) in enumerate(procs.map(len(groups), lambda i, mode=mode: measure(mode, i))):
+                    frames.append(_rows(mode, records, groups[index], config.drive.value, paired_frame, free_frame))
+                    per_frame.append(_rows(mode, records, groups[index], config.drive.value, paired_frames, free_frames))
+                    if isinstance(extra, Maps):
+                        map_parts.append(extra)
+                    elif extra is not None:
+                        signal_parts.append(extra)
     if not procs.is_main:
         return None
 
@@ -398,6 +414,15 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
     if headline_frame is not frame:
         summary.update(stream_summary(frame, config))
     summary["notes"] = loaded.notes
+    summary["samples_used"], summary["samples_planned"] = used, len(samples)
+    if config.measure_steps is not None:
+        measured = sorted(int(s) for s in frame["step"].unique())
+        summary["measure_steps"] = {
+            "k": config.measure_steps, "steps": measured, "of": config.steps,
+            "estimate": "trapezoid sigma-integral over the measured steps only; its CI resamples prompts and does not "
+                        "include the interpolation between them (docs/performance.md measures that error)"}
+    if rule is not None:
+        summary["sequential"] = rule.summary(used, len(samples))
     maps = Maps.merge(map_parts) if map_parts else None
     signals = pd.concat(signal_parts, ignore_index=True) if signal_parts else None
     if maps is not None:
@@ -410,7 +435,8 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
             return write_run(result, staging, figure=config.figure) + write_where(result, staging)
 
         folder.publish(write, fingerprint, RUN_KIND, known=RUN_OUTPUTS, links={IMAGES_DIR: store.images})
-        store.clear()
+        if rule is None:  # a sequential run keeps its batches: a larger plan or a tighter rule continues from them
+            store.clear()
     # The API ends as the CLI does: the package's error, after the files (with the counts) are written.
     verdict = nonfinite_verdict(headline_frame)
     if verdict:

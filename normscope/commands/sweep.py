@@ -69,6 +69,7 @@ class SweepConfig(ProbeConfig):
     max_device_memory: str | None = None  # e.g. "40GiB"; default: the device's free memory (no check on the CPU)
     maps: bool = False
     scorer: str | None = None
+    until_decided: bool = False  # paired: each checkpoint stops once its anytime-valid interval is off the gate
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -77,6 +78,9 @@ class SweepConfig(ProbeConfig):
         check_finite("gate", self.gate)
         if self.mode is Mode.both:
             raise ConfigError("--mode both is not offered for sweeps: pick free (reuses the base) or paired")
+        if self.until_decided and (self.gate is None or self.mode is not Mode.paired or self.maps or self.scorer):
+            raise ConfigError("--until-decided stops each checkpoint once its anytime-valid interval lies wholly above or "
+                              "below --gate: it needs --gate and --mode paired (and no --maps or --scorer)")
         if (self.maps or self.scorer) and self.mode is not Mode.paired:
             raise ConfigError("--maps and --scorer need the base's velocities and images next to each checkpoint's: add "
                               "--mode paired (each checkpoint then also samples free mode for the image signals)")
@@ -107,7 +111,7 @@ def _fingerprint(config: SweepConfig, path: Path, source: str, reference=None) -
     """What a checkpoint's numbers depend on: the probe settings, the resolved prompt texts, the checkpoint's
     files, and the base (the stored profile's hashes in free mode; the pipeline folder itself in paired mode)."""
     ckpt = find_checkpoint(path, "TUNED", config.adapter, config.allow_pickle)
-    stable = {k: v for k, v in config.to_dict().items() if k in PROBE_FIELDS or k in ("mode", "adapter", "base", "maps", "scorer")}
+    stable = {k: v for k, v in config.to_dict().items() if k in PROBE_FIELDS or k in ("mode", "adapter", "base", "maps", "scorer", "until_decided")}
     prompts = prompts_digest(resolve_prompts(config.prompts_file, config.prompts))
     base = reference.meta["hashes"] if reference is not None else pipeline_identity(source)
     text = json.dumps([stable, prompts, checkpoint_identity(ckpt), base], sort_keys=True, default=str)
@@ -121,6 +125,11 @@ def _row(step: int, path: Path, summary: dict, gate: float | None) -> dict:
            "ci_hi": summary["inflation_ci"][1], "hinge_rate": summary["hinge_rate"], **regions,
            "nonfinite": summary["nonfinite"], "crosses_gate": bool(gate is not None and value is not None and value > gate),
            "sanity": sanity(value)}  # "collapsed" / "exploded": a broken checkpoint, not a point of the curve
+    if "sequential" in summary:  # --until-decided: what each checkpoint cost, and whether it was decided early
+        decision = summary["sequential"]["decision"]
+        row.update(samples_used=summary["samples_used"], samples_planned=summary["samples_planned"], decision=decision)
+        if decision in ("above", "below"):  # decided by the anytime-valid interval, not by the point estimate
+            row["crosses_gate"] = decision == "above"
     return {**row, **where_columns(summary)}
 
 
@@ -255,7 +264,8 @@ def _sweep(config: SweepConfig, reporter: Reporter, checkpoints: list[tuple[int,
                                            mode=_compare_mode(config), maps=config.maps,
                                            scorer=config.scorer, dtype=config.dtype,
                                            device=config.device, batch_size=config.batch_size,
-                                           max_device_memory=config.max_device_memory, **fields), reporter,
+                                           max_device_memory=config.max_device_memory,
+                                           until_decided=config.gate if config.until_decided else None, **fields), reporter,
                              pipe=shared_pipe, cache_dir=cache_dir)
             if result is None:  # not the main process: compare gathered the numbers on the main one
                 continue

@@ -91,6 +91,8 @@ class CallRecord:
     # Multi-stream families (LTX-2): the first stream's name; the other streams' statistics are in ``stats``
     # under "<stream>:<branch>" (the first stream's under the plain branch names, as for every family).
     stream: str = ""
+    # The pipeline step of each recorded row when only some were measured (``--measure-steps``); None: 0..steps-1.
+    step_index: torch.Tensor | None = None
 
     @property
     def steps(self) -> int:
@@ -329,9 +331,10 @@ class Recorder:
 
     def __init__(self, pipe, family: Family, paired: bool, on_step: Callable[[], None] | None,
                  observers: Sequence[StepObserver] = (), call_kwargs: dict | None = None,
-                 rescale_to_other: bool = False) -> None:
+                 rescale_to_other: bool = False, measure_steps: int | None = None) -> None:
         self.pipe = pipe
         self.rescale_to_other = rescale_to_other
+        self.measure_steps = measure_steps
         self.family = family
         self.paired = paired
         self.on_step = on_step
@@ -349,6 +352,25 @@ class Recorder:
         self._sigmas: torch.Tensor | None = None
         self.first_index = 0  # the scheduler index of the first step (img2img / video-to-video skip the first ones)
         self.scheduler_copies = 0  # copies of the scheduler the pipeline made in this call (LTX-2: audio's)
+        self._step = 0  # the pipeline step under way
+        self._recorded: list[int] = []  # the pipeline steps recorded (all of them unless measure_steps)
+        self._plan: set[int] | None = None
+        self._skip = False  # --measure-steps: the step under way is not measured (every stream of it)
+
+    def measures_now(self) -> bool:
+        """Is the other model evaluated at the step under way (``measure_steps``: K steps across sigma)?"""
+        if self.measure_steps is None:
+            return True
+        if self._plan is None:
+            from normscope.measure.subsample import plan_steps
+
+            scheduler = self.pipe.scheduler
+            timesteps = getattr(scheduler, "timesteps", None)
+            n = len(timesteps) if timesteps is not None else 0
+            sigmas = getattr(scheduler, "sigmas", None)
+            sigmas = sigmas[:n].detach().float().cpu().numpy() if sigmas is not None else range(n)
+            self._plan = set(plan_steps(sigmas, self.measure_steps))
+        return self._step in self._plan
 
     # -- hooks -------------------------------------------------------------------------
 
@@ -370,10 +392,18 @@ class Recorder:
         calls = self._calls
         if stream == len(streams) - 1:
             self._calls = []
-        step = len(self._steps) if stream == 0 else len(self._steps) - 1
-        if not calls or step < 0:
+        if not calls or (stream and not self._step):
             raise RunError(f"{type(self.pipe).__name__} stepped its scheduler without calling the transformer: "
                            "normscope cannot follow this pipeline")
+        if stream == 0:
+            self._skip = self.paired and not self.measures_now()
+            if self._skip:  # --measure-steps: the other model skipped this step; nothing of it is recorded
+                self._step += 1
+                if self.on_step is not None:
+                    self.on_step()
+        if self._skip:
+            return guided
+        step = self._step if stream == 0 else self._step - 1  # the pipeline step (its row: the last one opened)
         roles = self._roles(calls, guided.shape[0], stream)
         driver = self._parts(calls, roles, guided, "driver", stream)
         other = self._parts(calls, roles, guided, "other", stream) if self.paired else None
@@ -393,10 +423,12 @@ class Recorder:
             o = branches_o[name] if branches_o is not None else None
             stats[prefix + name] = _paired_stats(d, o) if o is not None else _norms(d)[None]
         if stream:
-            self._steps[step].update(stats)
+            self._steps[-1].update(stats)
             return _rescaled(guided, branches_o[GUIDED]) if self.rescale_to_other else guided
         self._steps.append(stats)
         self._experts.append(expert)
+        self._recorded.append(step)
+        self._step += 1
         if self.observers:
             sigma = self._sigma(step)
             for name, d in branches_d.items():
@@ -542,19 +574,19 @@ class Recorder:
                            else torch.full_like(template, float("nan"))) for s in self._steps]
             stats[name] = torch.stack(items).cpu()
         scheduler = self.pipe.scheduler
-        steps = len(self._steps)
-        first = self.first_index
+        recorded = torch.tensor(self._recorded, dtype=torch.long)
+        index = recorded + self.first_index  # the scheduler's index of each recorded step
         timesteps = getattr(scheduler, "timesteps", None)
         sigmas = getattr(scheduler, "sigmas", None)
         record = CallRecord(
             stats=stats,
             stat_names=self.stat_names,
-            timesteps=(timesteps[first:first + steps].detach().float().cpu() if timesteps is not None
-                       else torch.arange(steps).float()),
-            sigmas=(sigmas[first:first + steps].detach().float().cpu() if sigmas is not None
-                    else torch.full((steps,), float("nan"))),
+            timesteps=timesteps.detach().float().cpu()[index] if timesteps is not None else recorded.float(),
+            sigmas=(sigmas.detach().float().cpu()[index] if sigmas is not None
+                    else torch.full((len(index),), float("nan"))),
             experts=list(self._experts),
             stream=streams[0],
+            step_index=recorded if self.measure_steps is not None else None,
         )
         for observer in self.observers:
             if hasattr(observer, "collect"):
@@ -574,6 +606,7 @@ def capture(
     call_kwargs: dict | None = None,
     observers: Sequence[StepObserver] = (),
     rescale_to_other: bool = False,
+    measure_steps: int | None = None,
 ) -> Iterator[Recorder]:
     """Make ``driver`` sample in ``pipe`` and record velocity statistics of every step.
 
@@ -591,7 +624,8 @@ def capture(
         raise ValueError("rescale_to_other needs the other model (paired mode): pass other=")
     family = family or family_for(type(pipe).__name__)
     recorder = Recorder(pipe, family, paired=other is not None, on_step=on_step, observers=observers,
-                        call_kwargs=call_kwargs, rescale_to_other=rescale_to_other)
+                        call_kwargs=call_kwargs, rescale_to_other=rescale_to_other,
+                        measure_steps=measure_steps)
     scheduler = pipe.scheduler
     inside_other = False
 
@@ -620,7 +654,7 @@ def capture(
             if inside_other:  # the other model may be this very module (an adapter switched off)
                 return None
             other_output = None
-            if other is not None:
+            if other is not None and recorder.measures_now():
                 inside_other = True
                 try:
                     other_output = _evaluate(other, attr, args, own_state(kwargs))

@@ -280,10 +280,12 @@ def resolved_sampling(pipe, probe: ProbeConfig, family: Family | None = None) ->
 
 
 def run_paired(pipe, driver: VelocityModel, other: VelocityModel, kwargs: dict, reporter: Reporter,
-               observers: Sequence[StepObserver] = ()) -> dict[str, CallRecord]:
-    """One batch in paired mode: ``driver`` samples, ``other`` is evaluated on the same inputs."""
+               observers: Sequence[StepObserver] = (), measure_steps: int | None = None) -> dict[str, CallRecord]:
+    """One batch in paired mode: ``driver`` samples, ``other`` is evaluated on the same inputs (at K steps
+    across sigma only, with ``measure_steps``)."""
     call = fresh_call(kwargs)
-    with capture(pipe, driver, other, on_step=reporter.advance, call_kwargs=call, observers=observers) as recorder, \
+    with capture(pipe, driver, other, on_step=reporter.advance, call_kwargs=call, observers=observers,
+                 measure_steps=measure_steps) as recorder, \
             quiet_tokenizers(pipe, call.get("prompt") or ()):  # a pipeline that encodes in its call: warnings caught
         pipe(**call)
         return {"paired": recorder.collect()}

@@ -44,7 +44,7 @@ def _base_columns(mode: str, drive: str, samples: list[Sample], record: CallReco
         PROMPT_ID: np.repeat([s.prompt_id for s in samples], steps),
         PROMPT: np.repeat(np.array([s.prompt for s in samples], dtype=object), steps),
         SEED: np.repeat([s.seed for s in samples], steps),
-        STEP: np.tile(np.arange(steps), batch),
+        STEP: np.tile(np.arange(steps) if record.step_index is None else record.step_index.numpy(), batch),
         TIMESTEP: np.tile(record.timesteps.double().numpy(), batch),
         SIGMA: np.tile(record.sigmas.double().numpy(), batch),
         EXPERT: np.tile(np.asarray(record.experts or [""] * steps, dtype=object), batch),

@@ -32,9 +32,16 @@ def sanity_lines(result: CheckResult) -> list[str]:
 
 def verdict_line(result: CheckResult) -> str:
     word = {0: "PASS", 1: "FAIL", 3: "ERROR"}[result.exit_code]
-    parts = [f"{c.path}: {pct(c.inflation)}{_grid(c, result)} ({_word(c)})" for c in result.checkpoints]
+    parts = [f"{c.path}: {pct(c.inflation)}{_grid(c, result)} ({_word(c)}){_decided(c)}" for c in result.checkpoints]
     grid = "" if result.max_grid_score is None else f", grid score gate {result.max_grid_score:g}"
     return f"{word}: gate {result.max_inflation * 100:.2f} % from {result.gate_source}{grid}; " + "; ".join(parts)
+
+
+def _decided(c) -> str:
+    """", decided after 12 of 64 samples" for a checkpoint checked with --until-decided."""
+    from normscope.measure.sequential import decided_line
+
+    return f", {decided_line(c.sequential)}" if c.sequential is not None else ""
 
 
 def junit_xml(result: CheckResult) -> str:

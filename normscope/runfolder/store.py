@@ -79,6 +79,8 @@ class BatchStore:
                           "experts": list(record.experts), "observed": observed, "stream": record.stream}
             tensors[f"{name}/timesteps"] = record.timesteps
             tensors[f"{name}/sigmas"] = record.sigmas
+            if record.step_index is not None:  # --measure-steps: which pipeline steps the rows are
+                tensors[f"{name}/step_index"] = record.step_index
             for branch, stats in record.stats.items():
                 tensors[f"{name}/{branch}"] = stats
             for obs, items in record.observed.items():
@@ -102,6 +104,7 @@ class BatchStore:
                 stream=str(info.get("stream", "")),
                 observed={obs: {b: tensors[f"{name}/observed/{obs}/{b}"] for b in branches}
                           for obs, branches in info.get("observed", {}).items()},
+                step_index=tensors.get(f"{name}/step_index"),
             ) for name, info in meta["records"].items()}
         except (KeyError, TypeError, AttributeError):
             return self._damaged(self._path(key))
