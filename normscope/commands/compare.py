@@ -46,6 +46,7 @@ from normscope.measure.sampling import (
     run_free,
     run_paired,
     run_rescaled,
+    sampled_settings_note,
     sampling_kwargs,
     versions,
 )
@@ -266,6 +267,9 @@ def compare(config: CompareConfig, reporter: Reporter | None = None, pipe=None,
         defaults_note = default_settings_note(pipe, config, family)
         if defaults_note:
             reporter.note(defaults_note)
+        sampled_note = sampled_settings_note(pipe, config, family)
+        if sampled_note:
+            reporter.note(sampled_note)
         try:
             return _measure(config, pipe, family, loaded, prompts, embeddings, samples, groups, source, checkpoints,
                             device, dtype, procs, reporter, folder if config.out is not None else None, scorer)

@@ -221,7 +221,30 @@ def check_family_inputs(source: str, checkpoints: list[tuple[str | None, str]], 
         fix = ("its true CFG scale is --guidance" if family.guidance_arg == TRUE_CFG_SCALE
                else "drop --true-cfg-scale")
         raise InputError(f"the {family.name} family has no separate true CFG option: {fix}")
+    check_call_options(family, probe)
     return family
+
+
+def check_call_options(family: Family, probe) -> None:
+    """Before loading: a family-specific option (``--guidance-2``, ``--skip-layers``, ``--cfg-normalization``, ...)
+    that no pipeline of the family's row takes is refused in one line, naming the families that take it."""
+    import inspect
+
+    import diffusers
+
+    from normscope.load.families import FAMILIES
+    from normscope.measure.sampling import CALL_OPTIONS
+
+    def takes(row: Family, keyword: str) -> bool:
+        return any(keyword in inspect.signature(getattr(diffusers, cls).__call__).parameters
+                   for cls in row.pipeline_classes if hasattr(diffusers, cls))
+
+    for keyword, field_name, flag in CALL_OPTIONS:
+        if getattr(probe, field_name, None) is None or takes(family, keyword):
+            continue
+        owners = ", ".join(row.name for row in FAMILIES if takes(row, keyword)) or "none"
+        raise InputError(f"--{flag} sets {keyword}, which {family.name} pipelines ({', '.join(family.pipeline_classes)}) "
+                         f"do not take: drop --{flag} (it is for {owners})")
 
 
 def check_pipeline(pipe, source: str) -> Family:
