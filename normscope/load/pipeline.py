@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -222,6 +223,11 @@ def check_family_inputs(source: str, checkpoints: list[tuple[str | None, str]], 
                else "drop --true-cfg-scale")
         raise InputError(f"the {family.name} family has no separate true CFG option: {fix}")
     check_call_options(family, probe)
+    if getattr(probe, "guidance_2", None) is not None and Path(source).exists():
+        index = json.loads((Path(source) / PIPELINE_INDEX).read_text())
+        if index.get("boundary_ratio") is None:  # WanPipeline raises on guidance_scale_2 after loading
+            raise InputError(f"--guidance-2 guides Wan2.2's second expert, but {source} has one transformer "
+                             "(no boundary_ratio in model_index.json): drop --guidance-2 (Wan2.1 uses --guidance)")
     return family
 
 
