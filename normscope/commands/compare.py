@@ -35,7 +35,7 @@ from normscope.measure.frames import VIDEO_LAYOUT, FrameNorms, free_frames, pair
 from normscope.measure.image_signals import IMAGE_SIGNALS_CSV, PreClipImages, batch_signals, load_scorer, signal_table
 from normscope.measure.maps import MAPS_FILE, Maps, latent_geometry, maps_observer
 from normscope.measure.prompt_cache import CACHE_DIR, prepare_prompts
-from normscope.measure.prompts import Sample, make_samples, resolve_prompts
+from normscope.measure.prompts import Sample, make_samples, prompt_images, resolve_prompts
 from normscope.measure.sampling import (
     Reporter,
     SilentReporter,
@@ -228,7 +228,7 @@ def compare(config: CompareConfig, reporter: Reporter | None = None, pipe=None,
 
     reporter = reporter or SilentReporter()
     prompts = resolve_prompts(config.prompts_file, config.prompts)
-    samples = make_samples(prompts, config.seeds)
+    samples = make_samples(prompts, config.seeds, prompt_images(config.prompts_file, config.prompts))
     device = resolve_device(config.device)
     procs = processes(cpu=device == "cpu")
     device = procs.device(device)
@@ -256,7 +256,7 @@ def compare(config: CompareConfig, reporter: Reporter | None = None, pipe=None,
         own_pipe = pipe is None
         if own_pipe:
             pipe = load_pipeline(source, dtype, device, parts="denoiser" if embeddings is not None else "all",
-                                 place=False)
+                                 place=False, image_input=config.image is not None or any(s.image for s in samples))
         family = family_for(type(pipe).__name__)
         offload_to = device if config.offload else None
         loaded = load_models(pipe, config.base, config.tuned, source, config.adapter, config.allow_pickle, offload_to)

@@ -42,7 +42,7 @@ from normscope.load.pipeline import check_family_inputs, place_denoiser, quiet_l
 from normscope.measure.capture import GUIDED, CallRecord
 from normscope.measure.distributed import current_processes
 from normscope.measure.prompt_cache import CACHE_DIR, prepare_prompts
-from normscope.measure.prompts import Sample, make_samples, resolve_prompts
+from normscope.measure.prompts import Sample, make_samples, prompt_images, resolve_prompts
 from normscope.measure.sampling import (
     Reporter,
     SilentReporter,
@@ -234,7 +234,7 @@ def profile(config: ProfileConfig, reporter: Reporter | None = None, pipe=None, 
     """
     reporter = reporter or SilentReporter()
     prompts = resolve_prompts(config.prompts_file, config.prompts)
-    samples = make_samples(prompts, config.seeds)
+    samples = make_samples(prompts, config.seeds, prompt_images(config.prompts_file, config.prompts))
     device, kind = resolve_run_device(config.device)
     dtype = resolve_dtype(config.dtype, kind)
     source = find_pipeline_source(config.base, None, config.pipeline)

@@ -178,6 +178,9 @@ class Family:
       aspect ratio of the size it is given); normscope passes ``height * width`` to it.
     * ``call_requires``: Python packages the pipeline's ``__call__`` imports unconditionally, checked before
       any weight loads (diffusers' Wan I2V pipeline calls ``ftfy`` whether or not it is installed).
+    * ``needs_image``: the family edits or animates an image (Kontext, Qwen-Image-Edit, Wan I2V): a run without
+      ``--image`` or per-row images is refused before any weight loads (Kontext would silently measure
+      text-to-image, Qwen-Image-Edit fails after loading).
     """
 
     name: str
@@ -205,6 +208,7 @@ class Family:
     area_arg: str | None = None
     call_requires: tuple[str, ...] = ()
     presets: tuple[Preset, ...] = field(default=())
+    needs_image: bool = False
 
     def __post_init__(self) -> None:
         # The table is data typed by hand: a typo must fail at import, not in a user's run.
@@ -422,7 +426,7 @@ FAMILIES: tuple[Family, ...] = (
         calls=DISTILLED, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, true_cfg_arg=TRUE_CFG_SCALE,
         needs_negative_prompt=True, reference_tokens=True, latent_layout="packed", patch_size=2,
         area_arg="max_area", prompt_encoding=FLUX_PROMPTS,
-        presets=KONTEXT_PRESETS,
+        presets=KONTEXT_PRESETS, needs_image=True,
     ),
     Family(
         name="flux2", title="FLUX.2-dev",
@@ -450,7 +454,7 @@ FAMILIES: tuple[Family, ...] = (
         transformer_class="QwenImageTransformer2DModel",
         calls=SEPARATE, combine=QWEN_RENORM, guidance_arg=TRUE_CFG_SCALE, needs_negative_prompt=True,
         reference_tokens=True, latent_layout="packed", patch_size=2,
-        presets=QWEN_EDIT_PRESETS,
+        presets=QWEN_EDIT_PRESETS, needs_image=True,
     ),
     Family(
         name="z-image", title="Z-Image / Z-Image-Turbo",
@@ -473,7 +477,7 @@ FAMILIES: tuple[Family, ...] = (
         pipeline_classes=("WanImageToVideoPipeline",), transformer_class="WanTransformer3DModel",
         calls=SEPARATE, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, experts=WAN_EXPERTS,
         expert_guidance=WAN_GUIDANCE, latent_layout="bcfhw", patch_size=2, call_requires=("ftfy",),
-        presets=WAN_I2V_PRESETS,
+        presets=WAN_I2V_PRESETS, needs_image=True,
     ),
 )
 

@@ -44,8 +44,16 @@ class SilentReporter:
 
 
 def batches(samples: list[Sample], size: int) -> Iterator[list[Sample]]:
-    for start in range(0, len(samples), size):
-        yield samples[start:start + size]
+    """Consecutive samples, at most ``size`` per call; a call never mixes conditioning images (a pairs file's rows),
+    because the image pipelines take one image per call and repeat it over the batch."""
+    batch: list[Sample] = []
+    for sample in samples:
+        if batch and (len(batch) == size or sample.image != batch[0].image):
+            yield batch
+            batch = []
+        batch.append(sample)
+    if batch:
+        yield batch
 
 
 # Probe options that go to one keyword of the pipeline call, unchanged, where the family's pipeline takes it
@@ -150,7 +158,7 @@ def sampling_kwargs(pipe, probe: ProbeConfig, samples: list[Sample], family: Fam
             raise InputError(f"{type(pipe).__name__} does not take {family.area_arg}: drop --height/--width")
         height, width = _requested_size(pipe, probe)
         kwargs[family.area_arg] = height * width  # else the pipeline resizes to its default area
-    kwargs.update(_conditioning_image(pipe, probe))
+    kwargs.update(_conditioning_image(pipe, probe, samples))
     negative = negative_prompt_used(pipe, probe, family)
     if negative is not None and "negative_prompt" not in kwargs:
         kwargs["negative_prompt"] = [negative] * len(samples)
@@ -161,23 +169,39 @@ def sampling_kwargs(pipe, probe: ProbeConfig, samples: list[Sample], family: Fam
     return kwargs
 
 
-def _conditioning_image(pipe, probe: ProbeConfig) -> dict:
-    """``image=`` for image-to-video pipelines (one image for the whole batch: the pipeline repeats it)."""
+def _open_image(path, flag: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"{flag} {path} is not an image Pillow can read ({exc}): pass a PNG or JPEG") from None
+
+
+def _conditioning_image(pipe, probe: ProbeConfig, samples: list[Sample] | None = None) -> dict:
+    """``image=`` for edit and image-to-video pipelines.
+
+    With per-sample images (a pairs file's rows) the call gets one image per sample, in sample order; a sample
+    without one takes ``--image``. Else ``--image`` is the one image of the whole batch (the pipeline repeats it).
+    """
     parameters = inspect.signature(pipe.__call__).parameters
     takes = "image" in parameters
+    per_sample = [s.image for s in samples or []]
+    if any(per_sample):
+        if not takes:
+            raise InputError(f"{type(pipe).__name__} does not take an image: drop the image column of --prompts")
+        opened = [_open_image(path, "--prompts image") if path else _open_image(probe.image, "--image")
+                  for path in per_sample]
+        # ``batches`` keeps one image per call: the pipeline repeats it (Wan I2V takes no list of images)
+        return {"image": opened[0] if len(set(per_sample)) == 1 else opened}
     if probe.image is None:
         if takes and parameters["image"].default is inspect.Parameter.empty:
             raise InputError(f"{type(pipe).__name__} generates from an image: pass --image FILE (the first frame)")
         return {}
     if not takes:
         raise InputError(f"{type(pipe).__name__} does not take an image: drop --image")
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(probe.image) as image:
-            return {"image": image.convert("RGB")}
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(f"--image {probe.image} is not an image Pillow can read ({exc}): pass a PNG or JPEG") from None
+    return {"image": _open_image(probe.image, "--image")}
 
 
 def guidance_used(pipe, probe: ProbeConfig, family: Family | None = None) -> dict:
