@@ -133,3 +133,27 @@ def test_ti2v_takes_one_image(ti2v, tmp_path):
                                  "--image", str(image), *VIDEO])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["config"]["resolved"]["pipeline_class"] == "WanImageToVideoPipeline"
+
+
+def test_kontext_pairs_file_samples_each_prompt_with_its_image_at_the_eval_size(family_pipelines, pairs, tmp_path):
+    """flow_grpo's Kontext evaluation: each reference image resized to the eval size, max_area = size^2."""
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    folder = family_pipelines("FluxKontextPipeline")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["compare", str(folder), str(folder), "--prompts", str(pairs), "--steps", "2",
+                                 "--height", "16", "--width", "16", "--max-sequence-length", "24", "--guidance", "2.5",
+                                 "--seeds", "0", "--mode", "free", "--device", "cpu", "--dtype", "float32",
+                                 "--format", "json", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    got = {(r[PROMPT_ID], r[STEP]): r[NORM_BASE] for _, r in _frame(out).iterrows()}
+    pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    for i, prompt in enumerate(PROMPTS):
+        image = Image.open(pairs.parent / "refs" / f"{i}.png").convert("RGB").resize((16, 16))
+        steps = oracle_norms(pipe, image=image, prompt=[prompt], num_inference_steps=2, height=16, width=16,
+                             guidance_scale=2.5, max_sequence_length=24, max_area=16 * 16, _auto_resize=False,
+                             output_type="latent", generator=[torch.Generator().manual_seed(0)])
+        for step, record in enumerate(steps):
+            assert got[(i, step)] == pytest.approx(record["scheduler"][0], rel=2e-5), (i, step)

@@ -56,7 +56,7 @@ CALLS = {
     "flow_grpo-kontext": dict(num_inference_steps=28, guidance_scale=2.5, max_sequence_length=128),
     # Flow-Factory flux1_kontext/default.yaml:92-96 (512 px: max_area 512^2), flux1_kontext.py:348
     "flow-factory-kontext": dict(num_inference_steps=20, guidance_scale=2.5, height=512, width=512,
-                                 max_sequence_length=512, max_area=512 * 512),
+                                 max_sequence_length=512, max_area=512 * 512, _auto_resize=False),
     # Flow-Factory flux2_klein{,_base}/default.yaml; flux2_klein.py:595
     "flow-factory-klein": dict(num_inference_steps=10, guidance_scale=1.0, height=1024, width=1024,
                                max_sequence_length=512),
@@ -135,7 +135,9 @@ def test_a_preset_hands_the_pipeline_exactly_the_trainers_keywords(name, tmp_pat
     assert call.pop("prompt") == ["a fox"] and call.pop("output_type") == "latent"
     assert len(call.pop("generator")) == 1
     if image is not None:
-        assert call.pop("image") is not None
+        given = call.pop("image")
+        if preset.family == "flux-kontext" and preset.size is not None:  # resized to the eval size (flow_grpo, FF)
+            assert given.size == (preset.size, preset.size)
     assert call == CALLS[name]
 
 

@@ -159,6 +159,15 @@ def sampling_kwargs(pipe, probe: ProbeConfig, samples: list[Sample], family: Fam
         height, width = _requested_size(pipe, probe)
         kwargs[family.area_arg] = height * width  # else the pipeline resizes to its default area
     kwargs.update(_conditioning_image(pipe, probe, samples))
+    if family.area_arg is not None and "image" in kwargs and probe.height is not None and probe.width is not None:
+        # Kontext with a size: the reference image is sampled at that size, as flow_grpo's Kontext evaluation
+        # (ref_image.resize((res, res)), max_area=res^2) and Flow-Factory's condition_image_size do; the pipeline's
+        # own _auto_resize would take it to one of its preferred ~1024^2 resolutions instead.
+        images = kwargs["image"] if isinstance(kwargs["image"], list) else [kwargs["image"]]
+        images = [image.resize((probe.width, probe.height)) for image in images]
+        kwargs["image"] = images if isinstance(kwargs["image"], list) else images[0]
+        if "_auto_resize" in accepted:
+            kwargs["_auto_resize"] = False
     negative = negative_prompt_used(pipe, probe, family)
     if negative is not None and "negative_prompt" not in kwargs:
         kwargs["negative_prompt"] = [negative] * len(samples)
