@@ -180,7 +180,8 @@ class Family:
       any weight loads (diffusers' Wan I2V pipeline calls ``ftfy`` whether or not it is installed).
     * ``needs_image``: the family edits or animates an image (Kontext, Qwen-Image-Edit, Wan I2V): a run without
       ``--image`` or per-row images is refused before any weight loads (Kontext would silently measure
-      text-to-image, Qwen-Image-Edit fails after loading).
+      text-to-image, Qwen-Image-Edit fails after loading). ``image_per_sample``: the call takes a list of one
+      image per prompt (Qwen-Image-Edit's VL encoder reads one image per prompt; one image for a batch fails).
     """
 
     name: str
@@ -209,6 +210,7 @@ class Family:
     call_requires: tuple[str, ...] = ()
     presets: tuple[Preset, ...] = field(default=())
     needs_image: bool = False
+    image_per_sample: bool = False
 
     def __post_init__(self) -> None:
         # The table is data typed by hand: a typo must fail at import, not in a user's run.
@@ -454,7 +456,7 @@ FAMILIES: tuple[Family, ...] = (
         transformer_class="QwenImageTransformer2DModel",
         calls=SEPARATE, combine=QWEN_RENORM, guidance_arg=TRUE_CFG_SCALE, needs_negative_prompt=True,
         reference_tokens=True, latent_layout="packed", patch_size=2,
-        presets=QWEN_EDIT_PRESETS, needs_image=True,
+        presets=QWEN_EDIT_PRESETS, needs_image=True, image_per_sample=True,
     ),
     Family(
         name="z-image", title="Z-Image / Z-Image-Turbo",

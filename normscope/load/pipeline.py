@@ -130,8 +130,13 @@ def load_pipeline(source: str, dtype, device: str, parts: str = "all", place: bo
                 skip = {name: None for name in _components(source)
                         if not name.startswith(("text_encoder", "tokenizer", "scheduler"))}
             loader = DiffusionPipeline
-            if image_input and local.exists() and is_ti2v(json.loads((local / PIPELINE_INDEX).read_text())):
+            index = json.loads((local / PIPELINE_INDEX).read_text()) if local.exists() else {}
+            if image_input and is_ti2v(index):
                 from diffusers import WanImageToVideoPipeline as loader
+            if parts != "denoiser" and local.exists():  # Qwen-Image-Edit's processor without torchvision
+                from normscope.load.qwen_processor import processor_override
+
+                skip = {**processor_override(local, index), **skip}
             pipe = loader.from_pretrained(source, torch_dtype=dtype, use_safetensors=True, **skip)
     except Exception as exc:  # diffusers raises many types; one line is what the user needs
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

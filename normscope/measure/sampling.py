@@ -159,6 +159,8 @@ def sampling_kwargs(pipe, probe: ProbeConfig, samples: list[Sample], family: Fam
         height, width = _requested_size(pipe, probe)
         kwargs[family.area_arg] = height * width  # else the pipeline resizes to its default area
     kwargs.update(_conditioning_image(pipe, probe, samples))
+    if family.image_per_sample and "image" in kwargs and not isinstance(kwargs["image"], list):
+        kwargs["image"] = [kwargs["image"]] * len(samples)  # Qwen-Image-Edit: one image per prompt
     if family.area_arg is not None and "image" in kwargs and probe.height is not None and probe.width is not None:
         # Kontext with a size: the reference image is sampled at that size, as flow_grpo's Kontext evaluation
         # (ref_image.resize((res, res)), max_area=res^2) and Flow-Factory's condition_image_size do; the pipeline's
