@@ -8,7 +8,6 @@ tokenizers are built from an in-memory vocabulary, so nothing is fetched from a 
 from __future__ import annotations
 
 import json
-
 import string
 from pathlib import Path
 
