@@ -57,6 +57,9 @@ CALLS = {
     # Flow-Factory flux1_kontext/default.yaml:92-96 (512 px: max_area 512^2), flux1_kontext.py:348
     "flow-factory-kontext": dict(num_inference_steps=20, guidance_scale=2.5, height=512, width=512,
                                  max_sequence_length=512, max_area=512 * 512, _auto_resize=False),
+    # Flow-Factory flux2/t2i.yaml:96-99, flux2.py:650
+    "flow-factory-flux2": dict(num_inference_steps=28, guidance_scale=4.0, height=1024, width=1024,
+                               max_sequence_length=512),
     # Flow-Factory flux2_klein{,_base}/default.yaml; flux2_klein.py:595
     "flow-factory-klein": dict(num_inference_steps=10, guidance_scale=1.0, height=1024, width=1024,
                                max_sequence_length=512),

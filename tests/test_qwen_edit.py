@@ -70,24 +70,29 @@ def test_base_against_itself_is_exactly_zero_and_x1_1_is_plus_10_percent(cls, fa
     assert np.allclose(first[RATIO], 1.1, rtol=2e-6, atol=0)
 
 
-def _oracle_rows(pipe, image_path) -> dict:
-    """(branch, prompt_id, step) -> norm of the plain call, one prompt per call (as Edit-Plus must)."""
+def _oracle_rows(pipe, image_path, cls: str) -> dict:
+    """(branch, prompt_id, step) -> norm of the plain call: Edit with the batch normscope used (one image per
+    prompt), Edit-Plus one prompt per call (it takes no more)."""
     from PIL import Image
 
+    with Image.open(image_path) as opened:
+        image = opened.convert("RGB")
+    groups = [[0, 1]] if cls == "QwenImageEditPipeline" else [[0], [1]]
     rows = {}
-    for i, prompt in enumerate(PROMPTS):
-        with Image.open(image_path) as opened:
-            image = opened.convert("RGB")
-        steps = oracle_norms(pipe, keep_outputs=True, image=image, prompt=[prompt], negative_prompt=[" "],
-                             true_cfg_scale=SCALE, num_inference_steps=STEPS, height=PX, width=PX,
-                             output_type="latent", generator=[torch.Generator().manual_seed(0)])
+    for ids in groups:
+        steps = oracle_norms(pipe, keep_outputs=True, image=[image] * len(ids), prompt=[PROMPTS[i] for i in ids],
+                             negative_prompt=[" "] * len(ids), true_cfg_scale=SCALE, num_inference_steps=STEPS,
+                             height=PX, width=PX, output_type="latent",
+                             generator=[torch.Generator().manual_seed(0) for _ in ids])
         for step, record in enumerate(steps):
-            (cond,), (uncond,) = record["calls_latent"]  # cond first, then uncond; reference tokens sliced off
-            rows[("cond", i, step)], rows[("uncond", i, step)] = cond, uncond
-            rows[("guided", i, step)] = record["scheduler"][0]
+            cond, uncond = record["calls_latent"]  # cond first, then uncond; reference tokens sliced off
             n = record["scheduler_input"].shape[1]
             c, u = (o[:, :n] for o in record["outputs"])
-            rows[("combined", i, step)] = (u + SCALE * (c - u)).flatten(1).norm(dim=1).item()
+            combined = (u + SCALE * (c - u)).flatten(1).norm(dim=1).tolist()
+            for j, i in enumerate(ids):
+                rows[("cond", i, step)], rows[("uncond", i, step)] = cond[j], uncond[j]
+                rows[("guided", i, step)] = record["scheduler"][j]
+                rows[("combined", i, step)] = combined[j]
     return rows
 
 
@@ -111,7 +116,7 @@ def test_random_lora_row_by_row_against_the_plain_pipeline(cls, family_pipelines
     frame = _measure(folder, lora, image, cls, mode="free").frame
     base = load_qwen_edit_pipeline(folder, local_files_only=True)
     base.set_progress_bar_config(disable=True)
-    want_base, want_tuned = _oracle_rows(base, image), _oracle_rows(tuned, image)
+    want_base, want_tuned = _oracle_rows(base, image, cls), _oracle_rows(tuned, image, cls)
     free = frame[frame[MODE] == "free"]
     assert len(free) == len(want_base)
     for row in free.itertuples(index=False):

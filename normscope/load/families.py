@@ -317,6 +317,11 @@ KONTEXT_PRESETS = (
        "2.5, 20 steps); src/flow_factory/models/flux/flux1_kontext.py:348 (max_sequence_length 512)",
        max_sequence_length=512),
 )
+FLUX2_PRESETS = (
+    _p("flow-factory-flux2", "flux2", 28, 4.0, GUIDANCE_SCALE, 1024,
+       f"{FF} examples/grpo/lora/flux2/t2i.yaml:96-99 (eval 1024 px, guidance 4, 28 steps); "
+       "src/flow_factory/models/flux/flux2.py:650 (max_sequence_length 512)", max_sequence_length=512),
+)
 KLEIN_PRESETS = (
     _p("flow-factory-klein", "flux2-klein", 10, 1.0, GUIDANCE_SCALE, 1024,
        f"{FF} examples/grpo/lora/flux2_klein/default.yaml:97-102 (eval 1024 px, guidance 1.0, 10 steps); "
@@ -435,6 +440,7 @@ FAMILIES: tuple[Family, ...] = (
         pipeline_classes=("Flux2Pipeline",), transformer_class="Flux2Transformer2DModel",
         calls=DISTILLED, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, reference_tokens=True,
         latent_layout="packed", patch_size=2, prompt_encoding=FLUX2_PROMPTS,
+        presets=FLUX2_PRESETS,
     ),
     Family(
         name="flux2-klein", title="FLUX.2-klein (distilled and base)",
