@@ -31,6 +31,23 @@ BRANCHES = {"guided", "cond", "uncond", "combined"}
 
 
 @pytest.fixture(scope="module")
+def family_pipelines(tmp_path_factory):
+    """cls -> a saved tiny edit pipeline folder (built on first use, diffusers' own savers)."""
+    from normscope.builders.tiny import save_tiny
+    from normscope.builders.tiny_families import EDIT_BUILDERS
+
+    root = tmp_path_factory.mktemp("edit_pipelines")
+    cache = {}
+
+    def folder(cls: str):
+        if cls not in cache:
+            cache[cls] = save_tiny(EDIT_BUILDERS[cls](seed=0), root / cls)
+        return cache[cls]
+
+    return folder
+
+
+@pytest.fixture(scope="module")
 def image(tmp_path_factory):
     path = tmp_path_factory.mktemp("edit-image") / "ref.png"
     tiny_reference_image(5, size=24).save(path)
