@@ -120,6 +120,9 @@ def _fingerprint(config: CompareConfig, prompts: list[str], source: str, checkpo
     import transformers
 
     settings = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
+    images = prompt_images(config.prompts_file, config.prompts)
+    if images is not None:  # a pairs file's images are part of what is sampled
+        settings["prompt_images"] = images
     library = {**versions(), "transformers": transformers.__version__, "peft": peft.__version__}
     return run_fingerprint(settings, prompts, source, checkpoints, library)
 
