@@ -33,13 +33,15 @@ def other_settings(row: dict) -> str:
 
 
 def render_presets(rows: list[dict], console: Console) -> None:
-    """One line per preset: what it sets and where the setting comes from."""
+    """One line per preset (what it sets), then each preset's source on its own line (they are long)."""
     table = Table(title="normscope presets (--preset NAME; explicit options override)")
     for column in ("name", "family", "steps", "guidance", "argument", "size"):
         table.add_column(column, no_wrap=True)  # names are typed back as --preset NAME: never split them
     table.add_column("also sets", overflow="fold")
-    table.add_column("source", overflow="fold")
     for row in rows:
         table.add_row(row["name"], row["family"], str(row["steps"]), f"{row['guidance']:g}", row["argument"],
-                      size_text(row), escape(other_settings(row)), escape(row["source"]))
+                      size_text(row), escape(other_settings(row)))
     console.print(table)
+    console.print("sources (repository@commit file:line):", highlight=False)
+    for row in rows:
+        console.print(f"  {escape(row['name'])}: {escape(row['source'])}", highlight=False, soft_wrap=True)
