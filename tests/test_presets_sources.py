@@ -52,6 +52,9 @@ CALLS = {
     "pref-grpo-flux1-dev": dict(num_inference_steps=30, guidance_scale=3.5, height=1024, width=1024,
                                 max_sequence_length=512),
     "tempflow-grpo-flux1-dev": dict(num_inference_steps=50, guidance_scale=3.5),
+    # DanceGRPO@15cc71d scripts/visualization/vis_flux.py:59-65
+    "dancegrpo-flux1-dev": dict(num_inference_steps=50, guidance_scale=3.5, height=1024, width=1024,
+                                max_sequence_length=512),
     # flow_grpo@74db691 scripts/train_flux_kontext.py eval(): max_sequence_length=128
     "flow_grpo-kontext": dict(num_inference_steps=28, guidance_scale=2.5, max_sequence_length=128),
     # Flow-Factory flux1_kontext/default.yaml:92-96 (512 px: max_area 512^2), flux1_kontext.py:348

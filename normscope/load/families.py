@@ -253,6 +253,7 @@ NFT_COMMIT = "NVlabs/DiffusionNFT@24af5554898d85e93efa492f42b5e9cdf4156e9b"
 AWM_COMMIT = "scxue/advantage_weighted_matching@be5137232e33a21b449ed65a533211d0deb97ed8"
 FLOW_FACTORY_COMMIT = "X-GenGroup/Flow-Factory@a0b2bc5a2b4fbf9125429b3fb70c0c5d7631047c"
 PREF_GRPO_COMMIT = "CodeGoat24/Pref-GRPO@3e787f6dd5a3051b40d61f07e9578468ac26130a"
+DANCEGRPO_COMMIT = "XueZeyue/DanceGRPO@15cc71d53cc2e6e18a68ee607d5fb6ba9a99e344"
 TEMPFLOW_UNVERIFIED = ("TempFlow-GRPO has released no code (Shredded-Pork/TempFlow-GRPO@"
                        "afe6d339d480377fe24d5cfcac73da2843d4efaf holds a README and the paper only): steps and "
                        "guidance as reported in ECOSYSTEM.md, not verified against code")
@@ -305,6 +306,9 @@ FLUX_PRESETS = (
        f"{PG} inference/py/flux_multi_node_inference.py:156-160 (1024x1024, guidance 3.5, 30 steps, "
        "max_sequence_length 512)", max_sequence_length=512),
     _p("tempflow-grpo-flux1-dev", "flux", 50, 3.5, GUIDANCE_SCALE, None, TEMPFLOW_UNVERIFIED),
+    _p("dancegrpo-flux1-dev", "flux", 50, 3.5, GUIDANCE_SCALE, 1024,
+       f"{DANCEGRPO_COMMIT} scripts/visualization/vis_flux.py:59-65 (its FLUX sampling script: guidance 3.5, "
+       "1024x1024, 50 steps, max_sequence_length 512)", max_sequence_length=512),
 )
 KONTEXT_PRESETS = (
     _p("flow_grpo-kontext", "flux-kontext", 28, 2.5, GUIDANCE_SCALE, None,
