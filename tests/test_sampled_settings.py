@@ -60,3 +60,20 @@ def test_an_image_pipeline_records_the_rounded_size(pipelines):
     assert (resolved["height"], resolved["width"]) == (21 // patch * patch, 37 // patch * patch)
     assert resolved["requested"] == dict(height=21, width=37)
     assert "the pipeline samples" in stderr and "not the 21x37 px asked for" in stderr
+
+
+def test_wan_sizes_off_its_patch_are_refused_before_loading(video_pipelines, monkeypatch):
+    """WanPipeline raises for a side that is not a multiple of 16: normscope says so before any weight loads."""
+    import diffusers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded before the refusal")
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", refuse)
+    monkeypatch.setattr(diffusers.ModelMixin, "from_pretrained", refuse)
+    folder = video_pipelines["wan21-euler"]
+    result = runner.invoke(app, ["compare", str(folder), str(folder), "--steps", "1", "--seeds", "0", "--prompt", "a fox",
+                                 "--device", "cpu", "--height", "20", "--width", "32", "--num-frames", "5"])
+    assert result.exit_code == 2, result.output
+    assert "WanPipeline samples only sides that are multiples of 16 px" in result.stderr
+    assert "--height 16" in result.stderr and "Traceback" not in result.output

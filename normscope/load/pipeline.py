@@ -236,11 +236,36 @@ def check_family_inputs(source: str, checkpoints: list[tuple[str | None, str]], 
     check_call_options(family, probe)
     index = json.loads((Path(source) / PIPELINE_INDEX).read_text()) if Path(source).exists() else {}
     check_image_inputs(family, index, probe)
+    if Path(source).exists():
+        check_size_multiple(family, Path(source), probe)
     if getattr(probe, "guidance_2", None) is not None and Path(source).exists():
         if index.get("boundary_ratio") is None:  # WanPipeline raises on guidance_scale_2 after loading
             raise InputError(f"--guidance-2 guides Wan2.2's second expert, but {source} has one transformer "
                              "(no boundary_ratio in model_index.json): drop --guidance-2 (Wan2.1 uses --guidance)")
     return family
+
+
+def check_size_multiple(family: Family, folder: Path, probe) -> None:
+    """Before loading: SD3 and Wan raise for a side that is not a multiple of their latent patch (the image
+    pipelines round instead, and summary.json records what they sampled); say so in one line with the fix."""
+    height, width = getattr(probe, "height", None), getattr(probe, "width", None)
+    if height is None and width is None:
+        return
+    if family.name == "sd3":  # StableDiffusion3Pipeline.check_inputs: vae_scale_factor * patch_size
+        vae, transformer = (folder / "vae" / "config.json", folder / "transformer" / "config.json")
+        if not (vae.is_file() and transformer.is_file()):
+            return
+        levels = len(json.loads(vae.read_text()).get("block_out_channels", [0] * 4))
+        multiple = 2 ** (levels - 1) * int(json.loads(transformer.read_text()).get("patch_size", 2))
+    elif family.name in ("wan", "wan-i2v"):  # WanPipeline.check_inputs: 16
+        multiple = 16
+    else:
+        return
+    bad = [(name, v) for name, v in (("height", height), ("width", width)) if v is not None and v % multiple]
+    if bad:
+        fix = " ".join(f"--{name} {max(multiple, v // multiple * multiple)}" for name, v in bad)
+        raise InputError(f"{family.pipeline_classes[0]} samples only sides that are multiples of {multiple} px (it "
+                         f"raises otherwise), got {', '.join(f'--{n} {v}' for n, v in bad)}: use e.g. {fix}")
 
 
 def is_ti2v(index: dict) -> bool:
