@@ -30,7 +30,7 @@ from normscope.config import (
     OutputFormat,
     parse_seeds,
 )
-from normscope.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_RUN, NormscopeError
+from normscope.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_RUN, ConfigError, NormscopeError
 from normscope.measure.distributed import is_main_process
 from normscope.render.safe import labelled, plain_console, stdout_console
 
@@ -78,6 +78,14 @@ MaxSeqOpt = Annotated[int | None, typer.Option("--max-sequence-length", help="T5
 VideoOpt = Annotated[Path | None, typer.Option("--video", help="Video-to-video pipelines (Wan V2V): the input video (a folder of frames in name order, or an animated GIF/WebP), the same for every sample.", rich_help_panel="Probe")]
 ImageOpt = Annotated[Path | None, typer.Option("--image", help="Image-to-video pipelines (Wan I2V): the conditioning image (first frame), the same for every sample.", rich_help_panel="Probe")]
 NumFramesOpt = Annotated[int | None, typer.Option("--num-frames", help="Video pipelines (Wan): frames of the video, 4k + 1 (e.g. 81). Default: the pipeline's.", rich_help_panel="Probe")]
+# Settings of one family's call (issue 19); each is refused before loading for a family whose pipeline lacks it.
+Guidance2Opt = Annotated[float | None, typer.Option("--guidance-2", help="Wan2.2 A14B: guidance_scale_2, the CFG scale of the low-noise expert (transformer_2). Default: the preset's, else --guidance.", rich_help_panel="Probe")]
+SkipLayersOpt = Annotated[str | None, typer.Option("--skip-layers", help="SD3 skip-layer guidance: transformer blocks skipped in the extra call, comma-separated (SD3.5-Medium: 7,8,9). Default: off.", rich_help_panel="Probe")]
+SkipScaleOpt = Annotated[float | None, typer.Option("--skip-layer-scale", help="SD3 skip-layer guidance scale (needs --skip-layers). Default: the pipeline's 2.8.", rich_help_panel="Probe")]
+SkipStartOpt = Annotated[float | None, typer.Option("--skip-layer-start", help="SD3 skip-layer guidance: first fraction of the steps it acts on (needs --skip-layers). Default: the pipeline's 0.01.", rich_help_panel="Probe")]
+SkipStopOpt = Annotated[float | None, typer.Option("--skip-layer-stop", help="SD3 skip-layer guidance: last fraction of the steps it acts on (needs --skip-layers). Default: the pipeline's 0.2.", rich_help_panel="Probe")]
+CfgNormOpt = Annotated[float | None, typer.Option("--cfg-normalization", help="Z-Image: cap the guided velocity's norm at K times the cond norm (0: off). Default: the preset's, else off.", rich_help_panel="Probe")]
+CfgTruncOpt = Annotated[float | None, typer.Option("--cfg-truncation", help="Z-Image: CFG only while t/1000 <= T (1.0: every step). Default: the preset's, else 1.0.", rich_help_panel="Probe")]
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Model dtype (norms are always reduced in float32). auto: bfloat16 on CUDA, float32 on CPU.", rich_help_panel="Hardware")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto: cuda when available, else cpu.", rich_help_panel="Hardware")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="(prompt, seed) samples per pipeline call. Results do not depend on it.", rich_help_panel="Hardware")]
@@ -105,6 +113,13 @@ PROBE_OPTIONS = (
     ("negative_prompt", NegativeOpt, None),
     ("max_sequence_length", MaxSeqOpt, None),
     ("num_frames", NumFramesOpt, None),
+    ("guidance_2", Guidance2Opt, None),
+    ("skip_layers", SkipLayersOpt, None),
+    ("skip_layer_scale", SkipScaleOpt, None),
+    ("skip_layer_start", SkipStartOpt, None),
+    ("skip_layer_stop", SkipStopOpt, None),
+    ("cfg_normalization", CfgNormOpt, None),
+    ("cfg_truncation", CfgTruncOpt, None),
 )
 
 
@@ -137,12 +152,25 @@ def probe_options(**overrides):
 
 
 def probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, negative_prompt, max_sequence_length,
-                 preset=None, true_cfg_scale=None, num_frames=None) -> dict:
-    """The probe options as ProbeConfig fields (``seeds`` parsed; None stays None where a command allows it)."""
+                 preset=None, true_cfg_scale=None, num_frames=None, **family_settings) -> dict:
+    """The probe options as ProbeConfig fields (``seeds`` parsed; None stays None where a command allows it).
+
+    ``family_settings``: the per-family call settings (``guidance_2``, ``skip_layers`` as "7,8,9", ...).
+    """
+    if family_settings.get("skip_layers") is not None:
+        family_settings["skip_layers"] = parse_layers(family_settings["skip_layers"])
     return dict(prompts_file=prompts_file, prompts=tuple(prompt or ()), seeds=None if seeds is None else parse_seeds(seeds),
                 steps=steps, guidance=guidance, height=height, width=width, negative_prompt=negative_prompt,
                 max_sequence_length=max_sequence_length, preset=preset, true_cfg_scale=true_cfg_scale,
-                num_frames=num_frames)
+                num_frames=num_frames, **family_settings)
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """'7,8,9' -> (7, 8, 9); a clear error otherwise."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"--skip-layers '{text}' is not a list of block indices: use e.g. 7,8,9") from None
 
 
 class RichReporter:
@@ -444,7 +472,7 @@ def sweep(
 
 @app.command()
 def presets(
-    family: Annotated[str | None, typer.Option("--family", help="Only the presets of this family (sd3, flux, flux-kontext, flux2, flux2-klein, qwen-image, qwen-image-edit, z-image).")] = None,
+    family: Annotated[str | None, typer.Option("--family", help="Only the presets of this family (sd3, flux, flux-kontext, flux2, flux2-klein, qwen-image, qwen-image-edit, z-image, wan, wan-i2v).")] = None,
     fmt: Annotated[OutputFormat, typer.Option("--format", help="table (default), json or csv.")] = OutputFormat.table,
 ) -> None:
     """List the --preset settings (trainers' evaluation steps, guidance, size) with their sources."""

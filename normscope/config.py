@@ -198,6 +198,16 @@ class ProbeConfig:
     num_frames: int | None = None  # video pipelines (Wan): frames of the generated video
     image: Path | None = None  # image-to-video pipelines (Wan I2V): the conditioning image, for every sample
     video: Path | None = None  # video-to-video pipelines (Wan V2V): the input video, for every sample
+    # Settings of one family's call (issue 19): Wan2.2's second-expert guidance (guidance_scale_2); SD3's
+    # skip-layer guidance (skip_guidance_layers and its scale, start and stop); Z-Image's CFG norm cap
+    # (cfg_normalization: 0 off, k caps ||v|| at k ||cond||) and truncation (CFG off once t/1000 > cfg_truncation).
+    guidance_2: float | None = None
+    skip_layers: tuple[int, ...] | None = None
+    skip_layer_scale: float | None = None
+    skip_layer_start: float | None = None
+    skip_layer_stop: float | None = None
+    cfg_normalization: float | None = None
+    cfg_truncation: float | None = None
     dtype: DType = DType.auto
     device: Device = Device.auto
     batch_size: int = DEFAULT_BATCH_SIZE
@@ -226,6 +236,32 @@ class ProbeConfig:
             if not self.video.exists():
                 raise ConfigError(f"--video {self.video} does not exist: pass a folder of frames or a video file")
         check_probe_values(self)
+        self._check_family_settings()
+
+    def _check_family_settings(self) -> None:
+        """The per-family call settings (issue 19): finite, in range, one line with the fix."""
+        import math
+
+        for name, fix in (("guidance_2", "e.g. --guidance-2 3.0"), ("skip_layer_scale", "e.g. --skip-layer-scale 2.8"),
+                          ("cfg_normalization", "0 turns it off, e.g. --cfg-normalization 1.0"),
+                          ("cfg_truncation", "1.0 keeps CFG on every step")):
+            value = getattr(self, name)
+            if value is not None and (not math.isfinite(value) or value < 0):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}: {fix}")
+        for name in ("skip_layer_start", "skip_layer_stop"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and 0 <= value <= 1):
+                raise ConfigError(f"--{name.replace('_', '-')} is a fraction of the steps, got {value}: use 0..1, "
+                                  "e.g. --skip-layer-start 0.01 --skip-layer-stop 0.2")
+        if self.skip_layers is not None:
+            self.skip_layers = tuple(int(i) for i in self.skip_layers)
+            if not self.skip_layers or any(i < 0 for i in self.skip_layers):
+                raise ConfigError(f"--skip-layers {list(self.skip_layers)} must name transformer blocks (indices >= 0), "
+                                  "e.g. --skip-layers 7,8,9 (SD3.5-Medium's)")
+        if (self.skip_layers is None and any(getattr(self, n) is not None for n in
+                                             ("skip_layer_scale", "skip_layer_start", "skip_layer_stop"))):
+            raise ConfigError("--skip-layer-scale/--skip-layer-start/--skip-layer-stop set skip-layer guidance, "
+                              "which runs only with --skip-layers (e.g. --skip-layers 7,8,9)")
 
     def _apply_preset(self) -> None:
         if self.preset is not None:
@@ -243,8 +279,11 @@ class ProbeConfig:
             if preset.size is not None:
                 self.height = self.height or preset.size
                 self.width = self.width or preset.size
-            if preset.max_sequence_length is not None and self.max_sequence_length is None:
-                self.max_sequence_length = preset.max_sequence_length
+            self.height = self.height or preset.height
+            self.width = self.width or preset.width
+            for name in preset.FIELDS:  # every other keyword the trainer's evaluation fixes
+                if getattr(preset, name) is not None and getattr(self, name) is None:
+                    setattr(self, name, getattr(preset, name))
         if self.steps is None:
             self.steps = DEFAULT_STEPS
 

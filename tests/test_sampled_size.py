@@ -9,6 +9,7 @@ import json
 
 import torch
 
+from normscope.builders.tiny_families import tiny_reference_image
 from normscope.commands.profile import ProfileConfig, profile
 from normscope.config import ProbeConfig
 from normscope.load.families import family_named
@@ -23,9 +24,10 @@ def test_kontext_row_names_the_area_argument():
 
 def test_kontext_latent_follows_height_and_width(family_pipelines, tmp_path):
     folder = family_pipelines("FluxKontextPipeline")
+    tiny_reference_image(0).save(tmp_path / "ref.png")
     config = ProfileConfig(base=str(folder), out=tmp_path / "ref", prompts=("a red fox",), seeds=(0,), steps=2,
                            height=32, width=16, max_sequence_length=24, device="cpu", dtype="float32",
-                           dtype_check=False, figure=False)
+                           dtype_check=False, figure=False, image=tmp_path / "ref.png")
     reference = profile(config)
     meta = json.loads((tmp_path / "ref" / "reference.json").read_text())
     assert (meta["config"]["resolved"]["height"], meta["config"]["resolved"]["width"]) == (32, 16)
@@ -33,7 +35,8 @@ def test_kontext_latent_follows_height_and_width(family_pipelines, tmp_path):
     channels = json.loads((folder / "transformer" / "config.json").read_text())["in_channels"]
     # packed latents: one token per 2x2 patch of the (H / f, W / f) latent, in_channels values per token
     tokens = (32 // (2 * vae_factor)) * (16 // (2 * vae_factor))
-    assert reference.meta["latent_elements"] == tokens * channels
+    # the transformer also reads the reference image's tokens, resized to the sample size (issue 19): as many again
+    assert reference.meta["latent_elements"] == 2 * tokens * channels
 
 
 def test_kontext_default_size_is_the_pipelines_area(family_pipelines):

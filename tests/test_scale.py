@@ -256,10 +256,16 @@ MORE_ENCODINGS = {
 
 
 @pytest.mark.parametrize("key", sorted(MORE_ENCODINGS))
-def test_encoding_once_is_bit_identical_for_wan_z_image_klein_and_kontext(family_pipelines, video_pipelines, key):
+def test_encoding_once_is_bit_identical_for_wan_z_image_klein_and_kontext(family_pipelines, video_pipelines, key,
+                                                                         tmp_path):
     from video_factory import VIDEO_PROBE
 
     probe = MORE_ENCODINGS[key]
+    if key == "FluxKontextPipeline":  # Kontext edits an image: one is required (issue 19)
+        from normscope.builders.tiny_families import tiny_reference_image
+
+        tiny_reference_image(0).save(tmp_path / "ref.png")
+        probe = {**probe, "image": tmp_path / "ref.png"}
     folder = str(video_pipelines[key] if probe is None else family_pipelines(key))
     fields = dict(tuned=folder, pipeline=folder, prompts=("a red fox in snow", "two green apples"), seeds=(0,),
                   device="cpu", dtype="float32", batch_size=2, mode="both",

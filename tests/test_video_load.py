@@ -71,7 +71,7 @@ def test_image_to_video_refusals_are_one_line(video_pipelines, tmp_path, monkeyp
     probe = ["--steps", "2", "--height", "16", "--width", "16", "--num-frames", "5", "--prompt", "a fox", "--seeds", "0",
              "--device", "cpu", "--dtype", "float32"]
     cases = [
-        ([str(i2v), str(i2v)], "generates from an image: pass --image FILE"),
+        ([str(i2v), str(i2v)], "edits or animates an image and none was given: pass --image FILE"),
         ([str(video_pipelines["wan21-euler"]), str(video_pipelines["wan21-euler"]), "--image", str(first_frame(tmp_path / "f.png"))],
          "WanPipeline does not take an image: drop --image"),
         ([str(i2v), str(i2v), "--image", str(tmp_path / "missing.png")], "--image"),

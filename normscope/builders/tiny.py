@@ -7,6 +7,7 @@ tokenizers are built from an in-memory vocabulary, so nothing is fetched from a 
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 
@@ -171,4 +172,9 @@ def save_tiny(pipe, folder: str | Path) -> Path:
     """Save a tiny pipeline as a diffusers folder (safetensors), the way a user's pipeline lies on disk."""
     folder = Path(folder)
     pipe.save_pretrained(folder, safe_serialization=True)
+    index = folder / "model_index.json"
+    data = json.loads(index.read_text())
+    if data.get("processor", [None, None])[1] == "PilQwen2VLProcessor":  # as the real Qwen-Image-Edit repos name it
+        data["processor"] = ["transformers", "Qwen2VLProcessor"]
+        index.write_text(json.dumps(data, indent=2))
     return folder

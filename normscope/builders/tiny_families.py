@@ -379,3 +379,79 @@ TINY_CALL: dict[str, dict] = {
 }
 # Families whose call takes a reference image (one per prompt: ``image=[tiny_reference_image(), ...]``).
 NEEDS_IMAGE = frozenset({"FluxKontextPipeline"})
+
+
+# ------------------------------------------------------------------ Qwen-Image-Edit / Edit-Plus (issue 19)
+# The edit pipelines add a Qwen2VLProcessor (the VL encoder reads the condition image) and resize the condition
+# image to about 1024^2 for the VAE whatever is asked (Edit-Plus: 384^2 for the VL encoder). So the tiny VAE here
+# downsamples by 8, as the real one does (1024^2 -> 64x64 packed tokens, not 256x256), and the image processor
+# caps the VL encoder's pixels. The processor is built from transformers' PIL classes (Qwen2VLImageProcessorPil,
+# no video processor): the default Qwen2VLImageProcessor needs torchvision, which normscope does not depend on.
+QWEN_EDIT_VL_PIXELS = 56 * 56  # at most 4 merged 28x28 patches for the VL encoder: the test stays small
+
+
+def qwen_vl_processor(tokenizer):
+    """The edit pipelines' processor on the PIL image processor, without torchvision
+    (``normscope.load.qwen_processor``), pixels capped at QWEN_EDIT_VL_PIXELS."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    from normscope.load.qwen_processor import pil_processor
+
+    images = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=QWEN_EDIT_VL_PIXELS, patch_size=14, merge_size=2,
+                                      temporal_patch_size=2)
+    return pil_processor(images, tokenizer)
+
+
+def load_qwen_edit_pipeline(folder, **kwargs):
+    """Load a saved Qwen-Image-Edit(-Plus) folder with diffusers, its processor built from the PIL classes when
+    torchvision is missing (what normscope's loader does; tests' plain calls use it too)."""
+    import json
+    from pathlib import Path
+
+    from diffusers import DiffusionPipeline
+
+    from normscope.load.qwen_processor import processor_override
+
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    return DiffusionPipeline.from_pretrained(str(folder), **processor_override(folder, index), **kwargs)
+
+
+def _qwen_edit_vae(seed: int):
+    """The tiny Qwen VAE with three downsamplings (factor 8, as the real one): the edit pipelines encode the
+    condition image at about 1024^2 whatever is asked."""
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(seed)
+    return AutoencoderKLQwenImage(
+        base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, False, False],
+        latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+    ).eval()
+
+
+def tiny_qwen_image_edit_pipeline(seed: int = 0, plus: bool = False):
+    """A QwenImageEditPipeline (or with ``plus`` a QwenImageEditPlusPipeline: 2509/2511) on Qwen-Image's tiny
+    transformer and encoder, with a PIL-based Qwen2VLProcessor (see ``qwen_vl_processor``)."""
+    import diffusers
+
+    tokenizer = qwen_tokenizer()
+    cls = diffusers.QwenImageEditPlusPipeline if plus else diffusers.QwenImageEditPipeline
+    return cls(
+        transformer=_qwen_transformer(seed),
+        text_encoder=_qwen25_vl_encoder(seed + 1, tokenizer),
+        tokenizer=tokenizer,
+        processor=qwen_vl_processor(tokenizer),
+        vae=_qwen_edit_vae(seed + 2),
+        scheduler=_qwen_scheduler(),
+    )
+
+
+def tiny_qwen_image_edit_plus_pipeline(seed: int = 0):
+    return tiny_qwen_image_edit_pipeline(seed, plus=True)
+
+
+# Kept apart from FAMILY_BUILDERS: the generic builder tests load folders with diffusers alone (which needs
+# torchvision for these) and call them with three prompts (the edit calls encode a 1024^2 condition image each).
+EDIT_BUILDERS = {
+    "QwenImageEditPipeline": tiny_qwen_image_edit_pipeline,
+    "QwenImageEditPlusPipeline": tiny_qwen_image_edit_plus_pipeline,
+}

@@ -54,6 +54,8 @@ from normscope.measure.truncation import report_truncation
 from normscope.runfolder.fingerprint import pipeline_fingerprint
 
 PASS, FAIL, ERROR = "pass", "fail", "error"
+FAMILY_SETTINGS = ("guidance_2", "skip_layers", "skip_layer_scale", "skip_layer_start", "skip_layer_stop",
+                   "cfg_normalization", "cfg_truncation")
 
 
 @dataclass(kw_only=True)
@@ -83,6 +85,13 @@ class CheckConfig:
     true_cfg_scale: float | None = None
     preset: str | None = None
     num_frames: int | None = None
+    guidance_2: float | None = None  # per-family call settings (issue 19), as ProbeConfig
+    skip_layers: tuple[int, ...] | None = None
+    skip_layer_scale: float | None = None
+    skip_layer_start: float | None = None
+    skip_layer_stop: float | None = None
+    cfg_normalization: float | None = None
+    cfg_truncation: float | None = None
     mode: Mode = Mode.paired
     dtype: DType = DType.auto
     device: Device = Device.auto
@@ -134,6 +143,7 @@ class CheckConfig:
                   "steps": self.steps, "guidance": self.guidance, "height": self.height, "width": self.width,
                   "negative_prompt": self.negative_prompt, "max_sequence_length": self.max_sequence_length,
                   "true_cfg_scale": self.true_cfg_scale, "preset": self.preset, "num_frames": self.num_frames}
+        values.update({name: getattr(self, name) for name in FAMILY_SETTINGS})
         return {k: v for k, v in values.items() if v is not None}
 
 

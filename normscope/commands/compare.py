@@ -36,7 +36,7 @@ from normscope.measure.frames import VIDEO_LAYOUT, FrameNorms, free_frames, pair
 from normscope.measure.image_signals import IMAGE_SIGNALS_CSV, PreClipImages, batch_signals, load_scorer, signal_table
 from normscope.measure.maps import MAPS_FILE, Maps, latent_geometry, maps_observer
 from normscope.measure.prompt_cache import CACHE_DIR, prepare_prompts
-from normscope.measure.prompts import Sample, make_samples, resolve_prompts
+from normscope.measure.prompts import Sample, make_samples, prompt_images, resolve_prompts
 from normscope.measure.sampling import (
     Reporter,
     SilentReporter,
@@ -47,6 +47,7 @@ from normscope.measure.sampling import (
     run_free,
     run_paired,
     run_rescaled,
+    sampled_settings_note,
     sampling_kwargs,
     versions,
 )
@@ -129,6 +130,9 @@ def _fingerprint(config: CompareConfig, prompts: list[str], source: str, checkpo
     # stopping rule continues from them, so the plan and the rule stay out of its fingerprint.
     sequential = ("seeds", "until_decided", "precision") if rule_for(config) is not None else ()
     settings = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_FINGERPRINT + sequential}
+    images = prompt_images(config.prompts_file, config.prompts)
+    if images is not None:  # a pairs file's images are part of what is sampled
+        settings["prompt_images"] = images
     library = {**versions(), "transformers": transformers.__version__, "peft": peft.__version__}
     return run_fingerprint(settings, prompts, source, checkpoints, library)
 
@@ -256,8 +260,9 @@ def compare(config: CompareConfig, reporter: Reporter | None = None, pipe=None,
 
     reporter = reporter or SilentReporter()
     prompts = resolve_prompts(config.prompts_file, config.prompts)
-    samples = (seed_major(prompts, config.seeds) if rule_for(config) is not None  # the first batches span the prompts
-               else make_samples(prompts, config.seeds))
+    images = prompt_images(config.prompts_file, config.prompts)
+    samples = (seed_major(prompts, config.seeds, images) if rule_for(config) is not None  # the first batches span the prompts
+               else make_samples(prompts, config.seeds, images))
     device = resolve_device(config.device)
     procs = processes(cpu=device == "cpu")
     device = procs.device(device)
@@ -287,7 +292,7 @@ def compare(config: CompareConfig, reporter: Reporter | None = None, pipe=None,
         own_pipe = pipe is None
         if own_pipe:
             pipe = load_pipeline(source, dtype, device, parts="denoiser" if embeddings is not None else "all",
-                                 place=False)
+                                 place=False, image_input=config.image is not None or any(s.image for s in samples))
         family = family_for(type(pipe).__name__)
         offload_to = device if config.offload else None
         loaded = load_models(pipe, config.base, config.tuned, source, config.adapter, config.allow_pickle, offload_to)
@@ -298,6 +303,9 @@ def compare(config: CompareConfig, reporter: Reporter | None = None, pipe=None,
         defaults_note = default_settings_note(pipe, config, family)
         if defaults_note:
             reporter.note(defaults_note)
+        sampled_note = sampled_settings_note(pipe, config, family)
+        if sampled_note:
+            reporter.note(sampled_note)
         try:
             return _measure(config, pipe, family, loaded, prompts, embeddings, samples, groups, source, checkpoints,
                             device, dtype, procs, reporter, folder if config.out is not None else None, scorer)

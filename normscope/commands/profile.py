@@ -42,7 +42,7 @@ from normscope.load.pipeline import check_family_inputs, place_denoiser, quiet_l
 from normscope.measure.capture import GUIDED, CallRecord
 from normscope.measure.distributed import current_processes
 from normscope.measure.prompt_cache import CACHE_DIR, prepare_prompts
-from normscope.measure.prompts import Sample, make_samples, resolve_prompts
+from normscope.measure.prompts import Sample, make_samples, prompt_images, resolve_prompts
 from normscope.measure.sampling import (
     Reporter,
     SilentReporter,
@@ -51,6 +51,7 @@ from normscope.measure.sampling import (
     resolve_run_device,
     resolved_sampling,
     run_model_batches,
+    sampled_settings_note,
     versions,
 )
 from normscope.measure.stats import sigma_integral
@@ -70,7 +71,8 @@ MIN_SAMPLES = 16
 TAU_PERCENTILE = 95
 # Probe fields a check must not contradict; hardware fields (device, dtype, batch size) may differ.
 PROBE_FIELDS = ("prompts_file", "prompts", "seeds", "steps", "guidance", "height", "width", "negative_prompt",
-                "max_sequence_length", "true_cfg_scale", "num_frames", "image")
+                "max_sequence_length", "true_cfg_scale", "num_frames", "image", "guidance_2", "skip_layers",
+                "skip_layer_scale", "skip_layer_start", "skip_layer_stop", "cfg_normalization", "cfg_truncation")
 
 
 @dataclass(kw_only=True)
@@ -236,7 +238,7 @@ def profile(config: ProfileConfig, reporter: Reporter | None = None, pipe=None, 
     """
     reporter = reporter or SilentReporter()
     prompts = resolve_prompts(config.prompts_file, config.prompts)
-    samples = make_samples(prompts, config.seeds)
+    samples = make_samples(prompts, config.seeds, prompt_images(config.prompts_file, config.prompts))
     device, kind = resolve_run_device(config.device)
     dtype = resolve_dtype(config.dtype, kind)
     source = find_pipeline_source(config.base, None, config.pipeline)
@@ -291,6 +293,9 @@ def _profile(config: ProfileConfig, reporter: Reporter, pipe, cache_dir: Path | 
     defaults_note = default_settings_note(pipe, config)
     if defaults_note:
         reporter.note(defaults_note)
+    sampled_note = sampled_settings_note(pipe, config)
+    if sampled_note:
+        reporter.note(sampled_note)
 
     guided = _norm_matrix(record, GUIDED)
     sigmas = record.sigmas.double().numpy()
@@ -400,6 +405,8 @@ def probe_from_reference(reference: Reference, device: Device, dtype: DType, bat
         steps=stored["steps"], guidance=stored["guidance"], height=stored["height"], width=stored["width"],
         negative_prompt=stored["negative_prompt"], max_sequence_length=stored["max_sequence_length"],
         true_cfg_scale=stored.get("true_cfg_scale"), num_frames=stored.get("num_frames"), image=stored.get("image"),
+        **{name: stored.get(name) for name in ("guidance_2", "skip_layers", "skip_layer_scale", "skip_layer_start",
+                                               "skip_layer_stop", "cfg_normalization", "cfg_truncation")},
         device=device, dtype=dtype, batch_size=batch_size,
     )
 

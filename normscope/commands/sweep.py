@@ -37,7 +37,7 @@ from normscope.load.pipeline import check_family_inputs, place_denoiser
 from normscope.measure.distributed import current_processes
 from normscope.measure.maps import where_columns
 from normscope.measure.prompt_cache import CACHE_DIR, prepare_prompts
-from normscope.measure.prompts import make_samples, resolve_prompts
+from normscope.measure.prompts import make_samples, prompt_images, resolve_prompts
 from normscope.measure.sampling import Reporter, SilentReporter, prompt_batches, resolve_run_device
 from normscope.measure.sanity import sanity
 from normscope.render.files import write_run
@@ -214,7 +214,8 @@ def _sweep(config: SweepConfig, reporter: Reporter, checkpoints: list[tuple[int,
     shared_pipe, loads = None, 0
     needs_base = config.mode is Mode.free and not _base_reusable(config, source)
     if pending or needs_base:
-        samples = make_samples(resolve_prompts(config.prompts_file, config.prompts), config.seeds)
+        samples = make_samples(resolve_prompts(config.prompts_file, config.prompts), config.seeds,
+                               prompt_images(config.prompts_file, config.prompts))
         prompts = prepare_prompts(source, prompt_batches(samples, config.batch_size), config, dtype, device,
                                   cache_dir)
         shared_pipe = load_pipeline(source, dtype, device, parts="denoiser" if prompts is not None else "all",

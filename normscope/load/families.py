@@ -50,7 +50,12 @@ class Preset:
     """A trainer's evaluation setting: ``normscope compare --preset NAME`` samples the way it evaluates.
 
     ``None`` leaves a setting at the pipeline's default. ``argument`` is the pipeline argument that
-    ``guidance`` goes to (``guidance_scale`` or ``true_cfg_scale``).
+    ``guidance`` goes to (``guidance_scale`` or ``true_cfg_scale``). ``size`` is a square size; ``height`` and
+    ``width`` a non-square one (Wan 480x832, Qwen-Image 16:9). Every other field is one more keyword the
+    trainer's evaluation fixes and the preset hands to the pipeline call (through the ``ProbeConfig`` field of
+    the same name): the text length, the video length, Wan2.2's second-expert guidance, the negative prompt,
+    Z-Image's CFG norm cap and truncation. ``source`` names the repository, file, line and commit each value
+    was read from (``normscope presets`` shows it).
     """
 
     name: str
@@ -61,6 +66,20 @@ class Preset:
     size: int | None
     source: str
     max_sequence_length: int | None = None
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    guidance_2: float | None = None
+    negative_prompt: str | None = None
+    cfg_normalization: float | None = None
+    cfg_truncation: float | None = None
+
+    def __post_init__(self) -> None:
+        assert self.size is None or (self.height is None and self.width is None), self.name
+
+    # The ProbeConfig fields a preset fills (each only where the user left it unset), in listing order.
+    FIELDS = ("max_sequence_length", "num_frames", "guidance_2", "negative_prompt", "cfg_normalization",
+              "cfg_truncation")
 
 
 @dataclass(frozen=True)
@@ -196,6 +215,10 @@ class Family:
     * ``private_state_kwargs``: transformer keywords that carry state the transformer WRITES (Qwen-Image-2.1's
       ``kv_cache``): in paired mode the other model gets its own copy, taken before the driver's first call with
       it, so neither model ever reads the other's cached prefix.
+    * ``needs_image``: the family edits or animates an image (Kontext, Qwen-Image-Edit, Wan I2V): a run without
+      ``--image`` or per-row images is refused before any weight loads (Kontext would silently measure
+      text-to-image, Qwen-Image-Edit fails after loading). ``image_per_sample``: the call takes a list of one
+      image per prompt (Qwen-Image-Edit's VL encoder reads one image per prompt; one image for a batch fails).
     """
 
     name: str
@@ -235,6 +258,8 @@ class Family:
     call_markers: tuple[tuple[str, str], ...] = ()
     rule_args: tuple[tuple[str, str], ...] = ()
     presets: tuple[Preset, ...] = field(default=())
+    needs_image: bool = False
+    image_per_sample: bool = False
 
     def __post_init__(self) -> None:
         # The table is data typed by hand: a typo must fail at import, not in a user's run.
@@ -262,15 +287,178 @@ class Family:
         return tuple(label for _, label in self.experts)
 
 
-def _p(name: str, family: str, steps: int, guidance: float, argument: str, size: int | None, source: str) -> Preset:
-    return Preset(name=name, family=family, steps=steps, guidance=guidance, argument=argument, size=size, source=source)
+def _p(name: str, family: str, steps: int, guidance: float, argument: str, size: int | None, source: str,
+       **fields) -> Preset:
+    return Preset(name=name, family=family, steps=steps, guidance=guidance, argument=argument, size=size,
+                  source=source, **fields)
 
 
-# Sources: the trainers' evaluation configs as gathered in ECOSYSTEM.md ("Model families the RL trainers tune").
-FLOW_GRPO = "flow_grpo eval config"
-FLOW_FACTORY = "Flow-Factory eval config"
-PREF_GRPO = "Pref-GRPO eval config"
-TEMPFLOW = "TempFlow-GRPO eval config"
+# ------------------------------------------------------------------------------------------------ presets
+# Every value below was read in the trainer's own repository at the commit named; "file:line" points at it.
+# A preset carries every keyword that evaluation passes to its sampler; what the trainer leaves unset stays the
+# pipeline's default (None here). Where a source could not be read, the source says so.
+FLOW_GRPO_COMMIT = "yifan123/flow_grpo@ac4c86e8cae021841f1fde853d340e0db67690dd"
+FLOW_GRPO_INDEX_COMMIT = "yifan123/flow_grpo@31c71b9dc2c31e684cb547e464c941094140ac19"
+FLOW_GRPO_KONTEXT_COMMIT = "yifan123/flow_grpo@74db69191de9a0a54869c9c3341ce4b54db7005f"
+NFT_COMMIT = "NVlabs/DiffusionNFT@24af5554898d85e93efa492f42b5e9cdf4156e9b"
+AWM_COMMIT = "scxue/advantage_weighted_matching@be5137232e33a21b449ed65a533211d0deb97ed8"
+FLOW_FACTORY_COMMIT = "X-GenGroup/Flow-Factory@a0b2bc5a2b4fbf9125429b3fb70c0c5d7631047c"
+PREF_GRPO_COMMIT = "CodeGoat24/Pref-GRPO@3e787f6dd5a3051b40d61f07e9578468ac26130a"
+DANCEGRPO_COMMIT = "XueZeyue/DanceGRPO@15cc71d53cc2e6e18a68ee607d5fb6ba9a99e344"
+TEMPFLOW_UNVERIFIED = ("TempFlow-GRPO has released no code (Shredded-Pork/TempFlow-GRPO@"
+                       "afe6d339d480377fe24d5cfcac73da2843d4efaf holds a README and the paper only): steps and "
+                       "guidance as reported in ECOSYSTEM.md, not verified against code")
+# flow_grpo's SD3 evaluation encodes prompts, and the "" negative, with 128 T5 tokens.
+FLOW_GRPO_SD3_TOKENS = f"{FLOW_GRPO_COMMIT} scripts/train_sd3.py:220,238 (max_sequence_length=128)"
+# Pref-GRPO's Wan inference scripts pass Wan's own long negative prompt (its English version).
+WAN_NEGATIVE_EN = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
+    "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
+    "background, three legs, many people in the background, walking backwards"
+)
+FF = FLOW_FACTORY_COMMIT
+PG = PREF_GRPO_COMMIT
+
+SD3_PRESETS = (
+    _p("flow_grpo-sd3.5m", "sd3", 40, 4.5, GUIDANCE_SCALE, 512,
+       f"{FLOW_GRPO_COMMIT} config/grpo.py:77-80 (geneval_sd3: eval_num_steps 40, guidance 4.5, 512 px); "
+       + FLOW_GRPO_SD3_TOKENS, max_sequence_length=128, negative_prompt=""),
+    _p("flow_grpo-sd3.5m-nocfg", "sd3", 40, 1.0, GUIDANCE_SCALE, 512,
+       f"{FLOW_GRPO_INDEX_COMMIT} config/grpo.py geneval_sd3_fast_nocfg() (eval_num_steps 40, eval_guidance_scale 1, "
+       "512 px; read from the code index, line not resolved); its train_sd3_fast.py eval encodes with "
+       "max_sequence_length=128 (same index)", max_sequence_length=128, negative_prompt=""),
+    _p("diffusionnft-sd3.5m", "sd3", 40, 1.0, GUIDANCE_SCALE, 512,
+       f"{NFT_COMMIT} config/nft.py:21,23,64 (eval_num_steps 40, 512 px, guidance_scale 1.0); "
+       "scripts/train_nft_sd3.py:226,255 (prompts and \"\" negative at max_sequence_length=128)",
+       max_sequence_length=128, negative_prompt=""),
+    _p("awm-sd3.5m", "sd3", 40, 1.0, GUIDANCE_SCALE, 512,
+       f"{AWM_COMMIT} advantage_weighted_matching/config/dgx_awm.py:38-43 (geneval_sd3_no_cfg_1node: 40 steps, "
+       "guidance 1.0, 512 px); advantage_weighted_matching/scripts/train_sd3_awm.py:287,305 "
+       "(max_sequence_length=128)", max_sequence_length=128, negative_prompt=""),
+    _p("flow-factory-sd3.5", "sd3", 40, 4.5, GUIDANCE_SCALE, 512,
+       f"{FF} examples/grpo/lora/sd3_5/default.yaml:95-98 (eval 512 px, guidance 4.5, 40 steps); "
+       "src/flow_factory/models/stable_diffusion/sd3_5.py:92,132,218 (prompts encoded with max_sequence_length "
+       "512, negative \"\")", max_sequence_length=512, negative_prompt=""),
+    _p("flow-factory-sd3.5-nocfg", "sd3", 40, 1.0, GUIDANCE_SCALE, 512,
+       f"{FF} examples/grpo/lora/sd3_5/nocfg.yaml:95-98 (eval 512 px, guidance 1.0, 40 steps); "
+       "src/flow_factory/models/stable_diffusion/sd3_5.py:92,218 (max_sequence_length 512)",
+       max_sequence_length=512, negative_prompt=""),
+    _p("tempflow-grpo-sd3.5m", "sd3", 40, 4.5, GUIDANCE_SCALE, None, TEMPFLOW_UNVERIFIED),
+)
+FLUX_PRESETS = (
+    _p("flow_grpo-flux1-dev", "flux", 28, 3.5, GUIDANCE_SCALE, None,
+       "flow_grpo FLUX.1-dev: NOT READ - the fetched snapshot (" + FLOW_GRPO_COMMIT + ") holds SD3 only; "
+       "28 steps / 3.5 as reported in ECOSYSTEM.md, size and text length left at the pipeline's"),
+    _p("flow-factory-flux1-dev", "flux", 20, 3.5, GUIDANCE_SCALE, 512,
+       f"{FF} examples/grpo/lora/flux1/default.yaml:91-94 (eval 512 px, guidance 3.5, 20 steps); "
+       "src/flow_factory/models/flux/flux1.py:104 (pipeline's own encode_prompt: default text length)"),
+    _p("pref-grpo-flux1-dev", "flux", 30, 3.5, GUIDANCE_SCALE, 1024,
+       f"{PG} inference/py/flux_multi_node_inference.py:156-160 (1024x1024, guidance 3.5, 30 steps, "
+       "max_sequence_length 512)", max_sequence_length=512),
+    _p("tempflow-grpo-flux1-dev", "flux", 50, 3.5, GUIDANCE_SCALE, None, TEMPFLOW_UNVERIFIED),
+    _p("dancegrpo-flux1-dev", "flux", 50, 3.5, GUIDANCE_SCALE, 1024,
+       f"{DANCEGRPO_COMMIT} scripts/visualization/vis_flux.py:59-65 (its FLUX sampling script: guidance 3.5, "
+       "1024x1024, 50 steps, max_sequence_length 512)", max_sequence_length=512),
+)
+KONTEXT_PRESETS = (
+    _p("flow_grpo-kontext", "flux-kontext", 28, 2.5, GUIDANCE_SCALE, None,
+       f"{FLOW_GRPO_KONTEXT_COMMIT} scripts/train_flux_kontext.py eval() (read from the code index, line not "
+       "resolved): max_sequence_length=128, max_area=resolution^2 with height=width=resolution; the Kontext "
+       "config (steps 28, guidance 2.5, resolution) was NOT READ: steps/guidance as reported in ECOSYSTEM.md, "
+       "size left at the pipeline's", max_sequence_length=128),
+    _p("flow-factory-kontext", "flux-kontext", 20, 2.5, GUIDANCE_SCALE, 512,
+       f"{FF} examples/grpo/lora/flux1_kontext/default.yaml:92-96 (eval 512 px, condition image 512, guidance "
+       "2.5, 20 steps); src/flow_factory/models/flux/flux1_kontext.py:348 (max_sequence_length 512)",
+       max_sequence_length=512),
+)
+FLUX2_PRESETS = (
+    _p("flow-factory-flux2", "flux2", 28, 4.0, GUIDANCE_SCALE, 1024,
+       f"{FF} examples/grpo/lora/flux2/t2i.yaml:96-99 (eval 1024 px, guidance 4, 28 steps); "
+       "src/flow_factory/models/flux/flux2.py:650 (max_sequence_length 512)", max_sequence_length=512),
+)
+KLEIN_PRESETS = (
+    _p("flow-factory-klein", "flux2-klein", 10, 1.0, GUIDANCE_SCALE, 1024,
+       f"{FF} examples/grpo/lora/flux2_klein/default.yaml:97-102 (eval 1024 px, guidance 1.0, 10 steps); "
+       "src/flow_factory/models/flux/flux2_klein.py:595 (max_sequence_length 512)", max_sequence_length=512),
+    _p("flow-factory-klein-base", "flux2-klein", 28, 4.0, GUIDANCE_SCALE, 1024,
+       f"{FF} examples/grpo/lora/flux2_klein_base/default.yaml:97-101 (eval 1024 px, guidance 4.0, 28 steps); "
+       "src/flow_factory/models/flux/flux2_klein.py:595 (max_sequence_length 512)", max_sequence_length=512),
+    _p("pref-grpo-klein", "flux2-klein", 50, 4.0, GUIDANCE_SCALE, 1024,
+       f"{PG} inference/flux2_klein_dist_infer.sh:21-22 (guidance 4.0, 50 steps); "
+       "inference/py/flux2_klein_multi_node_inference.py:175-176,180 (1024x1024, max_sequence_length 512)",
+       max_sequence_length=512),
+)
+QWEN_PRESETS = (
+    _p("flow_grpo-qwen-image", "qwen-image", 50, 4.0, TRUE_CFG_SCALE, None,
+       "flow_grpo Qwen-Image: NOT READ - the fetched snapshot (" + FLOW_GRPO_COMMIT + ") holds SD3 only; "
+       "50 steps / true CFG 4 as reported in ECOSYSTEM.md, the rest left at the pipeline's"),
+    _p("flow-factory-qwen-image", "qwen-image", 28, 4.0, TRUE_CFG_SCALE, 1024,
+       f"{FF} examples/grpo/lora/qwen_image/default.yaml:92-95 (eval 1024 px, guidance 4 = true CFG, 28 steps); "
+       "src/flow_factory/models/qwen_image/qwen_image.py:171,309 (negative \"\", max_sequence_length 1024)",
+       max_sequence_length=1024, negative_prompt=""),
+    _p("pref-grpo-qwen-image", "qwen-image", 50, 4.0, TRUE_CFG_SCALE, None,
+       f"{PG} inference/py/qwen_image_multi_node_inference.py:137,148,159-163 (negative \" \", 16:9 = 1664x928, "
+       "50 steps, true_cfg_scale 4.0)", height=928, width=1664, negative_prompt=" "),
+    _p("tempflow-grpo-qwen-image", "qwen-image", 50, 4.0, TRUE_CFG_SCALE, None, TEMPFLOW_UNVERIFIED),
+)
+QWEN_EDIT_PRESETS = (
+    _p("flow-factory-qwen-image-edit", "qwen-image-edit", 40, 4.0, TRUE_CFG_SCALE, 1024,
+       f"{FF} examples/grpo/lora/qwen_image_edit_plus/default.yaml:101-106 (eval 1024 px, condition image "
+       "1024x1024, guidance 4 = true CFG, 40 steps, batch 1); "
+       "src/flow_factory/models/qwen_image/qwen_image_edit_plus.py:250,642 (negative \"\", max_sequence_length 1024)",
+       max_sequence_length=1024, negative_prompt=""),
+)
+Z_IMAGE_PRESETS = (
+    _p("flow-factory-z-image", "z-image", 40, 4.0, GUIDANCE_SCALE, 1024,
+       f"{FF} examples/grpo/lora/z_image/default.yaml:87-90 (eval 1024 px, guidance 4.0, 40 steps); "
+       "src/flow_factory/models/z_image/z_image.py:148,211-215 (negative \"\", cfg_normalization off, "
+       "cfg_truncation 1.0, max_sequence_length 512)",
+       max_sequence_length=512, negative_prompt="", cfg_normalization=0.0, cfg_truncation=1.0),
+    _p("flow-factory-z-image-turbo", "z-image", 10, 0.0, GUIDANCE_SCALE, 512,
+       f"{FF} examples/grpo/lora/z_image_turbo/default.yaml:87-90 (eval 512 px, guidance 0, 10 steps); "
+       "src/flow_factory/models/z_image/z_image.py:148,211-215 (as flow-factory-z-image)",
+       max_sequence_length=512, negative_prompt="", cfg_normalization=0.0, cfg_truncation=1.0),
+    _p("pref-grpo-z-image", "z-image", 20, 3.0, GUIDANCE_SCALE, 1024,
+       f"{PG} inference/py/z_image_multi_node_inference.py:186-193 (1024x1024, guidance 3.0, 20 steps, "
+       "max_sequence_length 512, no negative prompt, cfg_normalization off, cfg_truncation 1.0)",
+       max_sequence_length=512, cfg_normalization=0.0, cfg_truncation=1.0),
+)
+WAN_PRESETS = (
+    _p("flow_grpo-wan2.1", "wan", 50, 4.5, GUIDANCE_SCALE, None,
+       f"{FLOW_GRPO_INDEX_COMMIT} config/grpo.py:29-42 (general_ocr_wan2_1: eval_num_steps 50, guidance 4.5, "
+       "240x416, 33 frames; read from the code index); its train_wan2_1.py eval was NOT READ (negative prompt "
+       "and text length left at the pipeline's)", height=240, width=416, num_frames=33),
+    _p("flow-factory-wan2.1", "wan", 28, 5.0, GUIDANCE_SCALE, 480,
+       f"{FF} examples/grpo/lora/wan21/t2v.yaml:95-100 (eval resolution 480 = 480x480, 13 frames, guidance 5.0, "
+       "28 steps); src/flow_factory/models/wan/wan2_t2v.py:189,255 (negative \"\", max_sequence_length 512). "
+       "Not carried: its scheduler (flow_shift 3.0, t2v.yaml scheduler section) is Flow-Factory's own",
+       num_frames=13, max_sequence_length=512, negative_prompt=""),
+    _p("flow-factory-wan2.2-t2v", "wan", 28, 4.0, GUIDANCE_SCALE, 720,
+       f"{FF} examples/grpo/lora/wan22/t2v.yaml:103-108 (eval 720 px, 21 frames, guidance 4.0, guidance_scale_2 "
+       "3.0, 28 steps); src/flow_factory/models/wan/wan2_t2v.py:189,255 (negative \"\", max_sequence_length 512)",
+       num_frames=21, guidance_2=3.0, max_sequence_length=512, negative_prompt=""),
+    _p("pref-grpo-wan2.1", "wan", 50, 5.0, GUIDANCE_SCALE, None,
+       f"{PG} inference/py/wan21_multi_node_inference.py:128-131,152-159,215-223 (Wan's negative prompt, "
+       "480x832, 81 frames, guidance 5.0; num_inference_steps not passed: WanPipeline's 50)",
+       height=480, width=832, num_frames=81, negative_prompt=WAN_NEGATIVE_EN),
+    _p("pref-grpo-wan2.2", "wan", 50, 4.0, GUIDANCE_SCALE, None,
+       f"{PG} inference/wan22_dist_infer.sh:6-7 (guidance 4.0, guidance_scale_2 3.0); "
+       "inference/py/wan22_multi_node_inference.py:181-191,276-300 (Wan's negative prompt, 480x832, 81 frames; "
+       "num_inference_steps not passed: WanPipeline's 50)",
+       height=480, width=832, num_frames=81, guidance_2=3.0, negative_prompt=WAN_NEGATIVE_EN),
+)
+WAN_I2V_PRESETS = (
+    _p("flow-factory-wan2.1-i2v", "wan-i2v", 28, 5.0, GUIDANCE_SCALE, 480,
+       f"{FF} examples/grpo/lora/wan21/i2v.yaml:94-98 (eval 480 px, 5 frames, guidance 5.0, 28 steps); "
+       "src/flow_factory/models/wan/wan2_i2v.py:230,451 (negative \"\", max_sequence_length 512)",
+       num_frames=5, max_sequence_length=512, negative_prompt=""),
+    _p("flow-factory-wan2.2-i2v", "wan-i2v", 28, 3.5, GUIDANCE_SCALE, 720,
+       f"{FF} examples/grpo/lora/wan22/i2v.yaml:103-107 (eval 720 px, 21 frames, guidance 3.5, 28 steps; "
+       "guidance_scale_2 unset = guidance_scale, wan2_i2v.py:460-461); src/flow_factory/models/wan/wan2_i2v.py:"
+       "230,451 (negative \"\", max_sequence_length 512)",
+       num_frames=21, max_sequence_length=512, negative_prompt=""),
+)
 
 # Wan: cond then uncond calls (CFG on from guidance_scale alone), 5-D latents (B, C, F, H, W). The model repos
 # ship UniPCMultistepScheduler (flow_prediction, use_flow_sigmas, flow_shift 3-5); capture reads only the
@@ -285,28 +473,14 @@ FAMILIES: tuple[Family, ...] = (
         pipeline_classes=("StableDiffusion3Pipeline",), transformer_class="SD3Transformer2DModel",
         calls=BATCHED, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, size_patch=None,
         extra_call_kwarg="skip_layers", extra_scale_arg="skip_layer_guidance_scale", prompt_encoding=SD3_PROMPTS,
-        presets=(
-            _p("flow_grpo-sd3.5m", "sd3", 40, 4.5, GUIDANCE_SCALE, 512, FLOW_GRPO + " (SD3.5-M)"),
-            _p("flow_grpo-sd3.5m-nocfg", "sd3", 40, 1.0, GUIDANCE_SCALE, 512, FLOW_GRPO + " (SD3.5-M 'nocfg')"),
-            _p("diffusionnft-sd3.5m", "sd3", 40, 1.0, GUIDANCE_SCALE, 512,
-               "DiffusionNFT eval config (SD3.5-M, trained without CFG)"),
-            _p("awm-sd3.5m", "sd3", 40, 1.0, GUIDANCE_SCALE, 512,
-               "AWM eval config (SD3.5-M, trained without CFG)"),
-            _p("flow-factory-sd3.5", "sd3", 40, 4.5, GUIDANCE_SCALE, None, FLOW_FACTORY + " (SD3.5)"),
-            _p("tempflow-grpo-sd3.5m", "sd3", 40, 4.5, GUIDANCE_SCALE, None, TEMPFLOW + " (SD3.5-M)"),
-        ),
+        presets=SD3_PRESETS,
     ),
     Family(
         name="flux", title="FLUX.1-dev / FLUX.1-schnell",
         pipeline_classes=("FluxPipeline",), transformer_class="FluxTransformer2DModel",
         calls=DISTILLED, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, true_cfg_arg=TRUE_CFG_SCALE,
         needs_negative_prompt=True, latent_layout="packed", patch_size=2, prompt_encoding=FLUX_PROMPTS,
-        presets=(
-            _p("flow_grpo-flux1-dev", "flux", 28, 3.5, GUIDANCE_SCALE, None, FLOW_GRPO + " (FLUX.1-dev)"),
-            _p("flow-factory-flux1-dev", "flux", 20, 3.5, GUIDANCE_SCALE, None, FLOW_FACTORY + " (FLUX.1)"),
-            _p("pref-grpo-flux1-dev", "flux", 30, 3.5, GUIDANCE_SCALE, None, PREF_GRPO + " (FLUX)"),
-            _p("tempflow-grpo-flux1-dev", "flux", 50, 3.5, GUIDANCE_SCALE, None, TEMPFLOW + " (FLUX.1-dev)"),
-        ),
+        presets=FLUX_PRESETS,
     ),
     Family(
         name="flux-kontext", title="FLUX.1-Kontext",
@@ -314,39 +488,28 @@ FAMILIES: tuple[Family, ...] = (
         calls=DISTILLED, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, true_cfg_arg=TRUE_CFG_SCALE,
         needs_negative_prompt=True, reference_tokens=True, latent_layout="packed", patch_size=2,
         area_arg="max_area", prompt_encoding=FLUX_PROMPTS,
-        presets=(
-            _p("flow_grpo-kontext", "flux-kontext", 28, 2.5, GUIDANCE_SCALE, None, FLOW_GRPO + " (Kontext)"),
-            _p("flow-factory-kontext", "flux-kontext", 20, 2.5, GUIDANCE_SCALE, None, FLOW_FACTORY + " (Kontext)"),
-        ),
+        presets=KONTEXT_PRESETS, needs_image=True,
     ),
     Family(
         name="flux2", title="FLUX.2-dev",
         pipeline_classes=("Flux2Pipeline",), transformer_class="Flux2Transformer2DModel",
         calls=DISTILLED, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, reference_tokens=True,
         latent_layout="packed", patch_size=2, prompt_encoding=FLUX2_PROMPTS,
+        presets=FLUX2_PRESETS,
     ),
     Family(
         name="flux2-klein", title="FLUX.2-klein (distilled and base)",
         pipeline_classes=("Flux2KleinPipeline",), transformer_class="Flux2Transformer2DModel",
         calls=SEPARATE, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, reference_tokens=True,
         latent_layout="packed", patch_size=2, prompt_encoding=FLUX2_KLEIN_PROMPTS,
-        presets=(
-            _p("flow-factory-klein", "flux2-klein", 10, 1.0, GUIDANCE_SCALE, None, FLOW_FACTORY + " (klein)"),
-            _p("flow-factory-klein-base", "flux2-klein", 28, 4.0, GUIDANCE_SCALE, None, FLOW_FACTORY + " (klein-base)"),
-            _p("pref-grpo-klein", "flux2-klein", 50, 4.0, GUIDANCE_SCALE, None, PREF_GRPO + " (klein)"),
-        ),
+        presets=KLEIN_PRESETS,
     ),
     Family(
         name="qwen-image", title="Qwen-Image / Qwen-Image-2512",
         pipeline_classes=("QwenImagePipeline",), transformer_class="QwenImageTransformer2DModel",
         calls=SEPARATE, combine=QWEN_RENORM, guidance_arg=TRUE_CFG_SCALE, needs_negative_prompt=True,
         latent_layout="packed", patch_size=2, prompt_encoding=QWEN_PROMPTS, vae_factor="temperal_downsample",
-        presets=(
-            _p("flow_grpo-qwen-image", "qwen-image", 50, 4.0, TRUE_CFG_SCALE, None, FLOW_GRPO + " (Qwen)"),
-            _p("flow-factory-qwen-image", "qwen-image", 28, 4.0, TRUE_CFG_SCALE, None, FLOW_FACTORY + " (Qwen)"),
-            _p("pref-grpo-qwen-image", "qwen-image", 50, 4.0, TRUE_CFG_SCALE, None, PREF_GRPO + " (Qwen)"),
-            _p("tempflow-grpo-qwen-image", "qwen-image", 50, 4.0, TRUE_CFG_SCALE, None, TEMPFLOW + " (Qwen-Image)"),
-        ),
+        presets=QWEN_PRESETS,
     ),
     Family(
         name="qwen-image-edit", title="Qwen-Image-Edit / Edit-Plus (2509, 2511)",
@@ -354,10 +517,7 @@ FAMILIES: tuple[Family, ...] = (
         transformer_class="QwenImageTransformer2DModel",
         calls=SEPARATE, combine=QWEN_RENORM, guidance_arg=TRUE_CFG_SCALE, needs_negative_prompt=True,
         reference_tokens=True, latent_layout="packed", patch_size=2, vae_factor="temperal_downsample",
-        presets=(
-            _p("flow-factory-qwen-image-edit", "qwen-image-edit", 40, 4.0, TRUE_CFG_SCALE, None,
-               FLOW_FACTORY + " (Qwen-Edit)"),
-        ),
+        presets=QWEN_EDIT_PRESETS, needs_image=True, image_per_sample=True,
     ),
     Family(
         name="z-image", title="Z-Image / Z-Image-Turbo",
@@ -366,12 +526,7 @@ FAMILIES: tuple[Family, ...] = (
         batch_order=("cond", "uncond"), input_form="list", latent_layout="list_c1hw",
         output_projection="all_final_layer.2-1.linear", cap_arg="cfg_normalization",
         prompt_encoding=Z_IMAGE_PROMPTS,
-        presets=(
-            _p("flow-factory-z-image", "z-image", 40, 4.0, GUIDANCE_SCALE, None, FLOW_FACTORY + " (Z-Image)"),
-            _p("flow-factory-z-image-turbo", "z-image", 10, 0.0, GUIDANCE_SCALE, None,
-               FLOW_FACTORY + " (Z-Image-Turbo)"),
-            _p("pref-grpo-z-image", "z-image", 20, 3.0, GUIDANCE_SCALE, None, PREF_GRPO + " (Z-Image)"),
-        ),
+        presets=Z_IMAGE_PRESETS,
     ),
     Family(
         name="wan", title="Wan2.1 T2V / Wan2.2 T2V-A14B (two experts) / Wan2.2 TI2V-5B",
@@ -379,10 +534,7 @@ FAMILIES: tuple[Family, ...] = (
         calls=SEPARATE, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, experts=WAN_EXPERTS,
         expert_guidance=WAN_GUIDANCE, latent_layout="bcfhw", patch_size=2, prompt_encoding=WAN_PROMPTS,
         vae_factor="scale_factor_spatial", size_patch=None, size_floor=16, frames_factor=4,
-        presets=(
-            _p("flow_grpo-wan2.1", "wan", 50, 4.5, GUIDANCE_SCALE, None, FLOW_GRPO + ": Wan2.1-T2V-1.3B 50 steps, CFG 4.5"),
-            _p("flow-factory-wan2.1", "wan", 28, 5.0, GUIDANCE_SCALE, None, FLOW_FACTORY + ": Wan2.1 28 steps, CFG 5"),
-        ),
+        presets=WAN_PRESETS,
     ),
     Family(
         name="wan-i2v", title="Wan2.1 I2V / Wan2.2 I2V-A14B (image to video)",
@@ -390,10 +542,7 @@ FAMILIES: tuple[Family, ...] = (
         calls=SEPARATE, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, experts=WAN_EXPERTS,
         expert_guidance=WAN_GUIDANCE, latent_layout="bcfhw", patch_size=2, call_requires=("ftfy",),
         vae_factor="scale_factor_spatial", size_patch=None, size_floor=16, frames_factor=4,
-        presets=(
-            _p("flow-factory-wan2.1-i2v", "wan-i2v", 28, 5.0, GUIDANCE_SCALE, None, FLOW_FACTORY + ": Wan2.1 I2V 28 steps, CFG 5"),
-            _p("flow-factory-wan2.2-i2v", "wan-i2v", 28, 3.5, GUIDANCE_SCALE, None, FLOW_FACTORY + ": Wan2.2-I2V 28 steps, CFG 3.5"),
-        ),
+        presets=WAN_I2V_PRESETS, needs_image=True,
     ),
 )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,7 +102,7 @@ def _components(source: str) -> list[str]:
     return [k for k in DiffusionPipeline.load_config(source) if not k.startswith("_")]
 
 
-def load_pipeline(source: str, dtype, device: str, parts: str = "all", place: bool = True):
+def load_pipeline(source: str, dtype, device: str, parts: str = "all", place: bool = True, image_input: bool = False):
     """A diffusers pipeline from a local folder or a hub id, safetensors only, no remote code.
 
     ``parts`` says what is loaded and where it goes:
@@ -111,6 +112,9 @@ def load_pipeline(source: str, dtype, device: str, parts: str = "all", place: bo
       transformer is put on ``device`` (not even that with ``place=False``: offload and the copies of full
       checkpoints place it later); the VAE waits in host memory until images are decoded;
     * ``text_encoders``: the text encoders and tokenizers alone, on ``device``, for encoding prompts.
+
+    ``image_input``: the run conditions on an image; a Wan2.2 TI2V-5B folder (a ``WanPipeline`` with
+    ``expand_timesteps``) then loads as diffusers' ``WanImageToVideoPipeline``, its image-to-video mode.
     """
     from diffusers import DiffusionPipeline
 
@@ -130,7 +134,15 @@ def load_pipeline(source: str, dtype, device: str, parts: str = "all", place: bo
             elif parts == "text_encoders":
                 skip = {name: None for name in _components(source)
                         if not name.startswith(("text_encoder", "tokenizer", "scheduler", "processor"))}
-            pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, use_safetensors=True, **skip)
+            loader = DiffusionPipeline
+            index = json.loads((local / PIPELINE_INDEX).read_text()) if local.exists() else {}
+            if image_input and is_ti2v(index):
+                from diffusers import WanImageToVideoPipeline as loader
+            if parts != "denoiser" and local.exists():  # Qwen-Image-Edit's processor without torchvision
+                from normscope.load.qwen_processor import processor_override
+
+                skip = {**processor_override(local, index), **skip}
+            pipe = loader.from_pretrained(source, torch_dtype=dtype, use_safetensors=True, **skip)
     except Exception as exc:  # diffusers raises many types; one line is what the user needs
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if not local.exists():
@@ -232,6 +244,13 @@ def check_family_inputs(source: str, checkpoints: list[tuple[str | None, str]], 
         fix = ("its true CFG scale is --guidance" if family.guidance_arg == TRUE_CFG_SCALE
                else "drop --true-cfg-scale")
         raise InputError(f"the {family.name} family has no separate true CFG option: {fix}")
+    check_call_options(family, probe)
+    index = json.loads((Path(source) / PIPELINE_INDEX).read_text()) if Path(source).exists() else {}
+    check_image_inputs(family, index, probe)
+    if getattr(probe, "guidance_2", None) is not None and Path(source).exists():
+        if index.get("boundary_ratio") is None:  # WanPipeline raises on guidance_scale_2 after loading
+            raise InputError(f"--guidance-2 guides Wan2.2's second expert, but {source} has one transformer "
+                             "(no boundary_ratio in model_index.json): drop --guidance-2 (Wan2.1 uses --guidance)")
     return family
 
 
@@ -261,6 +280,66 @@ def check_sizes(family: Family, source: str, probe) -> None:
         nearest = f"{low} or {low + frame_factor}" if low > 0 else str(low + frame_factor)
         raise InputError(f"--num-frames {frames} is not {frame_factor}k + 1 (the {family.name} VAE's temporal factor "
                          f"is {frame_factor}): use {nearest}")
+
+
+def is_ti2v(index: dict) -> bool:
+    """A Wan2.2 TI2V-5B folder: a ``WanPipeline`` with per-token timesteps, which also animates an image."""
+    return index.get("_class_name") == "WanPipeline" and bool(index.get("expand_timesteps"))
+
+
+def check_image_inputs(family: Family, index: dict, probe) -> None:
+    """Before loading: the image a family needs, the image a family cannot take, Edit-Plus's batch of one.
+
+    ``index`` is the pipeline's ``model_index.json`` (empty for a hub id).
+    """
+    import inspect
+
+    import diffusers
+
+    from normscope.measure.prompts import prompt_images
+
+    images = prompt_images(getattr(probe, "prompts_file", None), tuple(getattr(probe, "prompts", ()) or ()))
+    image = getattr(probe, "image", None)
+    cls = index.get("_class_name") or family.pipeline_classes[0]
+    if family.needs_image and image is None and not images:
+        raise InputError(
+            f"{cls} ({family.name}) edits or animates an image and none was given: pass --image FILE (one image for "
+            "every sample) or --prompts pairs.jsonl with an \"image\" path per row")
+    if family.needs_image and images and image is None and None in images:
+        raise InputError(f"{cls} needs an image per sample and the --prompt prompts have none: put them in the pairs "
+                         "file with an image, or pass --image FILE for them")
+    if (image is not None or images) and not family.needs_image and not is_ti2v(index):
+        if not any("image" in inspect.signature(getattr(diffusers, c).__call__).parameters
+                   for c in family.pipeline_classes if hasattr(diffusers, c)):
+            what = "--image" if image is not None else "the image column of --prompts"
+            fix = (" (Wan2.2 TI2V-5B takes one: its folder's model_index.json has expand_timesteps)"
+                   if family.name == "wan" else "")
+            raise InputError(f"{cls} does not take an image: drop {what} ({family.name}){fix}")
+    if cls == "QwenImageEditPlusPipeline" and getattr(probe, "batch_size", 1) > 1:
+        raise InputError("QwenImageEditPlusPipeline samples one prompt per call (diffusers raises for a batch above 1; "
+                         "results do not depend on the batch): pass --batch-size 1")
+
+
+def check_call_options(family: Family, probe) -> None:
+    """Before loading: a family-specific option (``--guidance-2``, ``--skip-layers``, ``--cfg-normalization``, ...)
+    that no pipeline of the family's row takes is refused in one line, naming the families that take it."""
+    import inspect
+
+    import diffusers
+
+    from normscope.load.families import FAMILIES
+    from normscope.measure.sampling import CALL_OPTIONS
+
+    def takes(row: Family, keyword: str) -> bool:
+        return any(keyword in inspect.signature(getattr(diffusers, cls).__call__).parameters
+                   for cls in row.pipeline_classes if hasattr(diffusers, cls))
+
+    for keyword, field_name, flag in CALL_OPTIONS:
+        if getattr(probe, field_name, None) is None or takes(family, keyword):
+            continue
+        owners = ", ".join(row.name for row in FAMILIES if takes(row, keyword)) or "none"
+        raise InputError(f"--{flag} sets {keyword}, which {family.name} pipelines ({', '.join(family.pipeline_classes)}) "
+                         f"do not take: drop --{flag} (it is for {owners})")
 
 
 def check_pipeline(pipe, source: str) -> Family:

@@ -20,6 +20,7 @@ class Sample:
     prompt_id: int
     prompt: str
     seed: int
+    image: str | None = None  # the conditioning image of an edit / image-to-video sample (a pairs file's row)
 
 
 def default_prompts() -> list[str]:
@@ -104,6 +105,43 @@ def resolve_prompts(prompts_file: Path | None, prompts: tuple[str, ...]) -> list
     return found or default_prompts()
 
 
-def make_samples(prompts: list[str], seeds: tuple[int, ...]) -> list[Sample]:
-    """Every prompt with every seed, prompt-major, in a fixed order."""
-    return [Sample(i, prompt, seed) for i, prompt in enumerate(prompts) for seed in seeds]
+def make_samples(prompts: list[str], seeds: tuple[int, ...], images: list[str | None] | None = None) -> list[Sample]:
+    """Every prompt with every seed, prompt-major, in a fixed order; ``images``: one image path per prompt."""
+    images = images or [None] * len(prompts)
+    return [Sample(i, prompt, seed, images[i]) for i, prompt in enumerate(prompts) for seed in seeds]
+
+
+IMAGE_FIELD = "image"
+
+
+def prompt_images(prompts_file: Path | None, prompts: tuple[str, ...] = ()) -> list[str | None] | None:
+    """The ``image`` of each prompt of a (prompt, image) pairs file (.jsonl or .csv with an ``image`` field, as the
+    trainers' edit evaluation sets), aligned with ``resolve_prompts``; None when the file has no images.
+
+    A relative path is relative to the pairs file's folder. A row whose image is missing, or names no file, is
+    refused in one line naming the row. Prompts given with ``--prompt`` have no image (None).
+    """
+    if prompts_file is None or Path(prompts_file).suffix.lower() not in (".jsonl", ".csv"):
+        return None
+    path = Path(prompts_file)
+    read_prompt_file(path)  # the file's own problems first, in its own words
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".jsonl":
+        rows = [(n, json.loads(line)) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    else:
+        rows = list(enumerate(csv.DictReader(text.splitlines()), start=2))
+    rows = [(n, r) for n, r in rows if str(r["prompt"]).strip()]
+    if not any(r.get(IMAGE_FIELD) for _, r in rows):
+        return None
+    images: list[str | None] = []
+    for number, record in rows:
+        value = record.get(IMAGE_FIELD)
+        if not value:
+            raise InputError(f"{path}:{number} has no \"image\": every row of a (prompt, image) pairs file needs one")
+        image = Path(str(value))
+        image = image if image.is_absolute() else path.parent / image
+        if not image.is_file():
+            raise InputError(f"{path}:{number}: image {image} does not exist: fix the path (relative paths are "
+                             "relative to the pairs file's folder)")
+        images.append(str(image))
+    return images + [None] * len([p for p in prompts if p.strip()])

@@ -45,8 +45,39 @@ class SilentReporter:
 
 
 def batches(samples: list[Sample], size: int) -> Iterator[list[Sample]]:
-    for start in range(0, len(samples), size):
-        yield samples[start:start + size]
+    """Consecutive samples, at most ``size`` per call; a call never mixes conditioning images (a pairs file's rows),
+    because the image pipelines take one image per call and repeat it over the batch."""
+    batch: list[Sample] = []
+    for sample in samples:
+        if batch and (len(batch) == size or sample.image != batch[0].image):
+            yield batch
+            batch = []
+        batch.append(sample)
+    if batch:
+        yield batch
+
+
+# Probe options that go to one keyword of the pipeline call, unchanged, where the family's pipeline takes it
+# (issue 19): (call keyword, ProbeConfig field, CLI flag). Checked before loading (``check_call_options``).
+CALL_OPTIONS = (
+    ("guidance_scale_2", "guidance_2", "guidance-2"),
+    ("skip_guidance_layers", "skip_layers", "skip-layers"),
+    ("skip_layer_guidance_scale", "skip_layer_scale", "skip-layer-scale"),
+    ("skip_layer_guidance_start", "skip_layer_start", "skip-layer-start"),
+    ("skip_layer_guidance_stop", "skip_layer_stop", "skip-layer-stop"),
+    ("cfg_normalization", "cfg_normalization", "cfg-normalization"),
+    ("cfg_truncation", "cfg_truncation", "cfg-truncation"),
+)
+
+
+def call_option_values(probe) -> dict:
+    """The CALL_OPTIONS the probe sets, as call keywords (lists where the pipeline wants a list)."""
+    out = {}
+    for keyword, field_name, _ in CALL_OPTIONS:
+        value = getattr(probe, field_name, None)
+        if value is not None:
+            out[keyword] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 def _call_defaults(pipe) -> dict:
@@ -115,6 +146,8 @@ def sampling_kwargs(pipe, probe: ProbeConfig, samples: list[Sample], family: Fam
     }
     if family.true_cfg_arg:
         optional[family.true_cfg_arg] = (true_cfg, "true-cfg-scale")
+    flags = {keyword: flag for keyword, _, flag in CALL_OPTIONS}
+    optional.update({keyword: (value, flags[keyword]) for keyword, value in call_option_values(probe).items()})
     for name, (value, flag) in optional.items():
         if value is None:
             continue
@@ -126,7 +159,18 @@ def sampling_kwargs(pipe, probe: ProbeConfig, samples: list[Sample], family: Fam
             raise InputError(f"{type(pipe).__name__} does not take {family.area_arg}: drop --height/--width")
         height, width = _requested_size(pipe, probe)
         kwargs[family.area_arg] = height * width  # else the pipeline resizes to its default area
-    kwargs.update(_conditioning_image(pipe, probe))
+    kwargs.update(_conditioning_image(pipe, probe, samples))
+    if family.image_per_sample and "image" in kwargs and not isinstance(kwargs["image"], list):
+        kwargs["image"] = [kwargs["image"]] * len(samples)  # Qwen-Image-Edit: one image per prompt
+    if family.area_arg is not None and "image" in kwargs and probe.height is not None and probe.width is not None:
+        # Kontext with a size: the reference image is sampled at that size, as flow_grpo's Kontext evaluation
+        # (ref_image.resize((res, res)), max_area=res^2) and Flow-Factory's condition_image_size do; the pipeline's
+        # own _auto_resize would take it to one of its preferred ~1024^2 resolutions instead.
+        images = kwargs["image"] if isinstance(kwargs["image"], list) else [kwargs["image"]]
+        images = [image.resize((probe.width, probe.height)) for image in images]
+        kwargs["image"] = images if isinstance(kwargs["image"], list) else images[0]
+        if "_auto_resize" in accepted:
+            kwargs["_auto_resize"] = False
     kwargs.update(_input_video(family, probe, len(samples)))
     negative = negative_prompt_used(pipe, probe, family)
     if negative is not None and "negative_prompt" not in kwargs:
@@ -141,23 +185,39 @@ def sampling_kwargs(pipe, probe: ProbeConfig, samples: list[Sample], family: Fam
     return kwargs
 
 
-def _conditioning_image(pipe, probe: ProbeConfig) -> dict:
-    """``image=`` for image-to-video pipelines (one image for the whole batch: the pipeline repeats it)."""
+def _open_image(path, flag: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"{flag} {path} is not an image Pillow can read ({exc}): pass a PNG or JPEG") from None
+
+
+def _conditioning_image(pipe, probe: ProbeConfig, samples: list[Sample] | None = None) -> dict:
+    """``image=`` for edit and image-to-video pipelines.
+
+    With per-sample images (a pairs file's rows) the call gets one image per sample, in sample order; a sample
+    without one takes ``--image``. Else ``--image`` is the one image of the whole batch (the pipeline repeats it).
+    """
     parameters = inspect.signature(pipe.__call__).parameters
     takes = "image" in parameters
+    per_sample = [s.image for s in samples or []]
+    if any(per_sample):
+        if not takes:
+            raise InputError(f"{type(pipe).__name__} does not take an image: drop the image column of --prompts")
+        opened = [_open_image(path, "--prompts image") if path else _open_image(probe.image, "--image")
+                  for path in per_sample]
+        # ``batches`` keeps one image per call: the pipeline repeats it (Wan I2V takes no list of images)
+        return {"image": opened[0] if len(set(per_sample)) == 1 else opened}
     if probe.image is None:
         if takes and parameters["image"].default is inspect.Parameter.empty:
             raise InputError(f"{type(pipe).__name__} generates from an image: pass --image FILE (the first frame)")
         return {}
     if not takes:
         raise InputError(f"{type(pipe).__name__} does not take an image: drop --image")
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(probe.image) as image:
-            return {"image": image.convert("RGB")}
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(f"--image {probe.image} is not an image Pillow can read ({exc}): pass a PNG or JPEG") from None
+    return {"image": _open_image(probe.image, "--image")}
 
 
 def _input_video(family: Family, probe: ProbeConfig, batch: int) -> dict:
@@ -241,9 +301,35 @@ def _requested_size(pipe, probe: ProbeConfig) -> tuple[int | None, int | None]:
     return probe.height or defaults.get("height") or size, probe.width or defaults.get("width") or size
 
 
+def _size_multiple(pipe, family: Family) -> int | None:
+    """What each side of the image is rounded down to: one latent patch in pixels (16 for every diffusers model).
+
+    Wan rounds to ``vae_scale_factor_spatial * patch_size`` (``WanPipeline.__call__``); the image pipelines to
+    ``vae_scale_factor * 2`` (FLUX, Qwen-Image, Z-Image, FLUX.2 ``prepare_latents``; SD3 refuses other sizes).
+    """
+    if hasattr(pipe, "vae_scale_factor_spatial"):
+        transformer = getattr(pipe, "transformer", None) or getattr(pipe, "transformer_2", None)
+        patch = getattr(getattr(transformer, "config", None), "patch_size", None)
+        spatial = patch[1] if isinstance(patch, (tuple, list)) else 2
+        return int(pipe.vae_scale_factor_spatial) * int(spatial)
+    factor = getattr(pipe, "vae_scale_factor", None)
+    return None if factor is None else int(factor) * 2
+
+
+def sampled_frames(pipe, frames: int | None) -> int | None:
+    """The frames a video pipeline really samples: Wan rounds ``num_frames`` down to 4k + 1 (``WanPipeline.__call__``)."""
+    temporal = getattr(pipe, "vae_scale_factor_temporal", None)
+    if frames is None or temporal is None:
+        return frames
+    if frames % int(temporal) != 1:
+        frames = frames // int(temporal) * int(temporal) + 1
+    return max(frames, 1)
+
+
 def sampled_size(pipe, probe: ProbeConfig, family: Family | None = None) -> tuple[int | None, int | None]:
     """The size the pipeline really samples at.
 
+    Every pipeline rounds each side down to a multiple of one latent patch (16 px for the diffusers models).
     For a family with an ``area_arg`` (FLUX.1-Kontext) the pipeline keeps the aspect ratio of the size it is
     given, rescales it to the area (``height * width`` when normscope passes a size, else the pipeline's
     default ``max_area``) and rounds each side down to a multiple of one latent patch, as
@@ -251,8 +337,13 @@ def sampled_size(pipe, probe: ProbeConfig, family: Family | None = None) -> tupl
     """
     family = family or family_for(type(pipe).__name__)
     height, width = _requested_size(pipe, probe)
-    if family.area_arg is None or height is None or width is None:
+    if height is None or width is None:
         return height, width
+    if family.area_arg is None:
+        multiple = _size_multiple(pipe, family)
+        if multiple is None:
+            return height, width
+        return height // multiple * multiple, width // multiple * multiple
     given = probe.height is not None or probe.width is not None
     area = height * width if given else _call_defaults(pipe).get(family.area_arg, height * width)
     aspect = width / height
@@ -261,11 +352,42 @@ def sampled_size(pipe, probe: ProbeConfig, family: Family | None = None) -> tupl
             round((area * aspect) ** 0.5) // multiple * multiple)
 
 
+def sampled_settings_note(pipe, probe: ProbeConfig, family: Family | None = None) -> str | None:
+    """One line when the pipeline samples another size or video length than was asked for, else None."""
+    family = family or family_for(type(pipe).__name__)
+    if family.area_arg is not None:
+        return None  # Kontext's area rule is the documented behaviour of its size options (docs/models.md)
+    asked_h, asked_w = probe.height, probe.width
+    got_h, got_w = sampled_size(pipe, probe, family)
+    asked_f = probe.num_frames
+    got_f = sampled_frames(pipe, asked_f)
+    parts, asked = [], []
+    if (asked_h is not None and asked_h != got_h) or (asked_w is not None and asked_w != got_w):
+        parts.append(f"{got_h}x{got_w} px")
+        asked.append(f"{probe.height or got_h}x{probe.width or got_w} px")
+    if asked_f is not None and asked_f != got_f:
+        parts.append(f"{got_f} frames")
+        asked.append(f"{asked_f} frames")
+    if not parts:
+        return None
+    multiple = _size_multiple(pipe, family)
+    return (f"{family.name}: the pipeline samples {', '.join(parts)}, not the {', '.join(asked)} asked for "
+            f"(sides round down to multiples of {multiple} px, video frames to 4k + 1); summary.json records "
+            "what was sampled")
+
+
 def resolved_sampling(pipe, probe: ProbeConfig, family: Family | None = None) -> dict:
-    """The sampler settings actually used, pipeline defaults filled in, for summary.json."""
+    """The sampler settings actually used, pipeline defaults filled in, for summary.json.
+
+    ``height``/``width``/``num_frames`` are what the pipeline samples (rounded as it rounds them); where that
+    differs from the request, ``requested`` holds what was asked for.
+    """
+    family = family or family_for(type(pipe).__name__)
     defaults = _call_defaults(pipe)
     height, width = sampled_size(pipe, probe, family)
-    return {
+    frames_asked = probe.num_frames or defaults.get("num_frames")
+    frames = sampled_frames(pipe, frames_asked)
+    out = {
         "pipeline_class": type(pipe).__name__,
         "transformer_class": type(pipe.transformer).__name__,
         "scheduler_class": type(pipe.scheduler).__name__,
@@ -274,9 +396,17 @@ def resolved_sampling(pipe, probe: ProbeConfig, family: Family | None = None) ->
         "height": height,
         "width": width,
         "max_sequence_length": probe.max_sequence_length or defaults.get("max_sequence_length"),
-        **({"num_frames": probe.num_frames or defaults.get("num_frames")} if "num_frames" in defaults else {}),
+        **({"num_frames": frames} if "num_frames" in defaults else {}),
         "negative_prompt": probe.negative_prompt if probe.negative_prompt is not None else defaults.get("negative_prompt"),
     }
+    for keyword, value in call_option_values(probe).items():
+        out[keyword] = value
+    requested = {name: value for name, value, got in (("height", probe.height, height), ("width", probe.width, width),
+                                                      ("num_frames", probe.num_frames, frames))
+                 if value is not None and value != got}
+    if requested and family.area_arg is None:
+        out["requested"] = requested
+    return out
 
 
 def run_paired(pipe, driver: VelocityModel, other: VelocityModel, kwargs: dict, reporter: Reporter,
