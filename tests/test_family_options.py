@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from test_families_refusals import PROBE, no_weight_loads, one_line, run  # noqa: F401
+from test_families_refusals import PROBE, one_line, run
 from typer.testing import CliRunner
 
 from normscope.cli import app

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from test_families_refusals import _copy_with_class, no_weight_loads, one_line, run  # noqa: F401
+from test_families_refusals import _copy_with_class, one_line, run
 from typer.testing import CliRunner
 
 from normscope.builders.tiny_families import tiny_reference_image

@@ -198,6 +198,10 @@ class Family:
     * ``frames_factor``: video families: ``--num-frames`` is k x factor + 1, the factor read from the VAE
       config's ``scale_factor_temporal`` or ``temporal_compression_ratio`` (this value when neither key is there;
       no check when the key is null, as LTX-2's VAE computes it at load); ``None``: the family makes images.
+      Every video pipeline rounds ``num_frames`` itself: a count off the rule is sampled as the pipeline rounds it,
+      and summary.json and one stderr line say what was sampled.
+    * ``size_rounds``: the pipeline resizes a height or width off its multiple (FLUX.1, Kontext, FLUX.2,
+      Qwen-Image, Qwen-Image-Edit) instead of raising: such a size is sampled as rounded and said, not refused.
     * ``video_arg``: the pipeline argument that takes an input video (``--video``, required before loading;
       Wan video-to-video's ``video``).
     * ``token_slice``: which end of the output the pipeline keeps when it carries more tokens than the
@@ -249,6 +253,7 @@ class Family:
     size_patch: int | None = 2
     size_floor: int = 1
     frames_factor: int | None = None
+    size_rounds: bool = False  # the pipeline rounds a size off its multiple (FLUX, Qwen-Image) instead of raising
     # issue 19, the models the trainers tune now (Wan V2V, HunyuanVideo, Qwen-Image-2.1, LTX-2)
     video_arg: str | None = None
     token_slice: str = "first"
@@ -477,6 +482,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="flux", title="FLUX.1-dev / FLUX.1-schnell",
+        size_rounds=True,
         pipeline_classes=("FluxPipeline",), transformer_class="FluxTransformer2DModel",
         calls=DISTILLED, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, true_cfg_arg=TRUE_CFG_SCALE,
         needs_negative_prompt=True, latent_layout="packed", patch_size=2, prompt_encoding=FLUX_PROMPTS,
@@ -484,6 +490,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="flux-kontext", title="FLUX.1-Kontext",
+        size_rounds=True,
         pipeline_classes=("FluxKontextPipeline",), transformer_class="FluxTransformer2DModel",
         calls=DISTILLED, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, true_cfg_arg=TRUE_CFG_SCALE,
         needs_negative_prompt=True, reference_tokens=True, latent_layout="packed", patch_size=2,
@@ -492,6 +499,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="flux2", title="FLUX.2-dev",
+        size_rounds=True,
         pipeline_classes=("Flux2Pipeline",), transformer_class="Flux2Transformer2DModel",
         calls=DISTILLED, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, reference_tokens=True,
         latent_layout="packed", patch_size=2, prompt_encoding=FLUX2_PROMPTS,
@@ -499,6 +507,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="flux2-klein", title="FLUX.2-klein (distilled and base)",
+        size_rounds=True,
         pipeline_classes=("Flux2KleinPipeline",), transformer_class="Flux2Transformer2DModel",
         calls=SEPARATE, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, reference_tokens=True,
         latent_layout="packed", patch_size=2, prompt_encoding=FLUX2_KLEIN_PROMPTS,
@@ -506,6 +515,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="qwen-image", title="Qwen-Image / Qwen-Image-2512",
+        size_rounds=True,
         pipeline_classes=("QwenImagePipeline",), transformer_class="QwenImageTransformer2DModel",
         calls=SEPARATE, combine=QWEN_RENORM, guidance_arg=TRUE_CFG_SCALE, needs_negative_prompt=True,
         latent_layout="packed", patch_size=2, prompt_encoding=QWEN_PROMPTS, vae_factor="temperal_downsample",
@@ -513,6 +523,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="qwen-image-edit", title="Qwen-Image-Edit / Edit-Plus (2509, 2511)",
+        size_rounds=True,
         pipeline_classes=("QwenImageEditPipeline", "QwenImageEditPlusPipeline"),
         transformer_class="QwenImageTransformer2DModel",
         calls=SEPARATE, combine=QWEN_RENORM, guidance_arg=TRUE_CFG_SCALE, needs_negative_prompt=True,

@@ -255,31 +255,26 @@ def check_family_inputs(source: str, checkpoints: list[tuple[str | None, str]], 
 
 
 def check_sizes(family: Family, source: str, probe) -> None:
-    """``--height``/``--width`` a multiple of the pipeline's spatial factor, ``--num-frames`` k x factor + 1 (video).
+    """``--height``/``--width`` a multiple of the pipeline's spatial factor where the pipeline would raise on it.
 
-    Read from the pipeline folder's configs (``size_rule``), before any weight loads: diffusers would
-    otherwise resize the image silently (FLUX, Qwen-Image), raise mid-run (SD3, Wan, Z-Image) or round the
-    frame count. Kontext samples at an area and keeps only the aspect ratio of the size it is given: any size.
+    Read from the pipeline folder's configs (``size_rule``), before any weight loads: SD3, Z-Image, Wan,
+    HunyuanVideo, LTX-2 and Qwen-Image-2.1 raise mid-run (after minutes of loading) on a size off their multiple;
+    FLUX and Qwen-Image round it (``size_rounds``) and Kontext keeps only the aspect ratio of the size it is
+    given, so those sizes are sampled as the pipeline makes them and summary.json says what was sampled.
+    ``--num-frames`` is refused only on an image family: video pipelines round it themselves (and it is said).
     """
     height, width, frames = (getattr(probe, name, None) for name in ("height", "width", "num_frames"))
     if height is None and width is None and frames is None:
         return
     multiple, frame_factor = size_rule(family, source)
-    if family.area_arg is None:
+    if family.area_arg is None and not family.size_rounds:
         for flag, value in (("--height", height), ("--width", width)):
             if value is not None and value % multiple:
                 raise InputError(f"{flag} {value} is not a multiple of {multiple} (the {family.name} pipeline's VAE factor "
-                                 f"x patch size): use {nearest_multiples(value, multiple)}")
-    if frames is None:
-        return
-    if frame_factor is None:
-        raise InputError(f"--num-frames applies to video pipelines (Wan); the {family.name} family makes images: "
+                                 f"x patch size; it raises on other sizes): use {nearest_multiples(value, multiple)}")
+    if frames is not None and frame_factor is None:
+        raise InputError(f"--num-frames applies to video pipelines; the {family.name} family makes images: "
                          "drop --num-frames")
-    if frame_factor and (frames - 1) % frame_factor:
-        low = (frames - 1) // frame_factor * frame_factor + 1
-        nearest = f"{low} or {low + frame_factor}" if low > 0 else str(low + frame_factor)
-        raise InputError(f"--num-frames {frames} is not {frame_factor}k + 1 (the {family.name} VAE's temporal factor "
-                         f"is {frame_factor}): use {nearest}")
 
 
 def is_ti2v(index: dict) -> bool:
