@@ -75,5 +75,5 @@ def test_wan_sizes_off_its_patch_are_refused_before_loading(video_pipelines, mon
     result = runner.invoke(app, ["compare", str(folder), str(folder), "--steps", "1", "--seeds", "0", "--prompt", "a fox",
                                  "--device", "cpu", "--height", "20", "--width", "32", "--num-frames", "5"])
     assert result.exit_code == 2, result.output
-    assert "WanPipeline samples only sides that are multiples of 16 px" in result.stderr
-    assert "--height 16" in result.stderr and "Traceback" not in result.output
+    assert "--height 20 is not a multiple of 16" in result.stderr
+    assert "use 16 or 32" in result.stderr and "Traceback" not in result.output
