@@ -1,8 +1,8 @@
 """``normscope demo``: the bundled digits model against its bundled RL checkpoints, with and without NormGuard.
 
 Everything ships in the package (normscope/data/digits): a real StableDiffusion3Pipeline at toy scale
-trained on scikit-learn's handwritten digits, and LoRA checkpoints of two RL methods (AWM, DiffusionNFT),
-each with and without NormGuard, laid out as the trainers write them (``checkpoints/checkpoint-N/lora/``).
+trained on scikit-learn's handwritten digits, and LoRA checkpoints of three RL methods (AWM, DiffusionNFT,
+Diffusion-DPO), each with and without NormGuard, laid out as the trainers write them (``checkpoints/checkpoint-N/lora/``).
 See examples/digits/ for how they were made.
 """
 
@@ -16,7 +16,7 @@ from normscope.config import CompareConfig
 from normscope.errors import InputError
 from normscope.measure.sampling import Reporter, SilentReporter
 
-MODELS = ("awm", "awm-normguard", "nft", "nft-normguard")
+MODELS = ("awm", "awm-normguard", "nft", "nft-normguard", "dpo", "dpo-normguard")
 # The plain AWM run sampled with its velocity rescaled to the base's norm (NFT's row, and both over 3 RL seeds,
 # are in examples/digits/README.md; one row keeps the demo quick).
 RESCALED_MODELS = ("awm",)
@@ -122,7 +122,7 @@ def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> dict:
     for step in steps:
         summary = compare(probe(lora_path(series_name, step)), reporter).summary
         series.append({"step": step, "inflation": summary["inflation"], "ci": summary["inflation_ci"]})
-    fig = inflation([Run(config.out / name) for name in MODELS])  # headline (paired) curves of the four runs
+    fig = inflation([Run(config.out / name) for name in MODELS])  # headline (paired) curves of the six runs
     save(fig, config.out, OVERLAY_PNG.removesuffix(".png"))
     html = None
     if config.report:
