@@ -2,6 +2,8 @@
 
     python -m examples.digits.reproduce            # or: make reproduce
     python -m examples.digits.reproduce --work DIR --no-ship   # elsewhere, leaving the package untouched
+    python -m examples.digits.reproduce --verify --work EMPTY_DIR  # retrain all 18 runs from scratch, compare
+        every checkpoint bit for bit with the package and with examples/digits/work, re-evaluate one run
 
 1. retrains every RL run from the shipped base (AWM, NFT, DPO x {plain, NormGuard} x RL seeds 0, 1, 2; rl.py's
    defaults, one subprocess per run exactly as run_all.sh starts them; a run whose train_log.json exists in the
@@ -72,23 +74,50 @@ def train_all(work: Path, python: str = sys.executable) -> dict:
     return {"wall": round(time.perf_counter() - started, 1), "cpu": round(cpu_seconds() - cpu, 1)}
 
 
-def compare_checkpoints(work: Path, assets: Path = ASSETS) -> dict:
-    """Max |difference| per shipped seed-0 checkpoint between the package and the retrained run (0.0: bit for bit)."""
+def max_diff(a_path: Path, b_path: Path) -> float:
+    """Max |difference| between two safetensors files (0.0: the same tensors bit for bit; inf: other keys)."""
     import torch
     from safetensors.torch import load_file
 
+    a, b = load_file(str(a_path)), load_file(str(b_path))
+    if a.keys() != b.keys():
+        return float("inf")
+    if all(torch.equal(a[k], b[k]) for k in a):
+        return 0.0
+    return max(float((a[k] - b[k]).abs().max()) for k in a) or float("nan")  # nan: equal values, other bits
+
+
+def verify(work: Path, reference: Path = ev.WORK) -> dict:
+    """Retrain everything into ``work`` (meant to be empty) and compare it with what the shipped numbers came from."""
+    started = time.perf_counter()
+    train = train_all(work)
+    report: dict = {"train": train, "package": compare_checkpoints(work), "work": {}}
+    for fresh in sorted((work / "runs").glob("*/checkpoints/checkpoint-*/lora/adapter_model.safetensors")):
+        rel = fresh.relative_to(work)
+        if (reference / rel).is_file():
+            report["work"][str(rel.parents[2]).replace("runs/", "")] = max_diff(fresh, reference / rel)
+    # the evaluation from the fresh checkpoints: one run's main row against results.json
+    results = json.loads((ASSETS / "results.json").read_text())
+    ev.WORK = work
+    classifier, real = ev.load_classifier(ASSETS)
+    row = {**ev.sample_metrics(ev.checkpoint("dpo", 1), classifier, real), **ev.inflation(ev.checkpoint("dpo", 1))}
+    shipped = results["runs"]["dpo-s1"]
+    report["dpo-s1 evaluation"] = {k: [row[k], shipped[k]] for k in ("reward", "fd", "diversity")}
+    report["dpo-s1 evaluation"]["paired inflation"] = [row["paired"]["inflation"], shipped["paired"]["inflation"]]
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    report["all_identical"] = all(v == 0.0 for v in [*report["package"].values(), *report["work"].values()]) and \
+        all(a == b for a, b in report["dpo-s1 evaluation"].values())
+    write_json(work / "verify.json", report)
+    return report
+
+
+def compare_checkpoints(work: Path, assets: Path = ASSETS) -> dict:
+    """Max |difference| per shipped seed-0 checkpoint between the package and the retrained run (0.0: bit for bit)."""
     out = {}
     for shipped in sorted((assets / "runs").glob("*/checkpoints/checkpoint-*/lora/adapter_model.safetensors")):
         name, ckpt = shipped.parents[3].name, shipped.parents[1].name
         fresh = work / "runs" / f"{name}-s0" / "checkpoints" / ckpt / "lora" / "adapter_model.safetensors"
-        if not fresh.is_file():
-            out[f"{name}/{ckpt}"] = None
-            continue
-        a, b = load_file(str(shipped)), load_file(str(fresh))
-        same_keys = a.keys() == b.keys()
-        out[f"{name}/{ckpt}"] = max(float((a[k] - b[k]).abs().max()) for k in a) if same_keys else float("inf")
-        if same_keys and out[f"{name}/{ckpt}"] == 0.0:
-            assert all(torch.equal(a[k], b[k]) for k in a)
+        out[f"{name}/{ckpt}"] = max_diff(shipped, fresh) if fresh.is_file() else None
     return out
 
 
@@ -122,7 +151,7 @@ def steps_tables(results: dict) -> str:
                     cells.append("0" if key == "inflation" else f"{study['base'][str(s)][key] * scale:{fmt}}")
                     continue
                 values = np.array([study["arms"][f"{name}-s{seed}"][str(s)][key] for seed in ev.RL_SEEDS]) * scale
-                cells.append(f"{values.mean():{fmt}} ± {values.std(ddof=1):.2f}".replace("± 0.00", "± 0"))
+                cells.append(f"{values.mean():{fmt}} ± {values.std(ddof=1):{fmt.lstrip('+')}}")
             rows.append(f"| {'base' if mv is None else label(*mv)} | " + " | ".join(cells) + " |")
         out.append("\n".join(rows))
     return "\n\n".join(out)
@@ -186,8 +215,11 @@ def claims_table(results: dict) -> str:
     nr = g["normguard"]["reward"]["by_steps"][ten]["pooled"]
     guarded = "; ".join(f"{LABELS[m]} {pct(infl[m].mean())} → {pct(infl[m + '-normguard'].mean())}" for m in ev.METHODS)
     row4 = ("a training-time hinge (NormGuard) fixes it",
-            ("FD better with NormGuard (CI above 0)" if n["ci"][0] > 0 else "FD gain not shown (CI contains 0)")
-            + ", inflation curbed",
+            ("FD better with NormGuard (CI above 0)" if n["ci"][0] > 0 else
+             "FD worse with NormGuard (CI below 0)" if n["ci"][1] < 0 else "FD gain not shown (CI contains 0)")
+            + (", inflation curbed to under half for every method" if all(
+                abs(infl[m + "-normguard"].mean()) < 0.5 * infl[m].mean() for m in ev.METHODS) else
+               ", inflation not curbed to under half for every method"),
             f"FD gain pooled {ci_text(n)}, reward change {ci_text(nr, fmt='+.3f')}; inflation {guarded}")
     few = g["normguard"]["fd"]["few_minus_many"]
     c = results["steps"]["step_counts"]
@@ -224,23 +256,24 @@ def figures(results: dict, folder: Path = FIGURES) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     counts = results["steps"]["step_counts"]
     colors = {"awm": "tab:blue", "nft": "tab:orange", "dpo": "tab:green", "pooled": "black"}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, title in zip(axes, ("fd", "reward"), ("FD gain: FD(plain) − FD(arm)", "reward gain: reward(arm) − reward(plain)"), strict=False):
-        for arm, style in (("normguard", "-"), ("rescale", ":")):
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    for row, (arm, arm_label) in enumerate((("normguard", "NormGuard"), ("rescale", "inference rescale"))):
+        for ax, key, title in zip(axes[row], ("fd", "reward"), ("FD(plain) − FD", "reward − reward(plain)"), strict=True):
             for i, m in enumerate((*ev.METHODS, "pooled")):
                 per = [results["steps"]["gains"][arm][key]["by_steps"][str(s)][m] for s in counts]
-                x = np.array(counts) * (1 + 0.04 * (i - 1.5))
+                x = np.array(counts) * (1 + 0.05 * (i - 1.5))
                 mean = np.array([p["mean"] for p in per])
                 lo, hi = np.array([p["ci"][0] for p in per]), np.array([p["ci"][1] for p in per])
-                ax.errorbar(x, mean, yerr=[mean - lo, hi - mean], ls=style, marker="o", ms=3, capsize=2,
-                            color=colors[m], lw=2 if m == "pooled" else 1,
-                            label=f"{LABELS.get(m, 'pooled')} {'NormGuard' if arm == 'normguard' else 'rescale'}")
-        ax.axhline(0, color="grey", lw=0.5)
-        ax.set_xscale("log")
-        ax.set_xticks(counts, [str(s) for s in counts])
+                ax.errorbar(x, mean, yerr=[mean - lo, hi - mean], marker="o", ms=3, capsize=2, color=colors[m],
+                            lw=2 if m == "pooled" else 1, label=LABELS.get(m, "pooled (9 pairs)"))
+            ax.axhline(0, color="grey", lw=0.5)
+            ax.set_xscale("log")
+            ax.set_xticks(counts, [str(s) for s in counts])
+            ax.minorticks_off()
+            ax.set_title(f"{arm_label}: {title}", fontsize=10)
+    for ax in axes[1]:
         ax.set_xlabel("sampler steps")
-        ax.set_title(title, fontsize=10)
-    axes[0].legend(fontsize=7, ncol=2)
+    axes[0][0].legend(fontsize=8)
     fig.suptitle("digits model: gain over the plain RL run vs sampler steps (95 % CI over RL seeds)", fontsize=10)
     fig.tight_layout()
     paths = [folder / "gain_vs_steps.png"]
@@ -248,7 +281,7 @@ def figures(results: dict, folder: Path = FIGURES) -> list[Path]:
     plt.close(fig)
 
     fig, axes = plt.subplots(1, len(ev.METHODS), figsize=(12, 3.6), sharey=True)
-    for ax, m in zip(axes, ev.METHODS, strict=False):
+    for ax, m in zip(axes, ev.METHODS, strict=True):
         for name, style in ((m, "-"), (f"{m}-normguard", "--")):
             steps = [p["step"] for p in results["series"][name]]
             v = np.array([p["by_seed"] for p in results["series"][name]]) * 100
@@ -280,7 +313,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-ship", dest="ship", action="store_false",
                         help="leave the package, README and figures as they are; write WORK/results.json and WORK/figures")
     parser.add_argument("--render-only", action="store_true", help="only rewrite the README tables and figures from results.json")
+    parser.add_argument("--verify", action="store_true", help="retrain into --work and compare (see the module's doc)")
     args = parser.parse_args(argv)
+    if args.verify:
+        if args.work.resolve() == ev.WORK.resolve():
+            parser.error("--verify needs --work pointing at another (empty) folder")
+        report = verify(args.work)
+        print(json.dumps(report, indent=1))
+        return report
     if args.render_only:
         results = json.loads((ASSETS / "results.json").read_text())
         update_readme(render(results))
