@@ -1,8 +1,11 @@
 """Stage 3: reward, quality and normscope's inflation for the base and every RL run; the tables of README.md.
 
-    python examples/digits/evaluate.py             # after train_base.py and run_all.sh; also ships the seed-0 runs
-    python examples/digits/evaluate.py --rescale   # only the rows "RL + inference rescale"
-    python examples/digits/evaluate.py --steps     # only the sampler-steps study (needs the rows above)
+    python examples/digits/evaluate.py            # after train_base.py and run_all.sh; also ships the seed-0 runs
+    python examples/digits/evaluate.py --worker   # next to run_all.sh: evaluates each run as soon as it is trained
+
+Every run's measurements are cached in work/eval/NAME-sSEED.json (delete them to measure again): the main row
+(10 steps; reward, quality, inflation paired / base drives / free), the training series, the sampler-steps study
+(STEP_COUNTS) and, for the plain runs, the inference-rescale rows at every step count.
 
 ``python -m examples.digits.reproduce`` runs all of it after retraining every run, then writes the README's
 tables and the figures.
@@ -14,11 +17,12 @@ import contextlib
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import ASSETS, WORK, timed, write_json
+from common import ASSETS, WORK, write_json
 
 from normscope.builders.digits import SAMPLING, digit_prompt, generate, load_classifier, quality, reward
 from normscope.commands.compare import compare
@@ -94,75 +98,8 @@ def rescale_row(lora: Path, classifier, real, steps: int = SAMPLING["steps"], pl
     return row
 
 
-def rescale_rows(results: dict | None = None) -> dict:
-    """The rows "RL + inference rescale": the plain RL runs' final checkpoints sampled with the rescale, added to
-    results.json (the other rows are left as they are)."""
-    classifier, real = load_classifier(ASSETS)
-    save = results is None
-    results = results if results is not None else json.loads((ASSETS / "results.json").read_text())
-    timings = results.setdefault("timings", {})
-    with timed("rescale", timings):
-        for name in METHODS:
-            for seed in RL_SEEDS:
-                plain = results["runs"][f"{name}-s{seed}"]
-                plain = {k: plain[k] for k in ("reward", "fd", "diversity", "out_of_range", "accuracy")}
-                row = rescale_row(checkpoint(name, seed), classifier, real, plain=plain)
-                results.setdefault("rescaled", {})[f"{name}-s{seed}"] = row
-                print(name, seed, {k: row[k] for k in ("reward", "fd", "diversity")}, flush=True)
-    if save:
-        write_json(WORK / "results.json", results)
-        write_json(ASSETS / "results.json", results)
-    return results
-
-
 METRICS = ("reward", "fd", "diversity", "out_of_range", "accuracy")
 VARIANTS = ("", "-normguard", "-rescale")  # plain, + NormGuard, plain + inference rescale
-
-
-def steps_study(results: dict | None = None) -> dict:
-    """Every arm at every sampler step count (STEP_COUNTS), same image seeds and probe; the 10-step entries are
-    the rows above (the same computation), the others are computed here."""
-    classifier, real = load_classifier(ASSETS)
-    save = results is None
-    results = results if results is not None else json.loads((ASSETS / "results.json").read_text())
-    study = {"step_counts": list(STEP_COUNTS), "base": {}, "arms": {}}
-    timings = results.setdefault("timings", {})
-    with timed("steps_study", timings):
-        for steps in STEP_COUNTS:
-            study["base"][str(steps)] = results["base"] if steps == SAMPLING["steps"] else \
-                sample_metrics(None, classifier, real, steps=steps)
-        for method in METHODS:
-            for seed in RL_SEEDS:
-                for variant in VARIANTS:
-                    arm = study["arms"].setdefault(f"{method}{variant}-s{seed}", {})
-                    for steps in STEP_COUNTS:
-                        if steps == SAMPLING["steps"]:  # reuse the main rows: identical computation
-                            if variant == "-rescale":
-                                r = results["rescaled"][f"{method}-s{seed}"]
-                                entry = {**{k: r[k] for k in METRICS}, "inflation": r["rescaled"]["inflation"],
-                                         "inflation_ci": r["rescaled"]["ci"]}
-                            else:
-                                r = results["runs"][f"{method}{variant}-s{seed}"]
-                                entry = {**{k: r[k] for k in METRICS}, "inflation": r["paired"]["inflation"],
-                                         "inflation_ci": r["paired"]["ci"]}
-                        elif variant == "-rescale":
-                            plain = {k: study["arms"][f"{method}-s{seed}"][str(steps)][k] for k in METRICS}
-                            r = rescale_row(checkpoint(method, seed), classifier, real, steps=steps, plain=plain)
-                            entry = {**{k: r[k] for k in METRICS}, "inflation": r["rescaled"]["inflation"],
-                                     "inflation_ci": r["rescaled"]["ci"]}
-                        else:
-                            lora = checkpoint(f"{method}{variant}", seed)
-                            summary = compare(probe(tuned=str(lora), mode="paired", steps=steps)).summary
-                            entry = {**sample_metrics(lora, classifier, real, steps=steps),
-                                     "inflation": summary["inflation"], "inflation_ci": summary["inflation_ci"]}
-                        arm[str(steps)] = entry
-                    print("steps", method + variant, seed, {s: round(arm[str(s)]["fd"], 2) for s in STEP_COUNTS}, flush=True)
-    study["gains"] = gains(study)
-    results["steps"] = study
-    if save:
-        write_json(WORK / "results.json", results)
-        write_json(ASSETS / "results.json", results)
-    return results
 
 
 T95 = {2: 4.302653, 8: 2.306004}  # Student t, 97.5 % quantile, for 3 seeds and for 9 (method, seed) pairs
@@ -214,38 +151,112 @@ def checkpoint(name: str, seed: int, step: int = FINAL) -> Path:
     return WORK / "runs" / f"{name}-s{seed}" / "checkpoints" / f"checkpoint-{step}" / "lora"
 
 
-def main(results: dict | None = None, save: bool = True) -> dict:
-    """The main rows (10 steps, every run and seed) and the training series (checkpoints 10..40, every seed)."""
+def evaluate_run(name: str, seed: int, classifier, real) -> dict:
+    """Everything measured on one RL run (cached in WORK/eval/NAME-sSEED.json): the main row (10 steps), the
+    training series (checkpoints 10..40), and the sampler-steps study; for a plain run also the inference rescale
+    at every step count."""
+    cache = WORK / "eval" / f"{name}-s{seed}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    started, cpu = time.perf_counter(), time.process_time()
+    lora = checkpoint(name, seed)
+    log = json.loads((lora.parents[2] / "train_log.json").read_text())
+    row = {**sample_metrics(lora, classifier, real), **inflation(lora), "train_seconds": log["seconds"]}
+    paired = {"inflation": row["paired"]["inflation"], "inflation_ci": row["paired"]["ci"]}
+    out: dict = {"row": row, "series": {}, "steps": {}}
+    for step in SERIES_STEPS:
+        if step == FINAL:  # the main row's paired compare: the same computation
+            out["series"][str(step)] = paired
+            continue
+        summary = compare(probe(tuned=str(checkpoint(name, seed, step)))).summary
+        out["series"][str(step)] = {k: summary[k] for k in ("inflation", "inflation_ci")}
+    plain = "-normguard" not in name
+    if plain:
+        out["rescaled"], out["rescale_steps"] = {}, {}
+    for steps in STEP_COUNTS:
+        if steps == SAMPLING["steps"]:  # the main row, reused
+            out["steps"][str(steps)] = {**{k: row[k] for k in METRICS}, **paired}
+        elif not plain:
+            summary = compare(probe(tuned=str(lora), mode="paired", steps=steps)).summary
+            out["steps"][str(steps)] = {**sample_metrics(lora, classifier, real, steps=steps),
+                                        "inflation": summary["inflation"], "inflation_ci": summary["inflation_ci"]}
+        if plain:  # one compare --rescale-to-base gives the plain paired and the rescaled trajectories
+            r = rescale_row(lora, classifier, real, steps=steps,
+                            plain={k: row[k] for k in METRICS} if steps == SAMPLING["steps"] else None)
+            if steps == SAMPLING["steps"]:
+                out["rescaled"] = r
+            else:
+                out["steps"][str(steps)] = {**r["plain"], "inflation": r["paired"]["inflation"],
+                                            "inflation_ci": r["paired"]["ci"]}
+            out["rescale_steps"][str(steps)] = {**{k: r[k] for k in METRICS}, "inflation": r["rescaled"]["inflation"],
+                                                "inflation_ci": r["rescaled"]["ci"]}
+    out["seconds"], out["cpu_seconds"] = round(time.perf_counter() - started, 1), round(time.process_time() - cpu, 1)
+    write_json(cache, out)
+    print(name, seed, f"{out['seconds']} s", {k: round(row[k], 3) for k in ("reward", "fd")},
+          f"paired {row['paired']['inflation']:+.3f}", flush=True)
+    return out
+
+
+def evaluate_base(classifier, real) -> dict:
+    cache = WORK / "eval" / "base.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    started, cpu = time.perf_counter(), time.process_time()
+    out = {str(steps): sample_metrics(None, classifier, real, steps=steps) for steps in STEP_COUNTS}
+    out["seconds"], out["cpu_seconds"] = round(time.perf_counter() - started, 1), round(time.process_time() - cpu, 1)
+    write_json(cache, out)
+    return out
+
+
+def runs_in_order() -> list[tuple[str, int]]:
+    return [(name, seed) for name in NAMES for seed in RL_SEEDS]
+
+
+def worker(poll: float = 20.0) -> None:
+    """Evaluate every run as soon as its training has finished (run next to run_all.sh); then assemble."""
     classifier, real = load_classifier(ASSETS)
-    results = {"base": sample_metrics(None, classifier, real), "runs": {}, "series": {}, **(results or {})}
-    timings = results.setdefault("timings", {})
-    with timed("evaluate", timings):
-        for name in NAMES:
-            for seed in RL_SEEDS:
-                lora = checkpoint(name, seed)
-                log = json.loads((lora.parents[2] / "train_log.json").read_text())
-                results["runs"][f"{name}-s{seed}"] = {
-                    **sample_metrics(lora, classifier, real), **inflation(lora), "train_seconds": log["seconds"],
-                }
-                print(name, seed, {k: v for k, v in results["runs"][f"{name}-s{seed}"].items() if k in ("reward", "fd", "paired")}, flush=True)
-    with timed("series", timings):
-        for name in NAMES:
-            series = []
-            for step in SERIES_STEPS:
-                by_seed = []
-                for seed in RL_SEEDS:
-                    if step == FINAL:  # the main row's paired compare: the same computation
-                        paired = results["runs"][f"{name}-s{seed}"]["paired"]
-                        by_seed.append({"inflation": paired["inflation"], "inflation_ci": paired["ci"]})
-                    else:
-                        summary = compare(probe(tuned=str(checkpoint(name, seed, step)))).summary
-                        by_seed.append({k: summary[k] for k in ("inflation", "inflation_ci")})
-                series.append({"step": step, **by_seed[0], "by_seed": [b["inflation"] for b in by_seed]})
-            results["series"][name] = series  # inflation / inflation_ci: seed 0 (the shipped run); by_seed: 0, 1, 2
-    if save:
-        write_json(WORK / "results.json", results)
-        write_json(ASSETS / "results.json", results)
-        ship()
+    evaluate_base(classifier, real)
+    pending = runs_in_order()
+    while pending:
+        ready = [(n, s) for n, s in pending if (checkpoint(n, s).parents[2] / "train_log.json").is_file()]
+        for name, seed in ready:
+            evaluate_run(name, seed, classifier, real)
+            pending.remove((name, seed))
+        if pending and not ready:
+            time.sleep(poll)
+
+
+def assemble() -> dict:
+    """results.json from every run's measurements (computing what is not cached yet)."""
+    classifier, real = load_classifier(ASSETS)
+    base = evaluate_base(classifier, real)
+    results: dict = {"base": base[str(SAMPLING["steps"])], "runs": {}, "series": {}, "rescaled": {},
+                     "timings": {"evaluate": base["seconds"], "evaluate_cpu": base["cpu_seconds"]}}
+    study: dict = {"step_counts": list(STEP_COUNTS), "base": {str(s): base[str(s)] for s in STEP_COUNTS}, "arms": {}}
+    for name, seed in runs_in_order():
+        e = evaluate_run(name, seed, classifier, real)
+        results["runs"][f"{name}-s{seed}"] = e["row"]
+        study["arms"][f"{name}-s{seed}"] = e["steps"]
+        if "rescaled" in e:
+            results["rescaled"][f"{name}-s{seed}"] = e["rescaled"]
+            study["arms"][f"{name}-rescale-s{seed}"] = e["rescale_steps"]
+        results["timings"]["evaluate"] += e["seconds"]
+        results["timings"]["evaluate_cpu"] += e["cpu_seconds"]
+    for name in NAMES:  # inflation / inflation_ci: seed 0 (the shipped run); by_seed: seeds 0, 1, 2
+        per_seed = [evaluate_run(name, seed, classifier, real)["series"] for seed in RL_SEEDS]
+        results["series"][name] = [{"step": step, **per_seed[0][str(step)],
+                                    "by_seed": [p[str(step)]["inflation"] for p in per_seed]} for step in SERIES_STEPS]
+    study["gains"] = gains(study)
+    results["steps"] = study
+    results["timings"] = {k: round(v, 1) for k, v in results["timings"].items()}
+    return results
+
+
+def main() -> dict:
+    results = assemble()
+    write_json(WORK / "results.json", results)
+    write_json(ASSETS / "results.json", results)
+    ship()
     return results
 
 
@@ -293,10 +304,7 @@ def summarize_table(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    if "--rescale" in sys.argv[1:]:
-        rescale_rows()
-    elif "--steps" in sys.argv[1:]:
-        steps_study()
-    else:
-        main()
+    if "--worker" in sys.argv[1:]:
+        worker()
+    main()
     print(summarize_table(json.loads((WORK / "results.json").read_text())))

@@ -331,9 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
     train = train_all(args.work)
     identical = compare_checkpoints(args.work)
     print("retrained seed-0 checkpoints vs the package (max |diff|):", json.dumps(identical), flush=True)
-    results = ev.main(save=False)
-    ev.rescale_rows(results)
-    ev.steps_study(results)
+    results = ev.assemble()  # every run's measurements, cached in WORK/eval/
     results["timings"].update({"train": train["wall"], "train_cpu": train["cpu"]})
     results["timings"]["reproduce"] = round(time.perf_counter() - started, 1)
     results["timings"]["reproduce_cpu"] = round(cpu_seconds() - cpu, 1)
