@@ -53,15 +53,19 @@ def run_name(method: str, guard: float, seed: int) -> str:
     return f"{method}{'-normguard' if guard else ''}-s{seed}"
 
 
-def train_all(work: Path, python: str = sys.executable) -> dict:
-    """Every RL run, one ``rl.py`` subprocess each (as run_all.sh); finished runs are kept."""
+def train_all(work: Path, python: str = sys.executable, only: tuple[str, ...] | None = None) -> dict:
+    """Every RL run (or those named in ``only``), one ``rl.py`` subprocess each (as run_all.sh); finished runs are
+    kept. Returns wall and CPU seconds (this process's children) of what it trained."""
     started, cpu = time.perf_counter(), cpu_seconds()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
         [str(HERE.parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    trained = []
     for method in ev.METHODS:
         for seed in ev.RL_SEEDS:
             for guard in (0.0, NORMGUARD_LAMBDA):
                 out = work / "runs" / run_name(method, guard, seed)
+                if only is not None and out.name not in only:
+                    continue
                 if (out / "train_log.json").is_file():
                     print(f"keep {out}", flush=True)
                     continue
@@ -71,7 +75,8 @@ def train_all(work: Path, python: str = sys.executable) -> dict:
                     subprocess.run([python, str(HERE / "rl.py"), "--method", method, "--seed", str(seed),
                                     "--normguard", str(guard), "--out", str(out)], cwd=HERE, env=env, stdout=log,
                                    stderr=subprocess.STDOUT, check=True)
-    return {"wall": round(time.perf_counter() - started, 1), "cpu": round(cpu_seconds() - cpu, 1)}
+                trained.append(out.name)
+    return {"wall": round(time.perf_counter() - started, 1), "cpu": round(cpu_seconds() - cpu, 1), "runs": trained}
 
 
 def max_diff(a_path: Path, b_path: Path) -> float:
@@ -88,14 +93,22 @@ def max_diff(a_path: Path, b_path: Path) -> float:
 
 
 def verify(work: Path, reference: Path = ev.WORK) -> dict:
-    """Retrain everything into ``work`` (meant to be empty) and compare it with what the shipped numbers came from."""
+    """Retrain everything into ``work`` (meant to be empty) and compare it with what the shipped numbers came from:
+    every checkpoint against ``reference`` (the work folder the results were measured on) and the package's,
+    bit for bit; then one run's evaluation against results.json. Written to WORK/verify.json after every run."""
     started = time.perf_counter()
-    train = train_all(work)
-    report: dict = {"train": train, "package": compare_checkpoints(work), "work": {}}
-    for fresh in sorted((work / "runs").glob("*/checkpoints/checkpoint-*/lora/adapter_model.safetensors")):
-        rel = fresh.relative_to(work)
-        if (reference / rel).is_file():
-            report["work"][str(rel.parents[2]).replace("runs/", "")] = max_diff(fresh, reference / rel)
+    report: dict = {"train": {"wall": 0.0, "cpu": 0.0, "runs": []}, "work": {}}
+    for name, seed in [(n, s) for m in ev.METHODS for s in ev.RL_SEEDS for n in (m, f"{m}-normguard")]:
+        step = train_all(work, only=(f"{name}-s{seed}",))
+        for key in ("wall", "cpu"):
+            report["train"][key] = round(report["train"][key] + step[key], 1)
+        report["train"]["runs"] += step["runs"]
+        for fresh in sorted((work / "runs" / f"{name}-s{seed}").glob("checkpoints/checkpoint-*/lora/adapter_model.safetensors")):
+            rel = fresh.relative_to(work)
+            if (reference / rel).is_file():
+                report["work"][str(rel.parents[1].relative_to("runs"))] = max_diff(fresh, reference / rel)
+        report["package"] = compare_checkpoints(work)
+        write_json(work / "verify.json", report)
     # the evaluation from the fresh checkpoints: one run's main row against results.json
     results = json.loads((ASSETS / "results.json").read_text())
     ev.WORK = work
