@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 BIN = $(VENV)/bin
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean reproduce
 
 $(BIN)/normscope: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# Retrains every RL run of the digits model from the shipped base and regenerates results.json, the README's
+# tables and the figures (examples/digits/README.md states its CPU time).
+reproduce: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m examples.digits.reproduce
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_compare.py

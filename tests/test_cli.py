@@ -163,8 +163,9 @@ def test_demo_runs_on_the_bundled_digits_model(tmp_path):
     assert result.exit_code == 0, result.output
     demo = json.loads(result.stdout)
     rows = {row["model"]: row for row in demo["rows"]}
-    assert set(rows) == {"base", "awm", "awm-normguard", "nft", "nft-normguard", "awm + inference rescale"}
-    for name in ("awm", "awm-normguard", "nft", "nft-normguard"):
+    assert set(rows) == {"base", "awm", "awm-normguard", "nft", "nft-normguard", "dpo", "dpo-normguard",
+                         "awm + inference rescale"}
+    for name in ("awm", "awm-normguard", "nft", "nft-normguard", "dpo", "dpo-normguard"):
         for file in ("summary.json", "norms.csv", "profile.png"):
             assert (tmp_path / name / file).is_file()
         assert rows[name]["paired_ci"][0] <= rows[name]["paired"] <= rows[name]["paired_ci"][1]
@@ -175,7 +176,7 @@ def test_demo_runs_on_the_bundled_digits_model(tmp_path):
     assert (tmp_path / "report" / "report.html").is_file() and (tmp_path / "report" / "figures" / "nft_maps.png").is_file()
     assert rows["awm"]["grid_score"] is not None and rows["awm"]["score_diff"] is not None  # --maps and --scorer ran
     table = run("demo", "--out", tmp_path / "again", "--no-report")
-    assert table.exit_code == 0 and "awm-normguard" in table.stdout
+    assert table.exit_code == 0 and "awm-normguard" in table.stdout and "dpo-normguard" in table.stdout
 
 
 def test_a_saved_pipeline_loads_from_any_folder(tmp_path):

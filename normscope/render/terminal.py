@@ -225,4 +225,5 @@ def render_demo(result: dict, console) -> None:
                   "per-step mean ||v_tuned|| / ||v_base||, minus 1 (docs/compare.md). '+ inference rescale': the "
                   "same checkpoint sampled with its velocity rescaled at every step to the base's norm on the same "
                   "input (compare --rescale-to-base); its paired value is the unscaled tuned model's inflation on "
-                  "that trajectory, the applied velocity's is 0 by construction.")
+                  "that trajectory, the applied velocity's is 0 by construction. n/a: not run for that row (the DPO rows "
+                  "measure paired inflation only, for time).")
