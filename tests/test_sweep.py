@@ -166,3 +166,17 @@ def test_editing_the_prompts_file_in_place_redoes_the_sweep(run_dir, pipelines, 
     fresh = sweep(SweepConfig(run_dir=run_dir, out=tmp_path / "fresh", pipeline=str(pipelines["sd3"]), mode=mode,
                               prompts_file=prompts, **probe), Recorder())
     assert rerun["inflation"].tolist() == fresh["inflation"].tolist()
+
+
+def test_a_half_published_checkpoint_folder_is_measured_again_not_skipped(run_dir, pipelines, tmp_path):
+    """A kill between the new summary.json landing and the manifest being written leaves a folder with no finished
+    run: the rerun measures that checkpoint again instead of trusting its summary."""
+    config = SweepConfig(run_dir=run_dir, out=tmp_path, pipeline=str(pipelines["sd3"]), **PROBE)
+    first = sweep(config)
+    (tmp_path / "checkpoint-50" / "manifest.json").unlink()
+    notes = Recorder()
+    again = sweep(config, notes)
+    assert not any(n.startswith("checkpoint-50: finished earlier") for n in notes.notes)
+    assert any(n.startswith("checkpoint-100: finished earlier") for n in notes.notes)
+    assert (tmp_path / "checkpoint-50" / "manifest.json").is_file()
+    assert again["inflation"].tolist() == first["inflation"].tolist()

@@ -133,57 +133,67 @@ def _row(step: int, path: Path, summary: dict, gate: float | None) -> dict:
     return {**row, **where_columns(summary)}
 
 
-def _base_reusable(config: SweepConfig, source: str) -> bool:
-    """The stored base profile was made with these probe settings, these prompt texts, this pipeline and these
-    base weights (an edited prompts file or a rewritten transformer means profiling again)."""
+def _stored_base(config: SweepConfig, source: str):
+    """(the stored base profile when this sweep can reuse it, else None; why it cannot, for a note, or None).
+
+    Reusable: made with these probe settings, these prompt texts, this pipeline and these base weights (an edited
+    prompts file or a rewritten transformer means profiling again), and valid (a damaged one is profiled again).
+    """
     folder = config.out / BASE_DIR
     if not (folder / REFERENCE_JSON).is_file():
-        return False
+        return None, None
     try:
-        stored = load_reference(folder)  # validated: a damaged one (a sweep killed mid-write) is profiled again
-    except InputError:
-        return False
+        stored = load_reference(folder)
+    except InputError as exc:
+        return None, f"the stored base profile cannot be used ({str(exc).split('; ')[0]}): profiling the base again"
+    changed = (f"probe options, prompt texts, pipeline or base weights changed since {folder} was made: "
+               "profiling the base again")
     wanted = {k: v for k, v in config.to_dict().items() if k in PROBE_FIELDS}
     if stored.probe != wanted:
-        return False
+        return None, changed
     hashes = stored.meta.get("hashes", {})
     base_ckpt = None
     if config.base is not None and Path(config.base).resolve() != Path(source).resolve():
         base_ckpt = find_checkpoint(config.base, "BASE", allow_pickle=config.allow_pickle)
-    return (hashes.get("prompts") == prompts_digest(resolve_prompts(config.prompts_file, config.prompts))
+    same = (hashes.get("prompts") == prompts_digest(resolve_prompts(config.prompts_file, config.prompts))
             and hashes.get("pipeline") == pipeline_fingerprint(source)
             and hashes.get("weights") == base_weights_fingerprint(source, base_ckpt))
+    return (stored, None) if same else (None, changed)
 
 
-def _finished(config: SweepConfig, path: Path, source: str) -> bool:
-    """A checkpoint whose run folder already holds a summary of this very sweep (cheap: no model is loaded)."""
-    summary_file = config.out / path.name / "summary.json"
-    if not summary_file.is_file():
-        return False
-    summary = json.loads(summary_file.read_text())
-    reference = load_reference(config.out / BASE_DIR) if config.mode is Mode.free and _base_reusable(config, source) else None
-    if config.mode is Mode.free and reference is None:
-        return False
-    fingerprint = _fingerprint(config, path, source, reference)
-    return summary.get("config", {}).get("sweep_fingerprint") == fingerprint
+def _base_reusable(config: SweepConfig, source: str) -> bool:
+    return _stored_base(config, source)[0] is not None
 
 
-def _base_reference(config: SweepConfig, source: str, reporter: Reporter, pipe=None, cache_dir: Path | None = None):
-    folder = config.out / BASE_DIR
-    if (folder / REFERENCE_JSON).is_file():
-        try:
-            reference = load_reference(folder)
-        except InputError as exc:
-            reporter.note(f"the stored base profile cannot be used ({str(exc).split('; ')[0]}): profiling the base again")
-        else:
-            if _base_reusable(config, source):
-                reporter.note(f"base profile reused from {folder}")
-                return reference
-            reporter.note(f"probe options, prompt texts, pipeline or base weights changed since {folder} was made: profiling the base again")
+def _finished_summary(run_dir: Path, fingerprint: str) -> dict | None:
+    """The summary of a checkpoint folder that this very sweep published whole (its manifest verified), else None.
+
+    A folder left half-published by a kill, or from an older normscope, is measured again, never skipped."""
+    from normscope.commands.compare import RUN_KIND
+    from normscope.runfolder import verified_files
+
+    try:
+        files = verified_files(run_dir, "", kind=RUN_KIND)
+        summary = json.loads(files["summary.json"].read_text())
+    except (InputError, KeyError, ValueError, OSError):
+        return None
+    return summary if summary.get("config", {}).get("sweep_fingerprint") == fingerprint else None
+
+
+def _base_reference(config: SweepConfig, source: str, reporter: Reporter, stored, pipe=None,
+                    cache_dir: Path | None = None):
+    """The base profile: the stored one when ``stored`` (``_stored_base``) allows it, else a new one."""
+    reusable, why = stored
+    if reusable is not None:
+        reporter.note(f"base profile reused from {config.out / BASE_DIR}")
+        return reusable
+    if why is not None:
+        reporter.note(why)
     fields = {k: getattr(config, k) for k in PROBE_FIELDS}
-    return profile(ProfileConfig(base=config.base or source, out=folder, pipeline=source, dtype=config.dtype,
-                                 device=config.device, batch_size=config.batch_size, allow_pickle=config.allow_pickle,
-                                 dtype_check=False, max_device_memory=config.max_device_memory, **fields), reporter,
+    return profile(ProfileConfig(base=config.base or source, out=config.out / BASE_DIR, pipeline=source,
+                                 dtype=config.dtype, device=config.device, batch_size=config.batch_size,
+                                 allow_pickle=config.allow_pickle, dtype_check=False,
+                                 max_device_memory=config.max_device_memory, **fields), reporter,
                    pipe=pipe, cache_dir=cache_dir)
 
 
@@ -210,9 +220,12 @@ def _sweep(config: SweepConfig, reporter: Reporter, checkpoints: list[tuple[int,
     # One pipeline for the base profile and every checkpoint: full weights overwrite its transformer (or a copy
     # of it), a LoRA is attached for its checkpoint and removed again; the prompts are encoded once for all.
     cache_dir = config.out / CACHE_DIR
-    pending = [path for _, path in checkpoints if not _finished(config, path, source)]
+    stored = _stored_base(config, source) if config.mode is Mode.free else (None, None)  # read and hashed once
+    needs_base = config.mode is Mode.free and stored[0] is None
+    pending = [path for _, path in checkpoints  # free mode without a reusable base: every checkpoint runs again
+               if needs_base or _finished_summary(config.out / path.name,
+                                                  _fingerprint(config, path, source, stored[0])) is None]
     shared_pipe, loads = None, 0
-    needs_base = config.mode is Mode.free and not _base_reusable(config, source)
     if pending or needs_base:
         samples = make_samples(resolve_prompts(config.prompts_file, config.prompts), config.seeds,
                                prompt_images(config.prompts_file, config.prompts))
@@ -231,19 +244,17 @@ def _sweep(config: SweepConfig, reporter: Reporter, checkpoints: list[tuple[int,
         groups = -(-len(samples) // config.batch_size)
         reporter.begin(groups * config.steps * (per_checkpoint * len(pending) + int(needs_base)))
     reporter = _OneBar(reporter)  # the profile and compares it runs are parts of this bar, not bars of their own
-    reference = _base_reference(config, source, reporter, shared_pipe, cache_dir) if config.mode is Mode.free else None
+    reference = _base_reference(config, source, reporter, stored, shared_pipe, cache_dir) if config.mode is Mode.free else None
     base_in_place = config.base is None  # does the shared transformer hold the base's weights (what a LoRA needs)?
     rows = []
     for step, path in checkpoints:
         run_dir = config.out / path.name
         fingerprint = _fingerprint(config, path, source, reference)
-        summary_file = run_dir / "summary.json"
-        if summary_file.is_file():
-            summary = json.loads(summary_file.read_text())
-            if summary.get("config", {}).get("sweep_fingerprint") == fingerprint:
-                reporter.note(f"{path.name}: finished earlier, skipped")
-                rows.append(_row(step, path, summary, config.gate))
-                continue
+        summary = _finished_summary(run_dir, fingerprint)
+        if summary is not None:
+            reporter.note(f"{path.name}: finished earlier, skipped")
+            rows.append(_row(step, path, summary, config.gate))
+            continue
         if reference is not None:
             probe = probe_from_reference(reference, config.device, config.dtype, config.batch_size)
             full = not find_checkpoint(path, "TUNED", config.adapter, config.allow_pickle).is_lora
