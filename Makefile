@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 BIN = $(VENV)/bin
 
-.PHONY: demo test bench install clean reproduce
+.PHONY: demo test bench install clean reproduce docs-presets
 
 $(BIN)/normscope: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ reproduce: install
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_compare.py
+
+# The presets table of docs/presets.md, from the Preset rows (tests/test_presets_sources.py compares them).
+docs-presets: install
+	$(BIN)/python -m normscope.render.presets docs/presets.md
 
 clean:
 	rm -rf $(VENV) normscope-demo *.egg-info

@@ -472,7 +472,7 @@ def sweep(
 
 @app.command()
 def presets(
-    family: Annotated[str | None, typer.Option("--family", help="Only the presets of this family (sd3, flux, flux-kontext, flux2, flux2-klein, qwen-image, qwen-image-edit, z-image, wan, wan-i2v).")] = None,
+    family: Annotated[str | None, typer.Option("--family", help="Only the presets of this family (a family name of docs/models.md, e.g. sd3, flux, qwen-image, wan, ltx2); an unknown name is refused with the list.")] = None,
     fmt: Annotated[OutputFormat, typer.Option("--format", help="table (default), json or csv.")] = OutputFormat.table,
 ) -> None:
     """List the --preset settings (trainers' evaluation steps, guidance, size) with their sources."""

@@ -171,7 +171,11 @@ def test_trainer_settings_flow_into_the_config_and_explicit_options_win():
 def test_docs_list_every_preset_with_its_source():
     from pathlib import Path
 
+    from normscope.commands.presets import list_presets
+    from normscope.render.presets import markdown_table
+
     text = (Path(__file__).resolve().parents[1] / "docs" / "presets.md").read_text()
+    assert markdown_table(list_presets()) in text, "docs/presets.md is stale: run make docs-presets"
     for preset in PRESETS.values():
         assert f"`{preset.name}`" in text, preset.name
         assert preset.source.replace("|", "/") in text, preset.name
