@@ -30,9 +30,10 @@ reproduce: install
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_compare.py
 
-# The presets table of docs/presets.md, from the Preset rows (tests/test_presets_sources.py compares them).
+# The preset tables of docs/presets.md and docs/models.md, from the Preset rows (tests/test_presets_sources.py
+# compares them).
 docs-presets: install
-	$(BIN)/python -m normscope.render.presets docs/presets.md
+	$(BIN)/python -m normscope.render.presets docs
 
 clean:
 	rm -rf $(VENV) normscope-demo *.egg-info

@@ -171,11 +171,12 @@ def test_trainer_settings_flow_into_the_config_and_explicit_options_win():
 def test_docs_list_every_preset_with_its_source():
     from pathlib import Path
 
-    from normscope.commands.presets import list_presets
-    from normscope.render.presets import markdown_table
+    from normscope.render.presets import docs_tables
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "presets.md").read_text()
-    assert markdown_table(list_presets()) in text, "docs/presets.md is stale: run make docs-presets"
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    for name, (_, table) in docs_tables().items():
+        assert table in (docs / name).read_text(), f"docs/{name} is stale: run make docs-presets"
+    text = (docs / "presets.md").read_text()
     for preset in PRESETS.values():
         assert f"`{preset.name}`" in text, preset.name
         assert preset.source.replace("|", "/") in text, preset.name

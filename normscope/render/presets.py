@@ -67,24 +67,62 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_docs_table(path) -> bool:
-    """Replace the presets table of ``path`` (docs/presets.md) with ``markdown_table``; True when it changed."""
+def replace_table(path, header: str, table: str) -> bool:
+    """Replace the Markdown table of ``path`` whose first line starts with ``header``; True when it changed."""
     from pathlib import Path
 
-    from normscope.commands.presets import list_presets
-
     path = Path(path)
-    lines = path.read_text().splitlines(keepends=True)
-    start = next(i for i, line in enumerate(lines) if line.startswith("| preset |"))
+    before = path.read_text()
+    lines = before.splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
     end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
-    text = "".join(lines[:start]) + markdown_table(list_presets()) + "".join(lines[end:])
-    changed = text != path.read_text()
-    if changed:
+    text = "".join(lines[:start]) + table + "".join(lines[end:])
+    if text != before:
         path.write_text(text)
-    return changed
+    return text != before
+
+
+def docs_tables() -> dict[str, tuple[str, str]]:
+    """The generated tables of the docs: file name -> (first line, table)."""
+    from normscope.commands.presets import list_presets
+    from normscope.load.families import FAMILIES
+
+    rows = list_presets()
+    return {"presets.md": ("| preset |", markdown_table(rows)),
+            "models.md": ("| family | tuned by", tuned_by_table(rows, [f.name for f in FAMILIES]))}
+
+
+def write_docs_tables(docs) -> list[str]:
+    """Rewrite the generated tables under the ``docs`` folder; the files that changed."""
+    from pathlib import Path
+
+    return [name for name, (header, table) in docs_tables().items() if replace_table(Path(docs) / name, header, table)]
+
+
+# The trainer of a preset, by the prefix of its name (docs/models.md's "tuned by" table).
+TRAINERS = (("flow_grpo-", "flow_grpo"), ("diffusionnft-", "DiffusionNFT"), ("awm-", "AWM"),
+            ("flow-factory-", "Flow-Factory"), ("tempflow-grpo-", "TempFlow-GRPO"), ("pref-grpo-", "Pref-GRPO"),
+            ("dancegrpo-", "DanceGRPO"))
+
+
+def trainer_of(name: str) -> str:
+    return next((trainer for prefix, trainer in TRAINERS if name.startswith(prefix)), "other")
+
+
+def tuned_by_table(rows: list[dict], families: list[str]) -> str:
+    """docs/models.md's table: each family, the trainers whose presets sample it, and those presets."""
+    lines = ["| family | tuned by (presets) |", "|---|---|"]
+    for family in families:
+        by_trainer: dict[str, list[str]] = {}
+        for row in rows:
+            if row["family"] == family:
+                by_trainer.setdefault(trainer_of(row["name"]), []).append(f"`{row['name']}`")
+        cell = "; ".join(f"{trainer}: {', '.join(names)}" for trainer, names in by_trainer.items()) or "no preset"
+        lines.append(f"| `{family}` | {cell} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":  # make docs-presets
     import sys
 
-    print("docs/presets.md " + ("rewritten" if write_docs_table(sys.argv[1]) else "already up to date"))
+    print("rewritten: " + (", ".join(write_docs_tables(sys.argv[1])) or "none (up to date)"))
