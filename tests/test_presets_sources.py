@@ -44,8 +44,8 @@ CALLS = {
                                max_sequence_length=512, negative_prompt=[""]),
     "flow-factory-sd3.5-nocfg": dict(num_inference_steps=40, guidance_scale=1.0, height=512, width=512,
                                      max_sequence_length=512, negative_prompt=[""]),
-    # TempFlow-GRPO@63e4def config/dgx.py geneval_sd3(), geneval_sd3_pr(); @e66824e scripts/train_sd3{,_pr}.py eval()
-    # (128 tokens, "" negative)
+    # TempFlow-GRPO@63e4def config/dgx.py:93-97,135-139 (geneval_sd3{,_pr}); @e66824e scripts/train_sd3.py:227,245,
+    # 254-267 and train_sd3_pr.py:227,245,253-266 (128 tokens, "" negative)
     "tempflow-grpo-sd3.5m": dict(num_inference_steps=40, guidance_scale=4.5, height=512, width=512,
                                  max_sequence_length=128, negative_prompt=[""]),
     # flow_grpo@31c71b9 config/grpo.py pickscore_flux(); @74db691 scripts/train_flux.py eval() (128 tokens)
@@ -56,7 +56,8 @@ CALLS = {
     # Pref-GRPO@3e787f6 inference/py/flux_multi_node_inference.py:156-160
     "pref-grpo-flux1-dev": dict(num_inference_steps=30, guidance_scale=3.5, height=1024, width=1024,
                                 max_sequence_length=512),
-    # TempFlow-GRPO@63e4def config/dgx.py flux(), flux_pr(); @e66824e scripts/train_flux.py eval() (128 tokens)
+    # TempFlow-GRPO@63e4def config/dgx.py:269-273,318-322 (flux{,_pr}); @e66824e scripts/train_flux.py:231,236-246
+    # (128 tokens, prompt embeds only)
     "tempflow-grpo-flux1-dev": dict(num_inference_steps=50, guidance_scale=3.5, height=1024, width=1024,
                                     max_sequence_length=128),
     # DanceGRPO@15cc71d scripts/visualization/vis_flux.py:59-65
@@ -90,8 +91,8 @@ CALLS = {
     # Pref-GRPO qwen_image_multi_node_inference.py:137,148,159-163 (16:9 = width 1664, height 928)
     "pref-grpo-qwen-image": dict(num_inference_steps=50, true_cfg_scale=4.0, height=928, width=1664,
                                  negative_prompt=[" "]),
-    # TempFlow-GRPO@63e4def config/dgx.py pickscore_qwenimage{,_pr}(); @354fd38 scripts/train_qwenimage{,_pr}.py
-    # eval() (negative " ", true_cfg_scale, text length not passed)
+    # TempFlow-GRPO@63e4def config/dgx.py:365-368,404-407 (pickscore_qwenimage{,_pr}); @354fd38
+    # scripts/train_qwenimage.py:258-268 (negative " ", true_cfg_scale, text length not passed)
     "tempflow-grpo-qwen-image": dict(num_inference_steps=50, true_cfg_scale=4.0, height=512, width=512,
                                      negative_prompt=[" "]),
     # Flow-Factory qwen_image_edit_plus/default.yaml:101-106, qwen_image_edit_plus.py:250,642

@@ -311,13 +311,14 @@ FLOW_FACTORY_COMMIT = "X-GenGroup/Flow-Factory@a0b2bc5a2b4fbf9125429b3fb70c0c5d7
 PREF_GRPO_COMMIT = "CodeGoat24/Pref-GRPO@3e787f6dd5a3051b40d61f07e9578468ac26130a"
 DANCEGRPO_COMMIT = "XueZeyue/DanceGRPO@15cc71d53cc2e6e18a68ee607d5fb6ba9a99e344"
 # TempFlow-GRPO's code is in the public code index (Shredded-Pork/TempFlow-GRPO; the fetched snapshot @afe6d33 holds
-# a README and the paper only). Each file's commit is the index's; lines not resolved there, functions named instead.
+# a README and the paper only). Each file's commit is the index's; lines counted in the index's text (a function is
+# named where they were not).
 # Its eval calls its own pipeline_with_logprob(..., determistic=True): sd3_sde_with_logprob then steps
 # prev = x + dt * v (no noise), the Euler update diffusers' FlowMatchEulerDiscreteScheduler makes.
 TEMPFLOW = "Shredded-Pork/TempFlow-GRPO"
 TEMPFLOW_CONFIG = f"{TEMPFLOW}@63e4def7159940ba7d60e4e6250eee868342388c config/dgx.py"
 TEMPFLOW_SD3_FLUX = f"{TEMPFLOW}@e66824eca96d2b41cfd70fd1879650ae1ea5892e"
-TEMPFLOW_STEP = (f"{TEMPFLOW_SD3_FLUX} flow_grpo/diffusers_patch/sd3_sde_with_logprob.py sde_step_with_logprob() "
+TEMPFLOW_STEP = (f"{TEMPFLOW_SD3_FLUX} flow_grpo/diffusers_patch/sd3_sde_with_logprob.py:68-69 "
                  "(determistic=True: prev_sample = sample + dt * model_output, a deterministic Euler ODE step)")
 # flow_grpo's SD3 evaluation encodes prompts, and the "" negative, with 128 T5 tokens.
 FLOW_GRPO_SD3_TOKENS = f"{FLOW_GRPO_COMMIT} scripts/train_sd3.py:220,238 (max_sequence_length=128)"
@@ -356,10 +357,11 @@ SD3_PRESETS = (
        "src/flow_factory/models/stable_diffusion/sd3_5.py:92,218 (max_sequence_length 512)",
        max_sequence_length=512, negative_prompt=""),
     _p("tempflow-grpo-sd3.5m", "sd3", 40, 4.5, GUIDANCE_SCALE, 512,
-       f"{TEMPFLOW_CONFIG} geneval_sd3() and geneval_sd3_pr() (eval_num_steps 40, guidance_scale 4.5, resolution 512; "
+       f"{TEMPFLOW_CONFIG}:93-94,97 geneval_sd3() and :135-136,139 geneval_sd3_pr() (eval_num_steps 40, guidance_scale "
+       "4.5, resolution 512; "
        "scripts/multi_node/main.sh and train_sd3_pr.sh at e66824e select them); "
-       f"{TEMPFLOW_SD3_FLUX} scripts/train_sd3.py and scripts/train_sd3_pr.py eval() (\"\" negative and prompts "
-       "encoded with max_sequence_length=128, height=width=resolution, determistic=True; lines not resolved); "
+       f"{TEMPFLOW_SD3_FLUX} scripts/train_sd3.py:227,245,254-267 and scripts/train_sd3_pr.py:227,245,253-266 eval() "
+       "(\"\" negative and prompts encoded with max_sequence_length=128, height=width=resolution, determistic=True); "
        f"{TEMPFLOW_STEP}. Its sd3_pipeline_with_logprob module is not in the code index, so its timestep "
        "schedule was NOT READ", max_sequence_length=128, negative_prompt=""),
 )
@@ -379,11 +381,12 @@ FLUX_PRESETS = (
        f"{PG} inference/py/flux_multi_node_inference.py:156-160 (1024x1024, guidance 3.5, 30 steps, "
        "max_sequence_length 512)", max_sequence_length=512),
     _p("tempflow-grpo-flux1-dev", "flux", 50, 3.5, GUIDANCE_SCALE, 1024,
-       f"{TEMPFLOW_CONFIG} flux() and flux_pr() (eval_num_steps 50, guidance_scale 3.5, resolution 1024; "
+       f"{TEMPFLOW_CONFIG}:269-270,273 flux() and :318-319,322 flux_pr() (eval_num_steps 50, guidance_scale 3.5, "
+       "resolution 1024; "
        "scripts/multi_node/train_flux.sh and train_flux_pr.sh at e66824e select them); "
-       f"{TEMPFLOW_SD3_FLUX} scripts/train_flux.py eval() (prompt embeds only, max_sequence_length=128, "
-       "height=width=resolution, determistic=True; line not resolved; "
-       f"{TEMPFLOW}@28a9b9beb2a8536ece40909509fdf3f0fdfe839c scripts/train_flux_pr.py eval() the same); "
+       f"{TEMPFLOW_SD3_FLUX} scripts/train_flux.py:231,236-246 eval() (prompt embeds only, max_sequence_length=128, "
+       "height=width=resolution, determistic=True; "
+       f"{TEMPFLOW}@28a9b9beb2a8536ece40909509fdf3f0fdfe839c scripts/train_flux_pr.py:232,237-247 the same); "
        f"{TEMPFLOW_SD3_FLUX} flow_grpo/diffusers_patch/flux_pipeline_with_logprob.py pipeline_with_logprob() (sigmas "
        f"linspace(1, 1/N, N) with the pipeline's mu shift, as FluxPipeline) and {TEMPFLOW_STEP}: the same "
        "deterministic sampler as the diffusers pipeline",
@@ -436,13 +439,14 @@ QWEN_PRESETS = (
        f"{PG} inference/py/qwen_image_multi_node_inference.py:137,148,159-163 (negative \" \", 16:9 = 1664x928, "
        "50 steps, true_cfg_scale 4.0)", height=928, width=1664, negative_prompt=" "),
     _p("tempflow-grpo-qwen-image", "qwen-image", 50, 4.0, TRUE_CFG_SCALE, 512,
-       f"{TEMPFLOW_CONFIG} pickscore_qwenimage() and pickscore_qwenimage_pr() (eval_num_steps 50, guidance_scale 4, "
+       f"{TEMPFLOW_CONFIG}:365-366,368 pickscore_qwenimage() and :404-405,407 pickscore_qwenimage_pr() "
+       "(eval_num_steps 50, guidance_scale 4, "
        "resolution 512; scripts/multi_node/train_qwenimage.sh and train_qwenimage_pr.sh at "
        "00124911e7e84aad8a40d8867d4b99803c6bd5c6 select them); "
-       f"{TEMPFLOW}@354fd3887e26b33caedc2baf48bf680f278541fe scripts/train_qwenimage.py and "
+       f"{TEMPFLOW}@354fd3887e26b33caedc2baf48bf680f278541fe scripts/train_qwenimage.py:258-268 and "
        "scripts/train_qwenimage_pr.py eval() (negative_prompt \" \", true_cfg_scale=guidance_scale, "
-       "height=width=resolution, determistic=True, max_sequence_length not passed: 512 by default; lines not "
-       f"resolved); {TEMPFLOW}@140045e1fe8f8c906897fc830bb7a1e4b5dafdd0 flow_grpo/diffusers_patch/"
+       "height=width=resolution, determistic=True, max_sequence_length not passed: 512 by default; the _pr line "
+       f"not resolved); {TEMPFLOW}@140045e1fe8f8c906897fc830bb7a1e4b5dafdd0 flow_grpo/diffusers_patch/"
        "qwenimage_pipeline_with_logprob.py pipeline_with_logprob(): the same sigmas, shift, true-CFG combination "
        "and per-token rescale to ||cond|| as QwenImagePipeline and the deterministic Euler step "
        f"({TEMPFLOW_SD3_FLUX} sd3_sde_with_logprob.py), but NOT the same calls: prompt and negative are encoded in "
