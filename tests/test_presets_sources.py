@@ -48,7 +48,7 @@ CALLS = {
     # 254-267 and train_sd3_pr.py:227,245,253-266 (128 tokens, "" negative)
     "tempflow-grpo-sd3.5m": dict(num_inference_steps=40, guidance_scale=4.5, height=512, width=512,
                                  max_sequence_length=128, negative_prompt=[""]),
-    # flow_grpo@31c71b9 config/grpo.py pickscore_flux(); @74db691 scripts/train_flux.py eval() (128 tokens)
+    # flow_grpo@31c71b9 config/grpo.py pickscore_flux(); @74db691 scripts/train_flux.py:193,198-208 (128 tokens)
     "flow_grpo-flux1-dev": dict(num_inference_steps=28, guidance_scale=3.5, height=512, width=512,
                                 max_sequence_length=128),
     # Flow-Factory flux1/default.yaml:91-94
@@ -63,7 +63,7 @@ CALLS = {
     # DanceGRPO@15cc71d scripts/visualization/vis_flux.py:59-65
     "dancegrpo-flux1-dev": dict(num_inference_steps=50, guidance_scale=3.5, height=1024, width=1024,
                                 max_sequence_length=512),
-    # flow_grpo@31c71b9 config/grpo.py counting_flux_kontext(); @74db691 scripts/train_flux_kontext.py eval()
+    # flow_grpo@31c71b9 config/grpo.py counting_flux_kontext(); @74db691 scripts/train_flux_kontext.py:186,191,196-208
     # (128 tokens, reference image resized to 512x512, max_area 512^2)
     "flow_grpo-kontext": dict(num_inference_steps=28, guidance_scale=2.5, height=512, width=512,
                               max_sequence_length=128, max_area=512 * 512, _auto_resize=False),

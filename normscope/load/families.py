@@ -369,7 +369,7 @@ FLUX_PRESETS = (
     _p("flow_grpo-flux1-dev", "flux", 28, 3.5, GUIDANCE_SCALE, 512,
        f"{FLOW_GRPO_INDEX_COMMIT} config/grpo.py pickscore_flux() (eval_num_steps 28, guidance_scale 3.5, "
        f"resolution 512; read from the code index, line not resolved); {FLOW_GRPO_KONTEXT_COMMIT} "
-       "scripts/train_flux.py eval() (prompt embeds only, encoded with max_sequence_length=128, "
+       "scripts/train_flux.py:193,198-208 eval() (prompt embeds only, encoded with max_sequence_length=128, "
        "height=width=resolution, noise_level=0). Its flux_pipeline_with_logprob module is not in the code index "
        "(its timestep schedule NOT READ); yifan123/flow_grpo@54809b5fcf4d3930d2a17fa553928704bd0b719e "
        "flow_grpo/diffusers_patch/sd3_sde_with_logprob.py sde_step_with_logprob() with noise_level 0 is the "
@@ -399,8 +399,9 @@ KONTEXT_PRESETS = (
     _p("flow_grpo-kontext", "flux-kontext", 28, 2.5, GUIDANCE_SCALE, 512,
        f"{FLOW_GRPO_INDEX_COMMIT} config/grpo.py counting_flux_kontext() (eval_num_steps 28, guidance_scale 2.5, "
        f"resolution 512; read from the code index, line not resolved); {FLOW_GRPO_KONTEXT_COMMIT} "
-       "scripts/train_flux_kontext.py eval() (line not resolved): reference image resized to resolution^2, "
-       "max_sequence_length=128, height=width=resolution, max_area=resolution^2, noise_level=0",
+       "scripts/train_flux_kontext.py:186,191,196-208 eval(): reference image resized to resolution^2, "
+       "max_sequence_length=128, height=width=resolution, max_area=resolution^2, noise_level=0 (its "
+       "flux_kontext_pipeline_with_logprob module is not in the code index)",
        max_sequence_length=128),
     _p("flow-factory-kontext", "flux-kontext", 20, 2.5, GUIDANCE_SCALE, 512,
        f"{FF} examples/grpo/lora/flux1_kontext/default.yaml:92-96 (eval 512 px, condition image 512, guidance "
