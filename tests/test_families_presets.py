@@ -31,10 +31,10 @@ def test_a_preset_fills_what_is_unset_and_explicit_options_win():
 
 def test_the_issue_settings_are_presets_with_a_source():
     want = {"flow_grpo-sd3.5m": (40, 4.5, 512), "diffusionnft-sd3.5m": (40, 1.0, 512), "awm-sd3.5m": (40, 1.0, 512),
-            "flow_grpo-flux1-dev": (28, 3.5, None), "flow_grpo-qwen-image": (50, 4.0, None),
+            "flow_grpo-flux1-dev": (28, 3.5, 512), "flow_grpo-qwen-image": (50, 4.0, 512),
             "flow-factory-klein": (10, 1.0, 1024), "flow-factory-klein-base": (28, 4.0, 1024),
             "flow-factory-z-image": (40, 4.0, 1024), "flow-factory-z-image-turbo": (10, 0.0, 512),
-            "flow_grpo-kontext": (28, 2.5, None)}
+            "flow_grpo-kontext": (28, 2.5, 512)}
     for name, (steps, guidance, size) in want.items():
         preset = PRESETS[name]
         assert (preset.steps, preset.guidance, preset.size) == (steps, guidance, size), name

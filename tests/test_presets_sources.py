@@ -44,19 +44,29 @@ CALLS = {
                                max_sequence_length=512, negative_prompt=[""]),
     "flow-factory-sd3.5-nocfg": dict(num_inference_steps=40, guidance_scale=1.0, height=512, width=512,
                                      max_sequence_length=512, negative_prompt=[""]),
-    "tempflow-grpo-sd3.5m": dict(num_inference_steps=40, guidance_scale=4.5),  # no code released
-    "flow_grpo-flux1-dev": dict(num_inference_steps=28, guidance_scale=3.5),  # not in the fetched snapshot
+    # TempFlow-GRPO@63e4def config/dgx.py:93-97,135-139 (geneval_sd3{,_pr}); @e66824e scripts/train_sd3.py:227,245,
+    # 254-267 and train_sd3_pr.py:227,245,253-266 (128 tokens, "" negative)
+    "tempflow-grpo-sd3.5m": dict(num_inference_steps=40, guidance_scale=4.5, height=512, width=512,
+                                 max_sequence_length=128, negative_prompt=[""]),
+    # flow_grpo@31c71b9 config/grpo.py pickscore_flux(); @74db691 scripts/train_flux.py:193,198-208 (128 tokens)
+    "flow_grpo-flux1-dev": dict(num_inference_steps=28, guidance_scale=3.5, height=512, width=512,
+                                max_sequence_length=128),
     # Flow-Factory flux1/default.yaml:91-94
     "flow-factory-flux1-dev": dict(num_inference_steps=20, guidance_scale=3.5, height=512, width=512),
     # Pref-GRPO@3e787f6 inference/py/flux_multi_node_inference.py:156-160
     "pref-grpo-flux1-dev": dict(num_inference_steps=30, guidance_scale=3.5, height=1024, width=1024,
                                 max_sequence_length=512),
-    "tempflow-grpo-flux1-dev": dict(num_inference_steps=50, guidance_scale=3.5),
+    # TempFlow-GRPO@63e4def config/dgx.py:269-273,318-322 (flux{,_pr}); @e66824e scripts/train_flux.py:231,236-246
+    # (128 tokens, prompt embeds only)
+    "tempflow-grpo-flux1-dev": dict(num_inference_steps=50, guidance_scale=3.5, height=1024, width=1024,
+                                    max_sequence_length=128),
     # DanceGRPO@15cc71d scripts/visualization/vis_flux.py:59-65
     "dancegrpo-flux1-dev": dict(num_inference_steps=50, guidance_scale=3.5, height=1024, width=1024,
                                 max_sequence_length=512),
-    # flow_grpo@74db691 scripts/train_flux_kontext.py eval(): max_sequence_length=128
-    "flow_grpo-kontext": dict(num_inference_steps=28, guidance_scale=2.5, max_sequence_length=128),
+    # flow_grpo@31c71b9 config/grpo.py counting_flux_kontext(); @74db691 scripts/train_flux_kontext.py:186,191,196-208
+    # (128 tokens, reference image resized to 512x512, max_area 512^2)
+    "flow_grpo-kontext": dict(num_inference_steps=28, guidance_scale=2.5, height=512, width=512,
+                              max_sequence_length=128, max_area=512 * 512, _auto_resize=False),
     # Flow-Factory flux1_kontext/default.yaml:92-96 (512 px: max_area 512^2), flux1_kontext.py:348
     "flow-factory-kontext": dict(num_inference_steps=20, guidance_scale=2.5, height=512, width=512,
                                  max_sequence_length=512, max_area=512 * 512, _auto_resize=False),
@@ -72,14 +82,19 @@ CALLS = {
     "pref-grpo-klein": dict(num_inference_steps=50, guidance_scale=4.0, height=1024, width=1024,
                             max_sequence_length=512),
     # Qwen: CFG is true_cfg_scale and runs only with a negative prompt (" " when the trainer gives none)
-    "flow_grpo-qwen-image": dict(num_inference_steps=50, true_cfg_scale=4.0, negative_prompt=[" "]),
+    # flow_grpo@31c71b9 config/grpo.py pickscore_qwenimage() (its train_qwenimage.py not in the code index)
+    "flow_grpo-qwen-image": dict(num_inference_steps=50, true_cfg_scale=4.0, height=512, width=512,
+                                 negative_prompt=[" "]),
     # Flow-Factory qwen_image/default.yaml:92-95, qwen_image.py:171,309
     "flow-factory-qwen-image": dict(num_inference_steps=28, true_cfg_scale=4.0, height=1024, width=1024,
                                     max_sequence_length=1024, negative_prompt=[""]),
     # Pref-GRPO qwen_image_multi_node_inference.py:137,148,159-163 (16:9 = width 1664, height 928)
     "pref-grpo-qwen-image": dict(num_inference_steps=50, true_cfg_scale=4.0, height=928, width=1664,
                                  negative_prompt=[" "]),
-    "tempflow-grpo-qwen-image": dict(num_inference_steps=50, true_cfg_scale=4.0, negative_prompt=[" "]),
+    # TempFlow-GRPO@63e4def config/dgx.py:365-368,404-407 (pickscore_qwenimage{,_pr}); @354fd38
+    # scripts/train_qwenimage.py:258-268 (negative " ", true_cfg_scale, text length not passed)
+    "tempflow-grpo-qwen-image": dict(num_inference_steps=50, true_cfg_scale=4.0, height=512, width=512,
+                                     negative_prompt=[" "]),
     # Flow-Factory qwen_image_edit_plus/default.yaml:101-106, qwen_image_edit_plus.py:250,642
     "flow-factory-qwen-image-edit": dict(num_inference_steps=40, true_cfg_scale=4.0, height=1024, width=1024,
                                          max_sequence_length=1024, negative_prompt=[""]),

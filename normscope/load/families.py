@@ -310,9 +310,16 @@ AWM_COMMIT = "scxue/advantage_weighted_matching@be5137232e33a21b449ed65a533211d0
 FLOW_FACTORY_COMMIT = "X-GenGroup/Flow-Factory@a0b2bc5a2b4fbf9125429b3fb70c0c5d7631047c"
 PREF_GRPO_COMMIT = "CodeGoat24/Pref-GRPO@3e787f6dd5a3051b40d61f07e9578468ac26130a"
 DANCEGRPO_COMMIT = "XueZeyue/DanceGRPO@15cc71d53cc2e6e18a68ee607d5fb6ba9a99e344"
-TEMPFLOW_UNVERIFIED = ("TempFlow-GRPO has released no code (Shredded-Pork/TempFlow-GRPO@"
-                       "afe6d339d480377fe24d5cfcac73da2843d4efaf holds a README and the paper only): steps and "
-                       "guidance as reported in ECOSYSTEM.md, not verified against code")
+# TempFlow-GRPO's code is in the public code index (Shredded-Pork/TempFlow-GRPO; the fetched snapshot @afe6d33 holds
+# a README and the paper only). Each file's commit is the index's; lines counted in the index's text (a function is
+# named where they were not).
+# Its eval calls its own pipeline_with_logprob(..., determistic=True): sd3_sde_with_logprob then steps
+# prev = x + dt * v (no noise), the Euler update diffusers' FlowMatchEulerDiscreteScheduler makes.
+TEMPFLOW = "Shredded-Pork/TempFlow-GRPO"
+TEMPFLOW_CONFIG = f"{TEMPFLOW}@63e4def7159940ba7d60e4e6250eee868342388c config/dgx.py"
+TEMPFLOW_SD3_FLUX = f"{TEMPFLOW}@e66824eca96d2b41cfd70fd1879650ae1ea5892e"
+TEMPFLOW_STEP = (f"{TEMPFLOW_SD3_FLUX} flow_grpo/diffusers_patch/sd3_sde_with_logprob.py:68-69 "
+                 "(determistic=True: prev_sample = sample + dt * model_output, a deterministic Euler ODE step)")
 # flow_grpo's SD3 evaluation encodes prompts, and the "" negative, with 128 T5 tokens.
 FLOW_GRPO_SD3_TOKENS = f"{FLOW_GRPO_COMMIT} scripts/train_sd3.py:220,238 (max_sequence_length=128)"
 # Pref-GRPO's Wan inference scripts pass Wan's own long negative prompt (its English version).
@@ -349,29 +356,53 @@ SD3_PRESETS = (
        f"{FF} examples/grpo/lora/sd3_5/nocfg.yaml:95-98 (eval 512 px, guidance 1.0, 40 steps); "
        "src/flow_factory/models/stable_diffusion/sd3_5.py:92,218 (max_sequence_length 512)",
        max_sequence_length=512, negative_prompt=""),
-    _p("tempflow-grpo-sd3.5m", "sd3", 40, 4.5, GUIDANCE_SCALE, None, TEMPFLOW_UNVERIFIED),
+    _p("tempflow-grpo-sd3.5m", "sd3", 40, 4.5, GUIDANCE_SCALE, 512,
+       f"{TEMPFLOW_CONFIG}:93-94,97 geneval_sd3() and :135-136,139 geneval_sd3_pr() (eval_num_steps 40, guidance_scale "
+       "4.5, resolution 512; "
+       "scripts/multi_node/main.sh and train_sd3_pr.sh at e66824e select them); "
+       f"{TEMPFLOW_SD3_FLUX} scripts/train_sd3.py:227,245,254-267 and scripts/train_sd3_pr.py:227,245,253-266 eval() "
+       "(\"\" negative and prompts encoded with max_sequence_length=128, height=width=resolution, determistic=True); "
+       f"{TEMPFLOW_STEP}. Its sd3_pipeline_with_logprob module is not in the code index, so its timestep "
+       "schedule was NOT READ", max_sequence_length=128, negative_prompt=""),
 )
 FLUX_PRESETS = (
-    _p("flow_grpo-flux1-dev", "flux", 28, 3.5, GUIDANCE_SCALE, None,
-       "flow_grpo FLUX.1-dev: NOT READ - the fetched snapshot (" + FLOW_GRPO_COMMIT + ") holds SD3 only; "
-       "28 steps / 3.5 as reported in ECOSYSTEM.md, size and text length left at the pipeline's"),
+    _p("flow_grpo-flux1-dev", "flux", 28, 3.5, GUIDANCE_SCALE, 512,
+       f"{FLOW_GRPO_INDEX_COMMIT} config/grpo.py pickscore_flux() (eval_num_steps 28, guidance_scale 3.5, "
+       f"resolution 512; read from the code index, line not resolved); {FLOW_GRPO_KONTEXT_COMMIT} "
+       "scripts/train_flux.py:193,198-208 eval() (prompt embeds only, encoded with max_sequence_length=128, "
+       "height=width=resolution, noise_level=0). Its flux_pipeline_with_logprob module is not in the code index "
+       "(its timestep schedule NOT READ); yifan123/flow_grpo@54809b5fcf4d3930d2a17fa553928704bd0b719e "
+       "flow_grpo/diffusers_patch/sd3_sde_with_logprob.py sde_step_with_logprob() with noise_level 0 is the "
+       "deterministic Euler step", max_sequence_length=128),
     _p("flow-factory-flux1-dev", "flux", 20, 3.5, GUIDANCE_SCALE, 512,
        f"{FF} examples/grpo/lora/flux1/default.yaml:91-94 (eval 512 px, guidance 3.5, 20 steps); "
        "src/flow_factory/models/flux/flux1.py:104 (pipeline's own encode_prompt: default text length)"),
     _p("pref-grpo-flux1-dev", "flux", 30, 3.5, GUIDANCE_SCALE, 1024,
        f"{PG} inference/py/flux_multi_node_inference.py:156-160 (1024x1024, guidance 3.5, 30 steps, "
        "max_sequence_length 512)", max_sequence_length=512),
-    _p("tempflow-grpo-flux1-dev", "flux", 50, 3.5, GUIDANCE_SCALE, None, TEMPFLOW_UNVERIFIED),
+    _p("tempflow-grpo-flux1-dev", "flux", 50, 3.5, GUIDANCE_SCALE, 1024,
+       f"{TEMPFLOW_CONFIG}:269-270,273 flux() and :318-319,322 flux_pr() (eval_num_steps 50, guidance_scale 3.5, "
+       "resolution 1024; "
+       "scripts/multi_node/train_flux.sh and train_flux_pr.sh at e66824e select them); "
+       f"{TEMPFLOW_SD3_FLUX} scripts/train_flux.py:231,236-246 eval() (prompt embeds only, max_sequence_length=128, "
+       "height=width=resolution, determistic=True; "
+       f"{TEMPFLOW}@28a9b9beb2a8536ece40909509fdf3f0fdfe839c scripts/train_flux_pr.py:232,237-247 the same); "
+       f"{TEMPFLOW_SD3_FLUX} flow_grpo/diffusers_patch/flux_pipeline_with_logprob.py pipeline_with_logprob() (sigmas "
+       f"linspace(1, 1/N, N) with the pipeline's mu shift, as FluxPipeline) and {TEMPFLOW_STEP}: the same "
+       "deterministic sampler as the diffusers pipeline",
+       max_sequence_length=128),
     _p("dancegrpo-flux1-dev", "flux", 50, 3.5, GUIDANCE_SCALE, 1024,
        f"{DANCEGRPO_COMMIT} scripts/visualization/vis_flux.py:59-65 (its FLUX sampling script: guidance 3.5, "
        "1024x1024, 50 steps, max_sequence_length 512)", max_sequence_length=512),
 )
 KONTEXT_PRESETS = (
-    _p("flow_grpo-kontext", "flux-kontext", 28, 2.5, GUIDANCE_SCALE, None,
-       f"{FLOW_GRPO_KONTEXT_COMMIT} scripts/train_flux_kontext.py eval() (read from the code index, line not "
-       "resolved): max_sequence_length=128, max_area=resolution^2 with height=width=resolution; the Kontext "
-       "config (steps 28, guidance 2.5, resolution) was NOT READ: steps/guidance as reported in ECOSYSTEM.md, "
-       "size left at the pipeline's", max_sequence_length=128),
+    _p("flow_grpo-kontext", "flux-kontext", 28, 2.5, GUIDANCE_SCALE, 512,
+       f"{FLOW_GRPO_INDEX_COMMIT} config/grpo.py counting_flux_kontext() (eval_num_steps 28, guidance_scale 2.5, "
+       f"resolution 512; read from the code index, line not resolved); {FLOW_GRPO_KONTEXT_COMMIT} "
+       "scripts/train_flux_kontext.py:186,191,196-208 eval(): reference image resized to resolution^2, "
+       "max_sequence_length=128, height=width=resolution, max_area=resolution^2, noise_level=0 (its "
+       "flux_kontext_pipeline_with_logprob module is not in the code index)",
+       max_sequence_length=128),
     _p("flow-factory-kontext", "flux-kontext", 20, 2.5, GUIDANCE_SCALE, 512,
        f"{FF} examples/grpo/lora/flux1_kontext/default.yaml:92-96 (eval 512 px, condition image 512, guidance "
        "2.5, 20 steps); src/flow_factory/models/flux/flux1_kontext.py:348 (max_sequence_length 512)",
@@ -395,9 +426,12 @@ KLEIN_PRESETS = (
        max_sequence_length=512),
 )
 QWEN_PRESETS = (
-    _p("flow_grpo-qwen-image", "qwen-image", 50, 4.0, TRUE_CFG_SCALE, None,
-       "flow_grpo Qwen-Image: NOT READ - the fetched snapshot (" + FLOW_GRPO_COMMIT + ") holds SD3 only; "
-       "50 steps / true CFG 4 as reported in ECOSYSTEM.md, the rest left at the pipeline's"),
+    _p("flow_grpo-qwen-image", "qwen-image", 50, 4.0, TRUE_CFG_SCALE, 512,
+       f"{FLOW_GRPO_INDEX_COMMIT} config/grpo.py pickscore_qwenimage() (eval_num_steps 50, guidance_scale 4, "
+       "resolution 512; read from the code index, line not resolved). Its scripts/train_qwenimage.py is NOT READ "
+       "(not in the code index for yifan123/flow_grpo, nor in the fetched snapshot " + FLOW_GRPO_COMMIT + "): "
+       "the guidance taken as true CFG (Qwen-Image has no guidance embedding), negative prompt and text length "
+       "left at normscope's and the pipeline's"),
     _p("flow-factory-qwen-image", "qwen-image", 28, 4.0, TRUE_CFG_SCALE, 1024,
        f"{FF} examples/grpo/lora/qwen_image/default.yaml:92-95 (eval 1024 px, guidance 4 = true CFG, 28 steps); "
        "src/flow_factory/models/qwen_image/qwen_image.py:171,309 (negative \"\", max_sequence_length 1024)",
@@ -405,7 +439,20 @@ QWEN_PRESETS = (
     _p("pref-grpo-qwen-image", "qwen-image", 50, 4.0, TRUE_CFG_SCALE, None,
        f"{PG} inference/py/qwen_image_multi_node_inference.py:137,148,159-163 (negative \" \", 16:9 = 1664x928, "
        "50 steps, true_cfg_scale 4.0)", height=928, width=1664, negative_prompt=" "),
-    _p("tempflow-grpo-qwen-image", "qwen-image", 50, 4.0, TRUE_CFG_SCALE, None, TEMPFLOW_UNVERIFIED),
+    _p("tempflow-grpo-qwen-image", "qwen-image", 50, 4.0, TRUE_CFG_SCALE, 512,
+       f"{TEMPFLOW_CONFIG}:365-366,368 pickscore_qwenimage() and :404-405,407 pickscore_qwenimage_pr() "
+       "(eval_num_steps 50, guidance_scale 4, "
+       "resolution 512; scripts/multi_node/train_qwenimage.sh and train_qwenimage_pr.sh at "
+       "00124911e7e84aad8a40d8867d4b99803c6bd5c6 select them); "
+       f"{TEMPFLOW}@354fd3887e26b33caedc2baf48bf680f278541fe scripts/train_qwenimage.py:258-268 and "
+       "scripts/train_qwenimage_pr.py eval() (negative_prompt \" \", true_cfg_scale=guidance_scale, "
+       "height=width=resolution, determistic=True, max_sequence_length not passed: 512 by default; the _pr line "
+       f"not resolved); {TEMPFLOW}@140045e1fe8f8c906897fc830bb7a1e4b5dafdd0 flow_grpo/diffusers_patch/"
+       "qwenimage_pipeline_with_logprob.py pipeline_with_logprob(): the same sigmas, shift, true-CFG combination "
+       "and per-token rescale to ||cond|| as QwenImagePipeline and the deterministic Euler step "
+       f"({TEMPFLOW_SD3_FLUX} sd3_sde_with_logprob.py), but NOT the same calls: prompt and negative are encoded in "
+       "one encode_prompt call and run as one batched transformer call (the negative padded to the batch's "
+       "longest prompt); diffusers encodes and runs them apart", negative_prompt=" "),
 )
 QWEN_EDIT_PRESETS = (
     _p("flow-factory-qwen-image-edit", "qwen-image-edit", 40, 4.0, TRUE_CFG_SCALE, 1024,
