@@ -175,9 +175,8 @@ def check_probe_values(config) -> None:
 # ---- LTX-2's guidance and Wan V2V's strength (issue 19): ProbeConfig fields, each a CALL_OPTIONS keyword.
 VIDEO_CALL_SETTINGS = ("strength", "stg_scale", "stg_blocks", "modality_scale", "guidance_rescale", "audio_guidance",
                        "audio_stg_scale", "audio_modality_scale", "audio_guidance_rescale", "frame_rate")
-# LTX2Pipeline reads an audio setting of 0 as unset (``audio_stg_scale or stg_scale``): (audio field, video field).
-AUDIO_FALLBACKS = (("audio_guidance", "guidance"), ("audio_stg_scale", "stg_scale"),
-                   ("audio_modality_scale", "modality_scale"), ("audio_guidance_rescale", "guidance_rescale"))
+# LTX2Pipeline reads an audio setting of 0 as unset (``audio_stg_scale or stg_scale``): 0 means "the video's value",
+# which is also how Flow-Factory's LTX-2 evaluation reads its null audio settings (the presets carry 0 for them).
 
 
 def check_video_settings(config) -> None:
@@ -222,12 +221,6 @@ def check_video_settings(config) -> None:
         if not config.stg_blocks or any(i < 0 for i in config.stg_blocks):
             raise ConfigError(f"--stg-blocks {list(config.stg_blocks)} must name transformer blocks (indices >= 0), "
                               "e.g. --stg-blocks 28 (LTX-2.3's); STG is turned off with --stg-scale 0 --audio-stg-scale 0")
-    for audio, video in AUDIO_FALLBACKS:
-        value, main = getattr(config, audio, None), getattr(config, video, None)
-        if value == 0 and main != 0:
-            raise ConfigError(f"{_flag(audio)} 0 is read by LTX2Pipeline as unset: it then uses {_flag(video)} "
-                              f"({'the pipeline default' if main is None else main}); pass {_flag(video)} 0 too, "
-                              f"or a value above 0")
 
 
 @dataclass(kw_only=True)

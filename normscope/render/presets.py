@@ -10,6 +10,8 @@ from normscope.render.safe import cells
 # The keywords a preset may set besides steps, guidance and size (normscope.load.families.Preset.FIELDS).
 OTHER_FIELDS = ("max_sequence_length", "num_frames", "guidance_2", "negative_prompt", "cfg_normalization",
                 "cfg_truncation")
+OTHER_FIELDS += ("strength", "frame_rate", "stg_scale", "modality_scale", "guidance_rescale", "audio_guidance",
+                 "audio_stg_scale", "audio_modality_scale", "audio_guidance_rescale")  # issue 19: LTX-2, Wan V2V
 
 
 def size_text(row: dict) -> str:
