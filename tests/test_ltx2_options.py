@@ -15,17 +15,11 @@ import pandas as pd
 import pytest
 import torch
 from test_families_oracle import _plain, _save_peft_folder, _with_random_lora
-from test_new_families import (  # noqa: F401  (module fixtures: the tiny LTX-2 and Wan V2V folders)
-    LTX2_PROBE,
-    PROMPTS,
-    STREAMS,
-    _ltx2_scaled,
-    built,
-    ltx2,
-    ltx2_oracle,
-)
+from test_new_families import LTX2_PROBE, PROMPTS, STREAMS, _ltx2_scaled, _video_inputs, ltx2_oracle
 from typer.testing import CliRunner
 
+from normscope.builders.tiny import save_tiny
+from normscope.builders.tiny_new_families import NEW_BUILDERS, tiny_ltx2_pipeline
 from normscope.cli import app
 from normscope.commands.compare import compare
 from normscope.config import CompareConfig
@@ -38,6 +32,19 @@ PROMPT_ARGS = sum((["--prompt", p] for p in PROMPTS), [])
 LTX2_CLI = ["--guidance", "3", "--height", "32", "--width", "32", "--num-frames", "5", "--max-sequence-length", "16",
             "--steps", "2", "--seeds", "0", *PROMPT_ARGS, "--device", "cpu", "--dtype", "float32",
             "--batch-size", str(B), "--format", "json"]
+
+
+@pytest.fixture(scope="module")
+def ltx2(tmp_path_factory):
+    """The tiny LTX-2 pipeline of test_new_families.py (2 transformer blocks), saved once for this module."""
+    return save_tiny(tiny_ltx2_pipeline(seed=0), tmp_path_factory.mktemp("ltx2") / "ltx2")
+
+
+@pytest.fixture(scope="module")
+def v2v(tmp_path_factory):
+    """The tiny Wan V2V pipeline of test_new_families.py and its input video."""
+    root = tmp_path_factory.mktemp("wan-v2v")
+    return save_tiny(NEW_BUILDERS["WanVideoToVideoPipeline"](seed=0), root / "wan-v2v"), _video_inputs(root / "inputs")
 
 
 def _cli(*args):
@@ -167,8 +174,8 @@ def test_ltx2_stg_blocks_are_checked_against_the_transformer_before_loading(ltx2
 # ---------------------------------------------------------------- Wan video to video
 
 
-def test_wan_v2v_strength_runs_int_steps_x_strength_and_equals_the_plain_pipeline(built, tmp_path):
-    folder, inputs = built("wan-v2v")
+def test_wan_v2v_strength_runs_int_steps_x_strength_and_equals_the_plain_pipeline(v2v, tmp_path):
+    folder, inputs = v2v
     out = tmp_path / "run"
     result = _cli("compare", folder, folder, "--steps", 4, "--strength", 0.5, "--height", 16, "--width", 16,
                   "--max-sequence-length", 16, "--guidance", 4, "--seeds", 0, *PROMPT_ARGS, "--device", "cpu",
@@ -205,8 +212,8 @@ def test_wan_v2v_strength_runs_int_steps_x_strength_and_equals_the_plain_pipelin
     assert len(default) == 3
 
 
-def test_wan_v2v_options_are_refused_before_loading(built, no_weight_loads):
-    folder, inputs = built("wan-v2v")
+def test_wan_v2v_options_are_refused_before_loading(v2v, no_weight_loads):
+    folder, inputs = v2v
     common = ["compare", folder, folder, "--steps", "4", "--height", "16", "--width", "16", "--seeds", "0",
               "--prompt", "a fox", "--device", "cpu", "--video", inputs["video"]]
     _one_line(_cli(*common, "--strength", "0"), "--strength", "0 < s <= 1")

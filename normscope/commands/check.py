@@ -30,10 +30,10 @@ from normscope.commands.profile import (
 from normscope.commands.reference_schema import MAX_INFLATION_HIGH, MAX_INFLATION_LOW, gate_in_range
 from normscope.config import (
     HEADLINE_ESTIMATE,
+    VIDEO_CALL_SETTINGS,
     CompareConfig,
     Device,
     DType,
-    VIDEO_CALL_SETTINGS,
     Mode,
     check_finite,
     check_probe_values,
