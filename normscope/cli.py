@@ -86,6 +86,19 @@ SkipStartOpt = Annotated[float | None, typer.Option("--skip-layer-start", help="
 SkipStopOpt = Annotated[float | None, typer.Option("--skip-layer-stop", help="SD3 skip-layer guidance: last fraction of the steps it acts on (needs --skip-layers). Default: the pipeline's 0.2.", rich_help_panel="Probe")]
 CfgNormOpt = Annotated[float | None, typer.Option("--cfg-normalization", help="Z-Image: cap the guided velocity's norm at K times the cond norm (0: off). Default: the preset's, else off.", rich_help_panel="Probe")]
 CfgTruncOpt = Annotated[float | None, typer.Option("--cfg-truncation", help="Z-Image: CFG only while t/1000 <= T (1.0: every step). Default: the preset's, else 1.0.", rich_help_panel="Probe")]
+# LTX-2's guidance and Wan V2V's strength (issue 19): each goes to one keyword of the call, refused before loading for
+# a family whose pipeline lacks it.
+FAMILY_PANEL = "Family settings"
+StrengthOpt = Annotated[float | None, typer.Option("--strength", help="Wan V2V: strength, the fraction of the steps run on the noised input video (0 < s <= 1; the run makes int(steps x s) steps). Default: the preset's, else the pipeline's 0.8.", rich_help_panel=FAMILY_PANEL)]
+StgScaleOpt = Annotated[float | None, typer.Option("--stg-scale", help="LTX-2: stg_scale, the video's spatio-temporal guidance scale (an extra transformer call per step with --stg-blocks perturbed). STG is off only with --stg-scale 0 --audio-stg-scale 0. Default: the preset's, else the pipeline's 1.0.", rich_help_panel=FAMILY_PANEL)]
+StgBlocksOpt = Annotated[str | None, typer.Option("--stg-blocks", help="LTX-2: spatio_temporal_guidance_blocks, the transformer blocks STG perturbs, comma-separated (LTX-2.3: 28, LTX-2.0: 29); checked against the transformer's num_layers before loading. Default: the pipeline's 28.", rich_help_panel=FAMILY_PANEL)]
+ModalityOpt = Annotated[float | None, typer.Option("--modality-scale", help="LTX-2: modality_scale, the video's modality-isolation guidance (an extra call with audio-video cross attention off; 1: off). Default: the preset's, else the pipeline's 3.0.", rich_help_panel=FAMILY_PANEL)]
+RescaleOpt = Annotated[float | None, typer.Option("--guidance-rescale", help="LTX-2: guidance_rescale, 0..1, moves the video's guided x0 toward the cond one's std (0: off). Default: the preset's, else the pipeline's 0.7.", rich_help_panel=FAMILY_PANEL)]
+AudioGuidanceOpt = Annotated[float | None, typer.Option("--audio-guidance", help="LTX-2: audio_guidance_scale, the audio stream's CFG scale (0: the video's --guidance; LTX2Pipeline reads 0 as unset). Default: the preset's, else the pipeline's 7.0 (not --guidance).", rich_help_panel=FAMILY_PANEL)]
+AudioStgOpt = Annotated[float | None, typer.Option("--audio-stg-scale", help="LTX-2: audio_stg_scale, the audio stream's STG scale (0: the video's --stg-scale; LTX2Pipeline reads 0 as unset, so audio STG cannot be off while the video's is on). Default: the preset's, else the pipeline's 1.0.", rich_help_panel=FAMILY_PANEL)]
+AudioModalityOpt = Annotated[float | None, typer.Option("--audio-modality-scale", help="LTX-2: audio_modality_scale, the audio stream's modality-isolation scale (0: the video's --modality-scale, read as unset). Default: the preset's, else the pipeline's 3.0.", rich_help_panel=FAMILY_PANEL)]
+AudioRescaleOpt = Annotated[float | None, typer.Option("--audio-guidance-rescale", help="LTX-2: audio_guidance_rescale, 0..1, for the audio stream (0: the video's --guidance-rescale, read as unset). Default: the preset's, else the pipeline's 0.7.", rich_help_panel=FAMILY_PANEL)]
+FrameRateOpt = Annotated[float | None, typer.Option("--frame-rate", help="LTX-2: frame_rate, frames per second (sets the audio length and the positional embeddings). Default: the preset's, else the pipeline's 24.", rich_help_panel=FAMILY_PANEL)]
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Model dtype (norms are always reduced in float32). auto: bfloat16 on CUDA, float32 on CPU.", rich_help_panel="Hardware")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto: cuda when available, else cpu.", rich_help_panel="Hardware")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="(prompt, seed) samples per pipeline call. Results do not depend on it.", rich_help_panel="Hardware")]
@@ -120,6 +133,17 @@ PROBE_OPTIONS = (
     ("skip_layer_stop", SkipStopOpt, None),
     ("cfg_normalization", CfgNormOpt, None),
     ("cfg_truncation", CfgTruncOpt, None),
+    # LTX-2's guidance and Wan V2V's strength (issue 19)
+    ("strength", StrengthOpt, None),
+    ("stg_scale", StgScaleOpt, None),
+    ("stg_blocks", StgBlocksOpt, None),
+    ("modality_scale", ModalityOpt, None),
+    ("guidance_rescale", RescaleOpt, None),
+    ("audio_guidance", AudioGuidanceOpt, None),
+    ("audio_stg_scale", AudioStgOpt, None),
+    ("audio_modality_scale", AudioModalityOpt, None),
+    ("audio_guidance_rescale", AudioRescaleOpt, None),
+    ("frame_rate", FrameRateOpt, None),
 )
 
 
@@ -159,18 +183,20 @@ def probe_fields(prompts_file, prompt, seeds, steps, guidance, height, width, ne
     """
     if family_settings.get("skip_layers") is not None:
         family_settings["skip_layers"] = parse_layers(family_settings["skip_layers"])
+    if family_settings.get("stg_blocks") is not None:  # LTX-2 (issue 19)
+        family_settings["stg_blocks"] = parse_layers(family_settings["stg_blocks"], "--stg-blocks", "28")
     return dict(prompts_file=prompts_file, prompts=tuple(prompt or ()), seeds=None if seeds is None else parse_seeds(seeds),
                 steps=steps, guidance=guidance, height=height, width=width, negative_prompt=negative_prompt,
                 max_sequence_length=max_sequence_length, preset=preset, true_cfg_scale=true_cfg_scale,
                 num_frames=num_frames, **family_settings)
 
 
-def parse_layers(text: str) -> tuple[int, ...]:
+def parse_layers(text: str, flag: str = "--skip-layers", example: str = "7,8,9") -> tuple[int, ...]:
     """'7,8,9' -> (7, 8, 9); a clear error otherwise."""
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise ConfigError(f"--skip-layers '{text}' is not a list of block indices: use e.g. 7,8,9") from None
+        raise ConfigError(f"{flag} '{text}' is not a list of block indices: use e.g. {example}") from None
 
 
 class RichReporter:

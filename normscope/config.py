@@ -172,6 +172,57 @@ def check_probe_values(config) -> None:
         raise ConfigError(f"--true-cfg-scale must be >= 0, got {config.true_cfg_scale}")
 
 
+# ---- LTX-2's guidance and Wan V2V's strength (issue 19): ProbeConfig fields, each a CALL_OPTIONS keyword.
+VIDEO_CALL_SETTINGS = ("strength", "stg_scale", "stg_blocks", "modality_scale", "guidance_rescale", "audio_guidance",
+                       "audio_stg_scale", "audio_modality_scale", "audio_guidance_rescale", "frame_rate")
+# LTX2Pipeline reads an audio setting of 0 as unset (``audio_stg_scale or stg_scale``): 0 means "the video's value",
+# which is also how Flow-Factory's LTX-2 evaluation reads its null audio settings (the presets carry 0 for them).
+
+
+def check_video_settings(config) -> None:
+    """LTX-2's and Wan V2V's call settings: finite, in range, one line with the fix (family checks come later,
+    before loading: ``check_call_options`` and ``check_stg_blocks`` in normscope.load.pipeline)."""
+    for name, low, high, fix in (
+        ("stg_scale", 0, None, "0 with --audio-stg-scale 0 turns STG off, e.g. --stg-scale 1.0"),
+        ("modality_scale", 0, None, "1 turns it off, e.g. --modality-scale 3.0"),
+        ("guidance_rescale", 0, 1, "0 turns it off, e.g. --guidance-rescale 0.7"),
+        ("audio_guidance", 0, None, "e.g. --audio-guidance 7.0"),
+        ("audio_stg_scale", 0, None, "e.g. --audio-stg-scale 1.0"),
+        ("audio_modality_scale", 0, None, "e.g. --audio-modality-scale 3.0"),
+        ("audio_guidance_rescale", 0, 1, "e.g. --audio-guidance-rescale 0.7"),
+    ):
+        value = getattr(config, name, None)
+        if value is None:
+            continue
+        check_finite(name, value)
+        if value < low or (high is not None and value > high):
+            span = f">= {low}" if high is None else f"in {low}..{high}"
+            raise ConfigError(f"{_flag(name)} must be {span}, got {value}: {fix}")
+    strength = getattr(config, "strength", None)
+    if strength is not None:
+        check_finite("strength", strength)
+        if not 0 < strength <= 1:
+            raise ConfigError(f"--strength is the fraction of the steps run on the noised input video, got {strength}: "
+                              "use 0 < s <= 1, e.g. --strength 0.8")
+        steps = getattr(config, "steps", None)
+        if steps is not None and int(steps * strength) < 1:
+            raise ConfigError(f"--strength {strength} of --steps {steps} runs int({steps} x {strength}) = 0 steps: "
+                              f"raise --strength to at least {1 / steps:g} or --steps to at least {math.ceil(1 / strength)}")
+    frame_rate = getattr(config, "frame_rate", None)
+    if frame_rate is not None:
+        check_finite("frame_rate", frame_rate)
+        if frame_rate <= 0:
+            raise ConfigError(f"--frame-rate must be positive, got {frame_rate}: e.g. --frame-rate 24")
+    blocks = getattr(config, "stg_blocks", None)
+    if blocks is not None:
+        if isinstance(blocks, (str, bytes)) or not all(isinstance(i, numbers.Integral) for i in blocks):
+            raise ConfigError(f"--stg-blocks {blocks!r} must name transformer blocks by index, e.g. --stg-blocks 28")
+        config.stg_blocks = tuple(int(i) for i in blocks)
+        if not config.stg_blocks or any(i < 0 for i in config.stg_blocks):
+            raise ConfigError(f"--stg-blocks {list(config.stg_blocks)} must name transformer blocks (indices >= 0), "
+                              "e.g. --stg-blocks 28 (LTX-2.3's); STG is turned off with --stg-scale 0 --audio-stg-scale 0")
+
+
 @dataclass(kw_only=True)
 class ProbeConfig:
     """What is sampled: pipeline, prompts, seeds and sampler settings shared by every job.
@@ -208,6 +259,17 @@ class ProbeConfig:
     skip_layer_stop: float | None = None
     cfg_normalization: float | None = None
     cfg_truncation: float | None = None
+    # LTX-2's guidance and Wan V2V's strength (issue 19, VIDEO_CALL_SETTINGS; checked by _check_video_settings).
+    strength: float | None = None
+    stg_scale: float | None = None
+    stg_blocks: tuple[int, ...] | None = None
+    modality_scale: float | None = None
+    guidance_rescale: float | None = None
+    audio_guidance: float | None = None
+    audio_stg_scale: float | None = None
+    audio_modality_scale: float | None = None
+    audio_guidance_rescale: float | None = None
+    frame_rate: float | None = None
     dtype: DType = DType.auto
     device: Device = Device.auto
     batch_size: int = DEFAULT_BATCH_SIZE
@@ -237,6 +299,7 @@ class ProbeConfig:
                 raise ConfigError(f"--video {self.video} does not exist: pass a folder of frames or a video file")
         check_probe_values(self)
         self._check_family_settings()
+        check_video_settings(self)
 
     def _check_family_settings(self) -> None:
         """The per-family call settings (issue 19): finite, in range, one line with the fix."""

@@ -127,8 +127,22 @@ CALLS = {
                                     max_sequence_length=512, negative_prompt=[""]),
     "flow-factory-wan2.2-i2v": dict(num_inference_steps=28, guidance_scale=3.5, height=720, width=720,
                                     num_frames=21, max_sequence_length=512, negative_prompt=[""]),
+    # ---- issue 19 families
+    # Flow-Factory ltx2/t2av.yaml:107-124 (eval), ltx2_t2av.py:428,724-727,1010: audio null = the video's value,
+    # which LTX2Pipeline reads from an audio setting of 0 (audio_x or x); STG off (0, 0), modality off (1)
+    "flow-factory-ltx2": dict(num_inference_steps=50, guidance_scale=4.0, height=512, width=768, num_frames=121,
+                              frame_rate=24.0, max_sequence_length=1024, negative_prompt=[""], stg_scale=0.0,
+                              modality_scale=1.0, guidance_rescale=0.0, audio_guidance_scale=0.0, audio_stg_scale=0.0,
+                              audio_modality_scale=0.0, audio_guidance_rescale=0.0),
+    # Flow-Factory wan21/v2v.yaml:94-98 (480 = 480x480, guidance 5.0, 28 steps), wan2_v2v.py:209,289,299
+    "flow-factory-wan2.1-v2v": dict(num_inference_steps=28, guidance_scale=5.0, height=480, width=480, strength=0.8,
+                                    max_sequence_length=512, negative_prompt=[""]),
+    # DanceGRPO inference_hunyuan_hf.sh:24-27 (16 frames, 480x480, 20 steps); its pipeline_hunyuan.py:503,519
+    "dancegrpo-hunyuan-video": dict(num_inference_steps=20, guidance_scale=6.0, height=480, width=480, num_frames=16,
+                                    max_sequence_length=256),
 }
 IMAGE_FAMILIES = {"flux-kontext", "qwen-image-edit", "wan-i2v"}
+VIDEO_FAMILIES = {"wan-v2v"}  # the input video is checked apart, like the image
 
 
 def stub_pipeline(family_name: str):
@@ -151,8 +165,16 @@ def test_a_preset_hands_the_pipeline_exactly_the_trainers_keywords(name, tmp_pat
     if preset.family in IMAGE_FAMILIES:
         image = tmp_path / "ref.png"
         Image.new("RGB", (32, 32), (10, 20, 30)).save(image)
-    probe = ProbeConfig(preset=name, prompts=("a fox",), seeds=(0,), image=image)
+    video = None
+    if preset.family in VIDEO_FAMILIES:
+        video = tmp_path / "video"
+        video.mkdir()
+        for i in range(5):
+            Image.new("RGB", (32, 32), (i, 20, 30)).save(video / f"{i:02d}.png")
+    probe = ProbeConfig(preset=name, prompts=("a fox",), seeds=(0,), image=image, video=video)
     call = sampling_kwargs(stub_pipeline(preset.family), probe, [Sample(0, "a fox", 0)])
+    if video is not None:
+        assert [len(frames) for frames in call.pop("video")] == [5]
     assert call.pop("prompt") == ["a fox"] and call.pop("output_type") == "latent"
     assert len(call.pop("generator")) == 1
     if image is not None:

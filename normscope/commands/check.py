@@ -30,6 +30,7 @@ from normscope.commands.profile import (
 from normscope.commands.reference_schema import MAX_INFLATION_HIGH, MAX_INFLATION_LOW, gate_in_range
 from normscope.config import (
     HEADLINE_ESTIMATE,
+    VIDEO_CALL_SETTINGS,
     CompareConfig,
     Device,
     DType,
@@ -37,6 +38,7 @@ from normscope.config import (
     check_finite,
     check_probe_values,
     check_seeds,
+    check_video_settings,
     parse_seeds,
 )
 from normscope.errors import EXIT_INFLATED, EXIT_OK, EXIT_RUN, ConfigError, InputError, NoMeasurementError
@@ -56,6 +58,7 @@ from normscope.runfolder.fingerprint import pipeline_fingerprint
 PASS, FAIL, ERROR = "pass", "fail", "error"
 FAMILY_SETTINGS = ("guidance_2", "skip_layers", "skip_layer_scale", "skip_layer_start", "skip_layer_stop",
                    "cfg_normalization", "cfg_truncation")
+FAMILY_SETTINGS += VIDEO_CALL_SETTINGS  # LTX-2's guidance and Wan V2V's strength (issue 19)
 
 
 @dataclass(kw_only=True)
@@ -92,6 +95,17 @@ class CheckConfig:
     skip_layer_stop: float | None = None
     cfg_normalization: float | None = None
     cfg_truncation: float | None = None
+    # LTX-2's guidance and Wan V2V's strength (issue 19), as ProbeConfig (config.VIDEO_CALL_SETTINGS)
+    strength: float | None = None
+    stg_scale: float | None = None
+    stg_blocks: tuple[int, ...] | None = None
+    modality_scale: float | None = None
+    guidance_rescale: float | None = None
+    audio_guidance: float | None = None
+    audio_stg_scale: float | None = None
+    audio_modality_scale: float | None = None
+    audio_guidance_rescale: float | None = None
+    frame_rate: float | None = None
     mode: Mode = Mode.paired
     dtype: DType = DType.auto
     device: Device = Device.auto
@@ -111,6 +125,7 @@ class CheckConfig:
         for name in ("max_inflation", "max_grid_score"):
             check_finite(name, getattr(self, name))
         check_probe_values(self)
+        check_video_settings(self)
         if self.reference is None and len(self.paths) < 2:
             raise ConfigError("normscope check needs BASE and TUNED, or TUNED with --reference DIR")
         if self.reference is not None and not self.paths:

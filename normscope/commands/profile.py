@@ -27,7 +27,7 @@ from normscope.commands.reference_schema import (
     read_meta,
     read_tensors,
 )
-from normscope.config import Device, DType, ProbeConfig
+from normscope.config import VIDEO_CALL_SETTINGS, Device, DType, ProbeConfig
 from normscope.errors import InputError
 from normscope.load import (
     find_checkpoint,
@@ -73,6 +73,7 @@ TAU_PERCENTILE = 95
 PROBE_FIELDS = ("prompts_file", "prompts", "seeds", "steps", "guidance", "height", "width", "negative_prompt",
                 "max_sequence_length", "true_cfg_scale", "num_frames", "image", "guidance_2", "skip_layers",
                 "skip_layer_scale", "skip_layer_start", "skip_layer_stop", "cfg_normalization", "cfg_truncation")
+PROBE_FIELDS += VIDEO_CALL_SETTINGS  # LTX-2's guidance and Wan V2V's strength (issue 19)
 
 
 @dataclass(kw_only=True)
@@ -407,6 +408,7 @@ def probe_from_reference(reference: Reference, device: Device, dtype: DType, bat
         true_cfg_scale=stored.get("true_cfg_scale"), num_frames=stored.get("num_frames"), image=stored.get("image"),
         **{name: stored.get(name) for name in ("guidance_2", "skip_layers", "skip_layer_scale", "skip_layer_start",
                                                "skip_layer_stop", "cfg_normalization", "cfg_truncation")},
+        **{name: stored.get(name) for name in VIDEO_CALL_SETTINGS},  # issue 19: LTX-2, Wan V2V
         device=device, dtype=dtype, batch_size=batch_size,
     )
 

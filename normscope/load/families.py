@@ -73,6 +73,16 @@ class Preset:
     negative_prompt: str | None = None
     cfg_normalization: float | None = None
     cfg_truncation: float | None = None
+    # LTX-2's guidance and Wan V2V's strength (issue 19; an audio setting of 0 is the video's, as LTX2Pipeline reads it)
+    strength: float | None = None
+    frame_rate: float | None = None
+    stg_scale: float | None = None
+    modality_scale: float | None = None
+    guidance_rescale: float | None = None
+    audio_guidance: float | None = None
+    audio_stg_scale: float | None = None
+    audio_modality_scale: float | None = None
+    audio_guidance_rescale: float | None = None
 
     def __post_init__(self) -> None:
         assert self.size is None or (self.height is None and self.width is None), self.name
@@ -80,6 +90,8 @@ class Preset:
     # The ProbeConfig fields a preset fills (each only where the user left it unset), in listing order.
     FIELDS = ("max_sequence_length", "num_frames", "guidance_2", "negative_prompt", "cfg_normalization",
               "cfg_truncation")
+    FIELDS += ("strength", "frame_rate", "stg_scale", "modality_scale", "guidance_rescale", "audio_guidance",
+               "audio_stg_scale", "audio_modality_scale", "audio_guidance_rescale")  # issue 19: LTX-2, Wan V2V
 
 
 @dataclass(frozen=True)
@@ -607,6 +619,15 @@ FAMILIES: tuple[Family, ...] = (
 # ---- issue 19: the models the trainers tune now. Rows kept in their own block (appended to FAMILIES).
 # Wan video-to-video (Flow-Factory's Wan2.1 V2V): the T2V loop (cond, then uncond; linear) on the noised latents
 # of an input video; `strength` (0.8 by default) skips the first steps, so the run makes int(steps * strength).
+# Presets of the issue-19 families (their trainers' evaluation; read at the commits named, as the presets above).
+WAN_V2V_PRESETS = (
+    _p("flow-factory-wan2.1-v2v", "wan-v2v", 28, 5.0, GUIDANCE_SCALE, 480,
+       f"{FF} examples/grpo/lora/wan21/v2v.yaml:94-98 (eval resolution 480 = 480x480, guidance 5.0, 28 steps; no "
+       "eval strength: train.strength 0.8 at :55 is the rollouts'); src/flow_factory/models/wan/wan2_v2v.py:289 "
+       "(inference strength 0.8), :299 (max_sequence_length 512), :209 (negative \"\"). Frames: the input video's. "
+       "Not carried: its scheduler (flow_shift 3.0, v2v.yaml:91) is Flow-Factory's own",
+       strength=0.8, max_sequence_length=512, negative_prompt=""),
+)
 NEW_FAMILIES: tuple[Family, ...] = (
     Family(
         name="wan-v2v", title="Wan2.1 video to video",
@@ -614,6 +635,7 @@ NEW_FAMILIES: tuple[Family, ...] = (
         calls=SEPARATE, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, latent_layout="bcfhw", patch_size=2,
         prompt_encoding=WAN_PROMPTS, video_arg="video",
         vae_factor="scale_factor_spatial", size_patch=None, size_floor=16, frames_factor=4,
+        presets=WAN_V2V_PRESETS,
     ),
 )
 # HunyuanVideo (DanceGRPO's video model): guidance-distilled like FLUX.1 (guidance_scale is a transformer input);
@@ -624,6 +646,16 @@ HUNYUAN_VIDEO_PROMPTS = PromptEncoding(
     negative_outputs=("negative_prompt_embeds", "negative_pooled_prompt_embeds", "negative_prompt_attention_mask"),
     fixed=(("prompt_2", None), ("num_videos_per_prompt", 1)),
 )
+HUNYUAN_VIDEO_PRESETS = (
+    _p("dancegrpo-hunyuan-video", "hunyuan-video", 20, 6.0, GUIDANCE_SCALE, 480,
+       f"{DANCEGRPO_COMMIT} scripts/inference/inference_hunyuan_hf.sh:21-27 (its HunyuanVideo sampling script: "
+       "480x480, 16 frames, 20 steps); fastvideo/sample/sample_t2v_hunyuan_hf.py:118-126 (no guidance, no true "
+       "CFG passed); fastvideo/models/hunyuan_hf/pipeline_hunyuan.py:503,519 (its pipeline's embedded guidance 6.0, "
+       "max_sequence_length 256). Not carried: the scheduler shift (this path sets none, the model folder's; "
+       "sample_t2v_hunyuan_hf.py:175 sets flow_shift only when quantized) and its pre-encoded prompts "
+       "(--prompt_embed_path, :77-85); training rollouts differ (finetune_hunyuan_grpo.sh: 16 steps, shift 5)",
+       num_frames=16, max_sequence_length=256),
+)
 NEW_FAMILIES += (
     Family(
         name="hunyuan-video", title="HunyuanVideo (text to video)",
@@ -631,6 +663,7 @@ NEW_FAMILIES += (
         calls=DISTILLED, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, true_cfg_arg=TRUE_CFG_SCALE,
         needs_negative_prompt=True, latent_layout="bcfhw", patch_size=2, prompt_encoding=HUNYUAN_VIDEO_PROMPTS,
         vae_factor="spatial_compression_ratio", size_patch=None, size_floor=16, frames_factor=4,
+        presets=HUNYUAN_VIDEO_PRESETS,
     ),
 )
 # Qwen-Image-2.1 (Flow-Factory): two calls (cond, then negative) with true_cfg_scale > 1 and a negative prompt,
@@ -663,6 +696,20 @@ LTX2_PROMPTS = PromptEncoding(
     fixed=(("do_classifier_free_guidance", True), ("num_videos_per_prompt", 1)),
     sets=(("tokenizer", "padding_side", "left"),),
 )
+# Flow-Factory evaluates LTX-2 with its own loop written after LTX2Pipeline (x0-space CFG + STG + modality); its null
+# audio settings take the video's value (ltx2_t2av.py:724-727), which LTX2Pipeline does for an audio setting of 0.
+LTX2_PRESETS = (
+    _p("flow-factory-ltx2", "ltx2", 50, 4.0, GUIDANCE_SCALE, None,
+       f"{FF} examples/grpo/lora/ltx2/t2av.yaml:107-124 (eval 512x768, 121 frames, frame_rate 24.0, guidance 4.0, "
+       "stg_scale 0.0, modality_scale 1.0, guidance_rescale 0.0, audio_* null, 50 steps); "
+       "src/flow_factory/models/ltx2/ltx2_t2av.py:724-727 (a null audio setting is the video's: carried as 0, "
+       "which LTX2Pipeline reads the same way), :1010 (max_sequence_length 1024), :428 (negative \"\"); STG off "
+       "(stg 0, audio 0), so no blocks. Not carried: use_cross_timestep False (:996; LTX2Pipeline's default True "
+       "is LTX-2.3's) and its SDE scheduler",
+       height=512, width=768, num_frames=121, frame_rate=24.0, max_sequence_length=1024, negative_prompt="",
+       stg_scale=0.0, modality_scale=1.0, guidance_rescale=0.0, audio_guidance=0.0, audio_stg_scale=0.0,
+       audio_modality_scale=0.0, audio_guidance_rescale=0.0),
+)
 NEW_FAMILIES += (
     Family(
         name="ltx2", title="LTX-2 (text to video + audio)",
@@ -673,6 +720,7 @@ NEW_FAMILIES += (
         call_markers=(("spatio_temporal_guidance_blocks", "stg"), ("isolate_modalities", "modality")),
         rule_args=(("stg", "stg_scale"), ("modality", "modality_scale"), ("rescale", "guidance_rescale")),
         vae_factor="spatial_compression_ratio", size_patch=1, size_floor=32, frames_factor=8,
+        presets=LTX2_PRESETS,
     ),
 )
 FAMILIES = FAMILIES + NEW_FAMILIES

@@ -245,6 +245,7 @@ def check_family_inputs(source: str, checkpoints: list[tuple[str | None, str]], 
                else "drop --true-cfg-scale")
         raise InputError(f"the {family.name} family has no separate true CFG option: {fix}")
     check_call_options(family, probe)
+    check_stg_blocks(family, source, probe)
     index = json.loads((Path(source) / PIPELINE_INDEX).read_text()) if Path(source).exists() else {}
     check_image_inputs(family, index, probe)
     if getattr(probe, "guidance_2", None) is not None and Path(source).exists():
@@ -335,6 +336,57 @@ def check_call_options(family: Family, probe) -> None:
         owners = ", ".join(row.name for row in FAMILIES if takes(row, keyword)) or "none"
         raise InputError(f"--{flag} sets {keyword}, which {family.name} pipelines ({', '.join(family.pipeline_classes)}) "
                          f"do not take: drop --{flag} (it is for {owners})")
+
+
+# ---- LTX-2's STG blocks (issue 19): checked against the transformer's config before any weight loads.
+def stg_setting(family: Family, probe) -> tuple[bool, list[int] | None]:
+    """Whether the LTX-2 call runs STG (its extra perturbed call) and on which blocks, pipeline defaults filled in.
+
+    LTX2Pipeline runs STG when ``stg_scale > 0`` or ``audio_stg_scale > 0``, and reads an audio scale of 0 (or
+    None) as the video one; its defaults are ``stg_scale=1.0``, ``audio_stg_scale=1.0``, blocks ``[28]``.
+    """
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, family.pipeline_classes[0], None)
+    parameters = inspect.signature(cls.__call__).parameters if cls is not None else {}
+    if "spatio_temporal_guidance_blocks" not in parameters:
+        return False, None
+
+    def given(field, keyword):
+        value = getattr(probe, field, None)
+        return value if value is not None else parameters[keyword].default
+
+    video = given("stg_scale", "stg_scale") or 0.0
+    audio = given("audio_stg_scale", "audio_stg_scale") or video
+    blocks = given("stg_blocks", "spatio_temporal_guidance_blocks")
+    return (video > 0 or audio > 0), (list(blocks) if blocks else None)
+
+
+def check_stg_blocks(family: Family, source: str, probe) -> None:
+    """With STG on, its blocks must exist in the transformer (``num_layers`` of transformer/config.json): a block
+    past the last one perturbs nothing, so the STG call silently equals the cond call (the pipeline's default
+    ``[28]`` on a smaller model); no blocks at all and the pipeline raises after loading."""
+    on, blocks = stg_setting(family, probe)
+    if not on:
+        return
+    off = "or turn STG off with --stg-scale 0 --audio-stg-scale 0"
+    if not blocks:
+        raise InputError(f"STG is on (--stg-scale/--audio-stg-scale above 0) and names no block: pass --stg-blocks "
+                         f"(e.g. 28 for LTX-2.3, 29 for LTX-2.0), {off}")
+    config = Path(source) / "transformer" / "config.json"
+    if not config.is_file():
+        return  # a hub id: its config is not read before loading
+    layers = json.loads(config.read_text()).get("num_layers")
+    if layers is None:
+        return
+    outside = [b for b in blocks if b >= layers]
+    if outside:
+        what = "--stg-blocks" if getattr(probe, "stg_blocks", None) is not None else "the pipeline's default STG blocks"
+        raise InputError(f"{what} {blocks} name block {outside[0]}, but the transformer of {source} has {layers} "
+                         f"blocks (0..{layers - 1}; STG there would perturb nothing): pass --stg-blocks with indices "
+                         f"below {layers}, {off}")
 
 
 def check_pipeline(pipe, source: str) -> Family:

@@ -67,6 +67,17 @@ CALL_OPTIONS = (
     ("skip_layer_guidance_stop", "skip_layer_stop", "skip-layer-stop"),
     ("cfg_normalization", "cfg_normalization", "cfg-normalization"),
     ("cfg_truncation", "cfg_truncation", "cfg-truncation"),
+    # LTX-2's guidance and Wan V2V's strength (issue 19; config.VIDEO_CALL_SETTINGS)
+    ("strength", "strength", "strength"),
+    ("stg_scale", "stg_scale", "stg-scale"),
+    ("spatio_temporal_guidance_blocks", "stg_blocks", "stg-blocks"),
+    ("modality_scale", "modality_scale", "modality-scale"),
+    ("guidance_rescale", "guidance_rescale", "guidance-rescale"),
+    ("audio_guidance_scale", "audio_guidance", "audio-guidance"),
+    ("audio_stg_scale", "audio_stg_scale", "audio-stg-scale"),
+    ("audio_modality_scale", "audio_modality_scale", "audio-modality-scale"),
+    ("audio_guidance_rescale", "audio_guidance_rescale", "audio-guidance-rescale"),
+    ("frame_rate", "frame_rate", "frame-rate"),
 )
 
 
@@ -401,6 +412,9 @@ def resolved_sampling(pipe, probe: ProbeConfig, family: Family | None = None) ->
     }
     for keyword, value in call_option_values(probe).items():
         out[keyword] = value
+    if "strength" in defaults:  # video to video (issue 19): the pipeline runs only the last int(steps x strength) steps
+        out["strength"] = probe.strength if probe.strength is not None else defaults["strength"]
+        out["steps_run"] = min(int(probe.steps * out["strength"]), probe.steps)
     requested = {name: value for name, value, got in (("height", probe.height, height), ("width", probe.width, width),
                                                       ("num_frames", probe.num_frames, frames))
                  if value is not None and value != got}
