@@ -159,8 +159,6 @@ def test_stg_off_removes_one_transformer_call_per_step_and_model(ltx2, tmp_path)
 
 def test_ltx2_stg_blocks_are_checked_against_the_transformer_before_loading(ltx2, no_weight_loads):
     common = ["compare", ltx2, ltx2, *LTX2_CLI]
-    # the pipeline's default block [28] on the 2-block tiny model would perturb nothing: refused, naming the fix
-    _one_line(_cli(*common), "default STG blocks [28]", "has 2 blocks", "--stg-blocks", "--stg-scale 0 --audio-stg-scale 0")
     _one_line(_cli(*common, "--stg-blocks", "1,2"), "--stg-blocks [1, 2]", "block 2", "has 2 blocks")
     _one_line(_cli(*common, "--stg-blocks", "a"), "--stg-blocks 'a' is not a list of block indices")
     _one_line(_cli(*common, "--stg-blocks", "1", "--guidance-rescale", "1.5"), "--guidance-rescale must be in 0..1")
@@ -169,6 +167,21 @@ def test_ltx2_stg_blocks_are_checked_against_the_transformer_before_loading(ltx2
     _one_line(_cli(*common, "--stg-blocks", "1", "--frame-rate", "0"), "--frame-rate must be positive")
     # a V2V option on LTX-2: refused, naming the family that takes it
     _one_line(_cli(*common, "--stg-blocks", "1", "--strength", "0.5"), "--strength", "ltx2", "it is for wan-v2v")
+
+
+def test_ltx2_default_stg_blocks_past_a_small_transformer_are_measured_as_the_pipeline_samples(ltx2, tmp_path):
+    """The pipeline's default STG block [28] on the 2-block tiny model perturbs nothing (its STG call equals the cond
+    call): the pipeline runs that way without complaint, so normscope measures it (x1.1 still exact everywhere) and
+    says so in one note; an explicit --stg-blocks past the last block is refused (test above)."""
+    tuned = _ltx2_scaled(ltx2, tmp_path / "x1.1.safetensors")
+    result = _cli("compare", ltx2, tuned, "--pipeline", ltx2, *LTX2_CLI, "--mode", "paired", "--out", tmp_path / "run",
+                  "--guidance-rescale", 0, "--audio-guidance-rescale", 0, "--frame-rate", 25)
+    assert result.exit_code == 0, result.output
+    assert "default STG blocks [28] are past this transformer's 2 blocks" in result.stderr
+    frame = pd.read_csv(tmp_path / "run" / "norms.csv", keep_default_na=False)
+    assert set(frame[STREAM]) == set(STREAMS) and np.allclose(frame[RATIO], 1.1, rtol=2e-6, atol=0)
+    summary = json.loads(result.stdout)
+    assert summary["config"]["resolved"]["spatio_temporal_guidance_blocks"] == [28]
 
 
 # ---------------------------------------------------------------- Wan video to video

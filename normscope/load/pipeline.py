@@ -365,9 +365,10 @@ def stg_setting(family: Family, probe) -> tuple[bool, list[int] | None]:
 
 
 def check_stg_blocks(family: Family, source: str, probe) -> None:
-    """With STG on, its blocks must exist in the transformer (``num_layers`` of transformer/config.json): a block
-    past the last one perturbs nothing, so the STG call silently equals the cond call (the pipeline's default
-    ``[28]`` on a smaller model); no blocks at all and the pipeline raises after loading."""
+    """With STG on, ``--stg-blocks`` must exist in the transformer (``num_layers`` of transformer/config.json): a
+    block past the last one perturbs nothing, so the STG call silently equals the cond call; no blocks at all and
+    the pipeline raises after loading. The pipeline's own default (``[28]``) past the last block is how that
+    pipeline samples: it is measured, with one note (``stg_note``)."""
     on, blocks = stg_setting(family, probe)
     if not on:
         return
@@ -382,11 +383,25 @@ def check_stg_blocks(family: Family, source: str, probe) -> None:
     if layers is None:
         return
     outside = [b for b in blocks if b >= layers]
-    if outside:
-        what = "--stg-blocks" if getattr(probe, "stg_blocks", None) is not None else "the pipeline's default STG blocks"
-        raise InputError(f"{what} {blocks} name block {outside[0]}, but the transformer of {source} has {layers} "
+    if outside and getattr(probe, "stg_blocks", None) is not None:  # the pipeline's own default: a note, not a refusal
+        raise InputError(f"--stg-blocks {blocks} name block {outside[0]}, but the transformer of {source} has {layers} "
                          f"blocks (0..{layers - 1}; STG there would perturb nothing): pass --stg-blocks with indices "
                          f"below {layers}, {off}")
+
+
+def stg_note(family: Family, transformer, probe) -> str | None:
+    """One line when STG runs on the pipeline's DEFAULT blocks and none of them is in ``transformer`` (LTX-2's
+    ``[28]`` on a smaller model): the pipeline samples that way (its STG call equals the cond call), so normscope
+    measures it as the pipeline runs and says so; ``--stg-blocks`` past the last block is refused before loading."""
+    on, blocks = stg_setting(family, probe)
+    layers = getattr(getattr(transformer, "config", None), "num_layers", None)
+    if not on or not blocks or layers is None or getattr(probe, "stg_blocks", None) is not None:
+        return None
+    if all(b >= layers for b in blocks):
+        return (f"{family.name}: the pipeline's default STG blocks {blocks} are past this transformer's {layers} "
+                "blocks, so its STG call perturbs nothing and equals the cond call (as the pipeline samples it): "
+                "pass --stg-blocks to perturb blocks, or --stg-scale 0 --audio-stg-scale 0 to drop the call")
+    return None
 
 
 def check_pipeline(pipe, source: str) -> Family:

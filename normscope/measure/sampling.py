@@ -364,8 +364,17 @@ def sampled_size(pipe, probe: ProbeConfig, family: Family | None = None) -> tupl
 
 
 def sampled_settings_note(pipe, probe: ProbeConfig, family: Family | None = None) -> str | None:
-    """One line when the pipeline samples another size or video length than was asked for, else None."""
+    """One line when the pipeline samples another size or video length than was asked for, or runs its default
+    STG blocks where the transformer has none of them (LTX-2, ``stg_note``), else None."""
+    from normscope.load.pipeline import stg_note
+
     family = family or family_for(type(pipe).__name__)
+    notes = [note for note in (_size_note(pipe, probe, family), stg_note(family, getattr(pipe, "transformer", None), probe))
+             if note]
+    return "; ".join(notes) or None
+
+
+def _size_note(pipe, probe: ProbeConfig, family: Family) -> str | None:
     if family.area_arg is not None:
         return None  # Kontext's area rule is the documented behaviour of its size options (docs/models.md)
     asked_h, asked_w = probe.height, probe.width
@@ -410,8 +419,11 @@ def resolved_sampling(pipe, probe: ProbeConfig, family: Family | None = None) ->
         **({"num_frames": frames} if "num_frames" in defaults else {}),
         "negative_prompt": probe.negative_prompt if probe.negative_prompt is not None else defaults.get("negative_prompt"),
     }
-    for keyword, value in call_option_values(probe).items():
-        out[keyword] = value
+    given = call_option_values(probe)
+    for keyword, _, _ in CALL_OPTIONS:  # every family setting the pipeline takes: the value set, else its default
+        if keyword in given or keyword in defaults:
+            value = given.get(keyword, defaults.get(keyword))
+            out[keyword] = list(value) if isinstance(value, tuple) else value
     if "strength" in defaults:  # video to video (issue 19): the pipeline runs only the last int(steps x strength) steps
         out["strength"] = probe.strength if probe.strength is not None else defaults["strength"]
         out["steps_run"] = min(int(probe.steps * out["strength"]), probe.steps)
