@@ -340,9 +340,10 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
     runs = _runs(config)
     rule = rule_for(config)
     calls_per_batch = CALLS_PER_BATCH
-    reporter.begin(sum(calls_per_batch[m] for m in runs) * len(groups) * config.steps)
-    want_signals = config.maps or scorer is not None
     resolved = resolved_sampling(pipe, config, family)
+    steps = resolved.get("steps_run", config.steps)  # video to video runs the last int(steps x strength) steps
+    reporter.begin(sum(calls_per_batch[m] for m in runs) * len(groups) * steps)
+    want_signals = config.maps or scorer is not None
     pixel_period = latent_geometry(pipe, family)[2] * int(getattr(pipe, "vae_scale_factor", 1) or 1)
 
     def measure(mode: str, index: int) -> tuple[dict[str, CallRecord], Maps | pd.DataFrame | None]:
