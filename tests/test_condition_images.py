@@ -252,3 +252,52 @@ def test_missing_or_unreadable_images_are_refused_before_loading(qi21, tmp_path,
     pairs.write_text(json.dumps({"prompt": "a fox", "image": [str(images[0]), 3]}) + "\n")
     one_line(run("compare", folder, folder, *PROBE[:-4], "--device", "cpu", "--prompts", pairs), 2,
              "pairs.jsonl:1: \"image\" lists", "write the paths as strings")
+
+
+# ---------------------------------------------------------------- FLUX.2: the same path, another family row
+
+
+def test_flux2_takes_two_condition_images_as_the_plain_call_does(family_pipelines, tmp_path):
+    """Flux2Pipeline's ``image`` is a list of reference images (each its own latent ids; at least 64 px a side):
+    with two, the base's guided norms equal the plain call's with the same list, the x1.1 projection gives 1.1 at
+    step 0, and one image gives other numbers."""
+    from diffusers import DiffusionPipeline
+    from PIL import Image
+
+    from tests.conftest import scaled_state_dict
+
+    images = []
+    for i in range(2):
+        images.append(tmp_path / f"ref{i}.png")
+        tiny_reference_image(i + 3, size=64).save(images[-1])
+    folder = family_pipelines("Flux2Pipeline")
+    tuned = tmp_path / "x1.1.safetensors"
+    save_file(scaled_state_dict(folder, 1.1), str(tuned))
+    result = compare(CompareConfig(tuned=str(tuned), base=str(folder), pipeline=str(folder), prompts=PROMPTS, seeds=(0,),
+                                   device="cpu", dtype="float32", batch_size=B, steps=2, mode="free", guidance=4.0,
+                                   height=16, width=16, image=tuple(images[:2])))
+    frame = result.frame[result.frame[BRANCH] == G]
+    assert np.allclose(frame[frame[STEP] == 0][RATIO], 1.1, rtol=2e-6, atol=0)
+    pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+
+    def plain(paths):
+        steps = oracle_norms(pipe, prompt=list(PROMPTS), image=[Image.open(p).convert("RGB") for p in paths],
+                             guidance_scale=4.0, height=16, width=16, num_inference_steps=2, output_type="latent",
+                             generator=[torch.Generator().manual_seed(0) for _ in PROMPTS])
+        return {(i, step): value for step, record in enumerate(steps) for i, value in enumerate(record["scheduler"])}
+
+    want = plain(images[:2])
+    got = {(r[PROMPT_ID], r[STEP]): r[NORM_BASE] for _, r in frame.iterrows()}
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=2e-5), key
+    one = plain(images[:1])
+    assert max(abs(one[k] - want[k]) / want[k] for k in want) > 1e-4
+
+
+def test_flux2_condition_images_below_its_bounds_are_refused_before_loading(family_pipelines, qi21, no_weight_loads):
+    _, images = qi21  # 32x32: Flux2ImageProcessor.check_image_input raises below 64 px a side
+    folder = family_pipelines("Flux2Pipeline")
+    one_line(run("compare", folder, folder, *PROBE, "--image", images[0], "--image", images[1]), 2,
+             f"--image {images[0]} is 32x32", "Flux2Pipeline (flux2) takes condition images of at least 64 px a side")

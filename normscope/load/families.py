@@ -232,7 +232,9 @@ class Family:
       row listing images is refused before loading for the others. ``condition_size_arg``: the pipeline argument
       that sets the side of the area the condition images are resized to (Qwen-Image-2.1's ``output_resolution``,
       1024 by default); with ``--height`` and ``--width`` normscope passes ``round(sqrt(height x width))``, so the
-      condition images are sampled at the output's area, as Kontext's are at its size.
+      condition images are sampled at the output's area, as Kontext's are at its size. ``image_bounds``: (smallest
+      side in pixels, largest aspect ratio) the pipeline accepts for a condition image, checked before loading
+      (FLUX.2's ``Flux2ImageProcessor.check_image_input`` raises below 64 px a side or beyond 8:1).
     """
 
     name: str
@@ -278,6 +280,7 @@ class Family:
     # issue 19, several condition images per sample
     several_images: tuple[str, ...] = ()
     condition_size_arg: str | None = None
+    image_bounds: tuple[int, float] | None = None
 
     def __post_init__(self) -> None:
         # The table is data typed by hand: a typo must fail at import, not in a user's run.
@@ -485,6 +488,7 @@ WAN_I2V_PRESETS = (
 # t >= boundary_ratio * 1000 and `transformer_2` after, guided by guidance_scale_2; TI2V-5B is a WanPipeline
 # with expand_timesteps (one timestep per latent token) and needs nothing more here.
 WAN_EXPERTS = (("transformer", "high_noise"), ("transformer_2", "low_noise"))
+FLUX2_IMAGE_BOUNDS = (64, 8.0)  # Flux2ImageProcessor.check_image_input: min_side_length 64, max_aspect_ratio 8
 WAN_GUIDANCE = (("low_noise", "guidance_scale_2"),)
 FAMILIES: tuple[Family, ...] = (
     Family(
@@ -517,7 +521,7 @@ FAMILIES: tuple[Family, ...] = (
         pipeline_classes=("Flux2Pipeline",), transformer_class="Flux2Transformer2DModel",
         calls=DISTILLED, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, reference_tokens=True,
         latent_layout="packed", patch_size=2, prompt_encoding=FLUX2_PROMPTS,
-        presets=FLUX2_PRESETS, several_images=("Flux2Pipeline",),
+        presets=FLUX2_PRESETS, several_images=("Flux2Pipeline",), image_bounds=FLUX2_IMAGE_BOUNDS,
     ),
     Family(
         name="flux2-klein", title="FLUX.2-klein (distilled and base)",
@@ -525,7 +529,7 @@ FAMILIES: tuple[Family, ...] = (
         pipeline_classes=("Flux2KleinPipeline",), transformer_class="Flux2Transformer2DModel",
         calls=SEPARATE, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, reference_tokens=True,
         latent_layout="packed", patch_size=2, prompt_encoding=FLUX2_KLEIN_PROMPTS,
-        presets=KLEIN_PRESETS, several_images=("Flux2KleinPipeline",),
+        presets=KLEIN_PRESETS, several_images=("Flux2KleinPipeline",), image_bounds=FLUX2_IMAGE_BOUNDS,
     ),
     Family(
         name="qwen-image", title="Qwen-Image / Qwen-Image-2512",

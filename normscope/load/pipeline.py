@@ -321,7 +321,8 @@ def check_image_inputs(family: Family, index: dict, probe) -> None:
 
 def check_image_counts(family: Family, cls: str, image, images) -> None:
     """Before loading: several condition images (repeated ``--image``, a pairs row listing images) only for a pipeline
-    class of the row's ``several_images``; every image a file Pillow can open (one line naming it otherwise)."""
+    class of the row's ``several_images``; every image a file Pillow can open, within the row's ``image_bounds``
+    (one line naming it otherwise)."""
     from normscope.load.families import FAMILIES
     from normscope.measure.prompts import image_count
 
@@ -339,17 +340,26 @@ def check_image_counts(family: Family, cls: str, image, images) -> None:
             if path in seen:
                 continue
             seen.add(path)
-            _check_readable_image(path, flag)
+            width, height = _check_readable_image(path, flag)
+            if family.image_bounds is not None:
+                side, ratio = family.image_bounds
+                if min(width, height) < side or max(width / height, height / width) > ratio:
+                    raise InputError(f"{flag} {path} is {width}x{height}: {cls} ({family.name}) takes condition "
+                                     f"images of at least {side} px a side and at most {ratio:g}:1 (it raises "
+                                     "otherwise): pass a larger image")
 
 
-def _check_readable_image(path, flag: str) -> None:
+def _check_readable_image(path, flag: str) -> tuple[int, int]:
+    """The (width, height) of an image file Pillow can read; one line naming it otherwise."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as opened:
+            size = opened.size
             opened.verify()  # reads the header and checks the data without decoding the pixels
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"{flag} {path} is not an image Pillow can read ({exc}): pass a PNG or JPEG") from None
+    return size
 
 
 def check_call_options(family: Family, probe) -> None:
