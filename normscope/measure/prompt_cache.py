@@ -186,7 +186,7 @@ def pipeline_class_name(source: str) -> str | None:
         return None
 
 
-def _has_condition_images(probe) -> bool:
+def has_condition_images(probe) -> bool:
     """The run gives condition images: ``--image`` or a pairs file's rows."""
     from normscope.measure.prompts import prompt_images
 
@@ -217,7 +217,7 @@ def prepare_prompts(source: str, batches: Sequence[Sequence[str]], probe, dtype,
     pipeline_cls = getattr(diffusers, name, None)
     if encoding is None or pipeline_cls is None:
         return None
-    if encoding.reads_images and _has_condition_images(probe):  # Qwen-Image-2.1: embeddings of text AND images,
+    if encoding.reads_images and has_condition_images(probe):  # Qwen-Image-2.1: embeddings of text AND images,
         return None  # which its call cannot take: the pipeline encodes inside every call
     settings = encoder_settings(pipeline_cls, probe, dtype)
     cache = PromptCache(name, encoding, settings, device, encoders_fingerprint(source), folder, note)

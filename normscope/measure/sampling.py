@@ -418,9 +418,9 @@ def resolved_sampling(pipe, probe: ProbeConfig, family: Family | None = None) ->
     for keyword, value in call_option_values(probe).items():
         out[keyword] = value
     if family.condition_size_arg is not None and probe.height and probe.width:
-        from normscope.measure.prompt_cache import _has_condition_images
+        from normscope.measure.prompt_cache import has_condition_images
 
-        if _has_condition_images(probe):  # the side the condition images are resized to (see sampling_kwargs)
+        if has_condition_images(probe):  # the side the condition images are resized to (see sampling_kwargs)
             out[family.condition_size_arg] = round((probe.height * probe.width) ** 0.5)
     requested = {name: value for name, value, got in (("height", probe.height, height), ("width", probe.width, width),
                                                       ("num_frames", probe.num_frames, frames))
