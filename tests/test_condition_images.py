@@ -301,3 +301,14 @@ def test_flux2_condition_images_below_its_bounds_are_refused_before_loading(fami
     folder = family_pipelines("Flux2Pipeline")
     one_line(run("compare", folder, folder, *PROBE, "--image", images[0], "--image", images[1]), 2,
              f"--image {images[0]} is 32x32", "Flux2Pipeline (flux2) takes condition images of at least 64 px a side")
+
+
+def test_repeated_image_on_the_command_line_reaches_the_run_in_order(qi21, tmp_path):
+    folder, images = qi21
+    result = run("compare", folder, folder, "--steps", "2", "--height", "32", "--width", "32", "--seeds", "0",
+                 "--prompt", "a fox", "--guidance", "4", "--device", "cpu", "--dtype", "float32", "--format", "json",
+                 "--mode", "free", "--image", images[1], "--image", images[0], "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["config"]["image"] == [str(images[1]), str(images[0])]
+    assert summary["config"]["resolved"]["output_resolution"] == SIZE and summary["inflation"] == 0.0
