@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from lora_factory import randomize_lora
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_families_oracle import ALPHA, RANK, TARGETS, _check, _save_peft_folder
 from test_families_refusals import one_line, run
@@ -75,7 +76,6 @@ def _oracle_rows(pipe, images: list[Path]) -> dict:
     """(branch, prompt_id, step) -> norm from the plain call, written from the diffusers source: true CFG 4 with the
     negative " " (normscope's), one list of condition images for the batch, resized to output_resolution^2 = 32^2,
     cond call then negative call, each output sliced to its LAST N tokens (N: the scheduler's tokens)."""
-    from PIL import Image
 
     call = dict(prompt=list(PROMPTS), image=[Image.open(p).convert("RGB") for p in images], true_cfg_scale=4.0,
                 negative_prompt=[" "] * B, height=SIZE, width=SIZE, output_resolution=SIZE, num_inference_steps=STEPS,
@@ -178,7 +178,6 @@ def test_pairs_rows_listing_images_sample_each_prompt_with_its_own_list(qi21, tm
     result = _compare(qi21, folder, [], image=None, prompts=(), prompts_file=pairs, mode="free")
     assert result.summary["config"]["prompt_images"] == [r["image"] for r in rows]  # summary.json lists them
     got = {(r[PROMPT_ID], r[STEP]): r[NORM_BASE] for _, r in result.frame[result.frame[BRANCH] == G].iterrows()}
-    from PIL import Image
 
     pipe = _plain(folder)
     for i, row in enumerate(rows):  # the plain call for one prompt with its own list of images
@@ -262,7 +261,6 @@ def test_flux2_takes_two_condition_images_as_the_plain_call_does(family_pipeline
     with two, the base's guided norms equal the plain call's with the same list, the x1.1 projection gives 1.1 at
     step 0, and one image gives other numbers."""
     from diffusers import DiffusionPipeline
-    from PIL import Image
 
     from tests.conftest import scaled_state_dict
 
@@ -312,3 +310,23 @@ def test_repeated_image_on_the_command_line_reaches_the_run_in_order(qi21, tmp_p
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["config"]["image"] == [str(images[1]), str(images[0])]
     assert summary["config"]["resolved"]["output_resolution"] == SIZE and summary["inflation"] == 0.0
+
+
+def test_edit_plus_gets_the_list_for_its_one_prompt_and_edit_one_image_per_prompt(qi21):
+    """The call keywords only (the edit calls resize to ~1024^2 and are measured in tests/test_qwen_edit.py):
+    Qwen-Image-Edit-Plus (batch 1) gets the two images as its list, in order; Qwen-Image-Edit keeps one image per
+    prompt (its row takes one, so several are refused before loading, as for Kontext above)."""
+    from normscope.builders.tiny_families import tiny_qwen_image_edit_pipeline
+    from normscope.config import ProbeConfig
+    from normscope.measure.sampling import sampling_kwargs
+
+    _, images = qi21
+    plus = tiny_qwen_image_edit_pipeline(seed=0, plus=True)
+    probe = ProbeConfig(prompts=PROMPTS[:1], steps=2, guidance=4.0, height=SIZE, width=SIZE, image=tuple(images[:2]))
+    got = sampling_kwargs(plus, probe, [Sample(0, PROMPTS[0], 0)])["image"]
+    assert [np.asarray(i).tobytes() for i in got] == [np.asarray(Image.open(p).convert("RGB")).tobytes()
+                                                      for p in images[:2]]
+    edit = tiny_qwen_image_edit_pipeline(seed=0)
+    one = ProbeConfig(prompts=PROMPTS, steps=2, guidance=4.0, height=SIZE, width=SIZE, image=images[0])
+    got = sampling_kwargs(edit, one, [Sample(i, p, 0) for i, p in enumerate(PROMPTS)])["image"]
+    assert len(got) == B and all(np.asarray(i).tobytes() == np.asarray(got[0]).tobytes() for i in got)
