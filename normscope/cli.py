@@ -76,7 +76,7 @@ WidthOpt = Annotated[int | None, typer.Option("--width", help="Image width in pi
 NegativeOpt = Annotated[str | None, typer.Option("--negative-prompt", help="Negative prompt. Default: the pipeline's (\"\" for SD3).", rich_help_panel="Probe")]
 MaxSeqOpt = Annotated[int | None, typer.Option("--max-sequence-length", help="T5 sequence length. Default: the pipeline's.", rich_help_panel="Probe")]
 VideoOpt = Annotated[Path | None, typer.Option("--video", help="Video-to-video pipelines (Wan V2V): the input video (a folder of frames in name order, or an animated GIF/WebP), the same for every sample.", rich_help_panel="Probe")]
-ImageOpt = Annotated[Path | None, typer.Option("--image", help="Image-to-video pipelines (Wan I2V): the conditioning image (first frame), the same for every sample.", rich_help_panel="Probe")]
+ImageOpt = Annotated[list[Path] | None, typer.Option("--image", help="The conditioning image, the same for every sample (edit and image-to-video pipelines: Kontext, Qwen-Image-Edit, Wan I2V's first frame). Repeat it to give several condition images per sample, in order, to the pipelines that take a list (Qwen-Image-2.1, Qwen-Image-Edit-Plus, FLUX.2, FLUX.2-klein).", rich_help_panel="Probe")]
 NumFramesOpt = Annotated[int | None, typer.Option("--num-frames", help="Video pipelines (Wan): frames of the video, 4k + 1 (e.g. 81). Default: the pipeline's.", rich_help_panel="Probe")]
 # Settings of one family's call (issue 19); each is refused before loading for a family whose pipeline lacks it.
 Guidance2Opt = Annotated[float | None, typer.Option("--guidance-2", help="Wan2.2 A14B: guidance_scale_2, the CFG scale of the low-noise expert (transformer_2). Default: the preset's, else --guidance.", rich_help_panel="Probe")]
@@ -329,7 +329,7 @@ def compare(
         config = CompareConfig(
             base=base, tuned=tuned, adapter=adapter, allow_pickle=allow_pickle, pipeline=pipeline, mode=mode, drive=drive,
             dtype=dtype, device=device, batch_size=batch_size, out=out, save_images=save_images, offload=offload,
-            image=image, video=video, max_device_memory=max_device_memory, rescale_to_base=rescale_to_base, maps=maps, scorer=scorer,
+            image=tuple(image) if image else None, video=video, max_device_memory=max_device_memory, rescale_to_base=rescale_to_base, maps=maps, scorer=scorer,
             precision=precision, measure_steps=measure_steps, **probe,
         )
         if not is_main_process():  # launched on several processes: the main one reports

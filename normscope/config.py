@@ -223,6 +223,20 @@ def check_video_settings(config) -> None:
                               "e.g. --stg-blocks 28 (LTX-2.3's); STG is turned off with --stg-scale 0 --audio-stg-scale 0")
 
 
+def normalize_images(value) -> Path | tuple[Path, ...] | None:
+    """``--image``, given once or repeated: one ``Path``, a tuple of several (in order), or ``None``; every file must
+    exist (issue 19: several condition images per sample)."""
+    if value is None:
+        return None
+    paths = [Path(v) for v in value] if isinstance(value, (list, tuple)) else [Path(value)]
+    for path in paths:
+        if not path.is_file():
+            raise ConfigError(f"--image {path} does not exist: pass the conditioning image file (PNG, JPEG, ...)")
+    if not paths:
+        return None
+    return paths[0] if len(paths) == 1 else tuple(paths)
+
+
 @dataclass(kw_only=True)
 class ProbeConfig:
     """What is sampled: pipeline, prompts, seeds and sampler settings shared by every job.
@@ -247,7 +261,9 @@ class ProbeConfig:
     negative_prompt: str | None = None
     max_sequence_length: int | None = None
     num_frames: int | None = None  # video pipelines (Wan): frames of the generated video
-    image: Path | None = None  # image-to-video pipelines (Wan I2V): the conditioning image, for every sample
+    # the conditioning image, for every sample (edit, image-to-video); several (a tuple, in order) for the pipelines that
+    # take a list of condition images (Family.several_images: Qwen-Image-2.1, Qwen-Image-Edit-Plus, FLUX.2)
+    image: Path | tuple[Path, ...] | None = None
     video: Path | None = None  # video-to-video pipelines (Wan V2V): the input video, for every sample
     # Settings of one family's call (issue 19): Wan2.2's second-expert guidance (guidance_scale_2); SD3's
     # skip-layer guidance (skip_guidance_layers and its scale, start and stop); Z-Image's CFG norm cap
@@ -289,10 +305,7 @@ class ProbeConfig:
         self._apply_preset()
         if self.prompts_file is not None:
             self.prompts_file = Path(self.prompts_file)
-        if self.image is not None:
-            self.image = Path(self.image)
-            if not self.image.is_file():
-                raise ConfigError(f"--image {self.image} does not exist: pass the conditioning image file (PNG, JPEG, ...)")
+        self.image = normalize_images(self.image)
         if self.video is not None:
             self.video = Path(self.video)
             if not self.video.exists():
@@ -360,7 +373,7 @@ class ProbeConfig:
             elif isinstance(value, Path):
                 value = str(value)
             elif isinstance(value, tuple):
-                value = list(value)
+                value = [str(v) if isinstance(v, Path) else v for v in value]
             out[f.name] = value
         return out
 

@@ -174,7 +174,8 @@ def save_tiny(pipe, folder: str | Path) -> Path:
     pipe.save_pretrained(folder, safe_serialization=True)
     index = folder / "model_index.json"
     data = json.loads(index.read_text())
-    if data.get("processor", [None, None])[1] == "PilQwen2VLProcessor":  # as the real Qwen-Image-Edit repos name it
-        data["processor"] = ["transformers", "Qwen2VLProcessor"]
+    name = data.get("processor", [None, None])[1]
+    if name in ("PilQwen2VLProcessor", "PilQwen3VLProcessor"):  # as the real Qwen-Image-Edit / -2.1 repos name it
+        data["processor"] = ["transformers", name.removeprefix("Pil")]
         index.write_text(json.dumps(data, indent=2))
     return folder

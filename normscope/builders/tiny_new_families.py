@@ -252,6 +252,33 @@ def tiny_qwen_image21_pipeline(seed: int = 0, causal_condition: bool = True):
     )
 
 
+# ---- issue 19: Qwen-Image-2.1 with condition images (a processor that reads images, without torchvision)
+QWEN21_VL_PIXELS = 28 * 28  # the tiny vision tower's images: 2x2 patches of 14 px, one merged token per image
+
+
+def qwen21_vl_processor():
+    """A ``Qwen3VLProcessor`` (the real pipeline's class) on Pillow's ``Qwen2VLImageProcessorPil``, without the
+    (torchvision) video processor (``normscope.load.qwen_processor``): the tiny Qwen BPE, Qwen's chat format, and the
+    tiny vision tower's 14 px patches merged 2x2, images capped at QWEN21_VL_PIXELS."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    from normscope.builders.tiny_families import qwen_tokenizer
+    from normscope.load.qwen_processor import pil_processor
+
+    images = Qwen2VLImageProcessorPil(min_pixels=QWEN21_VL_PIXELS, max_pixels=QWEN21_VL_PIXELS, patch_size=14,
+                                      merge_size=2, temporal_patch_size=2)
+    return pil_processor(images, qwen_tokenizer(), "Qwen3VLProcessor", QWEN21_CHAT_TEMPLATE)
+
+
+def tiny_qwen_image21_vision_pipeline(seed: int = 0):
+    """``tiny_qwen_image21_pipeline`` (the same weights for the same seed) whose processor reads condition images
+    (``qwen21_vl_processor``); saved, its model_index names ``Qwen3VLProcessor`` as the real repos do, and normscope's
+    loader (or ``tiny_families.load_qwen_edit_pipeline``) rebuilds the PIL processor without torchvision."""
+    pipe = tiny_qwen_image21_pipeline(seed)
+    pipe.register_modules(processor=qwen21_vl_processor())
+    return pipe
+
+
 # ---------------------------------------------------------------- LTX-2
 
 LTX2_TEXT_WIDTH = 32  # the connectors' attention width (4 heads x 8): the Gemma hidden size must match it

@@ -78,7 +78,7 @@ from normscope.measure.table import (
 from normscope.measure.truncation import report_truncation
 from normscope.render.files import FRAMES_CSV, FRAMES_PNG, IMAGES_DIR, NORMS_CSV, PROFILE_PNG, SUMMARY_JSON
 from normscope.runfolder import RunFolder
-from normscope.runfolder.fingerprint import run_fingerprint
+from normscope.runfolder.fingerprint import condition_images_identity, run_fingerprint
 from normscope.runfolder.store import PARTIAL_DIR, BatchStore
 
 
@@ -133,6 +133,9 @@ def _fingerprint(config: CompareConfig, prompts: list[str], source: str, checkpo
     images = prompt_images(config.prompts_file, config.prompts)
     if images is not None:  # a pairs file's images are part of what is sampled
         settings["prompt_images"] = images
+    contents = condition_images_identity(config)
+    if any(contents):  # every condition image by its contents too (issue 19): one changed image recomputes
+        settings["condition_images"] = contents
     library = {**versions(), "transformers": transformers.__version__, "peft": peft.__version__}
     return run_fingerprint(settings, prompts, source, checkpoints, library)
 
@@ -419,6 +422,9 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
         "processes": procs.count,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
+    images = prompt_images(config.prompts_file, config.prompts)
+    if images is not None:  # the pairs file's condition images, per prompt (a list where a row gives several)
+        extra["prompt_images"] = [list(i) if isinstance(i, tuple) else i for i in images]
     summary = summarize(headline_frame, config, extra)
     if headline_frame is not frame:
         summary.update(stream_summary(frame, config))

@@ -50,6 +50,8 @@ KINDS = {
     "list": lambda v: isinstance(v, list),
     "int list": lambda v: isinstance(v, list) and all(_is_int(x) for x in v),
     "str list": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    # issue 19: one condition image (a path) or several (a list of paths)
+    "str or str list": lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
 }
 
 
@@ -84,7 +86,8 @@ class Field:
 
     def _expected(self) -> str:
         text = {"int": "an integer", "number": "a finite number", "str": "a string", "dict": "an object", "list": "a list",
-                "int list": "a list of integers", "str list": "a list of strings"}[self.kind]
+                "int list": "a list of integers", "str list": "a list of strings",
+                "str or str list": "a string or a list of strings"}[self.kind]
         if self.kind in ("int", "number"):
             if self.low is not None and self.high is not None:
                 text += f" from {self.low:g} up to (not including) {self.high:g}"
@@ -110,7 +113,7 @@ FIELDS = (
     Field("config.probe.max_sequence_length", "int", nullable=True, low=1),
     Field("config.probe.true_cfg_scale", "number", nullable=True, required=False, low=0),
     Field("config.probe.num_frames", "int", nullable=True, required=False, low=1),
-    Field("config.probe.image", "str", nullable=True, required=False),
+    Field("config.probe.image", "str or str list", nullable=True, required=False),
     Field("config.probe.video", "str", nullable=True, required=False),
     Field("config.probe.guidance_2", "number", nullable=True, required=False, low=0),
     Field("config.probe.skip_layers", "int list", nullable=True, required=False),

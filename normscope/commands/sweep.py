@@ -42,7 +42,13 @@ from normscope.measure.sampling import Reporter, SilentReporter, prompt_batches,
 from normscope.measure.sanity import sanity
 from normscope.render.files import write_run
 from normscope.runfolder import RunFolder, publish_outputs
-from normscope.runfolder.fingerprint import checkpoint_identity, pipeline_fingerprint, pipeline_identity, prompts_digest
+from normscope.runfolder.fingerprint import (
+    checkpoint_identity,
+    condition_images_identity,
+    pipeline_fingerprint,
+    pipeline_identity,
+    prompts_digest,
+)
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint[-_](\d+)$")
 SWEEP_CSV = "sweep.csv"
@@ -114,7 +120,9 @@ def _fingerprint(config: SweepConfig, path: Path, source: str, reference=None) -
     stable = {k: v for k, v in config.to_dict().items() if k in PROBE_FIELDS or k in ("mode", "adapter", "base", "maps", "scorer", "until_decided")}
     prompts = prompts_digest(resolve_prompts(config.prompts_file, config.prompts))
     base = reference.meta["hashes"] if reference is not None else pipeline_identity(source)
-    text = json.dumps([stable, prompts, checkpoint_identity(ckpt), base], sort_keys=True, default=str)
+    images = condition_images_identity(config)  # every condition image by content (issue 19)
+    text = json.dumps([stable, prompts, checkpoint_identity(ckpt), base] + ([images] if any(images) else []),
+                      sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -117,6 +117,10 @@ class PromptEncoding:
     # the sampling pipeline too when the prompts come from the cache (LTX-2's encoder sets tokenizer.padding_side
     # = "left", which its text connectors read in the call).
     sets: tuple[tuple[str, str, object], ...] = ()
+    # issue 19, several condition images: the encode function reads the condition images too (Qwen-Image-2.1's VL
+    # encoder), and the call cannot take embeddings of them (it has no image_pad_mask argument): with condition
+    # images the prompts are encoded inside every call, without the cache.
+    reads_images: bool = False
 
 
 SD3_PROMPTS = PromptEncoding(
@@ -235,6 +239,14 @@ class Family:
       ``--image`` or per-row images is refused before any weight loads (Kontext would silently measure
       text-to-image, Qwen-Image-Edit fails after loading). ``image_per_sample``: the call takes a list of one
       image per prompt (Qwen-Image-Edit's VL encoder reads one image per prompt; one image for a batch fails).
+    * ``several_images``: the pipeline classes of the row whose ``image`` takes SEVERAL condition images per sample
+      (a list, in order: Qwen-Image-2.1, Qwen-Image-Edit-Plus, FLUX.2, FLUX.2-klein); repeated ``--image`` or a pairs
+      row listing images is refused before loading for the others. ``condition_size_arg``: the pipeline argument
+      that sets the side of the area the condition images are resized to (Qwen-Image-2.1's ``output_resolution``,
+      1024 by default); with ``--height`` and ``--width`` normscope passes ``round(sqrt(height x width))``, so the
+      condition images are sampled at the output's area, as Kontext's are at its size. ``image_bounds``: (smallest
+      side in pixels, largest aspect ratio) the pipeline accepts for a condition image, checked before loading
+      (FLUX.2's ``Flux2ImageProcessor.check_image_input`` raises below 64 px a side or beyond 8:1).
     """
 
     name: str
@@ -277,6 +289,10 @@ class Family:
     presets: tuple[Preset, ...] = field(default=())
     needs_image: bool = False
     image_per_sample: bool = False
+    # issue 19, several condition images per sample
+    several_images: tuple[str, ...] = ()
+    condition_size_arg: str | None = None
+    image_bounds: tuple[int, float] | None = None
 
     def __post_init__(self) -> None:
         # The table is data typed by hand: a typo must fail at import, not in a user's run.
@@ -293,6 +309,7 @@ class Family:
             assert label in labels, label
         for preset in self.presets:
             assert preset.family == self.name and preset.argument in self.guidance_arguments, preset
+        assert set(self.several_images) <= set(self.pipeline_classes), self.several_images
 
     @property
     def guidance_arguments(self) -> tuple[str, ...]:
@@ -530,6 +547,7 @@ WAN_I2V_PRESETS = (
 # t >= boundary_ratio * 1000 and `transformer_2` after, guided by guidance_scale_2; TI2V-5B is a WanPipeline
 # with expand_timesteps (one timestep per latent token) and needs nothing more here.
 WAN_EXPERTS = (("transformer", "high_noise"), ("transformer_2", "low_noise"))
+FLUX2_IMAGE_BOUNDS = (64, 8.0)  # Flux2ImageProcessor.check_image_input: min_side_length 64, max_aspect_ratio 8
 WAN_GUIDANCE = (("low_noise", "guidance_scale_2"),)
 FAMILIES: tuple[Family, ...] = (
     Family(
@@ -562,7 +580,7 @@ FAMILIES: tuple[Family, ...] = (
         pipeline_classes=("Flux2Pipeline",), transformer_class="Flux2Transformer2DModel",
         calls=DISTILLED, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, reference_tokens=True,
         latent_layout="packed", patch_size=2, prompt_encoding=FLUX2_PROMPTS,
-        presets=FLUX2_PRESETS,
+        presets=FLUX2_PRESETS, several_images=("Flux2Pipeline",), image_bounds=FLUX2_IMAGE_BOUNDS,
     ),
     Family(
         name="flux2-klein", title="FLUX.2-klein (distilled and base)",
@@ -570,7 +588,7 @@ FAMILIES: tuple[Family, ...] = (
         pipeline_classes=("Flux2KleinPipeline",), transformer_class="Flux2Transformer2DModel",
         calls=SEPARATE, combine=LINEAR, guidance_arg=GUIDANCE_SCALE, reference_tokens=True,
         latent_layout="packed", patch_size=2, prompt_encoding=FLUX2_KLEIN_PROMPTS,
-        presets=KLEIN_PRESETS,
+        presets=KLEIN_PRESETS, several_images=("Flux2KleinPipeline",), image_bounds=FLUX2_IMAGE_BOUNDS,
     ),
     Family(
         name="qwen-image", title="Qwen-Image / Qwen-Image-2512",
@@ -588,6 +606,7 @@ FAMILIES: tuple[Family, ...] = (
         calls=SEPARATE, combine=QWEN_RENORM, guidance_arg=TRUE_CFG_SCALE, needs_negative_prompt=True,
         reference_tokens=True, latent_layout="packed", patch_size=2, vae_factor="temperal_downsample",
         presets=QWEN_EDIT_PRESETS, needs_image=True, image_per_sample=True,
+        several_images=("QwenImageEditPlusPipeline",),  # Edit reads one image per prompt; Edit-Plus a list (batch 1)
     ),
     Family(
         name="z-image", title="Z-Image / Z-Image-Turbo",
@@ -674,6 +693,7 @@ QWEN_IMAGE21_PROMPTS = PromptEncoding(
     outputs=("prompt_embeds", "prompt_embeds_mask", None),  # image_pad_mask: rebuilt by the call (text only)
     negative_outputs=("negative_prompt_embeds", "negative_prompt_embeds_mask", None),
     fixed=(("num_images_per_prompt", 1),),
+    reads_images=True,  # condition images are encoded with the prompt: no cache for a run with images
 )
 NEW_FAMILIES += (
     Family(
@@ -683,6 +703,7 @@ NEW_FAMILIES += (
         reference_tokens=True, token_slice="last", private_state_kwargs=("kv_cache",),
         latent_layout="packed", patch_size=1, prompt_encoding=QWEN_IMAGE21_PROMPTS,
         vae_factor="scale_factor_spatial", size_patch=2, size_floor=32,
+        several_images=("QwenImage21Pipeline",), condition_size_arg="output_resolution",
     ),
 )
 # LTX-2 (Flow-Factory's text-to-audio+video model): one transformer call returns a video AND an audio velocity,

@@ -311,9 +311,56 @@ def check_image_inputs(family: Family, index: dict, probe) -> None:
             fix = (" (Wan2.2 TI2V-5B takes one: its folder's model_index.json has expand_timesteps)"
                    if family.name == "wan" else "")
             raise InputError(f"{cls} does not take an image: drop {what} ({family.name}){fix}")
+    check_image_counts(family, cls, image, images)
     if cls == "QwenImageEditPlusPipeline" and getattr(probe, "batch_size", 1) > 1:
         raise InputError("QwenImageEditPlusPipeline samples one prompt per call (diffusers raises for a batch above 1; "
                          "results do not depend on the batch): pass --batch-size 1")
+
+
+# ---- issue 19: several condition images per sample
+
+
+def check_image_counts(family: Family, cls: str, image, images) -> None:
+    """Before loading: several condition images (repeated ``--image``, a pairs row listing images) only for a pipeline
+    class of the row's ``several_images``; every image a file Pillow can open, within the row's ``image_bounds``
+    (one line naming it otherwise)."""
+    from normscope.load.families import FAMILIES
+    from normscope.measure.prompts import image_count
+
+    takers = ", ".join(f"{row.name} ({', '.join(row.several_images)})" for row in FAMILIES if row.several_images)
+    entries = [("--image", image)] + [("--prompts image", entry) for entry in images or []]
+    for flag, entry in entries:
+        if image_count(entry) > 1 and cls not in family.several_images:
+            what = f"--image is given {image_count(entry)} times" if flag == "--image" else \
+                f"a row of --prompts lists {image_count(entry)} images"
+            raise InputError(f"{what}, but {cls} ({family.name}) takes one condition image per sample: give one "
+                             f"(several are taken by {takers})")
+    seen = set()
+    for flag, entry in entries:
+        for path in (entry if isinstance(entry, tuple) else (entry,)) if entry is not None else ():
+            if path in seen:
+                continue
+            seen.add(path)
+            width, height = _check_readable_image(path, flag)
+            if family.image_bounds is not None:
+                side, ratio = family.image_bounds
+                if min(width, height) < side or max(width / height, height / width) > ratio:
+                    raise InputError(f"{flag} {path} is {width}x{height}: {cls} ({family.name}) takes condition "
+                                     f"images of at least {side} px a side and at most {ratio:g}:1 (it raises "
+                                     "otherwise): pass a larger image")
+
+
+def _check_readable_image(path, flag: str) -> tuple[int, int]:
+    """The (width, height) of an image file Pillow can read; one line naming it otherwise."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as opened:
+            size = opened.size
+            opened.verify()  # reads the header and checks the data without decoding the pixels
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{flag} {path} is not an image Pillow can read ({exc}): pass a PNG or JPEG") from None
+    return size
 
 
 def check_call_options(family: Family, probe) -> None:

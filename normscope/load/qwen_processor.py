@@ -21,26 +21,33 @@ def torchvision_missing() -> bool:
     return importlib.util.find_spec("torchvision") is None
 
 
-def pil_processor_class():
-    """``Qwen2VLProcessor`` without a video processor: its sub-processors are the image processor and tokenizer."""
-    from transformers import Qwen2VLProcessor
-
-    class PilQwen2VLProcessor(Qwen2VLProcessor):
-        """A ``Qwen2VLProcessor`` on ``Qwen2VLImageProcessorPil``, without the (torchvision) video processor."""
-
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
-
-    return PilQwen2VLProcessor
+# The processors normscope rebuilds without torchvision: Qwen-Image-Edit's Qwen2VLProcessor and (issue 19, condition
+# images) Qwen-Image-2.1's Qwen3VLProcessor; both read images with the same PIL image processor class.
+PIL_PROCESSORS = ("Qwen2VLProcessor", "Qwen3VLProcessor")
 
 
-def pil_processor(image_processor, tokenizer):
-    return pil_processor_class()(image_processor=image_processor, tokenizer=tokenizer)
+def pil_processor_class(base: str = "Qwen2VLProcessor"):
+    """``base`` (``Qwen2VLProcessor`` or ``Qwen3VLProcessor``) without a video processor: its sub-processors are
+    the image processor and tokenizer. Named ``Pil<base>``."""
+    import transformers
+
+    parent = getattr(transformers, base)
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        parent.__init__(self, image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+
+    doc = f"A ``{base}`` on ``Qwen2VLImageProcessorPil``, without the (torchvision) video processor."
+    return type(f"Pil{base}", (parent,), {"__init__": __init__, "__doc__": doc})
 
 
-def load_pil_processor(folder: str | Path):
-    """The processor of a Qwen-Image-Edit folder (``processor/``, falling back to ``tokenizer/`` for the text
-    files), built from the PIL image processor and the tokenizer."""
+def pil_processor(image_processor, tokenizer, base: str = "Qwen2VLProcessor", chat_template=None):
+    return pil_processor_class(base)(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+
+
+def load_pil_processor(folder: str | Path, base: str = "Qwen2VLProcessor"):
+    """The processor of a Qwen-Image-Edit (or Qwen-Image-2.1, ``base="Qwen3VLProcessor"``) folder (``processor/``,
+    falling back to ``tokenizer/`` for the text files), built from the PIL image processor and the tokenizer; the
+    folder's chat template where it has one (Qwen-Image-2.1's pipeline applies it)."""
     from transformers import Qwen2Tokenizer, Qwen2VLImageProcessorPil
 
     folder = Path(folder)
@@ -52,16 +59,22 @@ def load_pil_processor(folder: str | Path):
         settings = json.loads((processor_dir / "processor_config.json").read_text())["image_processor"]
         images = Qwen2VLImageProcessorPil(**{k: v for k, v in settings.items()
                                              if k not in ("image_processor_type", "processor_class")})
-    return pil_processor(images, Qwen2Tokenizer.from_pretrained(str(text_dir)))
+    tokenizer = Qwen2Tokenizer.from_pretrained(str(text_dir))
+    template = None
+    if (processor_dir / "chat_template.jinja").is_file():
+        template = (processor_dir / "chat_template.jinja").read_text()
+    elif (processor_dir / "chat_template.json").is_file():
+        template = json.loads((processor_dir / "chat_template.json").read_text()).get("chat_template")
+    return pil_processor(images, tokenizer, base, template or getattr(tokenizer, "chat_template", None))
 
 
 def processor_override(folder: str | Path, index: dict) -> dict:
     """``{"processor": ...}`` for ``from_pretrained`` where the pipeline's processor needs torchvision that is not
     installed (a local Qwen-Image-Edit folder), else ``{}``."""
     entry = index.get("processor")
-    if not (isinstance(entry, list) and entry[-1:] == ["Qwen2VLProcessor"]) or not torchvision_missing():
+    if not (isinstance(entry, list) and entry and entry[-1] in PIL_PROCESSORS) or not torchvision_missing():
         return {}
     processor_dir = Path(folder) / "processor"
     if not any((processor_dir / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")):
         return {}
-    return {"processor": load_pil_processor(folder)}
+    return {"processor": load_pil_processor(folder, entry[-1])}

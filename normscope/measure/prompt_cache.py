@@ -186,6 +186,16 @@ def pipeline_class_name(source: str) -> str | None:
         return None
 
 
+def has_condition_images(probe) -> bool:
+    """The run gives condition images: ``--image`` or a pairs file's rows."""
+    from normscope.measure.prompts import prompt_images
+
+    if getattr(probe, "image", None) is not None:
+        return True
+    rows = prompt_images(getattr(probe, "prompts_file", None), tuple(getattr(probe, "prompts", ()) or ()))
+    return bool(rows) and any(rows)
+
+
 def prepare_prompts(source: str, batches: Sequence[Sequence[str]], probe, dtype, device: str,
                     folder: Path | None = None, pipe=None, note=None) -> PromptCache | None:
     """Embeddings of every batch a run will sample, encoded with the text encoders alone on ``device``.
@@ -207,6 +217,8 @@ def prepare_prompts(source: str, batches: Sequence[Sequence[str]], probe, dtype,
     pipeline_cls = getattr(diffusers, name, None)
     if encoding is None or pipeline_cls is None:
         return None
+    if encoding.reads_images and has_condition_images(probe):  # Qwen-Image-2.1: embeddings of text AND images,
+        return None  # which its call cannot take: the pipeline encodes inside every call
     settings = encoder_settings(pipeline_cls, probe, dtype)
     cache = PromptCache(name, encoding, settings, device, encoders_fingerprint(source), folder, note)
     todo = cache.missing(batches)

@@ -20,7 +20,9 @@ class Sample:
     prompt_id: int
     prompt: str
     seed: int
-    image: str | None = None  # the conditioning image of an edit / image-to-video sample (a pairs file's row)
+    # the conditioning image of an edit / image-to-video sample (a pairs file's row); a tuple of paths, in order, where
+    # the row lists several (issue 19: pipelines that take a list of condition images)
+    image: str | tuple[str, ...] | None = None
 
 
 def default_prompts() -> list[str]:
@@ -105,7 +107,8 @@ def resolve_prompts(prompts_file: Path | None, prompts: tuple[str, ...]) -> list
     return found or default_prompts()
 
 
-def make_samples(prompts: list[str], seeds: tuple[int, ...], images: list[str | None] | None = None) -> list[Sample]:
+def make_samples(prompts: list[str], seeds: tuple[int, ...],
+                 images: list[str | tuple[str, ...] | None] | None = None) -> list[Sample]:
     """Every prompt with every seed, prompt-major, in a fixed order; ``images``: one image path per prompt."""
     images = images or [None] * len(prompts)
     return [Sample(i, prompt, seed, images[i]) for i, prompt in enumerate(prompts) for seed in seeds]
@@ -114,12 +117,15 @@ def make_samples(prompts: list[str], seeds: tuple[int, ...], images: list[str | 
 IMAGE_FIELD = "image"
 
 
-def prompt_images(prompts_file: Path | None, prompts: tuple[str, ...] = ()) -> list[str | None] | None:
+def prompt_images(prompts_file: Path | None,
+                  prompts: tuple[str, ...] = ()) -> list[str | tuple[str, ...] | None] | None:
     """The ``image`` of each prompt of a (prompt, image) pairs file (.jsonl or .csv with an ``image`` field, as the
     trainers' edit evaluation sets), aligned with ``resolve_prompts``; None when the file has no images.
 
     A relative path is relative to the pairs file's folder. A row whose image is missing, or names no file, is
-    refused in one line naming the row. Prompts given with ``--prompt`` have no image (None).
+    refused in one line naming the row. Prompts given with ``--prompt`` have no image (None). A .jsonl row's
+    ``image`` may be a list of paths: several condition images for that prompt, in order (a tuple; a list of one
+    is that one path).
     """
     if prompts_file is None or Path(prompts_file).suffix.lower() not in (".jsonl", ".csv"):
         return None
@@ -133,15 +139,26 @@ def prompt_images(prompts_file: Path | None, prompts: tuple[str, ...] = ()) -> l
     rows = [(n, r) for n, r in rows if str(r["prompt"]).strip()]
     if not any(r.get(IMAGE_FIELD) for _, r in rows):
         return None
-    images: list[str | None] = []
+    images: list[str | tuple[str, ...] | None] = []
     for number, record in rows:
         value = record.get(IMAGE_FIELD)
         if not value:
             raise InputError(f"{path}:{number} has no \"image\": every row of a (prompt, image) pairs file needs one")
-        image = Path(str(value))
-        image = image if image.is_absolute() else path.parent / image
-        if not image.is_file():
-            raise InputError(f"{path}:{number}: image {image} does not exist: fix the path (relative paths are "
-                             "relative to the pairs file's folder)")
-        images.append(str(image))
+        if isinstance(value, list) and not all(isinstance(v, str) and v for v in value):
+            raise InputError(f"{path}:{number}: \"image\" lists {value!r}: write the paths as strings, e.g. "
+                             "\"image\": [\"a.png\", \"b.png\"]")
+        found = []
+        for item in value if isinstance(value, list) else [value]:
+            image = Path(str(item))
+            image = image if image.is_absolute() else path.parent / image
+            if not image.is_file():
+                raise InputError(f"{path}:{number}: image {image} does not exist: fix the path (relative paths are "
+                                 "relative to the pairs file's folder)")
+            found.append(str(image))
+        images.append(found[0] if len(found) == 1 else tuple(found))
     return images + [None] * len([p for p in prompts if p.strip()])
+
+
+def image_count(image) -> int:
+    """How many condition images one entry holds: a path, a tuple of paths, or None."""
+    return 0 if image is None else len(image) if isinstance(image, tuple) else 1

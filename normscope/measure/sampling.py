@@ -46,7 +46,8 @@ class SilentReporter:
 
 def batches(samples: list[Sample], size: int) -> Iterator[list[Sample]]:
     """Consecutive samples, at most ``size`` per call; a call never mixes conditioning images (a pairs file's rows),
-    because the image pipelines take one image per call and repeat it over the batch."""
+    because the image pipelines take one image, or one list of condition images (Qwen-Image-2.1, FLUX.2), per call
+    and use it for the whole batch: a call's samples have the same image, or the same tuple of images in order."""
     batch: list[Sample] = []
     for sample in samples:
         if batch and (len(batch) == size or sample.image != batch[0].image):
@@ -182,6 +183,10 @@ def sampling_kwargs(pipe, probe: ProbeConfig, samples: list[Sample], family: Fam
         kwargs["image"] = images if isinstance(kwargs["image"], list) else images[0]
         if "_auto_resize" in accepted:
             kwargs["_auto_resize"] = False
+    if family.condition_size_arg is not None and "image" in kwargs and probe.height and probe.width:
+        # Qwen-Image-2.1 resizes every condition image to output_resolution^2 pixels (1024^2 by default) whatever the
+        # output size: with a size, the condition images are sampled at the output's area (as Kontext's, above)
+        kwargs[family.condition_size_arg] = round((probe.height * probe.width) ** 0.5)
     kwargs.update(_input_video(family, probe, len(samples)))
     negative = negative_prompt_used(pipe, probe, family)
     if negative is not None and "negative_prompt" not in kwargs:
@@ -206,11 +211,20 @@ def _open_image(path, flag: str):
         raise InputError(f"{flag} {path} is not an image Pillow can read ({exc}): pass a PNG or JPEG") from None
 
 
+def _open_images(entry, flag: str):
+    """One PIL image for a path; a list of them, in order, for a tuple of paths (several condition images)."""
+    if isinstance(entry, tuple):
+        return [_open_image(path, flag) for path in entry]
+    return _open_image(entry, flag)
+
+
 def _conditioning_image(pipe, probe: ProbeConfig, samples: list[Sample] | None = None) -> dict:
     """``image=`` for edit and image-to-video pipelines.
 
     With per-sample images (a pairs file's rows) the call gets one image per sample, in sample order; a sample
     without one takes ``--image``. Else ``--image`` is the one image of the whole batch (the pipeline repeats it).
+    Several condition images (a tuple: repeated ``--image`` or a row listing images) go as one list, in order,
+    for the whole batch (``batches`` never mixes them); checked against the family row before loading.
     """
     parameters = inspect.signature(pipe.__call__).parameters
     takes = "image" in parameters
@@ -218,6 +232,8 @@ def _conditioning_image(pipe, probe: ProbeConfig, samples: list[Sample] | None =
     if any(per_sample):
         if not takes:
             raise InputError(f"{type(pipe).__name__} does not take an image: drop the image column of --prompts")
+        if len(set(per_sample)) == 1 and isinstance(per_sample[0], tuple):
+            return {"image": _open_images(per_sample[0], "--prompts image")}  # one list of images for the batch
         opened = [_open_image(path, "--prompts image") if path else _open_image(probe.image, "--image")
                   for path in per_sample]
         # ``batches`` keeps one image per call: the pipeline repeats it (Wan I2V takes no list of images)
@@ -228,7 +244,7 @@ def _conditioning_image(pipe, probe: ProbeConfig, samples: list[Sample] | None =
         return {}
     if not takes:
         raise InputError(f"{type(pipe).__name__} does not take an image: drop --image")
-    return {"image": _open_image(probe.image, "--image")}
+    return {"image": _open_images(probe.image, "--image")}
 
 
 def _input_video(family: Family, probe: ProbeConfig, batch: int) -> dict:
@@ -427,6 +443,11 @@ def resolved_sampling(pipe, probe: ProbeConfig, family: Family | None = None) ->
     if "strength" in defaults:  # video to video (issue 19): the pipeline runs only the last int(steps x strength) steps
         out["strength"] = probe.strength if probe.strength is not None else defaults["strength"]
         out["steps_run"] = min(int(probe.steps * out["strength"]), probe.steps)
+    if family.condition_size_arg is not None and probe.height and probe.width:
+        from normscope.measure.prompt_cache import has_condition_images
+
+        if has_condition_images(probe):  # the side the condition images are resized to (see sampling_kwargs)
+            out[family.condition_size_arg] = round((probe.height * probe.width) ** 0.5)
     requested = {name: value for name, value, got in (("height", probe.height, height), ("width", probe.width, width),
                                                       ("num_frames", probe.num_frames, frames))
                  if value is not None and value != got}

@@ -53,7 +53,8 @@ METHOD = ("anytime-valid confidence sequence over prompts: Robbins normal-mixtur
 ABOVE, BELOW, PRECISE, UNDECIDED = "above", "below", "precise", "undecided"
 
 
-def seed_major(prompts: list[str], seeds: Iterable[int], images: list[str | None] | None = None) -> list[Sample]:
+def seed_major(prompts: list[str], seeds: Iterable[int],
+               images: list[str | tuple[str, ...] | None] | None = None) -> list[Sample]:
     """Every prompt with the first seed, then every prompt with the second seed, ...: the first batches span
     the prompts, and a larger plan (more seeds) only appends samples. ``images``: one image path per prompt."""
     images = images or [None] * len(prompts)

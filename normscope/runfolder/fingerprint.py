@@ -97,3 +97,18 @@ def run_fingerprint(settings: dict, prompts: list[str], pipeline_source: str, ch
     text = json.dumps([settings, prompts, pipeline_identity(pipeline_source),
                        [checkpoint_identity(c) for c in checkpoints], versions], sort_keys=True, default=str)
     return _sha(text)[:16]
+
+
+# ---- issue 19: several condition images per sample
+def condition_images_identity(probe) -> list:
+    """Every condition image a run reads (``--image``, once or repeated, and a pairs file's rows, in order) by its
+    path and content hash: changing the pixels of one image changes the fingerprint (the batches are measured again)."""
+    from normscope.measure.prompts import prompt_images
+
+    entries = [getattr(probe, "image", None)]
+    entries += prompt_images(getattr(probe, "prompts_file", None), tuple(getattr(probe, "prompts", ()) or ())) or []
+    out = []
+    for entry in entries:
+        paths = entry if isinstance(entry, tuple) else () if entry is None else (entry,)
+        out.append([[str(p), file_digest(Path(p))] for p in paths])
+    return out
