@@ -55,7 +55,8 @@ from normscope.runfolder.fingerprint import pipeline_fingerprint
 
 PASS, FAIL, ERROR = "pass", "fail", "error"
 FAMILY_SETTINGS = ("guidance_2", "skip_layers", "skip_layer_scale", "skip_layer_start", "skip_layer_stop",
-                   "cfg_normalization", "cfg_truncation")
+                   "cfg_normalization", "cfg_truncation",
+                   "shift")  # the scheduler's shift (issue 19): a probe setting a stored reference must agree on
 
 
 @dataclass(kw_only=True)
@@ -92,6 +93,7 @@ class CheckConfig:
     skip_layer_stop: float | None = None
     cfg_normalization: float | None = None
     cfg_truncation: float | None = None
+    shift: float | None = None  # the scheduler's timestep shift (issue 19), as ProbeConfig
     mode: Mode = Mode.paired
     dtype: DType = DType.auto
     device: Device = Device.auto

@@ -119,6 +119,8 @@ FIELDS = (
     Field("config.probe.skip_layer_stop", "number", nullable=True, required=False, low=0),
     Field("config.probe.cfg_normalization", "number", nullable=True, required=False, low=0),
     Field("config.probe.cfg_truncation", "number", nullable=True, required=False, low=0),
+    Field("config.probe.shift", "number", nullable=True, required=False, low=0,
+          doc="the scheduler's timestep shift (--shift); null: the scheduler's own"),
     Field("config.pipeline_source", "str"),
     Field("config.torch_dtype", "str"),
     Field("config.resolved", "dict", required=False),

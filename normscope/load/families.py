@@ -73,13 +73,16 @@ class Preset:
     negative_prompt: str | None = None
     cfg_normalization: float | None = None
     cfg_truncation: float | None = None
+    # The scheduler's timestep shift the trainer's evaluation samples with, where it overrides the shipped one
+    # (issue 19; ProbeConfig.shift, applied by normscope.load.scheduler_shift): not a call keyword.
+    shift: float | None = None
 
     def __post_init__(self) -> None:
         assert self.size is None or (self.height is None and self.width is None), self.name
 
     # The ProbeConfig fields a preset fills (each only where the user left it unset), in listing order.
     FIELDS = ("max_sequence_length", "num_frames", "guidance_2", "negative_prompt", "cfg_normalization",
-              "cfg_truncation")
+              "cfg_truncation", "shift")
 
 
 @dataclass(frozen=True)
@@ -436,9 +439,11 @@ WAN_PRESETS = (
        "and text length left at the pipeline's)", height=240, width=416, num_frames=33),
     _p("flow-factory-wan2.1", "wan", 28, 5.0, GUIDANCE_SCALE, 480,
        f"{FF} examples/grpo/lora/wan21/t2v.yaml:95-100 (eval resolution 480 = 480x480, 13 frames, guidance 5.0, "
-       "28 steps); src/flow_factory/models/wan/wan2_t2v.py:189,255 (negative \"\", max_sequence_length 512). "
-       "Not carried: its scheduler (flow_shift 3.0, t2v.yaml scheduler section) is Flow-Factory's own",
-       num_frames=13, max_sequence_length=512, negative_prompt=""),
+       "28 steps); src/flow_factory/models/wan/wan2_t2v.py:189,255 (negative \"\", max_sequence_length 512); "
+       "examples/grpo/lora/wan21/t2v.yaml:91 (scheduler flow_shift 3.0), src/flow_factory/scheduler/loader.py:54-57 "
+       "and src/flow_factory/models/abc.py:120 (the shipped scheduler class rebuilt with that flow_shift, and used "
+       "for evaluation too)",
+       num_frames=13, max_sequence_length=512, negative_prompt="", shift=3.0),
     _p("flow-factory-wan2.2-t2v", "wan", 28, 4.0, GUIDANCE_SCALE, 720,
        f"{FF} examples/grpo/lora/wan22/t2v.yaml:103-108 (eval 720 px, 21 frames, guidance 4.0, guidance_scale_2 "
        "3.0, 28 steps); src/flow_factory/models/wan/wan2_t2v.py:189,255 (negative \"\", max_sequence_length 512)",

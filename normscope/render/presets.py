@@ -9,7 +9,7 @@ from normscope.render.safe import cells
 
 # The keywords a preset may set besides steps, guidance and size (normscope.load.families.Preset.FIELDS).
 OTHER_FIELDS = ("max_sequence_length", "num_frames", "guidance_2", "negative_prompt", "cfg_normalization",
-                "cfg_truncation")
+                "cfg_truncation", "shift")
 
 
 def size_text(row: dict) -> str:
