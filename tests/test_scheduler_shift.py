@@ -136,6 +136,35 @@ def test_wan_unipc_samples_the_hand_shifted_grid(s, wan):
     assert itself.inflation == 0.0 and (itself.frame[RATIO] == 1.0).all()
 
 
+def test_ltx2_shifts_the_audio_scheduler_it_copies_too(tmp_path):
+    """LTX-2 deep-copies pipe.scheduler for the audio latents inside the call: with --shift, both streams sample
+    exactly as a folder whose scheduler_config.json holds that shift (written by hand; diffusers loads it itself)."""
+    import shutil
+
+    from normscope.builders.tiny import save_tiny
+    from normscope.builders.tiny_new_families import tiny_ltx2_pipeline
+    from normscope.measure.table import NORM_BASE, NORM_TUNED, STREAM
+
+    folder = save_tiny(tiny_ltx2_pipeline(seed=0), tmp_path / "ltx2")
+    by_hand = tmp_path / "ltx2-shift2"
+    shutil.copytree(folder, by_hand)
+    config = by_hand / "scheduler" / "scheduler_config.json"
+    shipped = json.loads(config.read_text())
+    assert shipped["shift"] == 1.0 and not shipped["use_dynamic_shifting"]
+    config.write_text(json.dumps({**shipped, "shift": 2.0}))
+    probe = dict(guidance=3.0, height=32, width=32, num_frames=5, max_sequence_length=16, steps=2, prompts=("a fox",),
+                 seeds=(0,), device="cpu", dtype="float32")
+    ours = compare(CompareConfig(tuned=str(folder), pipeline=str(folder), shift=2.0, **probe)).frame
+    theirs = compare(CompareConfig(tuned=str(by_hand), pipeline=str(by_hand), **probe)).frame
+    assert set(ours[STREAM]) == {"video", "audio"}
+    for column in (TIMESTEP, SIGMA, NORM_BASE, NORM_TUNED):
+        assert np.array_equal(ours[column].to_numpy(), theirs[column].to_numpy()), column
+    hand = shifted(np.linspace(1.0, 1 / 2, 2), 2.0)  # LTX2Pipeline passes sigmas = linspace(1, 1/N, N)
+    assert np.allclose(steps_of(ours)[1], hand, rtol=1e-6)
+    plain = compare(CompareConfig(tuned=str(folder), pipeline=str(folder), **probe)).frame  # the test can fail
+    assert not np.array_equal(plain[NORM_BASE].to_numpy(), ours[NORM_BASE].to_numpy())
+
+
 # ---------------------------------------------------------------- refusals, before any weight loads
 
 
@@ -225,6 +254,45 @@ def test_profile_stores_the_shift_and_check_compares_like_with_like(pipelines, s
                                "--device", "cpu", "--dtype", "float32"])
     assert same.exit_code == 0, same.output  # the stored probe's shift is sampled again: the base against itself
     assert json.loads(same.stdout)["checkpoints"][0]["inflation"] == 0.0
+
+
+def test_live_check_samples_with_the_shift(pipelines, scaled):
+    from normscope.commands.check import CheckConfig, check
+
+    folder = pipelines["sd3"]
+    result = check(CheckConfig(paths=(str(folder), str(scaled("sd3", 1.1))), pipeline=str(folder), max_inflation=0.05,
+                               shift=5.0, prompts=("a fox",), seeds=(0,), device="cpu", dtype="float32", **SD3_PROBE))
+    summary = result.checkpoints[0].summary
+    assert summary["config"]["resolved"]["scheduler_shift"]["shift"] == 5.0
+    assert np.allclose([row["sigma"] for row in summary["per_step"]], sd3_sigmas(5.0), rtol=1e-6)
+    assert result.checkpoints[0].inflation == pytest.approx(0.1, abs=1e-4) and result.exit_code == 1
+
+
+@pytest.mark.parametrize("mode", ["free", "paired"])
+def test_sweep_samples_with_the_shift_and_a_new_shift_measures_again(mode, pipelines, tmp_path):
+    from normscope.builders.tiny import tiny_sd3_pipeline
+    from normscope.commands.sweep import SweepConfig, sweep
+
+    pipe = tiny_sd3_pipeline(seed=0)
+    with torch.no_grad():
+        pipe.transformer.proj_out.weight.mul_(1.1)
+        pipe.transformer.proj_out.bias.mul_(1.1)
+    pipe.transformer.save_pretrained(tmp_path / "run" / "checkpoint-10" / "transformer")
+    common = dict(run_dir=tmp_path / "run", out=tmp_path / "sweep", pipeline=str(pipelines["sd3"]), mode=mode,
+                  prompts=("a fox",), seeds=(0,), device="cpu", dtype="float32", **SD3_PROBE)
+    for s in (5.0, 1.0):  # the second sweep, in the same --out, must not reuse anything of the first
+        notes = StopAfter(10**6)
+        table = sweep(SweepConfig(shift=s, **common), notes)
+        assert not any("finished earlier" in n or "base profile reused" in n for n in notes.notes), s
+        summary = json.loads((tmp_path / "sweep" / "checkpoint-10" / "summary.json").read_text())
+        assert summary["config"]["resolved"]["scheduler_shift"]["shift"] == s
+        sigmas = np.array([row["sigma"] for row in summary["per_step"]])
+        assert np.allclose(sigmas, sd3_sigmas(s), rtol=1e-6)
+        if mode == "paired":
+            assert table["inflation"].iloc[0] == pytest.approx(0.1, abs=1e-4)
+        else:
+            base = json.loads((tmp_path / "sweep" / "base" / "reference.json").read_text())
+            assert base["config"]["probe"]["shift"] == s
 
 
 def test_flow_factory_wan_preset_carries_its_shift():

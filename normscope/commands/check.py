@@ -46,7 +46,14 @@ from normscope.load.lora import detach_lora
 from normscope.load.models import check_fit_before_load
 from normscope.load.pipeline import place_denoiser
 from normscope.measure.prompt_cache import prepare_prompts
-from normscope.measure.sampling import Reporter, SilentReporter, prompt_batches, resolve_run_device, run_model_batches
+from normscope.measure.sampling import (
+    Reporter,
+    SilentReporter,
+    prompt_batches,
+    resolve_run_device,
+    resolved_sampling,
+    run_model_batches,
+)
 from normscope.measure.sanity import COLLAPSED, EXPLODED, MAX_PLAUSIBLE_INFLATION, MIN_INFLATION, sanity
 from normscope.measure.sequential import ABOVE, BELOW
 from normscope.measure.table import free_frame, tidy
@@ -312,13 +319,15 @@ def measure_against_reference(source: str, tuned: str, reference: Reference, pro
         for note in notes:
             reporter.note(note)
         record = run_model_batches(pipe, tuned_model, probe, samples, reporter, prompts)
+        resolved = resolved_sampling(pipe, probe)  # what was sampled (the scheduler's shift too), as compare records
     finally:
         report_truncation(reporter)
         if isinstance(tuned_model, AdapterModel):
             detach_lora(tuned_model.module)
     frame = tidy([free_frame(reference.record(), record, samples)])
     compare_like = CompareConfig(tuned=tuned, mode=Mode.free, **{k: getattr(probe, k) for k in PROBE_FIELDS if k != "prompts_file"})
-    summary = summarize(frame, compare_like, {"reference": reference.meta["hashes"], "checkpoint": ckpt.describe(), "notes": notes})
+    summary = summarize(frame, compare_like, {"reference": reference.meta["hashes"], "checkpoint": ckpt.describe(),
+                                              "notes": notes, "resolved": resolved})
     summary["samples_used"] = summary["samples_planned"] = len(samples)  # the fixed design: every sample
     return frame, summary
 
