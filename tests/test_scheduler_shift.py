@@ -21,6 +21,7 @@ from normscope.commands.compare import compare
 from normscope.config import CompareConfig, ProbeConfig
 from normscope.errors import ConfigError
 from normscope.load.families import PRESETS
+from normscope.load.scheduler_shift import SHIFT_ATTRIBUTES
 from normscope.measure.table import MODE, RATIO, SIGMA, STEP, TIMESTEP
 
 runner = CliRunner()
@@ -163,6 +164,26 @@ def test_ltx2_shifts_the_audio_scheduler_it_copies_too(tmp_path):
     assert np.allclose(steps_of(ours)[1], hand, rtol=1e-6)
     plain = compare(CompareConfig(tuned=str(folder), pipeline=str(folder), **probe)).frame  # the test can fail
     assert not np.array_equal(plain[NORM_BASE].to_numpy(), ours[NORM_BASE].to_numpy())
+
+
+@pytest.mark.parametrize("name", sorted(SHIFT_ATTRIBUTES))
+def test_every_table_row_names_the_attribute_its_scheduler_shifts_with(name):
+    """For each scheduler class of the table, the named attribute really moves diffusers' schedule: the rebuilt
+    scheduler samples what the class built with that value by hand samples."""
+    import diffusers
+
+    from normscope.load.scheduler_shift import scheduler_shift
+    from normscope.load.scheduler_shift import shifted as rebuilt
+
+    rule = SHIFT_ATTRIBUTES[name]
+    flags = {rule.needs: True, "prediction_type": "flow_prediction"} if rule.needs else {}
+    cls = getattr(diffusers, name)
+    shipped = cls(**flags, **{rule.attribute: 3.0})
+    ours, by_hand = rebuilt(shipped, 1.5), cls(**flags, **{rule.attribute: 1.5})
+    for scheduler in (shipped, ours, by_hand):
+        scheduler.set_timesteps(4)
+    assert torch.equal(ours.sigmas, by_hand.sigmas) and not torch.equal(ours.sigmas, shipped.sigmas)
+    assert scheduler_shift(ours, 1.5)["shift"] == 1.5 and scheduler_shift(shipped)["shift"] == 3.0
 
 
 # ---------------------------------------------------------------- refusals, before any weight loads
