@@ -85,6 +85,8 @@ SkipScaleOpt = Annotated[float | None, typer.Option("--skip-layer-scale", help="
 SkipStartOpt = Annotated[float | None, typer.Option("--skip-layer-start", help="SD3 skip-layer guidance: first fraction of the steps it acts on (needs --skip-layers). Default: the pipeline's 0.01.", rich_help_panel="Probe")]
 SkipStopOpt = Annotated[float | None, typer.Option("--skip-layer-stop", help="SD3 skip-layer guidance: last fraction of the steps it acts on (needs --skip-layers). Default: the pipeline's 0.2.", rich_help_panel="Probe")]
 CfgNormOpt = Annotated[float | None, typer.Option("--cfg-normalization", help="Z-Image: cap the guided velocity's norm at K times the cond norm (0: off). Default: the preset's, else off.", rich_help_panel="Probe")]
+# The scheduler's timestep shift (issue 19): refused before loading where the scheduler computes it per image size.
+ShiftOpt = Annotated[float | None, typer.Option("--shift", help="The scheduler's timestep shift s (sigma -> s*sigma/(1+(s-1)*sigma); 1.0: no shift), for a trainer that evaluates with another than the model ships (Flow-Factory's Wan: 3.0). Refused where the scheduler computes it from the image size (FLUX, Qwen-Image, FLUX.2). Default: the preset's, else the scheduler's own.", rich_help_panel="Probe")]
 CfgTruncOpt = Annotated[float | None, typer.Option("--cfg-truncation", help="Z-Image: CFG only while t/1000 <= T (1.0: every step). Default: the preset's, else 1.0.", rich_help_panel="Probe")]
 # LTX-2's guidance and Wan V2V's strength (issue 19): each goes to one keyword of the call, refused before loading for
 # a family whose pipeline lacks it.
@@ -144,6 +146,7 @@ PROBE_OPTIONS = (
     ("audio_modality_scale", AudioModalityOpt, None),
     ("audio_guidance_rescale", AudioRescaleOpt, None),
     ("frame_rate", FrameRateOpt, None),
+    ("shift", ShiftOpt, None),  # issue 19: the scheduler's shift
 )
 
 

@@ -170,6 +170,11 @@ def check_probe_values(config) -> None:
         raise ConfigError(f"--guidance must be >= 0, got {config.guidance}")
     if config.true_cfg_scale is not None and config.true_cfg_scale < 0:
         raise ConfigError(f"--true-cfg-scale must be >= 0, got {config.true_cfg_scale}")
+    # --shift (issue 19): the scheduler's timestep shift, sigma' = s sigma / (1 + (s - 1) sigma); 1 is no shift.
+    shift = getattr(config, "shift", None)
+    if shift is not None:
+        if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not math.isfinite(shift) or shift <= 0:
+            raise ConfigError(f"--shift must be a finite number > 0, got {shift!r}: e.g. --shift 3.0 (1.0 is no shift)")
 
 
 # ---- LTX-2's guidance and Wan V2V's strength (issue 19): ProbeConfig fields, each a CALL_OPTIONS keyword.
@@ -286,6 +291,8 @@ class ProbeConfig:
     audio_modality_scale: float | None = None
     audio_guidance_rescale: float | None = None
     frame_rate: float | None = None
+    # The scheduler's timestep shift (issue 19), None: the scheduler's own (see normscope/load/scheduler_shift.py).
+    shift: float | None = None
     dtype: DType = DType.auto
     device: Device = Device.auto
     batch_size: int = DEFAULT_BATCH_SIZE

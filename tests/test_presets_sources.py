@@ -144,6 +144,15 @@ CALLS = {
 IMAGE_FAMILIES = {"flux-kontext", "qwen-image-edit", "wan-i2v"}
 VIDEO_FAMILIES = {"wan-v2v"}  # the input video is checked apart, like the image
 
+# preset -> the scheduler shift its trainer's evaluation samples with, where it overrides the shipped one (issue 19;
+# not a call keyword: normscope rebuilds the scheduler with it). Every other preset: None (the shipped shift).
+SHIFTS = {
+    # Flow-Factory@a0b2bc5 examples/grpo/lora/wan21/t2v.yaml:91 (scheduler flow_shift 3.0), scheduler/loader.py:54-57
+    "flow-factory-wan2.1": 3.0,
+    # Flow-Factory@a0b2bc5 examples/grpo/lora/wan21/v2v.yaml:91 (scheduler flow_shift 3.0), the same loader
+    "flow-factory-wan2.1-v2v": 3.0,
+}
+
 
 def stub_pipeline(family_name: str):
     """An instance of the family's real diffusers pipeline class, never initialised: only its call signature and
@@ -182,6 +191,13 @@ def test_a_preset_hands_the_pipeline_exactly_the_trainers_keywords(name, tmp_pat
         if preset.family == "flux-kontext" and preset.size is not None:  # resized to the eval size (flow_grpo, FF)
             assert given.size == (preset.size, preset.size)
     assert call == CALLS[name]
+
+
+def test_a_preset_carries_exactly_its_trainers_scheduler_shift():
+    assert set(SHIFTS) <= set(PRESETS)
+    for name, preset in PRESETS.items():
+        assert preset.shift == SHIFTS.get(name), name
+        assert ProbeConfig(preset=name).shift == SHIFTS.get(name), name
 
 
 def test_every_source_names_repository_file_and_commit_or_says_it_was_not_read():

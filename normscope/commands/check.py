@@ -48,7 +48,14 @@ from normscope.load.lora import detach_lora
 from normscope.load.models import check_fit_before_load
 from normscope.load.pipeline import place_denoiser
 from normscope.measure.prompt_cache import prepare_prompts
-from normscope.measure.sampling import Reporter, SilentReporter, prompt_batches, resolve_run_device, run_model_batches
+from normscope.measure.sampling import (
+    Reporter,
+    SilentReporter,
+    prompt_batches,
+    resolve_run_device,
+    resolved_sampling,
+    run_model_batches,
+)
 from normscope.measure.sanity import COLLAPSED, EXPLODED, MAX_PLAUSIBLE_INFLATION, MIN_INFLATION, sanity
 from normscope.measure.sequential import ABOVE, BELOW
 from normscope.measure.table import free_frame, tidy
@@ -57,7 +64,8 @@ from normscope.runfolder.fingerprint import pipeline_fingerprint
 
 PASS, FAIL, ERROR = "pass", "fail", "error"
 FAMILY_SETTINGS = ("guidance_2", "skip_layers", "skip_layer_scale", "skip_layer_start", "skip_layer_stop",
-                   "cfg_normalization", "cfg_truncation")
+                   "cfg_normalization", "cfg_truncation",
+                   "shift")  # the scheduler's shift (issue 19): a probe setting a stored reference must agree on
 FAMILY_SETTINGS += VIDEO_CALL_SETTINGS  # LTX-2's guidance and Wan V2V's strength (issue 19)
 
 
@@ -106,6 +114,7 @@ class CheckConfig:
     audio_modality_scale: float | None = None
     audio_guidance_rescale: float | None = None
     frame_rate: float | None = None
+    shift: float | None = None  # the scheduler's timestep shift (issue 19), as ProbeConfig
     mode: Mode = Mode.paired
     dtype: DType = DType.auto
     device: Device = Device.auto
@@ -325,13 +334,15 @@ def measure_against_reference(source: str, tuned: str, reference: Reference, pro
         for note in notes:
             reporter.note(note)
         record = run_model_batches(pipe, tuned_model, probe, samples, reporter, prompts)
+        resolved = resolved_sampling(pipe, probe)  # what was sampled (the scheduler's shift too), as compare records
     finally:
         report_truncation(reporter)
         if isinstance(tuned_model, AdapterModel):
             detach_lora(tuned_model.module)
     frame = tidy([free_frame(reference.record(), record, samples)])
     compare_like = CompareConfig(tuned=tuned, mode=Mode.free, **{k: getattr(probe, k) for k in PROBE_FIELDS if k != "prompts_file"})
-    summary = summarize(frame, compare_like, {"reference": reference.meta["hashes"], "checkpoint": ckpt.describe(), "notes": notes})
+    summary = summarize(frame, compare_like, {"reference": reference.meta["hashes"], "checkpoint": ckpt.describe(),
+                                              "notes": notes, "resolved": resolved})
     summary["samples_used"] = summary["samples_planned"] = len(samples)  # the fixed design: every sample
     return frame, summary
 

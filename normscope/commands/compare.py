@@ -31,6 +31,7 @@ from normscope.load.device_memory import check_run_fits, out_of_memory_as_error
 from normscope.load.families import family_for
 from normscope.load.models import check_fit_before_load
 from normscope.load.pipeline import check_family_inputs
+from normscope.load.scheduler_shift import shifted_scheduler
 from normscope.measure.capture import GUIDED, CallRecord
 from normscope.measure.frames import VIDEO_LAYOUT, FrameNorms, free_frames, paired_frames, tidy_frames
 from normscope.measure.image_signals import IMAGE_SIGNALS_CSV, PreClipImages, batch_signals, load_scorer, signal_table
@@ -310,8 +311,9 @@ def compare(config: CompareConfig, reporter: Reporter | None = None, pipe=None,
         if sampled_note:
             reporter.note(sampled_note)
         try:
-            return _measure(config, pipe, family, loaded, prompts, embeddings, samples, groups, source, checkpoints,
-                            device, dtype, procs, reporter, folder if config.out is not None else None, scorer)
+            with shifted_scheduler(pipe, config.shift):  # --shift (issue 19): every mode samples with it
+                return _measure(config, pipe, family, loaded, prompts, embeddings, samples, groups, source, checkpoints,
+                                device, dtype, procs, reporter, folder if config.out is not None else None, scorer)
         finally:
             report_truncation(reporter)  # prompts longer than the encoders take: one note, however many batches
             if not own_pipe:  # a caller's pipeline gets its own transformer back: adapter removed, weights in place

@@ -133,6 +133,8 @@ FIELDS = (
     Field("config.probe.audio_modality_scale", "number", nullable=True, required=False, low=0),
     Field("config.probe.audio_guidance_rescale", "number", nullable=True, required=False, low=0),
     Field("config.probe.frame_rate", "number", nullable=True, required=False, low=0),
+    Field("config.probe.shift", "number", nullable=True, required=False, low=0,
+          doc="the scheduler's timestep shift (--shift); null: the scheduler's own"),
     Field("config.pipeline_source", "str"),
     Field("config.torch_dtype", "str"),
     Field("config.resolved", "dict", required=False),

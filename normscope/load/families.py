@@ -83,13 +83,16 @@ class Preset:
     audio_stg_scale: float | None = None
     audio_modality_scale: float | None = None
     audio_guidance_rescale: float | None = None
+    # The scheduler's timestep shift the trainer's evaluation samples with, where it overrides the shipped one
+    # (issue 19; ProbeConfig.shift, applied by normscope.load.scheduler_shift): not a call keyword.
+    shift: float | None = None
 
     def __post_init__(self) -> None:
         assert self.size is None or (self.height is None and self.width is None), self.name
 
     # The ProbeConfig fields a preset fills (each only where the user left it unset), in listing order.
     FIELDS = ("max_sequence_length", "num_frames", "guidance_2", "negative_prompt", "cfg_normalization",
-              "cfg_truncation")
+              "cfg_truncation", "shift")
     FIELDS += ("strength", "frame_rate", "stg_scale", "modality_scale", "guidance_rescale", "audio_guidance",
                "audio_stg_scale", "audio_modality_scale", "audio_guidance_rescale")  # issue 19: LTX-2, Wan V2V
 
@@ -512,9 +515,11 @@ WAN_PRESETS = (
        "and text length left at the pipeline's)", height=240, width=416, num_frames=33),
     _p("flow-factory-wan2.1", "wan", 28, 5.0, GUIDANCE_SCALE, 480,
        f"{FF} examples/grpo/lora/wan21/t2v.yaml:95-100 (eval resolution 480 = 480x480, 13 frames, guidance 5.0, "
-       "28 steps); src/flow_factory/models/wan/wan2_t2v.py:189,255 (negative \"\", max_sequence_length 512). "
-       "Not carried: its scheduler (flow_shift 3.0, t2v.yaml scheduler section) is Flow-Factory's own",
-       num_frames=13, max_sequence_length=512, negative_prompt=""),
+       "28 steps); src/flow_factory/models/wan/wan2_t2v.py:189,255 (negative \"\", max_sequence_length 512); "
+       "examples/grpo/lora/wan21/t2v.yaml:91 (scheduler flow_shift 3.0), src/flow_factory/scheduler/loader.py:54-57 "
+       "and src/flow_factory/models/abc.py:120 (the shipped scheduler class rebuilt with that flow_shift, and used "
+       "for evaluation too)",
+       num_frames=13, max_sequence_length=512, negative_prompt="", shift=3.0),
     _p("flow-factory-wan2.2-t2v", "wan", 28, 4.0, GUIDANCE_SCALE, 720,
        f"{FF} examples/grpo/lora/wan22/t2v.yaml:103-108 (eval 720 px, 21 frames, guidance 4.0, guidance_scale_2 "
        "3.0, 28 steps); src/flow_factory/models/wan/wan2_t2v.py:189,255 (negative \"\", max_sequence_length 512)",
@@ -644,8 +649,9 @@ WAN_V2V_PRESETS = (
        f"{FF} examples/grpo/lora/wan21/v2v.yaml:94-98 (eval resolution 480 = 480x480, guidance 5.0, 28 steps; no "
        "eval strength: train.strength 0.8 at :55 is the rollouts'); src/flow_factory/models/wan/wan2_v2v.py:289 "
        "(inference strength 0.8), :299 (max_sequence_length 512), :209 (negative \"\"). Frames: the input video's. "
-       "Not carried: its scheduler (flow_shift 3.0, v2v.yaml:91) is Flow-Factory's own",
-       strength=0.8, max_sequence_length=512, negative_prompt=""),
+       "examples/grpo/lora/wan21/v2v.yaml:91 (scheduler flow_shift 3.0; src/flow_factory/scheduler/loader.py:54-57 "
+       "rebuilds the shipped scheduler with it, for evaluation too)",
+       strength=0.8, max_sequence_length=512, negative_prompt="", shift=3.0),
 )
 NEW_FAMILIES: tuple[Family, ...] = (
     Family(

@@ -24,6 +24,7 @@ from normscope.load.families import (
     supported,
 )
 from normscope.load.formats import PIPELINE_INDEX, refuse_broken_link
+from normscope.load.scheduler_shift import check_shift
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -246,6 +247,7 @@ def check_family_inputs(source: str, checkpoints: list[tuple[str | None, str]], 
         raise InputError(f"the {family.name} family has no separate true CFG option: {fix}")
     check_call_options(family, probe)
     check_stg_blocks(family, source, probe)
+    check_shift(source, getattr(probe, "shift", None))  # issue 19: where the scheduler would ignore a static shift
     index = json.loads((Path(source) / PIPELINE_INDEX).read_text()) if Path(source).exists() else {}
     check_image_inputs(family, index, probe)
     if getattr(probe, "guidance_2", None) is not None and Path(source).exists():

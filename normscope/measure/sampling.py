@@ -18,6 +18,7 @@ from normscope.config import ProbeConfig
 from normscope.errors import InputError
 from normscope.load import VelocityModel
 from normscope.load.families import TRUE_CFG_SCALE, Family, family_for
+from normscope.load.scheduler_shift import scheduler_shift, shifted, shifted_scheduler
 from normscope.measure.capture import CallRecord, StepObserver, capture, cfg_argument
 from normscope.measure.prompt_cache import PromptCache
 from normscope.measure.prompts import Sample
@@ -427,6 +428,9 @@ def resolved_sampling(pipe, probe: ProbeConfig, family: Family | None = None) ->
         "pipeline_class": type(pipe).__name__,
         "transformer_class": type(pipe.transformer).__name__,
         "scheduler_class": type(pipe.scheduler).__name__,
+        # the shift the scheduler samples with (issue 19): the shipped one, or --shift / the preset's
+        "scheduler_shift": scheduler_shift(shifted(pipe.scheduler, getattr(probe, "shift", None)),
+                                           getattr(probe, "shift", None)),
         **guidance_used(pipe, probe, family),
         "preset": probe.preset,
         "height": height,
@@ -536,8 +540,9 @@ def run_model_batches(pipe, model: VelocityModel, probe: ProbeConfig, samples: l
 
     groups = list(batches(samples, probe.batch_size))
     procs = current_processes()
-    return concat_records(procs.map(len(groups), lambda i: run_model(
-        pipe, model, sampling_kwargs(pipe, probe, groups[i], prompts=prompts), reporter)))
+    with shifted_scheduler(pipe, getattr(probe, "shift", None)):  # --shift (issue 19): profile, stored checks
+        return concat_records(procs.map(len(groups), lambda i: run_model(
+            pipe, model, sampling_kwargs(pipe, probe, groups[i], prompts=prompts), reporter)))
 
 
 def prompt_batches(samples: list[Sample], batch_size: int) -> list[list[str]]:
