@@ -245,6 +245,7 @@ def check_family_inputs(source: str, checkpoints: list[tuple[str | None, str]], 
                else "drop --true-cfg-scale")
         raise InputError(f"the {family.name} family has no separate true CFG option: {fix}")
     check_call_options(family, probe)
+    check_stream(family, getattr(probe, "stream", None))
     index = json.loads((Path(source) / PIPELINE_INDEX).read_text()) if Path(source).exists() else {}
     check_image_inputs(family, index, probe)
     if getattr(probe, "guidance_2", None) is not None and Path(source).exists():
@@ -335,6 +336,27 @@ def check_call_options(family: Family, probe) -> None:
         owners = ", ".join(row.name for row in FAMILIES if takes(row, keyword)) or "none"
         raise InputError(f"--{flag} sets {keyword}, which {family.name} pipelines ({', '.join(family.pipeline_classes)}) "
                          f"do not take: drop --{flag} (it is for {owners})")
+
+
+# ---- issue 19: which velocity stream a command reads (LTX-2: video, audio), checked from the family row
+def headline_stream(family: Family | None) -> str | None:
+    """The stream a command reads by default: the family's first (LTX-2: video); None for one-stream families."""
+    return family.streams[0] if family is not None and family.streams else None
+
+
+def check_stream(family: Family | None, stream: str | None) -> str | None:
+    """``--stream NAME`` against the family row, before any weight loads; returns the stream to read (the
+    headline when unset). A one-stream family has no stream to pick: any ``--stream`` is refused there."""
+    if stream is None or family is None:
+        return headline_stream(family)
+    if not family.streams:
+        raise InputError(f"--stream {stream}: {family.name} pipelines return one velocity, there is no stream to "
+                         "pick: drop --stream (it is for multi-stream families such as ltx2: video, audio)")
+    if stream not in family.streams:
+        choices = " or ".join(f"--stream {name}" for name in family.streams)
+        raise InputError(f"--stream {stream}: {family.name} pipelines return the streams {', '.join(family.streams)} "
+                         f"(the first is the default): use {choices}")
+    return stream
 
 
 def check_pipeline(pipe, source: str) -> Family:
