@@ -180,6 +180,20 @@ def test_stored_check_gates_on_the_chosen_stream_and_reports_the_other(reference
     assert "on the audio stream" in line and f"video stream +{video * 100:.2f} % (not gated)" in line
 
 
+def test_live_check_passes_on_video_and_fails_on_audio_for_the_same_checkpoint(ltx2, tuned):
+    """Paired mode, two steps: video x1.1 is +10 % and audio x1.2 is +20 % at every step; a 15 % gate passes the
+    video stream and fails the audio one."""
+    fields = dict(paths=(str(ltx2), str(tuned["video x1.1, audio x1.2"])), max_inflation=0.15, prompts=PROMPTS,
+                  seeds=(0,), steps=2, **PROBE, **HARDWARE)
+    with exact_guidance():
+        video = check(CheckConfig(**fields))
+        audio = check(CheckConfig(stream="audio", **fields))
+    assert (video.stream, video.exit_code, audio.stream, audio.exit_code) == ("video", 0, "audio", 1)
+    assert video.checkpoints[0].inflation == pytest.approx(0.1, abs=2e-6)
+    assert audio.checkpoints[0].inflation == pytest.approx(0.2, abs=2e-6)
+    assert audio.to_dict()["checkpoints"][0]["other_streams"]["video"]["inflation"] == pytest.approx(0.1, abs=2e-6)
+
+
 def _sealed_copy(reference: Path, target: Path, change) -> Path:
     """A copy of the reference with reference.json changed and its manifest written again (as profile would)."""
     from normscope.runfolder.manifest import MANIFEST, manifest, write_atomic
