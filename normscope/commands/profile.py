@@ -339,8 +339,8 @@ def _profile(config: ProfileConfig, reporter: Reporter, pipe, cache_dir: Path | 
         import torch
 
         experts = [getattr(pipe, attr, None) for attr, _ in family_for(type(pipe).__name__).experts]
-        others = [m for name, m in pipe.components.items()
-                  if isinstance(m, torch.nn.Module) and not name.startswith(("text_encoder", "vae", "audio_vae"))]
+        others = [m for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)
+                  and not any(word in name for word in ("encoder", "vae", "vocoder"))]  # not run on the embeddings
         cast = list({id(m): m for m in [*experts, *others] if m is not None}.values()) if embeddings is not None else [pipe]
         with quiet_loading():  # diffusers warns about casting with .to(); the cast is the point here
             for part in cast:
