@@ -119,6 +119,8 @@ class CompareResult:
 # Options that change only what is written or where, not the numbers; the prompts enter as resolved texts.
 # ``save_images`` is in: the images wait with the finished batches, so a resume must not mix runs with and without them.
 _NOT_IN_FINGERPRINT = ("out", "figure", "offload", "max_device_memory", "encode_once", "prompts_file", "prompts")
+# --stream picks the headline of the summary only: the stored batches hold every stream (issue 19)
+_NOT_IN_FINGERPRINT += ("stream",)
 
 
 def _fingerprint(config: CompareConfig, prompts: list[str], source: str, checkpoints: list) -> str:
