@@ -104,6 +104,8 @@ FrameRateOpt = Annotated[float | None, typer.Option("--frame-rate", help="LTX-2:
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Model dtype (norms are always reduced in float32). auto: bfloat16 on CUDA, float32 on CPU.", rich_help_panel="Hardware")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto: cuda when available, else cpu.", rich_help_panel="Hardware")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="(prompt, seed) samples per pipeline call. Results do not depend on it.", rich_help_panel="Hardware")]
+# issue 19: multi-stream families (LTX-2 returns a video and an audio velocity per call)
+StreamOpt = Annotated[str | None, typer.Option("--stream", help="Multi-stream families (LTX-2: video, audio): the stream the headline (and any gate) is of; the others are reported too. Default: the family's first (video). Refused for one-stream families.", rich_help_panel="Measurement")]
 MemoryOpt = Annotated[str | None, typer.Option("--max-device-memory", help="Device memory the run may use, e.g. 40GiB; refused before it starts if the estimate exceeds it. Default: the GPU's free memory (no check on the CPU); also NORMSCOPE_MAX_DEVICE_MEMORY.", rich_help_panel="Hardware")]
 FormatOpt = Annotated[OutputFormat, typer.Option("--format", help="stdout: a rich table, the summary JSON, or the per-step CSV.", rich_help_panel="Output")]
 AdapterOpt = Annotated[str | None, typer.Option("--adapter", help="Which adapter of a folder holding several (lora_ema, lora_non_ema, old, ema, learner, ...). Default: the main one, named on stderr.", rich_help_panel="Checkpoints")]
@@ -316,6 +318,7 @@ def compare(
     scorer: Annotated[str | None, typer.Option("--scorer", help="module:function taking (PIL images, prompts) and returning one number per image; scores base and tuned final images of free mode (needs --mode free or both).", rich_help_panel="Measurement")] = None,
     precision: Annotated[float | None, typer.Option("--precision", help="Run the samples seed-major and stop once the anytime-valid 95% interval of the inflation has at most this half-width (0.01 = 1 point); see docs/compare.md.", rich_help_panel="Measurement")] = None,
     measure_steps: Annotated[int | None, typer.Option("--measure-steps", help="Paired mode: evaluate the other model at only K steps across sigma (first and last always); the sigma-integral is estimated from them. See docs/performance.md.", rich_help_panel="Measurement")] = None,
+    stream: StreamOpt = None,
     probe: dict | None = None,  # the probe options, added by @probe_options
 ) -> None:
     """Per-step velocity norms of BASE and TUNED on the same prompts and seeds, with 95% CIs.
@@ -333,7 +336,7 @@ def compare(
             base=base, tuned=tuned, adapter=adapter, allow_pickle=allow_pickle, pipeline=pipeline, mode=mode, drive=drive,
             dtype=dtype, device=device, batch_size=batch_size, out=out, save_images=save_images, offload=offload,
             image=tuple(image) if image else None, video=video, max_device_memory=max_device_memory, rescale_to_base=rescale_to_base, maps=maps, scorer=scorer,
-            precision=precision, measure_steps=measure_steps, **probe,
+            precision=precision, measure_steps=measure_steps, stream=stream, **probe,
         )
         if not is_main_process():  # launched on several processes: the main one reports
             run_compare(config)
@@ -420,6 +423,7 @@ def check(
     junit: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML here: one test case per checkpoint, a failure when inflated.")] = None,
     until_decided: Annotated[bool, typer.Option("--until-decided", help="Live check: run the samples seed-major and stop each checkpoint as soon as an anytime-valid 95% interval over prompts lies wholly above or below the gate (else the full plan and the fixed-design verdict). See docs/check.md.", rich_help_panel="Measurement")] = False,
     max_grid_score: Annotated[float | None, typer.Option("--max-grid-score", help="Also fail a checkpoint whose grid score (power of v_tuned - v_base at the patch frequency over its neighbours; see docs/maps.md) exceeds this. Live paired check only; turns on compare --maps.")] = None,
+    stream: StreamOpt = None,
     probe: dict | None = None,  # the probe options, added by @probe_options
 ) -> None:
     """CI gate: exit 0 within --max-inflation, 1 inflated beyond it, 2 bad input, 3 the run failed."""
@@ -432,7 +436,8 @@ def check(
             paths=tuple(paths), reference=reference, max_inflation=max_inflation, min_inflation=min_inflation,
             pipeline=pipeline, adapter=adapter,
             allow_pickle=allow_pickle, mode=mode, dtype=dtype, device=device, batch_size=batch_size,
-            max_device_memory=max_device_memory, max_grid_score=max_grid_score, until_decided=until_decided, **probe,
+            max_device_memory=max_device_memory, max_grid_score=max_grid_score, until_decided=until_decided,
+            stream=stream, **probe,
         )
         if not is_main_process():  # launched on several processes: the main one reports
             run_check(config)
@@ -468,6 +473,7 @@ def sweep(
     batch_size: BatchOpt = DEFAULT_BATCH_SIZE,
     max_device_memory: MemoryOpt = None,
     fmt: Annotated[OutputFormat, typer.Option("--format", help="table, json or csv (the sweep table on stdout).")] = OutputFormat.table,
+    stream: StreamOpt = None,
     probe: dict | None = None,  # the probe options, added by @probe_options
 ) -> None:
     """Compare every checkpoint of a training run with the base, in training order; resumable."""
@@ -479,7 +485,7 @@ def sweep(
         config = SweepConfig(
             run_dir=run_dir, out=out, base=base, pipeline=pipeline, adapter=adapter, allow_pickle=allow_pickle,
             mode=mode, gate=gate, dtype=dtype, device=device, batch_size=batch_size, maps=maps, scorer=scorer,
-            max_device_memory=max_device_memory, until_decided=until_decided, **probe,
+            max_device_memory=max_device_memory, until_decided=until_decided, stream=stream, **probe,
         )
         if not is_main_process():  # launched on several processes: the main one reports
             run_sweep(config)

@@ -418,6 +418,8 @@ class CompareConfig(ProbeConfig):
     until_decided: float | None = None  # a gate: stop once the anytime-valid interval is wholly above or below it
     precision: float | None = None  # stop once the anytime-valid interval's half-width is at most this
     measure_steps: int | None = None  # paired mode: the other model only at K steps across sigma
+    # issue 19: multi-stream families (LTX-2: video, audio): the stream of the headline (default: the first)
+    stream: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from normscope.commands.compare import CompareResult, compare, summarize
+from normscope.commands.compare import CompareResult, compare, stream_rows, stream_summary, summarize
 from normscope.commands.profile import (
     PROBE_FIELDS,
     Reference,
@@ -58,7 +58,7 @@ from normscope.measure.sampling import (
 )
 from normscope.measure.sanity import COLLAPSED, EXPLODED, MAX_PLAUSIBLE_INFLATION, MIN_INFLATION, sanity
 from normscope.measure.sequential import ABOVE, BELOW
-from normscope.measure.table import free_frame, tidy
+from normscope.measure.table import STREAM, free_frame, tidy
 from normscope.measure.truncation import report_truncation
 from normscope.runfolder.fingerprint import pipeline_fingerprint
 
@@ -122,6 +122,7 @@ class CheckConfig:
     max_device_memory: str | None = None  # e.g. "40GiB"; default: the device's free memory (no check on the CPU)
     max_grid_score: float | None = None
     until_decided: bool = False  # stop each checkpoint once the anytime-valid interval is wholly above or below the gate
+    stream: str | None = None  # issue 19: multi-stream families (LTX-2): the stream gated on (default: the first)
 
     def __post_init__(self) -> None:
         parse_size(self.max_device_memory)  # a bad size fails here, before anything loads
@@ -190,11 +191,25 @@ class CheckedCheckpoint:
     def sequential(self) -> dict | None:
         return self.summary.get("sequential")
 
+    @property
+    def stream(self) -> str | None:
+        """The stream gated on (multi-stream families, LTX-2); None for one-stream families."""
+        return self.summary.get("stream")
+
+    @property
+    def other_streams(self) -> dict[str, dict]:
+        """The streams not gated on: their inflation and CI, reported, never gated."""
+        return {name: {"inflation": part["inflation"], "inflation_ci": part["inflation_ci"]}
+                for name, part in (self.summary.get("by_stream") or {}).items() if name != self.stream}
+
     def to_dict(self) -> dict:
         out = {"path": self.path, "verdict": self.verdict, "inflation": self.inflation,
                "inflation_ci": self.inflation_ci, "nonfinite": self.nonfinite, "sanity": self.sanity,
                "seconds": round(self.seconds, 3), "samples_used": self.summary.get("samples_used"),
                "samples_planned": self.summary.get("samples_planned")}
+        if self.stream is not None:  # issue 19: the stream gated on, and the others' numbers
+            out["stream"] = self.stream
+            out["other_streams"] = self.other_streams
         if self.sequential is not None:
             out["sequential"] = {k: self.sequential[k] for k in ("decision", "decided", "close", "cs", "alpha", "method")}
         if "maps" in self.summary:
@@ -211,6 +226,7 @@ class CheckResult:
     mode: str
     max_grid_score: float | None = None
     min_inflation: float = MIN_INFLATION
+    stream: str | None = None  # the stream gated on (multi-stream families); None for one-stream families
 
     @property
     def exit_code(self) -> int:
@@ -222,7 +238,8 @@ class CheckResult:
                 "exit_code": self.exit_code, "max_inflation": self.max_inflation, "gate_source": self.gate_source,
                 "min_inflation": self.min_inflation, "max_plausible_inflation": MAX_PLAUSIBLE_INFLATION,
                 "estimate": HEADLINE_ESTIMATE, "max_grid_score": self.max_grid_score,
-                "mode": self.mode, "checkpoints": [c.to_dict() for c in self.checkpoints]}
+                "mode": self.mode, **({"stream": self.stream} if self.stream is not None else {}),
+                "checkpoints": [c.to_dict() for c in self.checkpoints]}
 
 
 def verdict(summary: dict, gate: float, max_grid_score: float | None = None, min_inflation: float = MIN_INFLATION) -> str:
@@ -273,12 +290,13 @@ def _check_stored(config: CheckConfig, reporter: Reporter) -> tuple[list[Checked
     source = config.pipeline or reference.meta["config"]["pipeline_source"]
     if pipeline_fingerprint(source) != reference.meta["hashes"]["pipeline"]:
         raise InputError(f"pipeline {source} is not the one the reference in {config.reference} was made with (fingerprints differ): pass that pipeline with --pipeline")
+    stream = _stored_stream(reference, source, config)
     for path in config.paths:
         ckpt = find_checkpoint(path, "TUNED", config.adapter, config.allow_pickle)
         _refuse_other_base(ckpt, source, reference, config)
         check_fit_before_load(source, ckpt, "TUNED")
     gate, gate_source = (config.max_inflation, "--max-inflation") if config.max_inflation is not None else (
-        reference.gate, f"the reference's suggested gate ({config.reference})")
+        reference.gate_for(stream), f"the reference's suggested gate ({config.reference})")
     device, kind = resolve_run_device(config.device)
     dtype = resolve_dtype(config.dtype, kind)
     probe = probe_from_reference(reference, config.device, config.dtype, config.batch_size)
@@ -291,9 +309,24 @@ def _check_stored(config: CheckConfig, reporter: Reporter) -> tuple[list[Checked
         started = time.perf_counter()
         _, summary = measure_against_reference(source, path, reference, probe, dtype, device, reporter,
                                                config.adapter, config.allow_pickle,
-                                               max_device_memory=config.max_device_memory)
+                                               max_device_memory=config.max_device_memory, stream=stream)
         results.append(_checked(path, summary, gate, started, min_inflation=config.min_inflation))
-    return results, gate, gate_source
+    return results, gate, gate_source, stream
+
+
+def _stored_stream(reference: Reference, source: str, config: CheckConfig) -> str | None:
+    """The stream to gate on (``--stream``, default the headline), checked against the family row and against
+    the streams the reference holds (one made before normscope stored streams holds the headline only)."""
+    from normscope.load.pipeline import check_stream, family_of_source, headline_stream
+
+    family = family_of_source(source)
+    stream = check_stream(family, config.stream)
+    if stream is not None and stream != headline_stream(family) and not reference.holds(stream):
+        held = ", ".join(reference.streams or [headline_stream(family)])
+        raise InputError(f"--stream {stream}: the reference in {config.reference} holds the {held} stream only (made "
+                         f"before normscope stored every stream): make a new one with normscope profile BASE --out DIR, "
+                         f"or drop --stream")
+    return stream
 
 
 def _refuse_other_base(ckpt, source: str, reference: Reference, config: CheckConfig) -> None:
@@ -314,11 +347,13 @@ def _refuse_other_base(ckpt, source: str, reference: Reference, config: CheckCon
 
 def measure_against_reference(source: str, tuned: str, reference: Reference, probe, dtype, device: str,
                               reporter: Reporter, adapter: str | None = None, allow_pickle: bool = False, pipe=None,
-                              cache_dir: Path | None = None, max_device_memory: str | None = None):
+                              cache_dir: Path | None = None, max_device_memory: str | None = None,
+                              stream: str | None = None):
     """Run ONLY the tuned model with the reference's probe; free-mode frame and summary against the stored base.
 
     The prompts are encoded first (or found in ``cache_dir``), then a pipeline without text encoders runs the
-    tuned transformer. Pass ``pipe`` to reuse a pipeline across checkpoints (sweeps): full weights overwrite
+    tuned transformer. ``stream`` (multi-stream families): the stream of the headline, default the first; every
+    stream the reference holds is in the frame and in ``by_stream``. Pass ``pipe`` to reuse a pipeline across checkpoints (sweeps): full weights overwrite
     its transformer, a LoRA is attached for this call and removed again. Before the transformer goes on the
     device the run is checked against ``max_device_memory`` (one transformer: the base is not loaded).
     """
@@ -341,8 +376,11 @@ def measure_against_reference(source: str, tuned: str, reference: Reference, pro
             detach_lora(tuned_model.module)
     frame = tidy([free_frame(reference.record(), record, samples)])
     compare_like = CompareConfig(tuned=tuned, mode=Mode.free, **{k: getattr(probe, k) for k in PROBE_FIELDS if k != "prompts_file"})
-    summary = summarize(frame, compare_like, {"reference": reference.meta["hashes"], "checkpoint": ckpt.describe(),
-                                              "notes": notes, "resolved": resolved})
+    summary = summarize(stream_rows(frame, stream), compare_like,
+                        {"reference": reference.meta["hashes"], "checkpoint": ckpt.describe(), "notes": notes,
+                         "resolved": resolved})
+    if STREAM in frame.columns:  # LTX-2: every stream the reference holds, the headline the one gated on
+        summary.update(stream_summary(frame, compare_like, stream))
     summary["samples_used"] = summary["samples_planned"] = len(samples)  # the fixed design: every sample
     return frame, summary
 
@@ -367,7 +405,7 @@ def _check_live(config: CheckConfig, reporter: Reporter) -> list[CheckedCheckpoi
                 base=base, tuned=path, pipeline=config.pipeline, adapter=config.adapter, allow_pickle=config.allow_pickle,
                 mode=config.mode, dtype=config.dtype, device=config.device, batch_size=config.batch_size,
                 max_device_memory=config.max_device_memory, maps=config.max_grid_score is not None,
-                until_decided=config.max_inflation if config.until_decided else None, **probe,
+                until_decided=config.max_inflation if config.until_decided else None, stream=config.stream, **probe,
             ), reporter)
         except NoMeasurementError as exc:  # one checkpoint measured nothing: an ERROR verdict, the others still run
             reporter.note(f"{path}: {exc}")
@@ -385,11 +423,13 @@ def check(config: CheckConfig, reporter: Reporter | None = None) -> CheckResult:
     """Gate one or more tuned checkpoints on inflation; the exit code is ``result.exit_code``."""
     reporter = reporter or SilentReporter()
     if config.reference is not None:
-        checked, gate, source = _check_stored(config, reporter)
-        return CheckResult(checked, gate, source, "free (stored reference)", min_inflation=config.min_inflation)
+        checked, gate, source, stream = _check_stored(config, reporter)
+        return CheckResult(checked, gate, source, "free (stored reference)", min_inflation=config.min_inflation,
+                           stream=stream)
     checked = _check_live(config, reporter)
+    stream = next((c.stream for c in checked if c.stream is not None), config.stream)
     return CheckResult(checked, config.max_inflation, "--max-inflation", config.mode.runs()[0], config.max_grid_score,
-                       config.min_inflation)
+                       config.min_inflation, stream)
 
 
 __all__ = ["CheckConfig", "CheckResult", "check", "measure_against_reference", "verdict"]

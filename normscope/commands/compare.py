@@ -120,6 +120,8 @@ class CompareResult:
 # Options that change only what is written or where, not the numbers; the prompts enter as resolved texts.
 # ``save_images`` is in: the images wait with the finished batches, so a resume must not mix runs with and without them.
 _NOT_IN_FINGERPRINT = ("out", "figure", "offload", "max_device_memory", "encode_once", "prompts_file", "prompts")
+# --stream picks the headline of the summary only: the stored batches hold every stream (issue 19)
+_NOT_IN_FINGERPRINT += ("stream",)
 
 
 def _fingerprint(config: CompareConfig, prompts: list[str], source: str, checkpoints: list) -> str:
@@ -190,21 +192,28 @@ def expert_summary(frame: pd.DataFrame, mode: str) -> tuple[list[str], dict, int
 
 def first_stream(frame: pd.DataFrame) -> pd.DataFrame:
     """The rows of the headline stream (the first, e.g. LTX-2's video); the frame itself for one-stream families."""
+    return stream_rows(frame, None)
+
+
+def stream_rows(frame: pd.DataFrame, stream: str | None) -> pd.DataFrame:
+    """The rows of one stream (``--stream``; None: the first, e.g. LTX-2's video); the frame itself for
+    one-stream families (no ``stream`` column)."""
     if STREAM not in frame.columns:
         return frame
-    return frame[frame[STREAM] == frame[STREAM].iloc[0]].reset_index(drop=True)
+    return frame[frame[STREAM] == (stream or frame[STREAM].iloc[0])].reset_index(drop=True)
 
 
-def stream_summary(frame: pd.DataFrame, config: CompareConfig) -> dict:
-    """summary.json's ``stream`` (the headline's) and ``by_stream``: each stream's headline estimate with its CI,
-    both estimates and the per-step profile, on the guided velocity of the first mode run."""
+def stream_summary(frame: pd.DataFrame, config: CompareConfig, stream: str | None = None) -> dict:
+    """summary.json's ``stream`` (the headline's: ``stream``, default the first) and ``by_stream``: each stream's
+    headline estimate with its CI, both estimates and the per-step profile, on the guided velocity of the first
+    mode run."""
     streams = list(dict.fromkeys(frame[STREAM]))
     mode = config.mode.runs()[0]
     by_stream = {}
-    for stream in streams:
-        head = mode_summary(frame[frame[STREAM] == stream], mode)[GUIDED]
-        by_stream[stream] = {key: head[key] for key in ("inflation", "inflation_ci", "estimates", "per_step")}
-    return {"stream": streams[0], "streams": streams, "by_stream": by_stream}
+    for name in streams:
+        head = mode_summary(frame[frame[STREAM] == name], mode)[GUIDED]
+        by_stream[name] = {key: head[key] for key in ("inflation", "inflation_ci", "estimates", "per_step")}
+    return {"stream": stream or streams[0], "streams": streams, "by_stream": by_stream}
 
 
 def summarize(frame: pd.DataFrame, config: CompareConfig, extra: dict) -> dict:
@@ -304,6 +313,9 @@ def compare(config: CompareConfig, reporter: Reporter | None = None, pipe=None,
             reporter.note("--offload on the CPU saves nothing (host memory is the device): the transformers still take turns")
         for note in loaded.notes:
             reporter.note(note)
+        if config.maps and len(family.streams) > 1:  # issue 19 (LTX-2): one line, not an error
+            reporter.note(f"--maps: spatial maps are of the {family.streams[0]} stream; the "
+                          f"{', '.join(family.streams[1:])} stream has no spatial layout (its inflation is in by_stream)")
         defaults_note = default_settings_note(pipe, config, family)
         if defaults_note:
             reporter.note(defaults_note)
@@ -367,7 +379,8 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
         # one observer serves every call: its per-call results land in each CallRecord (record.observed)
         observers = [FrameNorms()] if family.latent_layout == VIDEO_LAYOUT else []
         if mode == "paired":
-            spatial = maps_observer(pipe, family, resolved["height"], resolved["width"], config.drive.value) if config.maps else None
+            spatial = (maps_observer(pipe, family, resolved["height"], resolved["width"], config.drive.value,
+                                     resolved.get("num_frames")) if config.maps else None)
             records = run_paired(pipe, driver, other, kwargs, reporter, observers + ([spatial] if spatial else []),
                                  measure_steps=config.measure_steps)
             if spatial is not None:
@@ -398,7 +411,7 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
             def keep(mode, index, records, extra):
                 frames.append(_rows(mode, records, groups[index], config.drive.value, paired_frame, free_frame))
                 per_frame.append(_rows(mode, records, groups[index], config.drive.value, paired_frames, free_frames))
-                return frames[-1]
+                return stream_rows(frames[-1], config.stream)  # the rule decides on the headline stream
 
             used = run_until_decided(rule, runs[0], groups, measure, keep, procs, list(config.seeds), reporter)
         else:
@@ -414,7 +427,7 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
         return None
 
     frame = tidy(frames)
-    headline_frame = first_stream(frame)  # multi-stream families (LTX-2): the headline is the first stream's
+    headline_frame = stream_rows(frame, config.stream)  # multi-stream families (LTX-2): --stream, default the first
     video = tidy_frames(per_frame)
     extra = {
         "resolved": resolved,
@@ -429,7 +442,7 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
         extra["prompt_images"] = [list(i) if isinstance(i, tuple) else i for i in images]
     summary = summarize(headline_frame, config, extra)
     if headline_frame is not frame:
-        summary.update(stream_summary(frame, config))
+        summary.update(stream_summary(frame, config, config.stream))
     summary["notes"] = loaded.notes
     summary["samples_used"], summary["samples_planned"] = used, len(samples)
     if config.measure_steps is not None:
@@ -444,6 +457,8 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
     signals = pd.concat(signal_parts, ignore_index=True) if signal_parts else None
     if maps is not None:
         summary["maps"] = maps.summary()
+        if family.streams:  # LTX-2: the maps are of the first stream; the audio stream has no spatial layout
+            summary["maps"]["stream"] = family.streams[0]
     if signals is not None:
         summary["image_signals"] = {"pixel_period": pixel_period, "scorer": config.scorer, "signals": signal_table(signals)}
     result = CompareResult(frame, summary, video if len(video) else None, maps, signals)

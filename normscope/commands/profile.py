@@ -176,6 +176,22 @@ class Reference:
     def gate(self) -> float:
         return self.meta["suggestions"]["gate"]["max_inflation"]
 
+    # ---- issue 19: the streams a reference holds (LTX-2: video, audio)
+    @property
+    def streams(self) -> list[str] | None:
+        """The streams stored, headline first ([]: a one-stream family); None: a reference made before normscope
+        stored streams, read as its headline stream only."""
+        return self.meta.get("streams")
+
+    def holds(self, stream: str | None) -> bool:
+        """Whether ``stream`` (None: the headline) can be checked against this reference."""
+        return stream is None or stream in (self.streams or [])
+
+    def gate_for(self, stream: str | None) -> float:
+        """The suggested gate of one stream (None or the headline: ``gate``)."""
+        by_stream = self.meta["suggestions"].get("gate_by_stream") or {}
+        return by_stream[stream]["max_inflation"] if stream in by_stream else self.gate
+
     def samples(self) -> list[Sample]:
         return [Sample(s["prompt_id"], s["prompt"], s["seed"]) for s in self.meta["samples"]]
 
@@ -183,8 +199,14 @@ class Reference:
         """The stored norms as a capture record of one call holding every sample (free-mode rows)."""
         import torch
 
-        stats = {b: torch.from_numpy(np.ascontiguousarray(m.T))[:, None, :] for b, m in self.norms.items()}
-        return CallRecord(stats, ("norm",), torch.from_numpy(self.timesteps), torch.from_numpy(self.sigmas))
+        from normscope.measure.capture import STREAM_SEP
+
+        streams = self.streams or []
+        # a reference without stream info is its headline stream only (whatever else an old profile stored)
+        kept = {b: m for b, m in self.norms.items() if STREAM_SEP not in b or b.split(STREAM_SEP)[0] in streams[1:]}
+        stats = {b: torch.from_numpy(np.ascontiguousarray(m.T))[:, None, :] for b, m in kept.items()}
+        return CallRecord(stats, ("norm",), torch.from_numpy(self.timesteps), torch.from_numpy(self.sigmas),
+                          stream=streams[0] if streams else "")
 
     def save(self, out: Path) -> list[Path]:
         import torch
@@ -219,6 +241,13 @@ def load_reference(folder: str | Path) -> Reference:
     if missing:
         raise InputError(f"{folder / MANIFEST} does not list {', '.join(missing)}: rerun normscope profile BASE --out {folder}")
     return Reference(meta, norms, timesteps, sigmas)
+
+
+def _guided_keys(record: CallRecord) -> dict[str, str]:
+    """Each stream's guided key in ``record.stats`` in stream order ({"": "guided"} for one-stream families)."""
+    from normscope.measure.table import stream_keys
+
+    return {stream: key for stream, branch, key in stream_keys(record) if branch == GUIDED}
 
 
 def _norm_matrix(record: CallRecord, branch: str) -> np.ndarray:
@@ -307,8 +336,14 @@ def _profile(config: ProfileConfig, reporter: Reporter, pipe, cache_dir: Path | 
         # the embeddings (cast to their dtype by the prompt cache) are the same for both runs. A pipeline that
         # encodes its own prompts (no cache row for its class) is cast whole, so its encoders' output matches.
         alt = "bfloat16" if dtype != _torch_dtype("bfloat16") else "float32"
+        # Every module the call runs besides the encoders: the transformers, and what runs on the cached embeddings
+        # inside the call (LTX-2's text connectors: left in float32 they refuse the bfloat16 embeddings).
+        import torch
+
         experts = [getattr(pipe, attr, None) for attr, _ in family_for(type(pipe).__name__).experts]
-        cast = [e for e in experts if e is not None] if embeddings is not None else [pipe]
+        others = [m for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)
+                  and not any(word in name for word in ("encoder", "vae", "vocoder"))]  # not run on the embeddings
+        cast = list({id(m): m for m in [*experts, *others] if m is not None}.values()) if embeddings is not None else [pipe]
         with quiet_loading():  # diffusers warns about casting with .to(); the cast is the point here
             for part in cast:
                 part.to(dtype=_torch_dtype(alt))
@@ -318,11 +353,23 @@ def _profile(config: ProfileConfig, reporter: Reporter, pipe, cache_dir: Path | 
             with quiet_loading():
                 for part in cast:
                     part.to(dtype=dtype)
-        main = guided[: len(check_samples)]
-        ratio = _norm_matrix(alt_record, GUIDED) / main
-        dtype_floor = float(abs(sigma_integral(np.nanmean(ratio, axis=0), sigmas) - 1.0))
-    spread = subset_spread(guided, sigmas, [s.prompt_id for s in samples])
-    gate = suggest_gate(spread, dtype_floor)
+    # issue 19: every stream of a multi-stream family (LTX-2: video, audio) gets its own noise floor and gate;
+    # suggestions.gate is the headline's (the first stream's), suggestions.gate_by_stream each stream's.
+    gates = {}
+    for stream, key in _guided_keys(record).items():
+        matrix = _norm_matrix(record, key)
+        floor = None
+        if check_samples:
+            ratio = _norm_matrix(alt_record, key) / matrix[: len(check_samples)]
+            floor = float(abs(sigma_integral(np.nanmean(ratio, axis=0), sigmas) - 1.0))
+        spread_s = subset_spread(matrix, sigmas, [s.prompt_id for s in samples])
+        gates[stream] = {**suggest_gate(spread_s, floor), "noise_floor": {
+            "prompt_subset_spread": None if not math.isfinite(spread_s) else spread_s, "dtype_difference": floor}}
+    headline = next(iter(gates))
+    spread = gates[headline]["noise_floor"]["prompt_subset_spread"]
+    spread = float("nan") if spread is None else spread
+    dtype_floor = gates[headline]["noise_floor"]["dtype_difference"]
+    gate = {k: v for k, v in gates[headline].items() if k != "noise_floor"}
 
     warnings = []
     if len(samples) < MIN_SAMPLES:
@@ -363,7 +410,9 @@ def _profile(config: ProfileConfig, reporter: Reporter, pipe, cache_dir: Path | 
                            "normscope.guard.load_tau(DIR, branch) reads it per branch"},
             "gate": {**gate, "noise_floor": {"prompt_subset_spread": None if not math.isfinite(spread) else spread,
                                              "dtype_difference": dtype_floor}},
+            **({"gate_by_stream": gates} if len(gates) > 1 else {}),
         },
+        "streams": [name for name in gates if name],  # issue 19: the streams this reference holds ([]: one)
         "warnings": warnings,
         "versions": versions(),
     }

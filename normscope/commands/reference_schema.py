@@ -151,6 +151,9 @@ FIELDS = (
     Field("suggestions.gate", "dict"),
     Field("suggestions.gate.max_inflation", "number", low=MAX_INFLATION_LOW, high=MAX_INFLATION_HIGH,
           doc="the suggested gate, in the range --max-inflation accepts"),
+    # issue 19: multi-stream families (LTX-2); absent in references made before (read as the headline only)
+    Field("streams", "str list", required=False, doc="the streams held, headline first; [] for one-stream families"),
+    Field("suggestions.gate_by_stream", "dict", required=False, doc="per stream, a gate as suggestions.gate"),
 )
 SAMPLE_FIELDS = (Field("prompt_id", "int", low=0), Field("prompt", "str"), Field("seed", "int"))
 STEP_FIELDS = (Field("step", "int", low=0), Field("timestep", "number"), Field("sigma", "number", low=0),
@@ -238,7 +241,27 @@ def validate_meta(meta, where: _Where) -> dict:
             _check_fields(row, STEP_FIELDS, where, f"{name}[{index}].")
             if row["step"] != index:
                 where.refuse(f"{name}[{index}].step", f"is {row['step']}, expected {index}")
+    _check_streams(meta, where)
     return meta
+
+
+def _check_streams(meta: dict, where: _Where) -> None:
+    """Each stored stream after the first has its rows (``<stream>:guided``); each per-stream gate is in range."""
+    streams = meta.get("streams") or []
+    if len(set(streams)) != len(streams):
+        where.refuse("streams", f"repeats a stream ({streams})")
+    for stream in streams[1:]:
+        if f"{stream}:{GUIDED}" not in meta["per_step"]:
+            where.refuse("per_step", f"has no '{stream}:{GUIDED}' rows but streams lists {stream!r}")
+    spec = next(f for f in FIELDS if f.path == "suggestions.gate.max_inflation")
+    for stream, gate in (meta["suggestions"].get("gate_by_stream") or {}).items():
+        name = f"suggestions.gate_by_stream.{stream}"
+        if stream not in streams:
+            where.refuse(name, f"is a stream the reference does not hold (streams: {streams})")
+        value = gate.get("max_inflation", _MISSING) if isinstance(gate, dict) else _MISSING
+        problem = "is missing" if value is _MISSING else spec.problem(value)
+        if problem:
+            where.refuse(f"{name}.max_inflation", problem)
 
 
 def read_meta(path: Path, folder: Path | None = None) -> dict:

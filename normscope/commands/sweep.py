@@ -76,6 +76,7 @@ class SweepConfig(ProbeConfig):
     maps: bool = False
     scorer: str | None = None
     until_decided: bool = False  # paired: each checkpoint stops once its anytime-valid interval is off the gate
+    stream: str | None = None  # issue 19: multi-stream families (LTX-2): the stream of the table (default: the first)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -120,6 +121,8 @@ def _fingerprint(config: SweepConfig, path: Path, source: str, reference=None) -
     stable = {k: v for k, v in config.to_dict().items() if k in PROBE_FIELDS or k in ("mode", "adapter", "base", "maps", "scorer", "until_decided")}
     prompts = prompts_digest(resolve_prompts(config.prompts_file, config.prompts))
     base = reference.meta["hashes"] if reference is not None else pipeline_identity(source)
+    if config.stream is not None:  # only when set: sweeps made before --stream keep their fingerprints
+        stable["stream"] = config.stream
     images = condition_images_identity(config)  # every condition image by content (issue 19)
     text = json.dumps([stable, prompts, checkpoint_identity(ckpt), base] + ([images] if any(images) else []),
                       sort_keys=True, default=str)
@@ -138,7 +141,21 @@ def _row(step: int, path: Path, summary: dict, gate: float | None) -> dict:
         row.update(samples_used=summary["samples_used"], samples_planned=summary["samples_planned"], decision=decision)
         if decision in ("above", "below"):  # decided by the anytime-valid interval, not by the point estimate
             row["crosses_gate"] = decision == "above"
-    return {**row, **where_columns(summary)}
+    return {**row, **stream_columns(summary), **where_columns(summary)}
+
+
+def stream_columns(summary: dict) -> dict:
+    """Multi-stream families (LTX-2): the stream the row's inflation is of, and each other stream's inflation
+    with its CI as ``<stream>_inflation``, ``<stream>_ci_lo``, ``<stream>_ci_hi`` (reported, not gated)."""
+    stream = summary.get("stream")
+    if stream is None:
+        return {}
+    out = {"stream": stream}
+    for name, part in (summary.get("by_stream") or {}).items():
+        if name != stream:
+            ci = part["inflation_ci"] or [None, None]
+            out.update({f"{name}_inflation": part["inflation"], f"{name}_ci_lo": ci[0], f"{name}_ci_hi": ci[1]})
+    return out
 
 
 def _stored_base(config: SweepConfig, source: str):
@@ -159,6 +176,11 @@ def _stored_base(config: SweepConfig, source: str):
     wanted = {k: v for k, v in config.to_dict().items() if k in PROBE_FIELDS}
     if stored.probe != wanted:
         return None, changed
+    if config.stream is not None and not stored.holds(config.stream):  # made before normscope stored every stream
+        from normscope.load.pipeline import family_of_source, headline_stream
+
+        if config.stream != headline_stream(family_of_source(source)):
+            return None, f"the stored base profile in {folder} holds no {config.stream} stream: profiling the base again"
     hashes = stored.meta.get("hashes", {})
     base_ckpt = None
     if config.base is not None and Path(config.base).resolve() != Path(source).resolve():
@@ -272,7 +294,8 @@ def _sweep(config: SweepConfig, reporter: Reporter, checkpoints: list[tuple[int,
             base_in_place = not full
             frame, summary = measure_against_reference(source, str(path), reference, probe, dtype, device, reporter,
                                                        config.adapter, config.allow_pickle, pipe=shared_pipe,
-                                                       cache_dir=cache_dir, max_device_memory=config.max_device_memory)
+                                                       cache_dir=cache_dir, max_device_memory=config.max_device_memory,
+                                                       stream=config.stream)
             summary["config"]["sweep_fingerprint"] = fingerprint
             if main:
                 publish_outputs(run_dir, lambda staging, r=CompareResult(frame, summary): write_run(r, staging, figure=False),
@@ -285,7 +308,8 @@ def _sweep(config: SweepConfig, reporter: Reporter, checkpoints: list[tuple[int,
                                            scorer=config.scorer, dtype=config.dtype,
                                            device=config.device, batch_size=config.batch_size,
                                            max_device_memory=config.max_device_memory,
-                                           until_decided=config.gate if config.until_decided else None, **fields), reporter,
+                                           until_decided=config.gate if config.until_decided else None,
+                                           stream=config.stream, **fields), reporter,
                              pipe=shared_pipe, cache_dir=cache_dir)
             if result is None:  # not the main process: compare gathered the numbers on the main one
                 continue
@@ -346,7 +370,9 @@ def _write_table(config: SweepConfig, rows: list[dict], pipeline_loads: int | No
 def _write_table_files(config: SweepConfig, table: pd.DataFrame, pipeline_loads: int | None, out: Path) -> list[Path]:
     table.to_csv(out / SWEEP_CSV, index=False, lineterminator="\n")
     crossing = table[table["crosses_gate"]]
+    streams = [s for s in table.get("stream", pd.Series(dtype=object)).dropna().unique()]
     meta = {"run_dir": str(config.run_dir), "mode": config.mode.value, "gate": config.gate,
+            **({"stream": streams[0]} if streams else {}),  # issue 19: the stream the inflation columns are of
             "first_crossing": None if crossing.empty else {"step": int(crossing.iloc[0]["step"]),
                                                           "checkpoint": crossing.iloc[0]["checkpoint"]},
             "checkpoints": json.loads(table.to_json(orient="records")),

@@ -36,7 +36,7 @@ LTX2_X0 = "ltx2_x0"
 COMBINES = (LINEAR, QWEN_RENORM, ZIMAGE, LTX2_X0)
 
 INPUT_FORMS = ("tensor", "list")
-LATENT_LAYOUTS = ("bchw", "packed", "list_c1hw", "bcfhw")
+LATENT_LAYOUTS = ("bchw", "packed", "list_c1hw", "bcfhw", "packed_fhw")  # packed_fhw: LTX-2's video tokens
 
 # How a pipeline computes its VAE's spatial factor from vae/config.json (see Family.vae_factor).
 VAE_FACTORS = ("block_out_channels", "temperal_downsample", "scale_factor_spatial", "spatial_compression_ratio")
@@ -742,7 +742,7 @@ NEW_FAMILIES += (
         name="ltx2", title="LTX-2 (text to video + audio)",
         pipeline_classes=("LTX2Pipeline",), transformer_class="LTX2VideoTransformer3DModel",
         calls=BATCHED, combine=LTX2_X0, guidance_arg=GUIDANCE_SCALE, batch_order=("uncond", "cond"),
-        latent_layout="packed", patch_size=1, prompt_encoding=LTX2_PROMPTS,
+        latent_layout="packed_fhw", patch_size=1, prompt_encoding=LTX2_PROMPTS,
         streams=("video", "audio"), stream_prefix=(("audio", "audio_"),),
         call_markers=(("spatio_temporal_guidance_blocks", "stg"), ("isolate_modalities", "modality")),
         rule_args=(("stg", "stg_scale"), ("modality", "modality_scale"), ("rescale", "guidance_rescale")),

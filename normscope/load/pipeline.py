@@ -248,6 +248,7 @@ def check_family_inputs(source: str, checkpoints: list[tuple[str | None, str]], 
     check_call_options(family, probe)
     check_stg_blocks(family, source, probe)
     check_shift(source, getattr(probe, "shift", None))  # issue 19: where the scheduler would ignore a static shift
+    check_stream(family, getattr(probe, "stream", None))
     index = json.loads((Path(source) / PIPELINE_INDEX).read_text()) if Path(source).exists() else {}
     check_image_inputs(family, index, probe)
     if getattr(probe, "guidance_2", None) is not None and Path(source).exists():
@@ -451,6 +452,25 @@ def stg_note(family: Family, transformer, probe) -> str | None:
                 "blocks, so its STG call perturbs nothing and equals the cond call (as the pipeline samples it): "
                 "pass --stg-blocks to perturb blocks, or --stg-scale 0 --audio-stg-scale 0 to drop the call")
     return None
+# ---- issue 19: which velocity stream a command reads (LTX-2: video, audio), checked from the family row
+def headline_stream(family: Family | None) -> str | None:
+    """The stream a command reads by default: the family's first (LTX-2: video); None for one-stream families."""
+    return family.streams[0] if family is not None and family.streams else None
+
+
+def check_stream(family: Family | None, stream: str | None) -> str | None:
+    """``--stream NAME`` against the family row, before any weight loads; returns the stream to read (the
+    headline when unset). A one-stream family has no stream to pick: any ``--stream`` is refused there."""
+    if stream is None or family is None:
+        return headline_stream(family)
+    if not family.streams:
+        raise InputError(f"--stream {stream}: {family.name} pipelines return one velocity, there is no stream to "
+                         "pick: drop --stream (it is for multi-stream families such as ltx2: video, audio)")
+    if stream not in family.streams:
+        choices = " or ".join(f"--stream {name}" for name in family.streams)
+        raise InputError(f"--stream {stream}: {family.name} pipelines return the streams {', '.join(family.streams)} "
+                         f"(the first is the default): use {choices}")
+    return stream
 
 
 def check_pipeline(pipe, source: str) -> Family:

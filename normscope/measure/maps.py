@@ -258,6 +258,8 @@ def to_spatial(v, layout: str, packed_patch: int = 2, grid: tuple[int, int] | No
     """
     if layout in ("bchw", "bcfhw"):
         return v
+    if layout == PACKED_VIDEO:
+        return unpack_video_tokens(v, grid, packed_patch)
     if layout == "list_c1hw":  # capture already stacks Z-Image's list; a raw list or (B, C, 1, H, W) is accepted too
         v = torch.stack(list(v)) if isinstance(v, (list, tuple)) else v
         return v[:, :, 0] if v.ndim == 5 else v
@@ -277,6 +279,37 @@ def to_spatial(v, layout: str, packed_patch: int = 2, grid: tuple[int, int] | No
     return v.reshape(batch, width // (p * p), h * p, w * p)
 
 
+# ---- issue 19: LTX-2's video stream, packed tokens ordered (frame, row, column) with the channels last
+PACKED_VIDEO = "packed_fhw"
+
+
+def unpack_video_tokens(v: torch.Tensor, grid: tuple[int, int, int] | None, patch: int = 1,
+                        patch_t: int = 1) -> torch.Tensor:
+    """``(B, F' H' W', C p_t p p)`` tokens -> ``(B, C, F' p_t, H' p, W' p)``, exactly as LTX-2's
+    ``_unpack_latents`` does; ``grid`` is the token grid (F', H', W') of the sampled size."""
+    batch, tokens, width = v.shape
+    if grid is None or grid[0] * grid[1] * grid[2] != tokens:
+        from normscope.errors import RunError
+
+        raise RunError(f"cannot lay out {tokens} video tokens on the latent grid {grid} (frames, height, width) of the "
+                       "sampled size: pass --height, --width and --num-frames")
+    f, h, w = grid
+    v = v.reshape(batch, f, h, w, width // (patch_t * patch * patch), patch_t, patch, patch)
+    return v.permute(0, 4, 1, 5, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+
+def video_token_grid(pipe, height: int | None, width: int | None, num_frames: int | None) -> tuple[int, int, int] | None:
+    """The token grid (F', H', W') of a sampled size as LTX pipelines compute it (their compression ratios and
+    the transformer's patch sizes); None when something is unknown."""
+    names = ("vae_spatial_compression_ratio", "vae_temporal_compression_ratio", "transformer_spatial_patch_size",
+             "transformer_temporal_patch_size")
+    spatial, temporal, patch, patch_t = (getattr(pipe, name, None) for name in names)
+    if not (spatial and temporal and patch and patch_t and height and width and num_frames):
+        return None
+    frames = (int(num_frames) - 1) // temporal + 1
+    return frames // patch_t, int(height) // spatial // patch, int(width) // spatial // patch
+
+
 class MapsObserver:
     """A capture observer: feeds the guided velocity of paired mode into a ``MapAccumulator``.
 
@@ -286,7 +319,7 @@ class MapsObserver:
     """
 
     def __init__(self, layout: str, period: int, drive: str = "tuned", packed_patch: int = 2,
-                 grid: tuple[int, int] | None = None) -> None:
+                 grid: tuple[int, ...] | None = None) -> None:
         self.layout = layout
         self.packed_patch = packed_patch
         self.grid = grid
@@ -318,6 +351,9 @@ def latent_geometry(pipe, family) -> tuple[str, int, int]:
     """
     if family.latent_layout == "packed":
         return family.latent_layout, family.patch_size, family.patch_size
+    if family.latent_layout == PACKED_VIDEO:  # LTX-2: the transformer's own patch (1: no patch lattice)
+        patch = int(getattr(pipe, "transformer_spatial_patch_size", None) or family.patch_size)
+        return family.latent_layout, patch, patch
     config = pipe.transformer.config
     patch = getattr(config, "patch_size", None) or getattr(config, "all_patch_size", None) or 1
     if isinstance(patch, (tuple, list)):
@@ -333,10 +369,14 @@ def latent_grid(pipe, height: int | None, width: int | None) -> tuple[int, int] 
     return 2 * (int(height) // (factor * 2)), 2 * (int(width) // (factor * 2))
 
 
-def maps_observer(pipe, family, height: int | None, width: int | None, drive: str) -> MapsObserver:
-    """The observer ``compare --maps`` attaches for one pipeline call."""
+def maps_observer(pipe, family, height: int | None, width: int | None, drive: str,
+                  num_frames: int | None = None) -> MapsObserver:
+    """The observer ``compare --maps`` attaches for one pipeline call. Multi-stream families (LTX-2): the maps
+    are of the first stream (video); the capture shows observers that stream only."""
     layout, packed_patch, period = latent_geometry(pipe, family)
-    return MapsObserver(layout, period, drive, packed_patch=packed_patch, grid=latent_grid(pipe, height, width))
+    grid = (video_token_grid(pipe, height, width, num_frames) if layout == PACKED_VIDEO
+            else latent_grid(pipe, height, width))
+    return MapsObserver(layout, period, drive, packed_patch=packed_patch, grid=grid)
 
 
 def where_columns(summary: dict) -> dict:

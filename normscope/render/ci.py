@@ -32,9 +32,15 @@ def sanity_lines(result: CheckResult) -> list[str]:
 
 def verdict_line(result: CheckResult) -> str:
     word = {0: "PASS", 1: "FAIL", 3: "ERROR"}[result.exit_code]
-    parts = [f"{c.path}: {pct(c.inflation)}{_grid(c, result)} ({_word(c)}){_decided(c)}" for c in result.checkpoints]
+    parts = [f"{c.path}: {pct(c.inflation)}{_grid(c, result)} ({_word(c)}){_decided(c)}{_others(c)}" for c in result.checkpoints]
     grid = "" if result.max_grid_score is None else f", grid score gate {result.max_grid_score:g}"
-    return f"{word}: gate {result.max_inflation * 100:.2f} % from {result.gate_source}{grid}; " + "; ".join(parts)
+    on = f" on the {result.stream} stream" if result.stream is not None else ""  # multi-stream families (LTX-2)
+    return f"{word}: gate {result.max_inflation * 100:.2f} % from {result.gate_source}{grid}{on}; " + "; ".join(parts)
+
+
+def _others(c) -> str:
+    """", audio stream +10.00 % (not gated)" for the streams a multi-stream check reports besides its gate's."""
+    return "".join(f", {name} stream {pct(part['inflation'])} (not gated)" for name, part in c.other_streams.items())
 
 
 def _decided(c) -> str:

@@ -162,7 +162,9 @@ def render_sweep(table, gate: float | None, console) -> None:
     """``normscope sweep``: one row per checkpoint, in training order; the first crossing of the gate marked."""
     from rich.table import Table
 
-    view = Table(title="inflation over the training run", title_justify="left")
+    streams = [s for s in table["stream"].dropna().unique()] if "stream" in table else []  # LTX-2: the stream shown
+    title = "inflation over the training run" + (f" ({streams[0]} stream)" if streams else "")
+    view = Table(title=title, title_justify="left")
     for name in ("step", "inflation", "95% CI", "tuned>base", "near noise", "middle", "near data"):
         view.add_column(name, justify="right")
     first = None
