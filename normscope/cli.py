@@ -101,6 +101,7 @@ AudioStgOpt = Annotated[float | None, typer.Option("--audio-stg-scale", help="LT
 AudioModalityOpt = Annotated[float | None, typer.Option("--audio-modality-scale", help="LTX-2: audio_modality_scale, the audio stream's modality-isolation scale (0: the video's --modality-scale, read as unset). Default: the preset's, else the pipeline's 3.0.", rich_help_panel=FAMILY_PANEL)]
 AudioRescaleOpt = Annotated[float | None, typer.Option("--audio-guidance-rescale", help="LTX-2: audio_guidance_rescale, 0..1, for the audio stream (0: the video's --guidance-rescale, read as unset). Default: the preset's, else the pipeline's 0.7.", rich_help_panel=FAMILY_PANEL)]
 FrameRateOpt = Annotated[float | None, typer.Option("--frame-rate", help="LTX-2: frame_rate, frames per second (sets the audio length and the positional embeddings). Default: the preset's, else the pipeline's 24.", rich_help_panel=FAMILY_PANEL)]
+CrossTimestepOpt = Annotated[bool | None, typer.Option("--cross-timestep/--no-cross-timestep", help="LTX-2: use_cross_timestep, the timestep the audio-video cross attention is modulated with (on: LTX-2.3's, the pipeline's default; off: LTX-2.0's, as Flow-Factory's evaluation samples). Default: the preset's, else the pipeline's (on).", rich_help_panel=FAMILY_PANEL)]
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="Model dtype (norms are always reduced in float32). auto: bfloat16 on CUDA, float32 on CPU.", rich_help_panel="Hardware")]
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto: cuda when available, else cpu.", rich_help_panel="Hardware")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="(prompt, seed) samples per pipeline call. Results do not depend on it.", rich_help_panel="Hardware")]
@@ -148,6 +149,7 @@ PROBE_OPTIONS = (
     ("audio_modality_scale", AudioModalityOpt, None),
     ("audio_guidance_rescale", AudioRescaleOpt, None),
     ("frame_rate", FrameRateOpt, None),
+    ("cross_timestep", CrossTimestepOpt, None),
     ("shift", ShiftOpt, None),  # issue 19: the scheduler's shift
 )
 

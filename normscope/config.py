@@ -179,7 +179,7 @@ def check_probe_values(config) -> None:
 
 # ---- LTX-2's guidance and Wan V2V's strength (issue 19): ProbeConfig fields, each a CALL_OPTIONS keyword.
 VIDEO_CALL_SETTINGS = ("strength", "stg_scale", "stg_blocks", "modality_scale", "guidance_rescale", "audio_guidance",
-                       "audio_stg_scale", "audio_modality_scale", "audio_guidance_rescale", "frame_rate")
+                       "audio_stg_scale", "audio_modality_scale", "audio_guidance_rescale", "frame_rate", "cross_timestep")
 # LTX2Pipeline reads an audio setting of 0 as unset (``audio_stg_scale or stg_scale``): 0 means "the video's value",
 # which is also how Flow-Factory's LTX-2 evaluation reads its null audio settings (the presets carry 0 for them).
 
@@ -213,6 +213,9 @@ def check_video_settings(config) -> None:
         if steps is not None and int(steps * strength) < 1:
             raise ConfigError(f"--strength {strength} of --steps {steps} runs int({steps} x {strength}) = 0 steps: "
                               f"raise --strength to at least {1 / steps:g} or --steps to at least {math.ceil(1 / strength)}")
+    cross = getattr(config, "cross_timestep", None)
+    if cross is not None and not isinstance(cross, bool):
+        raise ConfigError(f"--cross-timestep must be true or false, got {cross!r}: use --cross-timestep or --no-cross-timestep")
     frame_rate = getattr(config, "frame_rate", None)
     if frame_rate is not None:
         check_finite("frame_rate", frame_rate)
@@ -291,6 +294,7 @@ class ProbeConfig:
     audio_modality_scale: float | None = None
     audio_guidance_rescale: float | None = None
     frame_rate: float | None = None
+    cross_timestep: bool | None = None  # LTX-2's use_cross_timestep (True: LTX-2.3's cross-attention timestep)
     # The scheduler's timestep shift (issue 19), None: the scheduler's own (see normscope/load/scheduler_shift.py).
     shift: float | None = None
     dtype: DType = DType.auto

@@ -124,6 +124,29 @@ def test_ltx2_rows_equal_the_oracle_at_non_default_option_values(ltx2, tmp_path)
     assert {k: resolved[k] for k in CALL} == CALL
 
 
+def test_ltx2_no_cross_timestep_reaches_the_call_and_equals_the_oracle(ltx2, tmp_path):
+    """--no-cross-timestep (Flow-Factory's evaluation: use_cross_timestep=False) reaches the call (summary.json) and
+    gives the plain call's norms with use_cross_timestep=False on both streams."""
+    result = _cli("compare", ltx2, ltx2, *LTX2_CLI, "--mode", "free", "--stg-blocks", 1, "--frame-rate", 25,
+                  "--no-cross-timestep", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["config"]["resolved"]["use_cross_timestep"] is False
+    frame = pd.read_csv(tmp_path / "run" / "norms.csv", keep_default_na=False)
+    off = ltx2_oracle(_plain(ltx2), {"spatio_temporal_guidance_blocks": [1], "frame_rate": 25.0,
+                                     "use_cross_timestep": False})
+    on = ltx2_oracle(_plain(ltx2), {"spatio_temporal_guidance_blocks": [1], "frame_rate": 25.0})
+    n = 0
+    for row in frame.itertuples(index=False):
+        key = (getattr(row, STREAM), getattr(row, BRANCH), row.prompt_id, getattr(row, STEP))
+        assert getattr(row, NORM_BASE) == pytest.approx(off[key], rel=2e-5), key
+        n += 1
+    assert n == 2 * 4 * B * 2  # streams x (guided, cond, uncond, combined) x samples x steps
+    # LTX2Pipeline's text-to-video+audio call steps both streams with the same sigmas, so the other stream's timestep
+    # (use_cross_timestep) equals the own one and both settings give the same norms here: the preset carries the
+    # trainer's value so the call is the trainer's, whatever the pipeline does with it
+    assert all(off[k] == pytest.approx(on[k], rel=1e-6) for k in off)
+
+
 def _count_ltx2_calls(run) -> list[bool]:
     """Every LTX-2 transformer call made while ``run()`` runs, as 'was it an STG call' flags: a global forward hook
     on every module, filtered by class, outside normscope."""

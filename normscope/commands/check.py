@@ -114,6 +114,7 @@ class CheckConfig:
     audio_modality_scale: float | None = None
     audio_guidance_rescale: float | None = None
     frame_rate: float | None = None
+    cross_timestep: bool | None = None
     shift: float | None = None  # the scheduler's timestep shift (issue 19), as ProbeConfig
     mode: Mode = Mode.paired
     dtype: DType = DType.auto

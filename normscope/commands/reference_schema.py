@@ -50,6 +50,7 @@ KINDS = {
     "list": lambda v: isinstance(v, list),
     "int list": lambda v: isinstance(v, list) and all(_is_int(x) for x in v),
     "str list": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "bool": lambda v: isinstance(v, bool),
     # issue 19: one condition image (a path) or several (a list of paths)
     "str or str list": lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
 }
@@ -87,7 +88,7 @@ class Field:
     def _expected(self) -> str:
         text = {"int": "an integer", "number": "a finite number", "str": "a string", "dict": "an object", "list": "a list",
                 "int list": "a list of integers", "str list": "a list of strings",
-                "str or str list": "a string or a list of strings"}[self.kind]
+                "str or str list": "a string or a list of strings", "bool": "true or false"}[self.kind]
         if self.kind in ("int", "number"):
             if self.low is not None and self.high is not None:
                 text += f" from {self.low:g} up to (not including) {self.high:g}"
@@ -133,6 +134,7 @@ FIELDS = (
     Field("config.probe.audio_modality_scale", "number", nullable=True, required=False, low=0),
     Field("config.probe.audio_guidance_rescale", "number", nullable=True, required=False, low=0),
     Field("config.probe.frame_rate", "number", nullable=True, required=False, low=0),
+    Field("config.probe.cross_timestep", "bool", nullable=True, required=False),
     Field("config.probe.shift", "number", nullable=True, required=False, low=0,
           doc="the scheduler's timestep shift (--shift); null: the scheduler's own"),
     Field("config.pipeline_source", "str"),

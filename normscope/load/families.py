@@ -83,6 +83,7 @@ class Preset:
     audio_stg_scale: float | None = None
     audio_modality_scale: float | None = None
     audio_guidance_rescale: float | None = None
+    cross_timestep: bool | None = None  # LTX-2's use_cross_timestep
     # The scheduler's timestep shift the trainer's evaluation samples with, where it overrides the shipped one
     # (issue 19; ProbeConfig.shift, applied by normscope.load.scheduler_shift): not a call keyword.
     shift: float | None = None
@@ -94,7 +95,7 @@ class Preset:
     FIELDS = ("max_sequence_length", "num_frames", "guidance_2", "negative_prompt", "cfg_normalization",
               "cfg_truncation", "shift")
     FIELDS += ("strength", "frame_rate", "stg_scale", "modality_scale", "guidance_rescale", "audio_guidance",
-               "audio_stg_scale", "audio_modality_scale", "audio_guidance_rescale")  # issue 19: LTX-2, Wan V2V
+               "audio_stg_scale", "audio_modality_scale", "audio_guidance_rescale", "cross_timestep")  # issue 19: LTX-2, Wan V2V
 
 
 @dataclass(frozen=True)
@@ -731,9 +732,9 @@ LTX2_PRESETS = (
        "stg_scale 0.0, modality_scale 1.0, guidance_rescale 0.0, audio_* null, 50 steps); "
        "src/flow_factory/models/ltx2/ltx2_t2av.py:724-727 (a null audio setting is the video's: carried as 0, "
        "which LTX2Pipeline reads the same way), :1010 (max_sequence_length 1024), :428 (negative \"\"); STG off "
-       "(stg 0, audio 0), so no blocks. Not carried: use_cross_timestep False (:996; LTX2Pipeline's default True "
-       "is LTX-2.3's) and its SDE scheduler",
-       height=512, width=768, num_frames=121, frame_rate=24.0, max_sequence_length=1024, negative_prompt="",
+       "(stg 0, audio 0), so no blocks; :996 inference(use_cross_timestep=False; LTX2Pipeline's default True is "
+       "LTX-2.3's). Its scheduler section (dynamics_type CPS, noise_level 0.8) is the training rollouts'",
+       height=512, width=768, num_frames=121, frame_rate=24.0, max_sequence_length=1024, negative_prompt="", cross_timestep=False,
        stg_scale=0.0, modality_scale=1.0, guidance_rescale=0.0, audio_guidance=0.0, audio_stg_scale=0.0,
        audio_modality_scale=0.0, audio_guidance_rescale=0.0),
 )

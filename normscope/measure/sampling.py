@@ -80,6 +80,7 @@ CALL_OPTIONS = (
     ("audio_modality_scale", "audio_modality_scale", "audio-modality-scale"),
     ("audio_guidance_rescale", "audio_guidance_rescale", "audio-guidance-rescale"),
     ("frame_rate", "frame_rate", "frame-rate"),
+    ("use_cross_timestep", "cross_timestep", "cross-timestep"),
 )
 
 
