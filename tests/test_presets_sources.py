@@ -134,6 +134,8 @@ CALLS = {
                               frame_rate=24.0, max_sequence_length=1024, negative_prompt=[""], stg_scale=0.0,
                               modality_scale=1.0, guidance_rescale=0.0, audio_guidance_scale=0.0, audio_stg_scale=0.0,
                               audio_modality_scale=0.0, audio_guidance_rescale=0.0, use_cross_timestep=False),
+    # Flow-Factory@5f6cda1 qwen_image_2_1/default.yaml:96-101 (1024 px, guidance 1.0 = no CFG, 40 steps)
+    "flow-factory-qwen-image-2.1": dict(num_inference_steps=40, true_cfg_scale=1.0, height=1024, width=1024),
     # Flow-Factory wan21/v2v.yaml:94-98 (480 = 480x480, guidance 5.0, 28 steps), wan2_v2v.py:209,289,299
     "flow-factory-wan2.1-v2v": dict(num_inference_steps=28, guidance_scale=5.0, height=480, width=480, strength=0.8,
                                     max_sequence_length=512, negative_prompt=[""]),

@@ -702,6 +702,18 @@ QWEN_IMAGE21_PROMPTS = PromptEncoding(
     fixed=(("num_images_per_prompt", 1),),
     reads_images=True,  # condition images are encoded with the prompt: no cache for a run with images
 )
+# Flow-Factory's Qwen-Image-2.1 recipe (read in the code index; the fetched snapshot has no Qwen-Image-2.1 adapter).
+FF_QWEN21_CONFIG = "X-GenGroup/Flow-Factory@5f6cda1a3e6be3c971643beb8d1e92e7be4a9638"
+FF_QWEN21_ADAPTER = "X-GenGroup/Flow-Factory@339884bffc47439140da3850ba68a17bb2fc1ee5"
+QWEN_IMAGE21_PRESETS = (
+    _p("flow-factory-qwen-image-2.1", "qwen-image-2.1", 40, 1.0, TRUE_CFG_SCALE, 1024,
+       f"{FF_QWEN21_CONFIG} examples/grpo/lora/qwen_image_2_1/default.yaml:96-101 (eval resolution 1024, "
+       "condition_image_size [1024, 1024], guidance_scale 1.0, 40 steps, batch 1; its eval set is an editing "
+       "dataset: pass its (prompt, image) pairs); "
+       f"{FF_QWEN21_ADAPTER} src/flow_factory/models/qwen_image_21/qwen_image_21.py inference() and encode_prompt() "
+       "(guidance <= 1: one transformer call, no negative prompt encoded; one sample per call without the prefix "
+       "KV cache, which QwenImage21Pipeline uses and Flow-Factory calls lossless; text length not set)"),
+)
 NEW_FAMILIES += (
     Family(
         name="qwen-image-2.1", title="Qwen-Image-2.1",
@@ -711,6 +723,7 @@ NEW_FAMILIES += (
         latent_layout="packed", patch_size=1, prompt_encoding=QWEN_IMAGE21_PROMPTS,
         vae_factor="scale_factor_spatial", size_patch=2, size_floor=32,
         several_images=("QwenImage21Pipeline",), condition_size_arg="output_resolution",
+        presets=QWEN_IMAGE21_PRESETS,
     ),
 )
 # LTX-2 (Flow-Factory's text-to-audio+video model): one transformer call returns a video AND an audio velocity,
