@@ -423,7 +423,7 @@ def check(
     max_device_memory: MemoryOpt = None,
     fmt: Annotated[OutputFormat, typer.Option("--format", help="table (verdict and a line per checkpoint) or json.")] = OutputFormat.table,
     junit: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML here: one test case per checkpoint, a failure when inflated.")] = None,
-    until_decided: Annotated[bool, typer.Option("--until-decided", help="Live check: run the samples seed-major and stop each checkpoint as soon as an anytime-valid 95% interval over prompts lies wholly above or below the gate (else the full plan and the fixed-design verdict). See docs/check.md.", rich_help_panel="Measurement")] = False,
+    until_decided: Annotated[bool, typer.Option("--until-decided", help="Run the samples seed-major (live, or against --reference: its stored samples) and stop each checkpoint as soon as an anytime-valid 95% interval over prompts lies wholly above or below the gate (else the full plan and the fixed-design verdict). See docs/check.md.", rich_help_panel="Measurement")] = False,
     max_grid_score: Annotated[float | None, typer.Option("--max-grid-score", help="Also fail a checkpoint whose grid score (power of v_tuned - v_base at the patch frequency over its neighbours; see docs/maps.md) exceeds this. Live paired check only; turns on compare --maps.")] = None,
     stream: StreamOpt = None,
     probe: dict | None = None,  # the probe options, added by @probe_options

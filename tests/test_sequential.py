@@ -173,9 +173,39 @@ def test_cli_prints_decided_after_and_json_carries_the_counts(sd3, tuned, tmp_pa
     assert data["checkpoints"][0]["samples_used"] == 16 and data["checkpoints"][0]["samples_planned"] == 64
 
 
-def test_until_decided_refused_with_a_reference(tmp_path):
+def test_until_decided_refused_with_the_grid_gate(tmp_path):
     with pytest.raises(ConfigError, match="--until-decided"):
-        CheckConfig(paths=("t",), reference=tmp_path, until_decided=True)
+        CheckConfig(paths=("b", "t"), max_inflation=GATE, max_grid_score=3.0, until_decided=True)
+
+
+@pytest.fixture(scope="module")
+def reference(sd3, tmp_path_factory) -> Path:
+    from normscope.commands.profile import ProfileConfig, profile
+
+    out = tmp_path_factory.mktemp("seq-ref") / "ref"
+    profile(ProfileConfig(base=str(sd3), out=out, prompts=PROMPTS16, seeds=SEEDS4, device="cpu", dtype="float32",
+                          dtype_check=False, **PROBE["sd3"]))
+    return out
+
+
+@pytest.mark.parametrize("name", ["x1.1", "x1.02"])
+def test_until_decided_against_a_stored_reference_gives_the_fixed_verdict_early(reference, tuned, name):
+    """The stored reference's 64 samples (16 prompts x 4 seeds): the tuned model runs seed-major against the stored
+    base and stops once the interval is off the gate, with the full reference check's verdict, and its interval
+    holds the full check's number."""
+    def run(until_decided):
+        return check(CheckConfig(paths=(str(tuned[name]),), reference=reference, max_inflation=GATE, device="cpu",
+                                 dtype="float32", until_decided=until_decided)).checkpoints[0]
+
+    fixed, early = run(False), run(True)
+    assert early.verdict == fixed.verdict == ("pass" if name == "x1.02" else "fail")
+    assert fixed.summary["samples_used"] == early.summary["samples_planned"] == 64
+    assert early.summary["samples_used"] <= 16, early.sequential["looks"]
+    assert early.sequential["decided"] and early.sequential["gate"] == GATE
+    lo, hi = early.sequential["cs"]
+    assert lo <= fixed.inflation <= hi
+    if name == "x1.1":  # the first step of free mode is exact: the early run's rows are the full run's rows
+        assert early.summary["per_step"][0]["ratio"] == pytest.approx(1.1, abs=2e-6)
 
 
 def _compare(sd3, tuned_path, out, seeds, **kw):

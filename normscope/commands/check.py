@@ -57,7 +57,7 @@ from normscope.measure.sampling import (
     run_model_batches,
 )
 from normscope.measure.sanity import COLLAPSED, EXPLODED, MAX_PLAUSIBLE_INFLATION, MIN_INFLATION, sanity
-from normscope.measure.sequential import ABOVE, BELOW
+from normscope.measure.sequential import ABOVE, BELOW, Sequential, run_until_decided
 from normscope.measure.table import STREAM, free_frame, tidy
 from normscope.measure.truncation import report_truncation
 from normscope.runfolder.fingerprint import pipeline_fingerprint
@@ -153,9 +153,9 @@ class CheckConfig:
             raise ConfigError("--preset does not apply with --reference: the stored probe settings are used")
         if self.reference is not None and self.mode is not Mode.paired:
             raise ConfigError("--mode does not apply with --reference: a stored-reference check is free mode by construction")
-        if self.until_decided and (self.reference is not None or self.max_grid_score is not None or self.mode is Mode.both):
-            raise ConfigError("--until-decided runs live checks on one mode and the inflation gate only: drop --reference, "
-                              "--max-grid-score and --mode both")
+        if self.until_decided and (self.max_grid_score is not None or self.mode is Mode.both):
+            raise ConfigError("--until-decided decides on one mode and the inflation gate only: drop --max-grid-score "
+                              "and --mode both")
         if self.max_grid_score is not None:
             if self.max_grid_score <= 0:
                 raise ConfigError(f"--max-grid-score must be positive, got {self.max_grid_score}: 1 means no excess at the patch frequency, try e.g. 3")
@@ -310,7 +310,8 @@ def _check_stored(config: CheckConfig, reporter: Reporter) -> tuple[list[Checked
         started = time.perf_counter()
         _, summary = measure_against_reference(source, path, reference, probe, dtype, device, reporter,
                                                config.adapter, config.allow_pickle,
-                                               max_device_memory=config.max_device_memory, stream=stream)
+                                               max_device_memory=config.max_device_memory, stream=stream,
+                                               until_decided=gate if config.until_decided else None)
         results.append(_checked(path, summary, gate, started, min_inflation=config.min_inflation))
     return results, gate, gate_source, stream
 
@@ -349,7 +350,7 @@ def _refuse_other_base(ckpt, source: str, reference: Reference, config: CheckCon
 def measure_against_reference(source: str, tuned: str, reference: Reference, probe, dtype, device: str,
                               reporter: Reporter, adapter: str | None = None, allow_pickle: bool = False, pipe=None,
                               cache_dir: Path | None = None, max_device_memory: str | None = None,
-                              stream: str | None = None):
+                              stream: str | None = None, until_decided: float | None = None):
     """Run ONLY the tuned model with the reference's probe; free-mode frame and summary against the stored base.
 
     The prompts are encoded first (or found in ``cache_dir``), then a pipeline without text encoders runs the
@@ -357,9 +358,13 @@ def measure_against_reference(source: str, tuned: str, reference: Reference, pro
     stream the reference holds is in the frame and in ``by_stream``. Pass ``pipe`` to reuse a pipeline across checkpoints (sweeps): full weights overwrite
     its transformer, a LoRA is attached for this call and removed again. Before the transformer goes on the
     device the run is checked against ``max_device_memory`` (one transformer: the base is not loaded).
+    ``until_decided`` (a gate): the samples run seed-major, and the run stops at the first batch after which the
+    anytime-valid interval of the gated stream is wholly above or below the gate (``measure.sequential``).
     """
     samples = reference.samples()
-    prompts = prepare_prompts(source, prompt_batches(samples, probe.batch_size), probe, dtype, device, cache_dir,
+    rule = Sequential(gate=until_decided) if until_decided is not None else None
+    order = _seed_major(samples) if rule is not None else samples
+    prompts = prepare_prompts(source, prompt_batches(order, probe.batch_size), probe, dtype, device, cache_dir,
                               pipe=pipe)
     if pipe is None:
         pipe = load_pipeline(source, dtype, device, parts="denoiser" if prompts is not None else "all", place=False)
@@ -369,21 +374,65 @@ def measure_against_reference(source: str, tuned: str, reference: Reference, pro
         place_denoiser(pipe, device)
         for note in notes:
             reporter.note(note)
-        record = run_model_batches(pipe, tuned_model, probe, samples, reporter, prompts)
+        if rule is None:
+            record = run_model_batches(pipe, tuned_model, probe, samples, reporter, prompts)
+            frame, used = tidy([free_frame(reference.record(), record, samples)]), len(samples)
+        else:
+            frame, used = _until_decided(pipe, tuned_model, probe, reference, order, rule, reporter, prompts, stream)
         resolved = resolved_sampling(pipe, probe)  # what was sampled (the scheduler's shift too), as compare records
     finally:
         report_truncation(reporter)
         if isinstance(tuned_model, AdapterModel):
             detach_lora(tuned_model.module)
-    frame = tidy([free_frame(reference.record(), record, samples)])
     compare_like = CompareConfig(tuned=tuned, mode=Mode.free, **{k: getattr(probe, k) for k in PROBE_FIELDS if k != "prompts_file"})
     summary = summarize(stream_rows(frame, stream), compare_like,
                         {"reference": reference.meta["hashes"], "checkpoint": ckpt.describe(), "notes": notes,
                          "resolved": resolved})
     if STREAM in frame.columns:  # LTX-2: every stream the reference holds, the headline the one gated on
         summary.update(stream_summary(frame, compare_like, stream))
-    summary["samples_used"] = summary["samples_planned"] = len(samples)  # the fixed design: every sample
+    summary["samples_used"], summary["samples_planned"] = used, len(samples)  # the fixed design: every sample
+    if rule is not None:
+        summary["sequential"] = rule.summary(used, len(samples))
     return frame, summary
+
+
+def _seed_major(samples: list) -> list:
+    """The stored samples with the first seed for every prompt, then the second, ... (``measure.sequential``)."""
+    rank = {seed: i for i, seed in enumerate(dict.fromkeys(s.seed for s in samples))}
+    return sorted(samples, key=lambda s: (rank[s.seed], s.prompt_id))
+
+
+def _until_decided(pipe, tuned_model, probe, reference: Reference, order: list, rule: Sequential, reporter,
+                   prompts, stream: str | None):
+    """The tuned model over ``order`` batch by batch against the stored base, until ``rule`` decides on ``stream``;
+    (the frame of the batches run, the samples used)."""
+    import torch
+
+    from normscope.load.scheduler_shift import shifted_scheduler
+    from normscope.measure.capture import CallRecord
+    from normscope.measure.distributed import current_processes
+    from normscope.measure.sampling import batches, run_model, sampling_kwargs
+
+    base = reference.record()
+    position = {(s.prompt_id, s.seed): i for i, s in enumerate(reference.samples())}
+    groups = list(batches(order, probe.batch_size))
+    parts = []
+
+    def measure(mode, index):
+        with shifted_scheduler(pipe, getattr(probe, "shift", None)):
+            kwargs = sampling_kwargs(pipe, probe, groups[index], prompts=prompts)
+            return run_model(pipe, tuned_model, kwargs, reporter), None
+
+    def keep(mode, index, record, extra):
+        where = torch.tensor([position[(s.prompt_id, s.seed)] for s in groups[index]])
+        stored = CallRecord({b: v[..., where] for b, v in base.stats.items()}, base.stat_names, base.timesteps,
+                            base.sigmas, stream=base.stream)
+        parts.append(free_frame(stored, record, groups[index]))
+        return stream_rows(parts[-1], stream)  # the rule decides on the gated stream
+
+    seeds = list(dict.fromkeys(s.seed for s in order))
+    used = run_until_decided(rule, "free", groups, measure, keep, current_processes(), seeds, reporter)
+    return tidy(parts), used
 
 
 def _checked(path: str, summary: dict, gate: float, started: float, max_grid_score: float | None = None,
