@@ -246,7 +246,46 @@ def normalize_images(value) -> Path | tuple[Path, ...] | None:
 
 
 @dataclass(kw_only=True)
-class ProbeConfig:
+class FamilySettings:
+    """Settings of one family's pipeline call (issue 19), shared by ProbeConfig and CheckConfig; each goes to one call
+    keyword where the family's pipeline takes it (``measure.sampling.CALL_OPTIONS``), except ``shift``, which
+    rebuilds the scheduler (``load.scheduler_shift``). ``None``: the preset's, else the pipeline's own.
+
+    Wan2.2's second-expert guidance (guidance_scale_2); SD3's skip-layer guidance (skip_guidance_layers and its
+    scale, start and stop); Z-Image's CFG norm cap (cfg_normalization: 0 off, k caps ||v|| at k ||cond||) and
+    truncation (CFG off once t/1000 > cfg_truncation); Wan V2V's strength; LTX-2's guidance (VIDEO_CALL_SETTINGS);
+    the scheduler's timestep shift.
+    """
+
+    guidance_2: float | None = None
+    skip_layers: tuple[int, ...] | None = None
+    skip_layer_scale: float | None = None
+    skip_layer_start: float | None = None
+    skip_layer_stop: float | None = None
+    cfg_normalization: float | None = None
+    cfg_truncation: float | None = None
+    # LTX-2's guidance and Wan V2V's strength (issue 19, VIDEO_CALL_SETTINGS; checked by _check_video_settings).
+    strength: float | None = None
+    stg_scale: float | None = None
+    stg_blocks: tuple[int, ...] | None = None
+    modality_scale: float | None = None
+    guidance_rescale: float | None = None
+    audio_guidance: float | None = None
+    audio_stg_scale: float | None = None
+    audio_modality_scale: float | None = None
+    audio_guidance_rescale: float | None = None
+    frame_rate: float | None = None
+    cross_timestep: bool | None = None  # LTX-2's use_cross_timestep (True: LTX-2.3's cross-attention timestep)
+    # The scheduler's timestep shift (issue 19), None: the scheduler's own (see normscope/load/scheduler_shift.py).
+    shift: float | None = None
+
+
+# The FamilySettings field names, in order (what a reference stores and a stored check must agree on).
+FAMILY_SETTINGS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(FamilySettings))
+
+
+@dataclass(kw_only=True)
+class ProbeConfig(FamilySettings):
     """What is sampled: pipeline, prompts, seeds and sampler settings shared by every job.
 
     ``None`` means "the pipeline's own default" (guidance, size, sequence length, negative prompt).
@@ -273,30 +312,6 @@ class ProbeConfig:
     # take a list of condition images (Family.several_images: Qwen-Image-2.1, Qwen-Image-Edit-Plus, FLUX.2)
     image: Path | tuple[Path, ...] | None = None
     video: Path | None = None  # video-to-video pipelines (Wan V2V): the input video, for every sample
-    # Settings of one family's call (issue 19): Wan2.2's second-expert guidance (guidance_scale_2); SD3's
-    # skip-layer guidance (skip_guidance_layers and its scale, start and stop); Z-Image's CFG norm cap
-    # (cfg_normalization: 0 off, k caps ||v|| at k ||cond||) and truncation (CFG off once t/1000 > cfg_truncation).
-    guidance_2: float | None = None
-    skip_layers: tuple[int, ...] | None = None
-    skip_layer_scale: float | None = None
-    skip_layer_start: float | None = None
-    skip_layer_stop: float | None = None
-    cfg_normalization: float | None = None
-    cfg_truncation: float | None = None
-    # LTX-2's guidance and Wan V2V's strength (issue 19, VIDEO_CALL_SETTINGS; checked by _check_video_settings).
-    strength: float | None = None
-    stg_scale: float | None = None
-    stg_blocks: tuple[int, ...] | None = None
-    modality_scale: float | None = None
-    guidance_rescale: float | None = None
-    audio_guidance: float | None = None
-    audio_stg_scale: float | None = None
-    audio_modality_scale: float | None = None
-    audio_guidance_rescale: float | None = None
-    frame_rate: float | None = None
-    cross_timestep: bool | None = None  # LTX-2's use_cross_timestep (True: LTX-2.3's cross-attention timestep)
-    # The scheduler's timestep shift (issue 19), None: the scheduler's own (see normscope/load/scheduler_shift.py).
-    shift: float | None = None
     dtype: DType = DType.auto
     device: Device = Device.auto
     batch_size: int = DEFAULT_BATCH_SIZE
@@ -375,9 +390,11 @@ class ProbeConfig:
             self.steps = DEFAULT_STEPS
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict of every field (enums as strings, paths as strings)."""
+        """A JSON-ready dict of every field (enums as strings, paths as strings); the family settings after the
+        job's own fields, as they read in summary.json."""
         out = {}
-        for f in dataclasses.fields(self):
+        fields = dataclasses.fields(self)
+        for f in [f for f in fields if f.name not in FAMILY_SETTINGS] + [f for f in fields if f.name in FAMILY_SETTINGS]:
             value = getattr(self, f.name)
             if isinstance(value, Enum):
                 value = value.value

@@ -29,11 +29,12 @@ from normscope.commands.profile import (
 )
 from normscope.commands.reference_schema import MAX_INFLATION_HIGH, MAX_INFLATION_LOW, gate_in_range
 from normscope.config import (
+    FAMILY_SETTINGS,
     HEADLINE_ESTIMATE,
-    VIDEO_CALL_SETTINGS,
     CompareConfig,
     Device,
     DType,
+    FamilySettings,
     Mode,
     check_finite,
     check_probe_values,
@@ -63,14 +64,10 @@ from normscope.measure.truncation import report_truncation
 from normscope.runfolder.fingerprint import pipeline_fingerprint
 
 PASS, FAIL, ERROR = "pass", "fail", "error"
-FAMILY_SETTINGS = ("guidance_2", "skip_layers", "skip_layer_scale", "skip_layer_start", "skip_layer_stop",
-                   "cfg_normalization", "cfg_truncation",
-                   "shift")  # the scheduler's shift (issue 19): a probe setting a stored reference must agree on
-FAMILY_SETTINGS += VIDEO_CALL_SETTINGS  # LTX-2's guidance and Wan V2V's strength (issue 19)
 
 
 @dataclass(kw_only=True)
-class CheckConfig:
+class CheckConfig(FamilySettings):
     """``normscope check``. Without ``reference``, ``paths`` is BASE then one or more TUNED; with it, all TUNED.
 
     Probe fields left ``None`` take compare's defaults (live) or the reference's values (stored); set
@@ -96,26 +93,6 @@ class CheckConfig:
     true_cfg_scale: float | None = None
     preset: str | None = None
     num_frames: int | None = None
-    guidance_2: float | None = None  # per-family call settings (issue 19), as ProbeConfig
-    skip_layers: tuple[int, ...] | None = None
-    skip_layer_scale: float | None = None
-    skip_layer_start: float | None = None
-    skip_layer_stop: float | None = None
-    cfg_normalization: float | None = None
-    cfg_truncation: float | None = None
-    # LTX-2's guidance and Wan V2V's strength (issue 19), as ProbeConfig (config.VIDEO_CALL_SETTINGS)
-    strength: float | None = None
-    stg_scale: float | None = None
-    stg_blocks: tuple[int, ...] | None = None
-    modality_scale: float | None = None
-    guidance_rescale: float | None = None
-    audio_guidance: float | None = None
-    audio_stg_scale: float | None = None
-    audio_modality_scale: float | None = None
-    audio_guidance_rescale: float | None = None
-    frame_rate: float | None = None
-    cross_timestep: bool | None = None
-    shift: float | None = None  # the scheduler's timestep shift (issue 19), as ProbeConfig
     mode: Mode = Mode.paired
     dtype: DType = DType.auto
     device: Device = Device.auto

@@ -27,7 +27,7 @@ from normscope.commands.reference_schema import (
     read_meta,
     read_tensors,
 )
-from normscope.config import VIDEO_CALL_SETTINGS, Device, DType, ProbeConfig
+from normscope.config import FAMILY_SETTINGS, Device, DType, ProbeConfig
 from normscope.errors import InputError
 from normscope.load import (
     find_checkpoint,
@@ -71,10 +71,7 @@ MIN_SAMPLES = 16
 TAU_PERCENTILE = 95
 # Probe fields a check must not contradict; hardware fields (device, dtype, batch size) may differ.
 PROBE_FIELDS = ("prompts_file", "prompts", "seeds", "steps", "guidance", "height", "width", "negative_prompt",
-                "max_sequence_length", "true_cfg_scale", "num_frames", "image", "guidance_2", "skip_layers",
-                "skip_layer_scale", "skip_layer_start", "skip_layer_stop", "cfg_normalization", "cfg_truncation",
-                "shift")  # shift: the scheduler's (issue 19)
-PROBE_FIELDS += VIDEO_CALL_SETTINGS  # LTX-2's guidance and Wan V2V's strength (issue 19)
+                "max_sequence_length", "true_cfg_scale", "num_frames", "image") + FAMILY_SETTINGS
 
 
 @dataclass(kw_only=True)
@@ -456,9 +453,7 @@ def probe_from_reference(reference: Reference, device: Device, dtype: DType, bat
         steps=stored["steps"], guidance=stored["guidance"], height=stored["height"], width=stored["width"],
         negative_prompt=stored["negative_prompt"], max_sequence_length=stored["max_sequence_length"],
         true_cfg_scale=stored.get("true_cfg_scale"), num_frames=stored.get("num_frames"), image=stored.get("image"),
-        **{name: stored.get(name) for name in ("guidance_2", "skip_layers", "skip_layer_scale", "skip_layer_start",
-                                               "skip_layer_stop", "cfg_normalization", "cfg_truncation", "shift")},
-        **{name: stored.get(name) for name in VIDEO_CALL_SETTINGS},  # issue 19: LTX-2, Wan V2V
+        **{name: stored.get(name) for name in FAMILY_SETTINGS},  # issue 19: absent from older references: None
         device=device, dtype=dtype, batch_size=batch_size,
     )
 
