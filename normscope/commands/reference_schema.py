@@ -99,6 +99,24 @@ class Field:
         return text + (" or null" if self.nullable else "")
 
 
+# The kind of each FamilySettings field, by its annotation (config.FamilySettings is the one list of them).
+SETTING_KINDS = {"float | None": ("number", 0), "tuple[int, ...] | None": ("int list", None), "bool | None": ("bool", None)}
+
+
+def family_settings_fields() -> tuple[Field, ...]:
+    """The per-family call settings of ``config.FamilySettings`` as optional, nullable reference fields (a reference
+    made before a setting existed does not hold it: read as None); numbers are >= 0."""
+    import dataclasses
+
+    from normscope.config import FamilySettings
+
+    fields = []
+    for f in dataclasses.fields(FamilySettings):
+        kind, low = SETTING_KINDS[f.type]
+        fields.append(Field(f"config.probe.{f.name}", kind, nullable=True, required=False, low=low))
+    return tuple(fields)
+
+
 FIELDS = (
     Field("format", "int", doc=f"{FORMAT_VERSION}: the layout version"),
     Field("config", "dict"),
@@ -116,27 +134,7 @@ FIELDS = (
     Field("config.probe.num_frames", "int", nullable=True, required=False, low=1),
     Field("config.probe.image", "str or str list", nullable=True, required=False),
     Field("config.probe.video", "str", nullable=True, required=False),
-    Field("config.probe.guidance_2", "number", nullable=True, required=False, low=0),
-    Field("config.probe.skip_layers", "int list", nullable=True, required=False),
-    Field("config.probe.skip_layer_scale", "number", nullable=True, required=False, low=0),
-    Field("config.probe.skip_layer_start", "number", nullable=True, required=False, low=0),
-    Field("config.probe.skip_layer_stop", "number", nullable=True, required=False, low=0),
-    Field("config.probe.cfg_normalization", "number", nullable=True, required=False, low=0),
-    Field("config.probe.cfg_truncation", "number", nullable=True, required=False, low=0),
-    # LTX-2's guidance and Wan V2V's strength (issue 19)
-    Field("config.probe.strength", "number", nullable=True, required=False, low=0),
-    Field("config.probe.stg_scale", "number", nullable=True, required=False, low=0),
-    Field("config.probe.stg_blocks", "int list", nullable=True, required=False),
-    Field("config.probe.modality_scale", "number", nullable=True, required=False, low=0),
-    Field("config.probe.guidance_rescale", "number", nullable=True, required=False, low=0),
-    Field("config.probe.audio_guidance", "number", nullable=True, required=False, low=0),
-    Field("config.probe.audio_stg_scale", "number", nullable=True, required=False, low=0),
-    Field("config.probe.audio_modality_scale", "number", nullable=True, required=False, low=0),
-    Field("config.probe.audio_guidance_rescale", "number", nullable=True, required=False, low=0),
-    Field("config.probe.frame_rate", "number", nullable=True, required=False, low=0),
-    Field("config.probe.cross_timestep", "bool", nullable=True, required=False),
-    Field("config.probe.shift", "number", nullable=True, required=False, low=0,
-          doc="the scheduler's timestep shift (--shift); null: the scheduler's own"),
+    *family_settings_fields(),
     Field("config.pipeline_source", "str"),
     Field("config.torch_dtype", "str"),
     Field("config.resolved", "dict", required=False),
