@@ -30,7 +30,7 @@ from normscope.load import (
 from normscope.load.device_memory import check_run_fits, out_of_memory_as_error
 from normscope.load.families import family_for
 from normscope.load.models import check_fit_before_load
-from normscope.load.pipeline import check_family_inputs
+from normscope.load.pipeline import check_family_inputs, place_call_modules
 from normscope.load.scheduler_shift import shifted_scheduler
 from normscope.measure.capture import GUIDED, CallRecord
 from normscope.measure.frames import VIDEO_LAYOUT, FrameNorms, free_frames, paired_frames, tidy_frames
@@ -341,6 +341,7 @@ def _measure(config: CompareConfig, pipe, family, loaded: LoadedModels, prompts:
                         transformers=1 if loaded.shared or config.offload else 2,
                         adapter_params=loaded.adapter_params, offload_possible=not loaded.shared and not config.offload)
     loaded.place(device)
+    place_call_modules(pipe, device)  # LTX-2's connectors, an input image's VAE: where the call runs
     base, tuned = loaded.base, loaded.tuned
     driver, other = (tuned, base) if config.drive.value == "tuned" else (base, tuned)
 

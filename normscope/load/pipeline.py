@@ -109,9 +109,10 @@ def load_pipeline(source: str, dtype, device: str, parts: str = "all", place: bo
     ``parts`` says what is loaded and where it goes:
 
     * ``all``: every component, the whole pipeline on ``device`` (it can encode prompts itself);
-    * ``denoiser``: no text encoders (the prompts come encoded, see ``measure.prompt_cache``); only the
-      transformer is put on ``device`` (not even that with ``place=False``: offload and the copies of full
-      checkpoints place it later); the VAE waits in host memory until images are decoded;
+    * ``denoiser``: no text encoders (the prompts come encoded, see ``measure.prompt_cache``); the transformer
+      and the other modules the call runs (``place_call_modules``) are put on ``device`` (not even those with
+      ``place=False``: offload and the copies of full checkpoints place them later); a decode-only VAE waits in
+      host memory until images are decoded;
     * ``text_encoders``: the text encoders and tokenizers alone, on ``device``, for encoding prompts.
 
     ``image_input``: the run conditions on an image; a Wan2.2 TI2V-5B folder (a ``WanPipeline`` with
@@ -167,11 +168,37 @@ def load_pipeline(source: str, dtype, device: str, parts: str = "all", place: bo
 
 
 def place_denoiser(pipe, device: str) -> None:
-    """Every transformer of the pipeline (each expert of its family row) on ``device``; the rest stays put."""
+    """Every transformer of the pipeline (each expert of its family row) on ``device``, and every other module the
+    denoising call runs (``place_call_modules``); text encoders and decode-only modules stay put."""
     for attr, _ in family_for(type(pipe).__name__).experts:
         module = getattr(pipe, attr, None)
         if module is not None:
             module.to(device)
+    place_call_modules(pipe, device)
+
+
+# Modules a call with output_type="latent" runs only to decode; the VAE also ENCODES an input image or video.
+DECODE_ONLY = ("vae", "audio_vae", "vocoder")
+
+
+def place_call_modules(pipe, device: str) -> None:
+    """The modules other than the transformers that the denoising call itself runs, on ``device``: LTX-2's text
+    connectors, Wan2.1 I2V's image encoder, and the VAE of a pipeline that takes an input image or video (it encodes
+    it in the call). diffusers runs the call on the accelerator the transformer is on: a module left in host memory
+    would meet its inputs on the other device. Text encoders (the prompts come encoded) and decode-only modules
+    (``decoding_on`` moves the VAE when images are decoded) stay where they are."""
+    import inspect
+
+    import torch
+
+    experts = {attr for attr, _ in family_for(type(pipe).__name__).experts}
+    takes_inputs = {"image", "video"} & set(inspect.signature(pipe.__call__).parameters)
+    for name, module in pipe.components.items():
+        if not isinstance(module, torch.nn.Module) or name in experts or name.startswith("text_encoder"):
+            continue
+        if name in DECODE_ONLY and not (name == "vae" and takes_inputs):
+            continue
+        module.to(device)
 
 
 @contextlib.contextmanager
