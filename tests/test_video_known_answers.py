@@ -42,9 +42,14 @@ def scaled_ckpt(video_pipelines, tmp_path_factory):
     return make
 
 
+@pytest.mark.parametrize("batch_size", [8, 1])
 @pytest.mark.parametrize("arch", VIDEO_ARCHS)
-def test_base_against_itself_is_exactly_zero(arch, video_pipelines):
-    result = compare(config(video_pipelines, arch, video_pipelines[arch], base=str(video_pipelines[arch]), mode="both"))
+def test_base_against_itself_is_exactly_zero(arch, video_pipelines, batch_size):
+    """Also with one sample per call, where CPU kernels are most sensitive to how the two copies of the weights sit
+    in memory (the pipeline's transformer loaded by diffusers from a memory-mapped file, the other made by
+    normscope): before ``load.pipeline.realign`` this was 1e-7 off on Wan."""
+    result = compare(config(video_pipelines, arch, video_pipelines[arch], base=str(video_pipelines[arch]), mode="both",
+                            batch_size=batch_size))
     assert result.inflation == 0.0
     assert (result.frame[RATIO] == 1.0).all()
     assert (result.frames[RATIO] == 1.0).all()

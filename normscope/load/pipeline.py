@@ -160,11 +160,36 @@ def load_pipeline(source: str, dtype, device: str, parts: str = "all", place: bo
                 module.eval().to(device)
         return pipe
     check_pipeline(pipe, source)
+    for attr, _ in family_for(type(pipe).__name__).experts:
+        if getattr(pipe, attr, None) is not None:
+            realign(getattr(pipe, attr))
     if parts == "all":
         pipe.to(device)
     elif place:
         place_denoiser(pipe, device)
     return pipe
+
+
+ALIGNMENT = 64  # bytes: what torch's CPU allocator gives every fresh tensor
+
+
+def realign(module) -> None:
+    """Copy the parameters and buffers that a memory-mapped safetensors load left at unaligned addresses into fresh
+    (aligned) memory. MKL's CPU kernels take another path for unaligned operands: the pipeline's transformer (loaded
+    by diffusers, weights at 8-byte offsets in the file) and a copy of the same weights made by normscope gave
+    velocities 1e-7 apart, so base vs itself was not exactly 0 with one sample per call. Aligned tensors are left
+    as they are; a GPU copy is aligned anyway."""
+    import torch
+
+    with torch.no_grad():
+        for sub in module.modules():
+            for store in (sub._parameters, sub._buffers):
+                for name, tensor in store.items():
+                    if tensor is not None and tensor.device.type == "cpu" and tensor.data_ptr() % ALIGNMENT:
+                        if isinstance(tensor, torch.nn.Parameter):
+                            tensor.data = tensor.data.clone()
+                        else:
+                            store[name] = tensor.clone()
 
 
 def place_denoiser(pipe, device: str) -> None:
