@@ -160,9 +160,10 @@ def load_pipeline(source: str, dtype, device: str, parts: str = "all", place: bo
                 module.eval().to(device)
         return pipe
     check_pipeline(pipe, source)
-    for attr, _ in family_for(type(pipe).__name__).experts:
-        if getattr(pipe, attr, None) is not None:
-            realign(getattr(pipe, attr))
+    if str(device) == "cpu":  # on an accelerator the weights are copied (aligned) when placed: no host copy needed
+        for attr, _ in family_for(type(pipe).__name__).experts:
+            if getattr(pipe, attr, None) is not None:
+                realign(getattr(pipe, attr))
     if parts == "all":
         pipe.to(device)
     elif place:
@@ -178,7 +179,8 @@ def realign(module) -> None:
     (aligned) memory. MKL's CPU kernels take another path for unaligned operands: the pipeline's transformer (loaded
     by diffusers, weights at 8-byte offsets in the file) and a copy of the same weights made by normscope gave
     velocities 1e-7 apart, so base vs itself was not exactly 0 with one sample per call. Aligned tensors are left
-    as they are; a GPU copy is aligned anyway."""
+    as they are. Only for CPU runs (``load_pipeline``): the copy is anonymous host memory the size of the
+    transformer, where a GPU run streams the mapped file to the device, whose copies are aligned anyway."""
     import torch
 
     with torch.no_grad():
