@@ -467,7 +467,7 @@ def sweep(
     allow_pickle: PickleOpt = False,
     mode: Annotated[Mode, typer.Option("--mode", help="free (default): the base runs once for the whole sweep; paired: the base runs on every checkpoint's trajectory.", rich_help_panel="Measurement")] = Mode.free,
     gate: Annotated[float | None, typer.Option("--gate", help="Mark the first checkpoint whose inflation exceeds this fraction (0.05 = 5 %).")] = None,
-    until_decided: Annotated[bool, typer.Option("--until-decided", help="Paired sweeps: stop each checkpoint as soon as an anytime-valid 95% interval over prompts lies wholly above or below --gate (see docs/sweep.md).", rich_help_panel="Measurement")] = False,
+    until_decided: Annotated[bool, typer.Option("--until-decided", help="Stop each checkpoint as soon as an anytime-valid 95% interval over prompts lies wholly above or below --gate (see docs/sweep.md).", rich_help_panel="Measurement")] = False,
     maps: Annotated[bool, typer.Option("--maps", help="Also track the grid score and image signals per checkpoint (each runs compare --mode both --maps; needs --mode paired); sweep_where.png.", rich_help_panel="Measurement")] = False,
     scorer: Annotated[str | None, typer.Option("--scorer", help="module:function scoring the final images (PIL images, prompts -> one number each) of base and every checkpoint; needs --mode paired.", rich_help_panel="Measurement")] = None,
     dtype: DTypeOpt = DType.auto,

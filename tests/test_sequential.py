@@ -270,8 +270,13 @@ def test_sweep_until_decided_stops_each_checkpoint_and_keeps_the_verdicts(tmp_pa
     assert early["crosses_gate"].tolist() == fixed["crosses_gate"].tolist() == [False, True]
     assert early["samples_used"].tolist() == [12, 12] and early["samples_planned"].tolist() == [24, 24]
     assert early["decision"].tolist() == ["below", "above"]
+    # free mode: the stored base profile, each checkpoint seed-major against it until decided
+    free = sweep(SweepConfig(run_dir=run, out=tmp_path / "free", pipeline=str(pipeline), mode="free", gate=GATE,
+                             until_decided=True, **probe))
+    assert free["crosses_gate"].tolist() == [False, True] and free["decision"].tolist() == ["below", "above"]
+    assert free["samples_used"].tolist() == [12, 12] and free["samples_planned"].tolist() == [24, 24]
     with pytest.raises(ConfigError, match="--until-decided"):
-        SweepConfig(run_dir=run, out=tmp_path / "x", mode="free", gate=GATE, until_decided=True)
+        SweepConfig(run_dir=run, out=tmp_path / "x", mode="free", until_decided=True)  # no --gate
 
 
 def test_until_decided_in_free_mode(sd3, tuned):

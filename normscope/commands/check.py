@@ -340,7 +340,7 @@ def measure_against_reference(source: str, tuned: str, reference: Reference, pro
     """
     samples = reference.samples()
     rule = Sequential(gate=until_decided) if until_decided is not None else None
-    order = _seed_major(samples) if rule is not None else samples
+    order = seed_major_order(samples) if rule is not None else samples
     prompts = prepare_prompts(source, prompt_batches(order, probe.batch_size), probe, dtype, device, cache_dir,
                               pipe=pipe)
     if pipe is None:
@@ -373,7 +373,7 @@ def measure_against_reference(source: str, tuned: str, reference: Reference, pro
     return frame, summary
 
 
-def _seed_major(samples: list) -> list:
+def seed_major_order(samples: list) -> list:
     """The stored samples with the first seed for every prompt, then the second, ... (``measure.sequential``)."""
     rank = {seed: i for i, seed in enumerate(dict.fromkeys(s.seed for s in samples))}
     return sorted(samples, key=lambda s: (rank[s.seed], s.prompt_id))

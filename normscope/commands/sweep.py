@@ -85,9 +85,9 @@ class SweepConfig(ProbeConfig):
         check_finite("gate", self.gate)
         if self.mode is Mode.both:
             raise ConfigError("--mode both is not offered for sweeps: pick free (reuses the base) or paired")
-        if self.until_decided and (self.gate is None or self.mode is not Mode.paired or self.maps or self.scorer):
+        if self.until_decided and (self.gate is None or self.maps or self.scorer):
             raise ConfigError("--until-decided stops each checkpoint once its anytime-valid interval lies wholly above or "
-                              "below --gate: it needs --gate and --mode paired (and no --maps or --scorer)")
+                              "below --gate: it needs --gate (and no --maps or --scorer)")
         if (self.maps or self.scorer) and self.mode is not Mode.paired:
             raise ConfigError("--maps and --scorer need the base's velocities and images next to each checkpoint's: add "
                               "--mode paired (each checkpoint then also samples free mode for the image signals)")
@@ -259,8 +259,12 @@ def _sweep(config: SweepConfig, reporter: Reporter, checkpoints: list[tuple[int,
     if pending or needs_base:
         samples = make_samples(resolve_prompts(config.prompts_file, config.prompts), config.seeds,
                                prompt_images(config.prompts_file, config.prompts))
-        prompts = prepare_prompts(source, prompt_batches(samples, config.batch_size), config, dtype, device,
-                                  cache_dir)
+        batches = prompt_batches(samples, config.batch_size)
+        if config.until_decided and config.mode is Mode.free:  # the checkpoints' seed-major batches, encoded now too
+            from normscope.commands.check import seed_major_order
+
+            batches += prompt_batches(seed_major_order(samples), config.batch_size)
+        prompts = prepare_prompts(source, batches, config, dtype, device, cache_dir)
         shared_pipe = load_pipeline(source, dtype, device, parts="denoiser" if prompts is not None else "all",
                                     place=False)
         loads += 1
@@ -295,7 +299,8 @@ def _sweep(config: SweepConfig, reporter: Reporter, checkpoints: list[tuple[int,
             frame, summary = measure_against_reference(source, str(path), reference, probe, dtype, device, reporter,
                                                        config.adapter, config.allow_pickle, pipe=shared_pipe,
                                                        cache_dir=cache_dir, max_device_memory=config.max_device_memory,
-                                                       stream=config.stream)
+                                                       stream=config.stream,
+                                                       until_decided=config.gate if config.until_decided else None)
             summary["config"]["sweep_fingerprint"] = fingerprint
             if main:
                 publish_outputs(run_dir, lambda staging, r=CompareResult(frame, summary): write_run(r, staging, figure=False),
