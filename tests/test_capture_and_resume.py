@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 from conftest import scaled_state_dict
+from reporters import StopAfter
 from safetensors.torch import save_file
 
 from normscope.commands.compare import compare
@@ -50,24 +51,6 @@ def test_nan_velocities_are_counted_and_end_the_run_in_one_line(drive, pipelines
     assert summary["nonfinite"] == guided_rows
     assert summary == info.value.summary  # a notebook gets the CLI's message and the counts, not inflation=None
     assert summary["inflation"] is None and summary["inflation_ci"] == [None, None]
-
-
-class StopAfter:
-    """A reporter that interrupts the run after a number of denoising steps, like Ctrl-C would."""
-
-    def __init__(self, steps: int) -> None:
-        self.left = steps
-
-    def begin(self, total_steps):
-        pass
-
-    def note(self, message):
-        self.notes = getattr(self, "notes", []) + [message]
-
-    def advance(self, steps=1):
-        self.left -= steps
-        if self.left < 0:
-            raise KeyboardInterrupt
 
 
 def test_interrupted_run_resumes_and_writes_the_same_bytes(scaled, config_for, tmp_path):

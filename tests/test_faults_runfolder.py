@@ -303,7 +303,7 @@ def test_the_kept_batches_line_appears_only_when_batches_were_kept(pipelines, sc
 def test_a_resume_never_mixes_runs_with_and_without_images(config_for, scaled, tmp_path):
     """Images wait with the finished batches: a run interrupted without --save-images, rerun with it, starts afresh
     and publishes an image for every sample (not only for the batches it happened to compute)."""
-    from test_capture_and_resume import StopAfter
+    from reporters import StopAfter
 
     from normscope.commands.compare import compare
 

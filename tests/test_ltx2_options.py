@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 from test_families_oracle import _plain, _save_peft_folder, _with_random_lora
-from test_new_families import LTX2_PROBE, PROMPTS, STREAMS, _ltx2_scaled, _video_inputs, ltx2_oracle
+from test_new_families import LTX2_PROBE, PROMPTS, STREAMS, _ltx2_scaled, _video_inputs, check_stream_rows, ltx2_oracle
 from typer.testing import CliRunner
 
 from normscope.builders.tiny import save_tiny
@@ -101,21 +101,11 @@ def test_ltx2_rows_equal_the_oracle_at_non_default_option_values(ltx2, tmp_path)
     frame = result.frame
     free, paired = frame[frame[MODE] == "free"], frame[frame[MODE] == "paired"]
 
-    def check(rows, column, expected, steps=None):
-        n = 0
-        for row in rows.itertuples(index=False):
-            if steps is not None and getattr(row, STEP) not in steps:
-                continue
-            key = (getattr(row, STREAM), getattr(row, BRANCH), row.prompt_id, getattr(row, STEP))
-            assert getattr(row, column) == pytest.approx(expected[key], rel=2e-5), (key, column)
-            n += 1
-        return n
-
     n = 2 * 4 * B * 2  # streams x (guided, cond, uncond, combined) x samples x steps
-    assert check(free, NORM_BASE, base_rows) == n
-    assert check(free, NORM_TUNED, tuned_rows) == n
-    assert check(paired, NORM_TUNED, tuned_rows) == n
-    assert check(paired, NORM_BASE, base_rows, steps={0}) == n // 2
+    assert check_stream_rows(free, NORM_BASE, base_rows) == n
+    assert check_stream_rows(free, NORM_TUNED, tuned_rows) == n
+    assert check_stream_rows(paired, NORM_TUNED, tuned_rows) == n
+    assert check_stream_rows(paired, NORM_BASE, base_rows, steps={0}) == n // 2
     # the options matter: the pipeline's defaults give other guided norms on both streams
     for stream in STREAMS:
         key = (stream, "guided", 0, 1)
@@ -135,12 +125,7 @@ def test_ltx2_no_cross_timestep_reaches_the_call_and_equals_the_oracle(ltx2, tmp
     off = ltx2_oracle(_plain(ltx2), {"spatio_temporal_guidance_blocks": [1], "frame_rate": 25.0,
                                      "use_cross_timestep": False})
     on = ltx2_oracle(_plain(ltx2), {"spatio_temporal_guidance_blocks": [1], "frame_rate": 25.0})
-    n = 0
-    for row in frame.itertuples(index=False):
-        key = (getattr(row, STREAM), getattr(row, BRANCH), row.prompt_id, getattr(row, STEP))
-        assert getattr(row, NORM_BASE) == pytest.approx(off[key], rel=2e-5), key
-        n += 1
-    assert n == 2 * 4 * B * 2  # streams x (guided, cond, uncond, combined) x samples x steps
+    assert check_stream_rows(frame, NORM_BASE, off) == 2 * 4 * B * 2  # streams x 4 branches x samples x steps
     # LTX2Pipeline's text-to-video+audio call steps both streams with the same sigmas, so the other stream's timestep
     # (use_cross_timestep) equals the own one and both settings give the same norms here: the preset carries the
     # trainer's value so the call is the trainer's, whatever the pipeline does with it

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from reporters import StopAfter
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -220,25 +221,6 @@ def test_sweep_tracks_the_grid_score_and_image_signals(pipelines, tmp_path):
     assert (tmp_path / "sweep" / "checkpoint-30" / MAPS_FILE).is_file()
     with pytest.raises(Exception, match="--mode paired"):
         SweepConfig(run_dir=run, out=tmp_path / "x", maps=True)
-
-
-class StopAfter:
-    """A reporter that interrupts the run after ``steps`` denoising steps (as Ctrl-C would)."""
-
-    def __init__(self, steps: float) -> None:
-        self.left = steps
-        self.notes = []
-
-    def begin(self, total):
-        pass
-
-    def note(self, message):
-        self.notes.append(message)
-
-    def advance(self, steps=1):
-        self.left -= steps
-        if self.left < 0:
-            raise KeyboardInterrupt
 
 
 def test_an_interrupted_maps_run_resumes_to_the_same_numbers(scaled, flux_checkerboard, config_for, tmp_path):

@@ -464,6 +464,18 @@ def test_ltx2_guidance_rescale_keeps_the_raw_branches_at_1_1_but_not_the_applied
     assert ((guided[RATIO] > 1.0) & (guided[RATIO] < 1.1)).all()
 
 
+def check_stream_rows(rows, column, expected, steps=None) -> int:
+    """Each row's ``column`` against the oracle's (stream, branch, prompt, step) value (rel 2e-5); how many rows."""
+    n = 0
+    for row in rows.itertuples(index=False):
+        if steps is not None and getattr(row, STEP) not in steps:
+            continue
+        key = (getattr(row, STREAM), getattr(row, BRANCH), row.prompt_id, getattr(row, STEP))
+        assert getattr(row, column) == pytest.approx(expected[key], rel=2e-5), (key, column)
+        n += 1
+    return n
+
+
 def test_ltx2_random_lora_row_by_row_on_both_streams_against_the_plain_pipeline(ltx2, tmp_path):
     folder = ltx2
     tuned_pipe = _with_random_lora(folder, seed=7)
@@ -473,21 +485,11 @@ def test_ltx2_random_lora_row_by_row_on_both_streams_against_the_plain_pipeline(
     tuned_rows = ltx2_oracle(tuned_pipe, LTX2_EXTRA)
     free, paired = frame[frame[MODE] == "free"], frame[frame[MODE] == "paired"]
 
-    def check(rows, column, expected, steps=None):
-        n = 0
-        for row in rows.itertuples(index=False):
-            if steps is not None and getattr(row, STEP) not in steps:
-                continue
-            key = (getattr(row, STREAM), getattr(row, BRANCH), row.prompt_id, getattr(row, STEP))
-            assert getattr(row, column) == pytest.approx(expected[key], rel=2e-5), (key, column)
-            n += 1
-        return n
-
     n = 2 * 4 * B * LTX2_PROBE["steps"]  # streams x (guided, cond, uncond, combined) x samples x steps
-    assert check(free, NORM_BASE, base_rows) == n
-    assert check(free, NORM_TUNED, tuned_rows) == n
-    assert check(paired, NORM_TUNED, tuned_rows) == n  # the tuned model drives: the plain pipeline's trajectory
-    assert check(paired, NORM_BASE, base_rows, steps={0}) == n // LTX2_PROBE["steps"]
+    assert check_stream_rows(free, NORM_BASE, base_rows) == n
+    assert check_stream_rows(free, NORM_TUNED, tuned_rows) == n
+    assert check_stream_rows(paired, NORM_TUNED, tuned_rows) == n  # the tuned model drives: the plain pipeline's trajectory
+    assert check_stream_rows(paired, NORM_BASE, base_rows, steps={0}) == n // LTX2_PROBE["steps"]
     for stream in STREAMS:
         ratios = (free[free[STREAM] == stream][NORM_TUNED] / free[free[STREAM] == stream][NORM_BASE]).to_numpy()
         assert np.ptp(ratios) > 1e-3, stream

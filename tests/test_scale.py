@@ -10,6 +10,7 @@ import weakref
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel
+from reporters import KeptNotes
 from transformers import T5EncoderModel
 from typer.testing import CliRunner
 
@@ -221,27 +222,16 @@ def test_out_of_memory_during_a_run_is_one_line_and_keeps_finished_batches(confi
 
     config = config_for("sd3", scaled("sd3", 1.1), batch_size=3, steps=2, out=tmp_path)
     handle = torch.nn.modules.module.register_module_forward_pre_hook(exhaust)
-    notes = []
-
-    class Notes:  # a reporter that keeps the notes (the kept-batches line among them)
-        def begin(self, total):
-            pass
-
-        def advance(self, steps=1):
-            pass
-
-        def note(self, message):
-            notes.append(message)
-
+    reporter = KeptNotes()  # keeps the notes (the kept-batches line among them)
     try:
         with pytest.raises(DeviceMemoryError) as failed:
-            compare(config, Notes())
+            compare(config, reporter)
     finally:
         handle.remove()
     message = str(failed.value)
     assert failed.value.exit_code == 3 and "--batch-size 1" in message
     assert len(list((tmp_path / ".partial").glob("paired-*.safetensors"))) == 1
-    assert f"1 finished batch(es) are kept in {tmp_path}: rerun the same command to resume" in notes
+    assert f"1 finished batch(es) are kept in {tmp_path}: rerun the same command to resume" in reporter.notes
 
 
 # The rows added after issue 12: each run on embeddings gives exactly the norms of the pipeline encoding inside its

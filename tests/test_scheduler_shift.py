@@ -13,6 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from reporters import StopAfter
 from typer.testing import CliRunner
 from video_factory import VIDEO_PROBE, build_pipeline, flow_factory_checkpoint
 
@@ -222,24 +223,6 @@ def test_cli_refuses_zero_shift_in_one_line():
 
 
 # ---------------------------------------------------------------- run folders, references, presets
-
-
-class StopAfter:
-    """A reporter that interrupts the run once ``steps`` denoising steps are done."""
-
-    def __init__(self, steps):
-        self.left, self.notes = steps, []
-
-    def begin(self, total_steps):
-        pass
-
-    def note(self, message):
-        self.notes.append(message)
-
-    def advance(self, steps=1):
-        self.left -= steps
-        if self.left < 0:
-            raise KeyboardInterrupt
 
 
 def test_resume_with_another_shift_measures_again(pipelines, scaled, tmp_path):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import PROBE, scaled_state_dict
+from reporters import KeptNotes
 from safetensors.torch import save_file
 
 from normscope.builders.tiny import save_tiny, tiny_sd3_pipeline
@@ -213,30 +214,16 @@ def _compare(sd3, tuned_path, out, seeds, **kw):
                                  device="cpu", dtype="float32", out=out, figure=False, **PROBE["sd3"], **kw))
 
 
-class Notes:
-    def __init__(self):
-        self.lines = []
-
-    def begin(self, total):
-        pass
-
-    def advance(self, steps=1):
-        pass
-
-    def note(self, message):
-        self.lines.append(message)
-
-
 def test_a_stopped_run_resumed_with_a_larger_plan_continues(sd3, tuned, tmp_path):
     out = tmp_path / "run"
     first = _compare(sd3, tuned["x1.1"], out, (0,), precision=1e-12)  # never precise enough: the plan is used up
     assert first.summary["samples_used"] == 16 and first.summary["sequential"]["close"]
     assert (out / ".partial").is_dir()  # kept, so that a larger plan continues
-    notes = Notes()
+    notes = KeptNotes()
     second = compare(CompareConfig(base=str(sd3), tuned=str(tuned["x1.1"]), pipeline=str(sd3), prompts=PROMPTS16,
                                    seeds=(0, 1), device="cpu", dtype="float32", out=out, figure=False,
                                    precision=1e-12, **PROBE["sd3"]), notes)
-    assert any("resuming: 2 finished batch(es)" in line for line in notes.lines), notes.lines
+    assert any("resuming: 2 finished batch(es)" in line for line in notes.notes), notes.notes
     assert second.summary["samples_used"] == second.summary["samples_planned"] == 32
     fresh = _compare(sd3, tuned["x1.1"], tmp_path / "fresh", (0, 1), precision=1e-12)
     assert second.frame.equals(fresh.frame)

@@ -25,6 +25,7 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from reporters import KeptNotes
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -237,21 +238,10 @@ def _maps(ltx2, tuned_path, steps=2):
     from normscope.commands.compare import compare
     from normscope.config import CompareConfig
 
-    notes = []
-
-    class Notes:
-        def begin(self, total):
-            pass
-
-        def advance(self, steps=1):
-            pass
-
-        def note(self, message):
-            notes.append(message)
-
+    reporter = KeptNotes()
     result = compare(CompareConfig(tuned=str(tuned_path), base=str(ltx2), pipeline=str(ltx2), prompts=PROMPTS[:1],
-                                   seeds=(0,), steps=steps, maps=True, **PROBE, **HARDWARE), Notes())
-    return result, notes
+                                   seeds=(0,), steps=steps, maps=True, **PROBE, **HARDWARE), reporter)
+    return result, reporter.notes
 
 
 def test_ltx2_maps_of_the_video_stream_are_exact(ltx2, tuned):

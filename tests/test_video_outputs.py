@@ -104,7 +104,7 @@ def test_profile_stored_check_and_sweep_follow_wan(video_pipelines, tmp_path):
 
 def test_interrupted_video_run_resumes_with_frames_and_experts(video_pipelines, tmp_path):
     """The per-frame norms and the expert of each step are stored with every finished batch."""
-    from test_capture_and_resume import StopAfter
+    from reporters import StopAfter
 
     from normscope.commands.compare import compare
     from normscope.config import CompareConfig

@@ -58,7 +58,7 @@ from normscope.measure.sampling import (
     run_model_batches,
 )
 from normscope.measure.sanity import COLLAPSED, EXPLODED, MAX_PLAUSIBLE_INFLATION, MIN_INFLATION, sanity
-from normscope.measure.sequential import ABOVE, BELOW, Sequential, run_until_decided
+from normscope.measure.sequential import ABOVE, BELOW, Sequential, run_until_decided, seed_major_order
 from normscope.measure.table import STREAM, free_frame, tidy
 from normscope.measure.truncation import report_truncation
 from normscope.runfolder.fingerprint import pipeline_fingerprint
@@ -355,7 +355,8 @@ def measure_against_reference(source: str, tuned: str, reference: Reference, pro
             record = run_model_batches(pipe, tuned_model, probe, samples, reporter, prompts)
             frame, used = tidy([free_frame(reference.record(), record, samples)]), len(samples)
         else:
-            frame, used = _until_decided(pipe, tuned_model, probe, reference, order, rule, reporter, prompts, stream)
+            frame, used = _until_decided(pipe, tuned_model, probe, reference, samples, order, rule, reporter, prompts,
+                                         stream)
         resolved = resolved_sampling(pipe, probe)  # what was sampled (the scheduler's shift too), as compare records
     finally:
         report_truncation(reporter)
@@ -367,22 +368,16 @@ def measure_against_reference(source: str, tuned: str, reference: Reference, pro
                          "resolved": resolved})
     if STREAM in frame.columns:  # LTX-2: every stream the reference holds, the headline the one gated on
         summary.update(stream_summary(frame, compare_like, stream))
-    summary["samples_used"], summary["samples_planned"] = used, len(samples)  # the fixed design: every sample
+    summary["samples_used"], summary["samples_planned"] = used, len(samples)  # fixed design: used == planned
     if rule is not None:
         summary["sequential"] = rule.summary(used, len(samples))
     return frame, summary
 
 
-def seed_major_order(samples: list) -> list:
-    """The stored samples with the first seed for every prompt, then the second, ... (``measure.sequential``)."""
-    rank = {seed: i for i, seed in enumerate(dict.fromkeys(s.seed for s in samples))}
-    return sorted(samples, key=lambda s: (rank[s.seed], s.prompt_id))
-
-
-def _until_decided(pipe, tuned_model, probe, reference: Reference, order: list, rule: Sequential, reporter,
-                   prompts, stream: str | None):
-    """The tuned model over ``order`` batch by batch against the stored base, until ``rule`` decides on ``stream``;
-    (the frame of the batches run, the samples used)."""
+def _until_decided(pipe, tuned_model, probe, reference: Reference, samples: list, order: list, rule: Sequential,
+                   reporter, prompts, stream: str | None):
+    """The tuned model over ``order`` (``samples`` seed-major) batch by batch against the stored base, until ``rule``
+    decides on ``stream``; (the frame of the batches run, the samples used)."""
     import torch
 
     from normscope.load.scheduler_shift import shifted_scheduler
@@ -391,14 +386,12 @@ def _until_decided(pipe, tuned_model, probe, reference: Reference, order: list, 
     from normscope.measure.sampling import batches, run_model, sampling_kwargs
 
     base = reference.record()
-    position = {(s.prompt_id, s.seed): i for i, s in enumerate(reference.samples())}
+    position = {(s.prompt_id, s.seed): i for i, s in enumerate(samples)}  # each sample's place in the stored base
     groups = list(batches(order, probe.batch_size))
     parts = []
 
     def measure(mode, index):
-        with shifted_scheduler(pipe, getattr(probe, "shift", None)):
-            kwargs = sampling_kwargs(pipe, probe, groups[index], prompts=prompts)
-            return run_model(pipe, tuned_model, kwargs, reporter), None
+        return run_model(pipe, tuned_model, sampling_kwargs(pipe, probe, groups[index], prompts=prompts), reporter), None
 
     def keep(mode, index, record, extra):
         where = torch.tensor([position[(s.prompt_id, s.seed)] for s in groups[index]])
@@ -408,7 +401,8 @@ def _until_decided(pipe, tuned_model, probe, reference: Reference, order: list, 
         return stream_rows(parts[-1], stream)  # the rule decides on the gated stream
 
     seeds = list(dict.fromkeys(s.seed for s in order))
-    used = run_until_decided(rule, "free", groups, measure, keep, current_processes(), seeds, reporter)
+    with shifted_scheduler(pipe, getattr(probe, "shift", None)):  # --shift, as run_model_batches applies it
+        used = run_until_decided(rule, "free", groups, measure, keep, current_processes(), seeds, reporter)
     return tidy(parts), used
 
 

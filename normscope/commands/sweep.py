@@ -114,16 +114,23 @@ def find_training_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found.items())
 
 
-def _fingerprint(config: SweepConfig, path: Path, source: str, reference=None) -> str:
-    """What a checkpoint's numbers depend on: the probe settings, the resolved prompt texts, the checkpoint's
-    files, and the base (the stored profile's hashes in free mode; the pipeline folder itself in paired mode)."""
-    ckpt = find_checkpoint(path, "TUNED", config.adapter, config.allow_pickle)
+def _run_identity(config: SweepConfig) -> tuple[dict, str, list]:
+    """What every checkpoint's numbers depend on alike: the probe settings, the resolved prompt texts and every
+    condition image by content. Computed once per sweep (the images are hashed once, not once per checkpoint)."""
     stable = {k: v for k, v in config.to_dict().items() if k in PROBE_FIELDS or k in ("mode", "adapter", "base", "maps", "scorer", "until_decided")}
-    prompts = prompts_digest(resolve_prompts(config.prompts_file, config.prompts))
-    base = reference.meta["hashes"] if reference is not None else pipeline_identity(source)
     if config.stream is not None:  # only when set: sweeps made before --stream keep their fingerprints
         stable["stream"] = config.stream
-    images = condition_images_identity(config)  # every condition image by content (issue 19)
+    prompts = prompts_digest(resolve_prompts(config.prompts_file, config.prompts))
+    return stable, prompts, condition_images_identity(config)  # every condition image by content (issue 19)
+
+
+def _fingerprint(config: SweepConfig, path: Path, source: str, reference, run: tuple) -> str:
+    """What a checkpoint's numbers depend on: the sweep's identity (``run``, from ``_run_identity``), the
+    checkpoint's files, and the base (the stored profile's hashes in free mode; the pipeline folder itself in
+    paired mode)."""
+    stable, prompts, images = run
+    ckpt = find_checkpoint(path, "TUNED", config.adapter, config.allow_pickle)
+    base = reference.meta["hashes"] if reference is not None else pipeline_identity(source)
     text = json.dumps([stable, prompts, checkpoint_identity(ckpt), base] + ([images] if any(images) else []),
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -252,16 +259,17 @@ def _sweep(config: SweepConfig, reporter: Reporter, checkpoints: list[tuple[int,
     cache_dir = config.out / CACHE_DIR
     stored = _stored_base(config, source) if config.mode is Mode.free else (None, None)  # read and hashed once
     needs_base = config.mode is Mode.free and stored[0] is None
+    run = _run_identity(config)
     pending = [path for _, path in checkpoints  # free mode without a reusable base: every checkpoint runs again
                if needs_base or _finished_summary(config.out / path.name,
-                                                  _fingerprint(config, path, source, stored[0])) is None]
+                                                  _fingerprint(config, path, source, stored[0], run)) is None]
     shared_pipe, loads = None, 0
     if pending or needs_base:
         samples = make_samples(resolve_prompts(config.prompts_file, config.prompts), config.seeds,
                                prompt_images(config.prompts_file, config.prompts))
         batches = prompt_batches(samples, config.batch_size)
         if config.until_decided and config.mode is Mode.free:  # the checkpoints' seed-major batches, encoded now too
-            from normscope.commands.check import seed_major_order
+            from normscope.measure.sequential import seed_major_order
 
             batches += prompt_batches(seed_major_order(samples), config.batch_size)
         prompts = prepare_prompts(source, batches, config, dtype, device, cache_dir)
@@ -283,7 +291,7 @@ def _sweep(config: SweepConfig, reporter: Reporter, checkpoints: list[tuple[int,
     rows = []
     for step, path in checkpoints:
         run_dir = config.out / path.name
-        fingerprint = _fingerprint(config, path, source, reference)
+        fingerprint = _fingerprint(config, path, source, reference, run)
         summary = _finished_summary(run_dir, fingerprint)
         if summary is not None:
             reporter.note(f"{path.name}: finished earlier, skipped")

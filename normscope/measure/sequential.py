@@ -61,6 +61,13 @@ def seed_major(prompts: list[str], seeds: Iterable[int],
     return [Sample(i, prompt, seed, images[i]) for seed in seeds for i, prompt in enumerate(prompts)]
 
 
+def seed_major_order(samples: list[Sample]) -> list[Sample]:
+    """Given samples (a stored reference's) in ``seed_major``'s order: every prompt with the first seed, then the
+    second, ... (seeds in the order they first appear)."""
+    rank = {seed: i for i, seed in enumerate(dict.fromkeys(s.seed for s in samples))}
+    return sorted(samples, key=lambda s: (rank[s.seed], s.prompt_id))
+
+
 def pass_alpha(k: int, alpha: float = ALPHA) -> float:
     """The error budget of pass k (1-based): alpha * 6 / (pi^2 k^2), summing to alpha over all passes."""
     return alpha * 6.0 / (math.pi ** 2 * k * k)
